@@ -1,0 +1,222 @@
+"""The hypervisor core: domains, hypercall entry, preemption, user accesses.
+
+Plain synchronous code over arrays (sans-I/O): the trio server feeds it
+requests and sends back what it returns, and tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Final
+
+from shared import abi
+from shared.mmu import HardwareModel, RunOutcome
+from shared.x86 import _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, PAGE_SIZE, make_pte
+
+from .audit import audit_machine
+from .counters import VcpuCounters, total
+from .domain import Domain, MachineState
+from .frametable import FrameTable
+from .hypercalls import HypercallResult, dispatch, ptwr_write
+from .memory import MachineMemory
+from .pagetypes import XEN_SLOTS, PageTypes
+
+if TYPE_CHECKING:
+    from collections.abc import Generator, Iterable, Sequence
+
+FRAMES_PER_MIB: Final = (1 << 20) // PAGE_SIZE
+MAX_VCPUS: Final = 64
+#: First domid handed out; Xen's dom0 is 0, pvemu's guests are all domUs.
+FIRST_DOMID: Final = 1
+
+
+class DomainError(Exception):
+    """A domain cannot be created or found (bad size, no memory, no domain)."""
+
+
+class PendingCall:
+    """A hypercall in progress, runnable in slices (Xen's continuation).
+
+    ``step(budget)`` processes at most ``budget`` entries and returns True when
+    the call has finished; ``result`` is then set. Stepping a call to the end
+    in any slice sizes gives the same result as one uninterrupted run.
+    """
+
+    __slots__ = ("_steps", "op", "result")
+
+    def __init__(self, op: int, steps: Generator[None, None, HypercallResult]) -> None:
+        self.op = op
+        self._steps = steps
+        self.result: HypercallResult | None = None
+
+    def step(self, budget: int | None = None) -> bool:
+        if self.result is not None:
+            return True
+        entries = 0
+        try:
+            while True:
+                next(self._steps)
+                entries += 1
+                if budget is not None and entries >= budget:
+                    return False
+        except StopIteration as stop:
+            self.result = stop.value
+            return True
+
+    def abandon(self) -> None:
+        """Drop an unfinished call (its domain died): applied entries stay."""
+        self._steps.close()
+
+
+class Hypervisor:
+    """Owns machine memory, the frame table and every domain."""
+
+    def __init__(self, memory_mib: int = 256, *, seed: int = 0) -> None:
+        if memory_mib <= 0:
+            raise ValueError("memory_mib must be positive")
+        frames = FrameTable(memory_mib * FRAMES_PER_MIB)
+        memory = MachineMemory(frames, seed=seed)
+        # Xen's own frame backs the reserved L4 slots; no guest may map it.
+        _, (xen_mfn,) = memory.allocate(abi.DOMID_XEN, 1, "xen")
+        xen_entry = make_pte(xen_mfn, _PAGE_PRESENT | _PAGE_RW | _PAGE_ACCESSED)
+        types = PageTypes(frames, memory, [xen_entry] * len(XEN_SLOTS), self._flush_owner)
+        self.state = MachineState(frames, memory, types)
+        self.xen_mfn = xen_mfn
+        self._next_domid = FIRST_DOMID
+
+    # --- domains ------------------------------------------------------------------------
+
+    @property
+    def domains(self) -> dict[int, Domain]:
+        return self.state.domains
+
+    def create_domain(self, memory_mib: int, vcpus: int, name: str = "") -> Domain:
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise DomainError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus}")
+        if memory_mib <= 0:
+            raise DomainError("memory_mib must be positive")
+        nr_frames = memory_mib * FRAMES_PER_MIB
+        if nr_frames > self.state.memory.free_frames:
+            raise DomainError(
+                f"not enough machine memory: {memory_mib} MiB asked, "
+                f"{self.state.memory.free_frames // FRAMES_PER_MIB} MiB free"
+            )
+        domid = self._next_domid
+        self._next_domid += 1
+        memory, p2m = self.state.memory.allocate(domid, nr_frames, name or f"dom{domid}")
+        domain = Domain(
+            domid=domid,
+            name=name or f"dom{domid}",
+            p2m=p2m,
+            memory=memory,
+            hw=HardwareModel(self.state.memory, vcpus),
+            counters=[VcpuCounters() for _ in range(vcpus)],
+            cr3=[None] * vcpus,
+            user_cr3=[None] * vcpus,
+            ldt=[(0, 0)] * vcpus,
+            secret=secrets.token_bytes(16),
+        )
+        self.state.domains[domid] = domain
+        return domain
+
+    def domain(self, domid: int) -> Domain:
+        try:
+            return self.state.domains[domid]
+        except KeyError:
+            raise DomainError(f"no domain {domid}") from None
+
+    def destroy_domain(self, domid: int) -> None:
+        """Tear a domain down and return every frame it owned to the pool.
+
+        Drops base pointers and pins; page-table trees are then released
+        iteratively by the type-count teardown, so the counts stay exact.
+        """
+        domain = self.domain(domid)
+        domain.dead = True
+        types = self.state.types
+        for bases in (domain.cr3, domain.user_cr3):
+            for vcpu, base in enumerate(bases):
+                if base is not None:
+                    bases[vcpu] = None
+                    types.put_page_and_type(base)
+        for mfn in domain.p2m:
+            if self.state.frames.pinned(mfn):
+                types.unpin(mfn, domid)
+        del self.state.domains[domid]
+        self.state.memory.release(domid, domain.p2m)
+
+    def _flush_owner(self, owner: int) -> None:
+        domain = self.state.domains.get(owner)
+        if domain is not None:
+            domain.hw.flush_tlb_all()
+
+    # --- hypercalls -----------------------------------------------------------------------
+
+    def start_hypercall(
+        self, domid: int, vcpu: int, op: int, args: Sequence[object]
+    ) -> PendingCall:
+        """Count the trap and return the call, ready to be stepped."""
+        domain = self._vcpu_domain(domid, vcpu)
+        domain.counters[vcpu].hypercalls[op] += 1
+        return PendingCall(op, dispatch(self.state, domain, vcpu, op, args))
+
+    def hypercall(self, domid: int, vcpu: int, op: int, args: Sequence[object]) -> HypercallResult:
+        """Run a hypercall to completion."""
+        call = self.start_hypercall(domid, vcpu, op, args)
+        call.step()
+        assert call.result is not None
+        return call.result
+
+    def ptwr_write(
+        self, domid: int, vcpu: int, maddr: int, val: int, *, exchange: bool = False
+    ) -> tuple[int, int]:
+        domain = self._vcpu_domain(domid, vcpu)
+        return ptwr_write(self.state, domain, vcpu, maddr, val, exchange)
+
+    # --- the hardware -------------------------------------------------------------------------
+
+    def run_user(
+        self, domid: int, vcpu: int, accesses: Iterable[tuple[int, str, bytes | int]]
+    ) -> RunOutcome:
+        """Run user accesses on a vCPU; a page fault is a trap to the guest."""
+        domain = self._vcpu_domain(domid, vcpu)
+        counters = domain.counters[vcpu]
+        counters.user_runs += 1
+        outcome = domain.hw.run(vcpu, accesses)
+        counters.user_accesses += outcome.executed
+        if outcome.fault is not None:
+            counters.page_faults += 1
+        return outcome
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    def stats(self, domid: int) -> dict[str, object]:
+        domain = self.domain(domid)
+        hw = domain.hw.stats
+        return {
+            "domid": domid,
+            "vcpus": [c.as_dict() for c in domain.counters],
+            "total": total(domain.counters).as_dict(),
+            "hardware": {
+                "tlb_hits": hw.tlb_hits,
+                "tlb_misses": hw.tlb_misses,
+                "walks": hw.walks,
+                "page_faults": hw.page_faults,
+                "accessed_set": hw.accessed_set,
+                "dirty_set": hw.dirty_set,
+                "tlb_flushes": hw.tlb_flushes,
+                "invlpgs": hw.invlpgs,
+                "stale_tlb_writes": hw.stale_tlb_writes,
+            },
+            "free_frames": self.state.memory.free_frames,
+        }
+
+    def audit(self) -> list[str]:
+        """Every invariant of reference §6.8, recomputed from the tables."""
+        return audit_machine(self.state, self.xen_mfn)
+
+    def _vcpu_domain(self, domid: int, vcpu: int) -> Domain:
+        domain = self.domain(domid)
+        if not 0 <= vcpu < domain.nr_vcpus:
+            raise DomainError(f"domain {domid} has no vCPU {vcpu}")
+        return domain

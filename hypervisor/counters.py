@@ -1,0 +1,67 @@
+"""Trap counters, per vCPU, split by kind (DESIGN §4).
+
+A trap is every guest -> hypervisor transition: each top-level hypercall (a
+multicall is one, whatever it carries), each emulated page-table write and each
+page fault reflected to the guest. What only drives the emulation (user
+accesses, stats, audit) is counted apart and is not a trap.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class VcpuCounters:
+    hypercalls: Counter[int] = field(default_factory=Counter)
+    multicall_entries: int = 0
+    multicall_ops: Counter[int] = field(default_factory=Counter)
+    mmu_update_records: int = 0
+    mmuext_ops: int = 0
+    ptwr: int = 0
+    page_faults: int = 0
+    tlb_flush_ops: int = 0
+    # not traps: requests that only drive the emulation
+    user_runs: int = 0
+    user_accesses: int = 0
+    queries: int = 0
+
+    @property
+    def traps(self) -> int:
+        return sum(self.hypercalls.values()) + self.ptwr + self.page_faults
+
+    def as_dict(self) -> dict[str, int | dict[str, int]]:
+        return {
+            "traps": self.traps,
+            "hypercalls": sum(self.hypercalls.values()),
+            "hypercalls_by_op": {str(op): n for op, n in sorted(self.hypercalls.items())},
+            "multicall_entries": self.multicall_entries,
+            "multicall_ops": {str(op): n for op, n in sorted(self.multicall_ops.items())},
+            "mmu_update_records": self.mmu_update_records,
+            "mmuext_ops": self.mmuext_ops,
+            "ptwr": self.ptwr,
+            "page_faults": self.page_faults,
+            "tlb_flush_ops": self.tlb_flush_ops,
+            "user_runs": self.user_runs,
+            "user_accesses": self.user_accesses,
+            "queries": self.queries,
+        }
+
+
+def total(counters: list[VcpuCounters]) -> VcpuCounters:
+    """Sum of several vCPUs' counters."""
+    out = VcpuCounters()
+    for c in counters:
+        out.hypercalls.update(c.hypercalls)
+        out.multicall_ops.update(c.multicall_ops)
+        out.multicall_entries += c.multicall_entries
+        out.mmu_update_records += c.mmu_update_records
+        out.mmuext_ops += c.mmuext_ops
+        out.ptwr += c.ptwr
+        out.page_faults += c.page_faults
+        out.tlb_flush_ops += c.tlb_flush_ops
+        out.user_runs += c.user_runs
+        out.user_accesses += c.user_accesses
+        out.queries += c.queries
+    return out

@@ -1,0 +1,49 @@
+"""Domains and the machine state the hypercall handlers work on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.mmu import HardwareModel
+
+    from .counters import VcpuCounters
+    from .frametable import FrameTable
+    from .memory import DomainMemory, MachineMemory
+    from .pagetypes import PageTypes
+
+
+@dataclass(eq=False)
+class Domain:
+    """One PV guest: its frames, vCPUs (CR3 + TLB + counters) and assists."""
+
+    domid: int
+    name: str
+    p2m: list[int]
+    memory: DomainMemory
+    hw: HardwareModel
+    counters: list[VcpuCounters]
+    #: Kernel base pointer (CR3) per vCPU; None until NEW_BASEPTR.
+    cr3: list[int | None]
+    #: User base pointer per vCPU (MMUEXT_NEW_USER_BASEPTR); None when unset.
+    user_cr3: list[int | None]
+    ldt: list[tuple[int, int]]
+    writable_pagetables: bool = True
+    m2p_strict: bool = False
+    dead: bool = False
+    secret: bytes = field(default=b"", repr=False)
+
+    @property
+    def nr_vcpus(self) -> int:
+        return len(self.counters)
+
+
+@dataclass(eq=False)
+class MachineState:
+    """Everything a hypercall handler may touch, in one place."""
+
+    frames: FrameTable
+    memory: MachineMemory
+    types: PageTypes
+    domains: dict[int, Domain] = field(default_factory=dict)

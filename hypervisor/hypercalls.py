@@ -1,0 +1,468 @@
+"""Hypercall semantics: mmu_update, mmuext_op, multicall, update_va_mapping,
+vm_assist and writable page-table emulation (reference §2-§5, §7).
+
+Batched calls are generators that ``yield`` before every entry except the
+first: that is Xen's preemption check. The driver (``core.PendingCall``) runs a
+slice of entries and can park the generator there, which is exactly Xen's
+continuation: the resumed call restarts at the first unprocessed entry and the
+guest sees one hypercall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from shared import abi
+from shared.x86 import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    is_canonical,
+    maddr_of_entry,
+    va_indexes,
+)
+
+from .frametable import VALIDATED
+from .pagetypes import frame_of
+
+if TYPE_CHECKING:
+    from .domain import Domain, MachineState
+
+Steps = Generator[None, None, int]
+
+MAX_LDT_ENTRIES: Final = 8192
+GUEST_LOW_END: Final = 1 << 47
+
+
+@dataclass(frozen=True, slots=True)
+class HypercallResult:
+    """What the guest gets back: rc, the done count, multicall results."""
+
+    rc: int
+    done: int = 0
+    results: tuple[int, ...] = ()
+
+
+def guest_addr_ok(va: int) -> bool:
+    """Xen's ``__addr_ok``: lower half, or above the hypervisor hole."""
+    return 0 <= va < GUEST_LOW_END or abi.HYPERVISOR_VIRT_END <= va < (1 << 64)
+
+
+def _foreign_owner(m: MachineState, dom: Domain, field: int) -> int | None:
+    """Resolve an FD field: the owner domid, or None when the lookup fails.
+
+    Xen refuses an explicit own domid (-ESRCH: use DOMID_SELF) and unknown
+    domains. DOMID_IO/DOMID_XEN and other domains resolve, and an unprivileged
+    caller is then refused per request (-EPERM, XSM).
+    """
+    if field == abi.DOMID_SELF:
+        return dom.domid
+    if field == dom.domid:
+        return None
+    if field in (abi.DOMID_IO, abi.DOMID_XEN):
+        return field
+    if field in m.domains and not m.domains[field].dead:
+        return field
+    return None
+
+
+# --- mmu_update --------------------------------------------------------------------
+
+
+def mmu_update(
+    m: MachineState, dom: Domain, vcpu: int, reqs: Sequence[int], foreigndom: int
+) -> Generator[None, None, HypercallResult]:
+    """Apply (ptr, val) requests in order, stopping at the first failure.
+
+    ``reqs`` is flat: ptr0, val0, ptr1, val1, ... (Xen's struct layout).
+    """
+    if len(reqs) % 2:
+        return HypercallResult(-abi.EFAULT)
+    counters = dom.counters[vcpu]
+    pfd_field = (foreigndom >> 16) & 0xFFFF
+    pt_owner = dom.domid
+    if pfd_field:
+        pt_owner = pfd_field - 1
+        if pt_owner not in m.domains or m.domains[pt_owner].dead:
+            return HypercallResult(-abi.ESRCH)
+    pg_owner = _foreign_owner(m, dom, foreigndom & 0xFFFF)
+    if pg_owner is None:
+        return HypercallResult(-abi.ESRCH)
+    ft = m.frames
+    types = m.types
+    flush_all = False
+    done = 0
+    rc = 0
+    for i in range(0, len(reqs), 2):
+        if i:
+            yield
+        counters.mmu_update_records += 1
+        ptr = reqs[i]
+        val = reqs[i + 1]
+        cmd = ptr & abi.MMU_CMD_MASK
+        if pt_owner != dom.domid or pg_owner != dom.domid:
+            rc = -abi.EPERM  # XSM: an unprivileged domain acts only on itself
+        elif cmd in (
+            abi.MMU_NORMAL_PT_UPDATE,
+            abi.MMU_PT_UPDATE_PRESERVE_AD,
+            abi.MMU_PT_UPDATE_NO_TRANSLATE,
+        ):
+            maddr = ptr - cmd
+            mfn = maddr >> PAGE_SHIFT
+            preserve = cmd == abi.MMU_PT_UPDATE_PRESERVE_AD
+            if not ft.valid(mfn) or ft.owner[mfn] != pt_owner:
+                rc = -abi.EINVAL
+            elif ft.type_count[mfn] and ft.flags[mfn] & VALIDATED:
+                page_type = ft.type[mfn]
+                if page_type == abi.PGT_l1_page_table:
+                    rc = types.mod_l1_entry(maddr, val, preserve, pg_owner)
+                elif page_type in (
+                    abi.PGT_l2_page_table,
+                    abi.PGT_l3_page_table,
+                    abi.PGT_l4_page_table,
+                ):
+                    if pg_owner != pt_owner:
+                        rc = -abi.EINVAL
+                    else:
+                        rc = types.mod_upper_entry(maddr, val, page_type, preserve)
+                        flush_all = flush_all or rc == 0
+                elif page_type == abi.PGT_writable_page:
+                    m.memory.write_u64(maddr, val)
+                    rc = 0
+                else:
+                    rc = -abi.EINVAL
+            elif ft.type_count[mfn]:
+                rc = -abi.EINVAL  # typed but mid-validation
+            else:
+                # Unused frame: take a transient writable type, store as data.
+                rc = types.get_page_type(mfn, abi.PGT_writable_page)
+                if rc == 0:
+                    m.memory.write_u64(maddr, val)
+                    types.put_page_type(mfn)
+                else:
+                    rc = -abi.EINVAL
+        elif cmd == abi.MMU_MACHPHYS_UPDATE:
+            mfn = ptr >> PAGE_SHIFT
+            if not ft.valid(mfn) or ft.owner[mfn] != pg_owner:
+                rc = -abi.EINVAL
+            else:
+                ft.m2p[mfn] = val
+                rc = 0
+        else:
+            rc = -abi.ENOSYS
+        if rc:
+            break
+        done += 1
+    if flush_all:
+        m.domains[pt_owner].hw.flush_tlb_all()
+    return HypercallResult(rc, done)
+
+
+# --- mmuext_op -----------------------------------------------------------------------
+
+_PIN_LEVEL: Final = {
+    abi.MMUEXT_PIN_L1_TABLE: 1,
+    abi.MMUEXT_PIN_L2_TABLE: 2,
+    abi.MMUEXT_PIN_L3_TABLE: 3,
+    abi.MMUEXT_PIN_L4_TABLE: 4,
+}
+
+_FLUSH_OPS: Final = frozenset(
+    {
+        abi.MMUEXT_TLB_FLUSH_LOCAL,
+        abi.MMUEXT_INVLPG_LOCAL,
+        abi.MMUEXT_TLB_FLUSH_MULTI,
+        abi.MMUEXT_INVLPG_MULTI,
+        abi.MMUEXT_TLB_FLUSH_ALL,
+        abi.MMUEXT_INVLPG_ALL,
+    }
+)
+
+
+def _vcpus_in_mask(dom: Domain, mask: int) -> list[int]:
+    """vCPU ids in a bitmap; bits beyond the domain's vCPUs are ignored."""
+    return [v for v in range(dom.nr_vcpus) if mask >> v & 1]
+
+
+def _set_base(m: MachineState, dom: Domain, vcpu: int, mfn: int, user: bool) -> int:
+    """NEW_BASEPTR / NEW_USER_BASEPTR: ref the new L4, then drop the old one."""
+    bases = dom.user_cr3 if user else dom.cr3
+    old = bases[vcpu]
+    if user and mfn == 0:
+        new: int | None = None
+    elif mfn == old:
+        if not user:
+            dom.hw.set_cr3(vcpu, mfn)  # reload: a full local flush
+        return 0
+    else:
+        rc = m.types.get_page_and_type(mfn, dom.domid, abi.PGT_l4_page_table, -abi.EINVAL)
+        if rc:
+            return rc
+        new = mfn
+    bases[vcpu] = new
+    if not user and new is not None:
+        dom.hw.set_cr3(vcpu, new)
+    if old is not None:
+        m.types.put_page_and_type(old)
+    return 0
+
+
+def _mmuext_one(m: MachineState, dom: Domain, vcpu: int, op: tuple[int, int, int], fd: int) -> int:
+    cmd, arg1, arg2 = op
+    counters = dom.counters[vcpu]
+    if fd != dom.domid:
+        return -abi.EPERM  # XSM / "foreign FD on non-pin ops"
+    types = m.types
+    hw = dom.hw
+    if cmd in _PIN_LEVEL:
+        return types.pin(arg1, dom.domid, _PIN_LEVEL[cmd])
+    if cmd == abi.MMUEXT_UNPIN_TABLE:
+        return types.unpin(arg1, dom.domid)
+    if cmd == abi.MMUEXT_NEW_BASEPTR:
+        return _set_base(m, dom, vcpu, arg1, user=False)
+    if cmd == abi.MMUEXT_NEW_USER_BASEPTR:
+        return _set_base(m, dom, vcpu, arg1, user=True)
+    if cmd in _FLUSH_OPS:
+        counters.tlb_flush_ops += 1
+        if cmd == abi.MMUEXT_TLB_FLUSH_LOCAL:
+            hw.flush_tlb(vcpu)
+        elif cmd == abi.MMUEXT_INVLPG_LOCAL:
+            if is_canonical(arg1):
+                hw.invlpg(vcpu, arg1)
+        elif cmd == abi.MMUEXT_TLB_FLUSH_MULTI:
+            for target in _vcpus_in_mask(dom, arg2):
+                hw.flush_tlb(target)
+        elif cmd == abi.MMUEXT_INVLPG_MULTI:
+            if guest_addr_ok(arg1):
+                for target in _vcpus_in_mask(dom, arg2):
+                    hw.invlpg(target, arg1)
+        elif cmd == abi.MMUEXT_TLB_FLUSH_ALL:
+            hw.flush_tlb_all()
+        elif guest_addr_ok(arg1):  # MMUEXT_INVLPG_ALL
+            hw.invlpg_all(arg1)
+        return 0
+    if cmd in (abi.MMUEXT_FLUSH_CACHE, abi.MMUEXT_FLUSH_CACHE_GLOBAL):
+        return -abi.EACCES  # a domU has no cache-flush permission
+    if cmd == abi.MMUEXT_SET_LDT:
+        if arg2 > MAX_LDT_ENTRIES or arg1 % PAGE_SIZE or not guest_addr_ok(arg1):
+            return -abi.EINVAL
+        dom.ldt[vcpu] = (arg1, arg2)
+        return 0
+    if cmd == abi.MMUEXT_CLEAR_PAGE:
+        rc = types.get_page_and_type(arg1, dom.domid, abi.PGT_writable_page, -abi.EINVAL)
+        if rc:
+            return -abi.EINVAL
+        m.memory.zero_frame(arg1)
+        types.put_page_and_type(arg1)
+        return 0
+    if cmd == abi.MMUEXT_COPY_PAGE:
+        if not types.get_page(arg2, dom.domid):
+            return -abi.EINVAL
+        rc = types.get_page_and_type(arg1, dom.domid, abi.PGT_writable_page, -abi.EINVAL)
+        if rc:
+            types.put_page(arg2)
+            return -abi.EINVAL
+        m.memory.copy_frame(arg1, arg2)
+        types.put_page_and_type(arg1)
+        types.put_page(arg2)
+        return 0
+    if cmd in (abi.MMUEXT_MARK_SUPER, abi.MMUEXT_UNMARK_SUPER):
+        return -abi.EOPNOTSUPP
+    return -abi.ENOSYS
+
+
+def mmuext_op(
+    m: MachineState,
+    dom: Domain,
+    vcpu: int,
+    ops: Sequence[tuple[int, int, int]],
+    foreigndom: int,
+) -> Generator[None, None, HypercallResult]:
+    """Extended MMU ops in order; stop at the first failure (§3)."""
+    fd = _foreign_owner(m, dom, foreigndom & 0xFFFF)
+    if fd is None:
+        return HypercallResult(-abi.ESRCH)
+    counters = dom.counters[vcpu]
+    done = 0
+    rc = 0
+    for i, op in enumerate(ops):
+        if i:
+            yield
+        counters.mmuext_ops += 1
+        rc = _mmuext_one(m, dom, vcpu, op, fd)
+        if rc:
+            break
+        done += 1
+    return HypercallResult(rc, done)
+
+
+# --- update_va_mapping -----------------------------------------------------------------
+
+
+def locate_l1e(m: MachineState, dom: Domain, vcpu: int, va: int) -> int | None:
+    """Machine address of the L1 entry mapping ``va`` in the loaded tables.
+
+    None when Xen would refuse with -EINVAL: bad address, missing L4/L3/L2
+    entry, superpage, or an L1 frame not owned, not typed L1 or not validated.
+    """
+    base = dom.cr3[vcpu]
+    if base is None or not guest_addr_ok(va):
+        return None
+    idx = va_indexes(va)
+    mem = m.memory
+    l4e = mem.read_u64(maddr_of_entry(base, idx.l4))
+    if not l4e & _PAGE_PRESENT:
+        return None
+    l3e = mem.read_u64(maddr_of_entry(frame_of(l4e), idx.l3))
+    if not l3e & _PAGE_PRESENT:
+        return None
+    l2e = mem.read_u64(maddr_of_entry(frame_of(l3e), idx.l2))
+    if not l2e & _PAGE_PRESENT or l2e & _PAGE_PSE:
+        return None
+    l1 = frame_of(l2e)
+    ft = m.frames
+    if (
+        not ft.valid(l1)
+        or ft.owner[l1] != dom.domid
+        or ft.type[l1] != abi.PGT_l1_page_table
+        or not ft.type_count[l1]
+        or not ft.flags[l1] & VALIDATED
+    ):
+        return None
+    return maddr_of_entry(l1, idx.l1)
+
+
+def update_va_mapping(
+    m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int
+) -> int:
+    """Replace the L1 entry mapping ``va``, then flush per ``flags`` (§5)."""
+    maddr = locate_l1e(m, dom, vcpu, va)
+    if maddr is None:
+        return -abi.EINVAL
+    rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
+    if rc:
+        return rc  # no flush on error
+    flush_type = flags & abi.UVMF_FLUSHTYPE_MASK
+    if flush_type not in (abi.UVMF_TLB_FLUSH, abi.UVMF_INVLPG):
+        return 0
+    target = flags & ~abi.UVMF_FLUSHTYPE_MASK
+    if target == abi.UVMF_LOCAL:
+        vcpus = [vcpu]
+    elif target == abi.UVMF_ALL:
+        vcpus = list(range(dom.nr_vcpus))
+    else:
+        vcpus = _vcpus_in_mask(dom, flags >> abi.UVMF_MULTI_MASK_SHIFT)
+    dom.counters[vcpu].tlb_flush_ops += 1
+    for target_vcpu in vcpus:
+        if flush_type == abi.UVMF_TLB_FLUSH:
+            dom.hw.flush_tlb(target_vcpu)
+        else:
+            dom.hw.invlpg(target_vcpu, va)
+    return 0
+
+
+def vm_assist(dom: Domain, cmd: int, assist: int) -> int:
+    if assist not in (abi.VMASST_TYPE_writable_pagetables, abi.VMASST_TYPE_m2p_strict):
+        return -abi.EINVAL
+    if cmd not in (abi.VMASST_CMD_enable, abi.VMASST_CMD_disable):
+        return -abi.ENOSYS
+    enable = cmd == abi.VMASST_CMD_enable
+    if assist == abi.VMASST_TYPE_writable_pagetables:
+        dom.writable_pagetables = enable
+    else:
+        dom.m2p_strict = enable
+    return 0
+
+
+# --- multicall ----------------------------------------------------------------------------
+
+
+def _sub_call(
+    m: MachineState, dom: Domain, vcpu: int, op: int, args: Sequence[object]
+) -> Generator[None, None, int]:
+    """One multicall entry, dispatched like a hypercall; returns its result."""
+    if op == abi.HYPERVISOR_multicall:
+        return -abi.EINVAL  # nested multicall
+    result = yield from dispatch(m, dom, vcpu, op, args)
+    return result.rc
+
+
+def multicall(
+    m: MachineState, dom: Domain, vcpu: int, calls: Sequence[Sequence[object]]
+) -> Generator[None, None, HypercallResult]:
+    """Each entry runs in order; a failing entry does not stop the batch (§4)."""
+    counters = dom.counters[vcpu]
+    results: list[int] = []
+    for i, call in enumerate(calls):
+        if i:
+            yield
+        counters.multicall_entries += 1
+        op = call[0]
+        if not isinstance(op, int):
+            results.append(-abi.EFAULT)
+            continue
+        counters.multicall_ops[op] += 1
+        results.append((yield from _sub_call(m, dom, vcpu, op, call[1:])))
+    return HypercallResult(0, 0, tuple(results))
+
+
+# --- writable page tables ------------------------------------------------------------------
+
+
+def ptwr_write(
+    m: MachineState, dom: Domain, vcpu: int, maddr: int, val: int, exchange: bool
+) -> tuple[int, int]:
+    """Emulate a trapped 8-byte write (or xchg) into one of the guest's L1s (§7).
+
+    Returns (rc, old): rc 0 when emulated; otherwise the #PF is reflected to
+    the guest and nothing was written (rc says why: -EFAULT when the write is
+    not emulable, else the L1 rule that refused the value).
+    """
+    dom.counters[vcpu].ptwr += 1
+    ft = m.frames
+    mfn = maddr >> PAGE_SHIFT
+    if (
+        not dom.writable_pagetables
+        or maddr % 8
+        or not ft.valid(mfn)
+        or ft.owner[mfn] != dom.domid
+        or ft.type[mfn] != abi.PGT_l1_page_table
+        or not ft.type_count[mfn]
+        or not ft.flags[mfn] & VALIDATED
+    ):
+        return -abi.EFAULT, 0
+    old = m.memory.read_u64(maddr)
+    rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
+    return rc, old if exchange else 0
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+def dispatch(
+    m: MachineState, dom: Domain, vcpu: int, op: int, args: Sequence[object]
+) -> Generator[None, None, HypercallResult]:
+    """Run hypercall ``op``; unknown numbers give -ENOSYS (§1.1).
+
+    Argument shapes are checked by the wire layer; a wrong shape here is a
+    caller bug and raises.
+    """
+    if op == abi.HYPERVISOR_mmu_update:
+        reqs, foreigndom = args
+        return (yield from mmu_update(m, dom, vcpu, reqs, foreigndom))  # type: ignore[arg-type]
+    if op == abi.HYPERVISOR_mmuext_op:
+        ops, foreigndom = args
+        return (yield from mmuext_op(m, dom, vcpu, ops, foreigndom))  # type: ignore[arg-type]
+    if op == abi.HYPERVISOR_multicall:
+        (calls,) = args
+        return (yield from multicall(m, dom, vcpu, calls))  # type: ignore[arg-type]
+    if op == abi.HYPERVISOR_update_va_mapping:
+        va, val, flags = args
+        return HypercallResult(update_va_mapping(m, dom, vcpu, va, val, flags))  # type: ignore[arg-type]
+    if op == abi.HYPERVISOR_vm_assist:
+        cmd, assist = args
+        return HypercallResult(vm_assist(dom, cmd, assist))  # type: ignore[arg-type]
+    return HypercallResult(-abi.ENOSYS)

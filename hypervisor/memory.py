@@ -1,0 +1,158 @@
+"""Machine memory: the MFN space, the free pool and one memfd per domain.
+
+Each domain's frames live in their own memfd (offset = PFN x 4096) so that the
+server can hand exactly that memory, read-only, to the guest and nothing else.
+MFNs are drawn from a shuffled pool so that a domain's frames are scattered, as
+on a real machine: guest code that assumes pfn == mfn breaks here, as it would
+under Xen.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from typing import Final
+
+from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+
+from .frametable import NO_OWNER, FrameTable
+
+WORDS_PER_FRAME: Final = PAGE_SIZE // 8
+_ZERO_FRAME: Final = memoryview(bytes(PAGE_SIZE)).cast("Q")
+
+#: Kernel value of F_SEAL_FUTURE_WRITE (not exported by Python 3.11's fcntl).
+F_SEAL_FUTURE_WRITE: Final = 0x10
+
+
+class OutOfMemory(Exception):
+    """The machine has too few free frames for the request."""
+
+
+class DomainMemory:
+    """One domain's frames: a memfd mapped read-write by the hypervisor."""
+
+    __slots__ = ("fd", "map", "nr_frames", "words")
+
+    def __init__(self, name: str, nr_frames: int) -> None:
+        self.nr_frames = nr_frames
+        self.fd = os.memfd_create(f"pvemu-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, nr_frames * PAGE_SIZE)
+            self.map = mmap.mmap(self.fd, nr_frames * PAGE_SIZE, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.words = memoryview(self.map).cast("Q")
+
+    def seal(self) -> None:
+        """Forbid new writable mappings and resizing: the guest may only read."""
+        import fcntl
+
+        os_seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, os_seals)
+
+    def close(self) -> None:
+        self.words.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+class MachineMemory:
+    """Reads and writes machine addresses, routed to the owning domain's memfd.
+
+    Implements the hardware model's ``PhysMemory`` protocol, so the same page
+    walks run over machine memory here and over a bytearray in native mode.
+    """
+
+    def __init__(self, frames: FrameTable, *, seed: int = 0) -> None:
+        self.frames = frames
+        pool = list(range(1, frames.nr_frames))
+        random.Random(seed).shuffle(pool)
+        # MFN 0 goes first (to Xen's own frame) so it never names a guest frame:
+        # Xen's NEW_USER_BASEPTR uses mfn 0 for "none".
+        pool.append(0)
+        self._free = pool
+        self._memories: dict[int, DomainMemory] = {}
+
+    @property
+    def free_frames(self) -> int:
+        return len(self._free)
+
+    def allocate(self, owner: int, nr_frames: int, name: str) -> tuple[DomainMemory, list[int]]:
+        """Give ``owner`` ``nr_frames`` zeroed frames; returns (memory, p2m)."""
+        if nr_frames <= 0:
+            raise ValueError("a domain needs at least one frame")
+        if owner in self._memories:
+            raise ValueError(f"owner {owner} already has memory")
+        if nr_frames > len(self._free):
+            raise OutOfMemory(f"{nr_frames} frames requested, {len(self._free)} free")
+        memory = DomainMemory(name, nr_frames)
+        p2m = self._free[-nr_frames:]
+        del self._free[-nr_frames:]
+        ft = self.frames
+        for pfn, mfn in enumerate(p2m):
+            ft.owner[mfn] = owner
+            ft.slot[mfn] = pfn
+            ft.count[mfn] = 1  # PGC_allocated: the owner's own reference
+            ft.m2p[mfn] = pfn
+        self._memories[owner] = memory
+        return memory, p2m
+
+    def release(self, owner: int, p2m: list[int]) -> None:
+        """Return an owner's frames to the pool and close its memfd."""
+        ft = self.frames
+        for mfn in p2m:
+            ft.reset(mfn)
+        self._free.extend(p2m)
+        memory = self._memories.pop(owner)
+        memory.close()
+
+    def _locate(self, maddr: int) -> tuple[memoryview, int]:
+        mfn = maddr >> PAGE_SHIFT
+        if not 0 <= mfn < self.frames.nr_frames:
+            raise IndexError(f"machine address {maddr:#x} beyond memory")
+        owner = self.frames.owner[mfn]
+        if owner == NO_OWNER:
+            raise IndexError(f"machine address {maddr:#x} is in a free frame")
+        return self._memories[owner].words, self.frames.slot[mfn] * WORDS_PER_FRAME
+
+    def read_u64(self, maddr: int) -> int:
+        words, base = self._locate(maddr)
+        return int(words[base + ((maddr & (PAGE_SIZE - 1)) >> 3)])
+
+    def write_u64(self, maddr: int, value: int) -> None:
+        words, base = self._locate(maddr)
+        words[base + ((maddr & (PAGE_SIZE - 1)) >> 3)] = value
+
+    def table(self, mfn: int) -> memoryview:
+        """The 512 u64 entries of a frame, as a writable view."""
+        words, base = self._locate(mfn << PAGE_SHIFT)
+        return words[base : base + WORDS_PER_FRAME]
+
+    def read_bytes(self, maddr: int, length: int) -> bytes:
+        mfn = maddr >> PAGE_SHIFT
+        offset = maddr & (PAGE_SIZE - 1)
+        if offset + length > PAGE_SIZE:
+            raise ValueError("access crosses a frame boundary")
+        _words, base = self._locate(maddr)
+        start = base * 8 + offset
+        return bytes(self._memories[self.frames.owner[mfn]].map[start : start + length])
+
+    def write_bytes(self, maddr: int, data: bytes) -> None:
+        mfn = maddr >> PAGE_SHIFT
+        offset = maddr & (PAGE_SIZE - 1)
+        if offset + len(data) > PAGE_SIZE:
+            raise ValueError("access crosses a frame boundary")
+        _words, base = self._locate(maddr)
+        start = base * 8 + offset
+        self._memories[self.frames.owner[mfn]].map[start : start + len(data)] = data
+
+    def zero_frame(self, mfn: int) -> None:
+        self.table(mfn)[:] = _ZERO_FRAME
+
+    def copy_frame(self, dst: int, src: int) -> None:
+        self.table(dst)[:] = self.table(src)
+
+    def memory_of(self, owner: int) -> DomainMemory:
+        return self._memories[owner]
