@@ -27,7 +27,7 @@ check: $(STAMP)
 	$(BIN)/mypy --strict $(PACKAGES)
 
 run: $(STAMP)
-	$(BIN)/pvemu run
+	$(BIN)/pvemu info
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

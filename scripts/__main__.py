@@ -1,0 +1,7 @@
+"""``python -m scripts``: the same entry point as the ``pvemu`` console script."""
+
+from __future__ import annotations
+
+from scripts.cli import main
+
+raise SystemExit(main())

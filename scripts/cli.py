@@ -1,0 +1,139 @@
+"""The ``pvemu`` command line: argparse with one subcommand per row of a table.
+
+Adding a subcommand: put it in its own module with ``configure(parser)`` (adds
+its arguments) and ``run(args) -> int`` (does the work, returns the exit
+status), import the module here and add one :class:`Subcommand` row to
+:data:`SUBCOMMANDS`. Keep heavy imports (trio, rich, matplotlib) inside ``run``
+so that ``pvemu --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from shared import abi
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+DIST_NAME = "pvemu"
+FALLBACK_VERSION = "0.1.0+unknown"
+
+DESCRIPTION = """\
+pvemu is a paravirtual hypervisor emulator for studying batched page-table
+hypercalls, modelled on Xen's PV MMU interface. It reproduces the semantics of
+mmu_update, mmuext_op, multicall and update_va_mapping so that guest batching
+strategies can be compared by the traps they cost."""
+
+EPILOG = """examples:
+  pvemu info        list the hypercalls and feature flags pvemu implements
+  pvemu --version   print the installed version
+"""
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``pvemu <name>`` subcommand."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def package_version() -> str:
+    """The installed distribution's version, or a marker when not installed."""
+    try:
+        return version(DIST_NAME)
+    except PackageNotFoundError:
+        return FALLBACK_VERSION
+
+
+# --- pvemu info -------------------------------------------------------------------
+
+#: Feature flags whose behaviour the hypervisor core implements: (name, bit, meaning).
+IMPLEMENTED_FEATURES: tuple[tuple[str, int, str], ...] = (
+    (
+        "XENFEAT_mmu_pt_update_preserve_ad",
+        abi.XENFEAT_mmu_pt_update_preserve_ad,
+        "mmu_update honours MMU_PT_UPDATE_PRESERVE_AD",
+    ),
+)
+
+
+def _configure_info(parser: argparse.ArgumentParser) -> None:
+    """``pvemu info`` takes no arguments."""
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout)
+
+    calls = Table(title="Hypercalls served")
+    calls.add_column("nr", justify="right")
+    calls.add_column("hypercall")
+    for nr, name in sorted(abi.HYPERCALL_NAMES.items()):
+        calls.add_row(str(nr), name)
+
+    features = Table(title="Feature flags")
+    features.add_column("bit", justify="right")
+    features.add_column("flag")
+    features.add_column("meaning")
+    for name, bit, meaning in IMPLEMENTED_FEATURES:
+        features.add_row(str(bit), name, meaning)
+
+    console.print(f"pvemu {package_version()}: Xen PV MMU ABI implemented")
+    console.print(calls)
+    console.print(f"Any other hypercall number returns -ENOSYS ({-abi.ENOSYS}).")
+    console.print(features)
+    return 0
+
+
+INFO = Subcommand(
+    name="info",
+    help="list the ABI numbers the emulator implements",
+    configure=_configure_info,
+    run=_run_info,
+)
+
+#: Every subcommand, in the order ``pvemu --help`` lists them.
+SUBCOMMANDS: tuple[Subcommand, ...] = (INFO,)
+
+
+# --- entry point ------------------------------------------------------------------
+
+
+def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pvemu",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pvemu {package_version()}")
+    sub = parser.add_subparsers(title="subcommands", dest="command", metavar="COMMAND")
+    for command in subcommands:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(child)
+        child.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``pvemu``; returns the exit status instead of raising SystemExit."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    status: int = args.run(args)
+    return status
