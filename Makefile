@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 PACKAGES := shared hypervisor guest scripts
 
-.PHONY: all venv test check run bench clean
+.PHONY: all venv test check run bench-rtt clean
 
 all: check test
 
@@ -28,6 +28,10 @@ check: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/pvemu info
+
+# Trap round trip vs a blocking msgpack echo floor (reported, never asserted).
+bench-rtt: $(STAMP)
+	$(BIN)/python -m scripts.rtt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

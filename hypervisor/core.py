@@ -104,6 +104,8 @@ class Hypervisor:
         domid = self._next_domid
         self._next_domid += 1
         memory, p2m = self.state.memory.allocate(domid, nr_frames, name or f"dom{domid}")
+        # Mapped read-write here already; from now on nobody may map it writable.
+        memory.seal()
         domain = Domain(
             domid=domid,
             name=name or f"dom{domid}",
@@ -195,7 +197,7 @@ class Hypervisor:
         hw = domain.hw.stats
         return {
             "domid": domid,
-            "vcpus": [c.as_dict() for c in domain.counters],
+            "vcpus": {str(v): c.as_dict() for v, c in enumerate(domain.counters)},
             "total": total(domain.counters).as_dict(),
             "hardware": {
                 "tlb_hits": hw.tlb_hits,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from scripts import hypervisor_cmd
 from shared import abi
 
 if TYPE_CHECKING:
@@ -102,8 +103,15 @@ INFO = Subcommand(
     run=_run_info,
 )
 
+HYPERVISOR = Subcommand(
+    name="hypervisor",
+    help="serve the hypervisor on a Unix socket",
+    configure=hypervisor_cmd.configure,
+    run=hypervisor_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (INFO,)
+SUBCOMMANDS: tuple[Subcommand, ...] = (HYPERVISOR, INFO)
 
 
 # --- entry point ------------------------------------------------------------------

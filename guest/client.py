@@ -1,0 +1,368 @@
+"""The raw hypercall client: one socket per vCPU, the domain's memory mapped
+read-only, and guest-side trap counters.
+
+``connect()`` yields a :class:`Domain` handle that is already booted (an
+initial L4/L3/L2/L1 tree pinned and loaded on every vCPU). The names and
+shapes here are a stable interface (DESIGN §8): tools script against them.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from shared import abi, wire
+from shared.errors import RemoteProtocolError
+from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+
+RECEIVE_SIZE: Final = 256 * 1024
+_FD_SPACE: Final = socket.CMSG_SPACE(4 * 4)
+
+
+class HypervisorError(Exception):
+    """The hypervisor answered with a typed error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class GuestCounters:
+    """Traps as the guest counts them (what it issued), to check against the
+    hypervisor's own count."""
+
+    hypercalls: Counter[int] = field(default_factory=Counter)
+    ptwr: int = 0
+    page_faults: int = 0
+    mmu_update_records: int = 0
+    multicall_entries: int = 0
+
+    @property
+    def traps(self) -> int:
+        return sum(self.hypercalls.values()) + self.ptwr + self.page_faults
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "traps": self.traps,
+            "hypercalls": sum(self.hypercalls.values()),
+            "ptwr": self.ptwr,
+            "page_faults": self.page_faults,
+            "mmu_update_records": self.mmu_update_records,
+            "multicall_entries": self.multicall_entries,
+        }
+
+
+class VcpuChannel:
+    """One vCPU's connection: strictly one request in flight at a time."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self._conn = wire.Connection("client")
+        self._lock = trio.StrictFIFOLock()
+        self._next_id = 1
+        self.fds: list[int] = []
+        self.counters = GuestCounters()
+
+    def next_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    async def request(self, message: wire.Request) -> wire.Reply:
+        async with self._lock:
+            data = self._conn.send(message)
+            while data:
+                sent = await self._sock.send(data)
+                data = data[sent:]
+            while True:
+                try:
+                    event = self._conn.next_event()
+                except RemoteProtocolError as exc:
+                    raise HypervisorError(exc.code, exc.message) from exc
+                if event is wire.NEED_DATA:
+                    chunk, ancdata, _flags, _addr = await self._sock.recvmsg(
+                        RECEIVE_SIZE, _FD_SPACE
+                    )
+                    self._take_fds(ancdata)
+                    self._conn.receive_data(chunk)
+                    continue
+                if event is wire.CONNECTION_CLOSED:
+                    raise HypervisorError("closed", "the hypervisor closed the connection")
+                assert isinstance(event, wire.Reply)
+                if isinstance(event, wire.ErrorReply):
+                    raise HypervisorError(event.code, event.message)
+                return event
+
+    def _take_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self._sock.close()
+
+
+async def _open_channel(socket_path: str) -> VcpuChannel:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(socket_path)
+    except BaseException:
+        sock.close()
+        raise
+    return VcpuChannel(sock)
+
+
+class Domain:
+    """A booted domain as seen from the guest: the raw hypercall interface."""
+
+    def __init__(
+        self, welcome: wire.Welcome, memory: mmap.mmap, channels: list[VcpuChannel]
+    ) -> None:
+        self.domid = welcome.domid
+        self.p2m: list[int] = list(welcome.p2m_mfns())
+        self.m2p: dict[int, int] = {mfn: pfn for pfn, mfn in enumerate(self.p2m)}
+        self.secret = welcome.secret
+        self.limits = dict(welcome.limits)
+        self.features = tuple(welcome.features)
+        self.l4_mfn = 0
+        self._memory = memory
+        self._words = memoryview(memory).cast("Q")
+        self._channels = channels
+        self._free_pfns = list(range(len(self.p2m) - 1, -1, -1))
+
+    @property
+    def nr_vcpus(self) -> int:
+        return len(self._channels)
+
+    @property
+    def counters(self) -> GuestCounters:
+        """Guest-side counters summed over vCPUs."""
+        total = GuestCounters()
+        for ch in self._channels:
+            c = ch.counters
+            total.hypercalls.update(c.hypercalls)
+            total.ptwr += c.ptwr
+            total.page_faults += c.page_faults
+            total.mmu_update_records += c.mmu_update_records
+            total.multicall_entries += c.multicall_entries
+        return total
+
+    def vcpu_counters(self, vcpu: int) -> GuestCounters:
+        return self._channels[vcpu].counters
+
+    # --- memory (read-only, no trap) --------------------------------------------------
+
+    def alloc_frame(self) -> int:
+        """A zeroed frame of this domain that nothing uses yet (its MFN)."""
+        if not self._free_pfns:
+            raise MemoryError("the domain has no free frame left")
+        return self.p2m[self._free_pfns.pop()]
+
+    def free_frames(self) -> int:
+        return len(self._free_pfns)
+
+    def read_u64(self, maddr: int) -> int:
+        """Read 8 bytes of this domain's memory by machine address (no trap)."""
+        pfn = self.m2p[maddr >> PAGE_SHIFT]
+        return int(self._words[(pfn << 9) | ((maddr & (PAGE_SIZE - 1)) >> 3)])
+
+    def read_bytes(self, maddr: int, length: int) -> bytes:
+        pfn = self.m2p[maddr >> PAGE_SHIFT]
+        start = (pfn << PAGE_SHIFT) | (maddr & (PAGE_SIZE - 1))
+        return bytes(self._memory[start : start + length])
+
+    # --- hypercalls ---------------------------------------------------------------------
+
+    async def _hypercall(self, vcpu: int, op: int, *args: object) -> wire.Reply:
+        channel = self._channels[vcpu]
+        request = wire.Hypercall.make(channel.next_id(), op, *args)
+        c = channel.counters
+        c.hypercalls[op] += 1
+        _count_records(c, request.args)
+        return await channel.request(request)
+
+    async def mmu_update(
+        self,
+        reqs: Sequence[tuple[int, int]] | bytes,
+        foreigndom: int = abi.DOMID_SELF,
+        *,
+        vcpu: int = 0,
+    ) -> tuple[int, int]:
+        """Xen's mmu_update: returns (rc, done)."""
+        reply = await self._hypercall(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
+        assert isinstance(reply, wire.Result)
+        return reply.rc, reply.done
+
+    async def mmuext_op(
+        self,
+        ops: Sequence[tuple[int, int, int]],
+        foreigndom: int = abi.DOMID_SELF,
+        *,
+        vcpu: int = 0,
+    ) -> tuple[int, int]:
+        reply = await self._hypercall(vcpu, abi.HYPERVISOR_mmuext_op, ops, foreigndom)
+        assert isinstance(reply, wire.Result)
+        return reply.rc, reply.done
+
+    async def update_va_mapping(self, va: int, val: int, flags: int, *, vcpu: int = 0) -> int:
+        reply = await self._hypercall(vcpu, abi.HYPERVISOR_update_va_mapping, va, val, flags)
+        assert isinstance(reply, wire.Result)
+        return reply.rc
+
+    async def vm_assist(self, cmd: int, assist: int, *, vcpu: int = 0) -> int:
+        reply = await self._hypercall(vcpu, abi.HYPERVISOR_vm_assist, cmd, assist)
+        assert isinstance(reply, wire.Result)
+        return reply.rc
+
+    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]:
+        """One trap, many calls: returns one result per call."""
+        reply = await self._hypercall(vcpu, abi.HYPERVISOR_multicall, calls)
+        assert isinstance(reply, wire.MulticallResult)
+        return list(reply.results)
+
+    async def raw_hypercall(self, op: int, *args: object, vcpu: int = 0) -> int:
+        """Any hypercall number (unknown ones answer -ENOSYS)."""
+        reply = await self._hypercall(vcpu, op, *args)
+        assert isinstance(reply, wire.Result | wire.MulticallResult)
+        return reply.rc
+
+    async def ptwr_write(
+        self, maddr: int, val: int, *, exchange: bool = False, vcpu: int = 0
+    ) -> int:
+        """A trapped direct 8-byte write into a page table (emulated)."""
+        rc, _old = await self.ptwr_exchange(maddr, val, exchange=exchange, vcpu=vcpu)
+        return rc
+
+    async def ptwr_exchange(
+        self, maddr: int, val: int, *, exchange: bool = True, vcpu: int = 0
+    ) -> tuple[int, int]:
+        """A trapped xchg: returns (rc, previous value)."""
+        channel = self._channels[vcpu]
+        channel.counters.ptwr += 1
+        reply = await channel.request(wire.Ptwr(channel.next_id(), maddr, val, exchange))
+        assert isinstance(reply, wire.PtwrResult)
+        return reply.rc, reply.old
+
+    async def run_user(
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+    ) -> dict[str, Any]:
+        """User accesses on ``vcpu``; stops at the first page fault."""
+        channel = self._channels[vcpu]
+        request = wire.RunUser(channel.next_id(), tuple(wire.Access(*a) for a in accesses))
+        reply = await channel.request(request)
+        assert isinstance(reply, wire.UserResult)
+        fault = None
+        if reply.fault is not None:
+            channel.counters.page_faults += 1
+            fault = {"va": reply.fault[0], "error_code": reply.fault[1]}
+        return {"executed": reply.executed, "reads": list(reply.reads), "fault": fault}
+
+    async def stats(self) -> dict[str, Any]:
+        """Both sides' counters: ``guest`` (issued) and ``hypervisor`` (handled)."""
+        channel = self._channels[0]
+        reply = await channel.request(wire.Stats(channel.next_id()))
+        assert isinstance(reply, wire.StatsResult)
+        return {
+            "guest": {
+                "total": self.counters.as_dict(),
+                "vcpus": [ch.counters.as_dict() for ch in self._channels],
+            },
+            "hypervisor": reply.stats,
+        }
+
+    async def audit(self) -> list[str]:
+        channel = self._channels[0]
+        reply = await channel.request(wire.Audit(channel.next_id()))
+        assert isinstance(reply, wire.AuditResult)
+        return list(reply.violations)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            try:
+                with trio.move_on_after(5):
+                    await channel.request(wire.Bye(channel.next_id()))
+            except (HypervisorError, OSError, trio.BrokenResourceError):
+                pass
+            channel.close()
+        self._words.release()
+        self._memory.close()
+
+
+def _count_records(c: GuestCounters, args: wire.HypercallArgs) -> None:
+    if isinstance(args, wire.MmuUpdateArgs):
+        c.mmu_update_records += args.count
+    elif isinstance(args, wire.MulticallArgs):
+        c.multicall_entries += len(args.calls)
+        for call in args.calls:
+            _count_records(c, call.args)
+
+
+async def _handshake(channel: VcpuChannel, message: wire.Hello | wire.Join) -> wire.Welcome:
+    reply = await channel.request(message)
+    assert isinstance(reply, wire.Welcome)
+    return reply
+
+
+@asynccontextmanager
+async def connect(
+    socket_path: str,
+    *,
+    memory_mib: int = 64,
+    vcpus: int = 1,
+    name: str = "guest",
+    boot: bool = True,
+) -> AsyncIterator[Domain]:
+    """Create a domain, attach ``vcpus`` connections and boot it.
+
+    Leaving the context closes every connection; the hypervisor then destroys
+    the domain and returns its frames to the pool.
+    """
+    from .boot import boot_domain
+
+    first = await _open_channel(socket_path)
+    channels = [first]
+    try:
+        welcome = await _handshake(
+            first, wire.Hello(first.next_id(), wire.PROTOCOL_VERSION, memory_mib, vcpus, name)
+        )
+        if not first.fds:
+            raise HypervisorError("malformed", "welcome arrived without the memory fd")
+        size = len(welcome.p2m) // 8 * PAGE_SIZE
+        memory = mmap.mmap(first.fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ)
+        for vcpu in range(1, vcpus):
+            channel = await _open_channel(socket_path)
+            channels.append(channel)
+            await _handshake(
+                channel,
+                wire.Join(
+                    channel.next_id(), wire.PROTOCOL_VERSION, welcome.domid, welcome.secret, vcpu
+                ),
+            )
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        raise
+    domain = Domain(welcome, memory, channels)
+    try:
+        if boot:
+            await boot_domain(domain)
+        yield domain
+    finally:
+        with trio.CancelScope(shield=True):
+            await domain.close()

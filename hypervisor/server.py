@@ -1,0 +1,406 @@
+"""The trio shell around the hypervisor core: the only module with sockets.
+
+One connection per vCPU. A Hello creates a domain (its sealed memfd travels
+back with the Welcome as SCM_RIGHTS); a Join attaches another vCPU with the
+domain's secret. Long hypercalls run in slices of ``quantum`` entries with a
+checkpoint in between, so every other connection is served meanwhile (Xen's
+continuation). A domain dies with its last connection, even mid-batch.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import hmac
+import os
+import select
+import socket
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+import trio
+
+from shared import abi, wire
+from shared.errors import RemoteProtocolError, WireErrorCode
+
+from .core import DomainError, Hypervisor
+from .hypercalls import HypercallResult
+
+log = structlog.get_logger("pvemu.hypervisor")
+
+RECEIVE_SIZE: Final = 256 * 1024
+DEFAULT_QUANTUM: Final = 256
+FEATURES: Final = (abi.XENFEAT_mmu_pt_update_preserve_ad,)
+
+
+class ServerError(Exception):
+    """The server cannot start (socket in use, path not a socket, ...)."""
+
+
+class _PeerGone(Exception):
+    """The guest closed its end while we were working for it."""
+
+
+@dataclass
+class _Session:
+    """What one connection is: which vCPU of which domain."""
+
+    domid: int | None = None
+    vcpu: int = 0
+    peer_pid: int = 0
+
+
+@dataclass
+class _Membership:
+    vcpus: set[int] = field(default_factory=set)
+
+
+def core_args(args: wire.HypercallArgs) -> tuple[object, ...]:
+    """Wire arguments -> the core's argument tuple (mmu_update reqs stay an
+    ``array('Q')``: no per-record objects)."""
+    if isinstance(args, wire.MmuUpdateArgs):
+        return (wire.unpack_u64s(args.reqs), args.foreigndom)
+    if isinstance(args, wire.MmuextOpArgs):
+        return (args.ops, args.foreigndom)
+    if isinstance(args, wire.MulticallArgs):
+        return (tuple((call.op, *core_args(call.args)) for call in args.calls),)
+    return args.to_wire()
+
+
+def _record_count(args: wire.HypercallArgs) -> int:
+    if isinstance(args, wire.MmuUpdateArgs):
+        return args.count
+    if isinstance(args, wire.MmuextOpArgs):
+        return len(args.ops)
+    if isinstance(args, wire.MulticallArgs):
+        return sum(_record_count(call.args) for call in args.calls)
+    return 1
+
+
+def prepare_socket_path(path: str) -> None:
+    """Remove a stale socket file; refuse if a live server answers on it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ServerError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: a leftover from a crashed server
+        return
+    except FileNotFoundError:
+        return
+    finally:
+        probe.close()
+    raise ServerError(f"another server is already listening on {path}")
+
+
+class HypervisorServer:
+    """Serves one :class:`Hypervisor` on a Unix socket."""
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        *,
+        quantum: int = DEFAULT_QUANTUM,
+        max_domains: int = 64,
+    ) -> None:
+        if quantum < 1:
+            raise ValueError("quantum must be at least 1")
+        self.hv = hv
+        self.quantum = quantum
+        self.max_domains = max_domains
+        self._members: dict[int, _Membership] = {}
+
+    async def serve(
+        self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen until cancelled; ``nursery.start`` returns once accepting.
+
+        The socket file is removed on the way out, and every domain destroyed.
+        """
+        prepare_socket_path(socket_path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(socket_path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle, [listener])
+                log.info("listening", socket=socket_path, quantum=self.quantum)
+                task_status.started(socket_path)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
+            for domid in list(self.hv.domains):
+                self._destroy(domid, reason="shutdown")
+
+    # --- one connection -------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        structlog.contextvars.clear_contextvars()
+        conn = wire.Connection("server")
+        session = _Session()
+        try:
+            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            session.peer_pid = int.from_bytes(creds[:4], "little")
+        except OSError:
+            pass
+        structlog.contextvars.bind_contextvars(peer_pid=session.peer_pid)
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLRDHUP | select.POLLHUP)
+        try:
+            await self._serve_connection(stream, conn, session, poller)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _PeerGone):
+            pass
+        finally:
+            if session.domid is not None:
+                self._leave(session)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _serve_connection(
+        self,
+        stream: trio.SocketStream,
+        conn: wire.Connection,
+        session: _Session,
+        poller: select.poll,
+    ) -> None:
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                log.warning("protocol_error", code=exc.code, fatal=exc.fatal, error=exc.message)
+                await stream.send_all(conn.send(wire.ErrorReply.from_exception(exc)))
+                if exc.fatal:
+                    return
+                continue
+            if event is wire.NEED_DATA:
+                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                continue
+            if event is wire.CONNECTION_CLOSED:
+                return
+            assert isinstance(event, wire.Request)
+            reply, fd = await self._dispatch(event, session, stream, poller)
+            data = conn.send(reply)
+            if fd is None:
+                await stream.send_all(data)
+            else:
+                await _send_with_fd(stream, data, fd)
+            if isinstance(reply, wire.Goodbye):
+                return
+
+    async def _dispatch(
+        self,
+        request: wire.Request,
+        session: _Session,
+        stream: trio.SocketStream,
+        poller: select.poll,
+    ) -> tuple[wire.Reply, int | None]:
+        rid = request.id
+        try:
+            if isinstance(request, wire.Hello):
+                return self._hello(request, session)
+            if isinstance(request, wire.Join):
+                return self._join(request, session)
+            if isinstance(request, wire.Bye):
+                return wire.Goodbye(rid), None
+            assert session.domid is not None  # the Connection enforces the handshake
+            if isinstance(request, wire.Hypercall):
+                return await self._hypercall(request, session, poller), None
+            if isinstance(request, wire.Ptwr):
+                rc, old = self.hv.ptwr_write(
+                    session.domid,
+                    session.vcpu,
+                    request.maddr,
+                    request.val,
+                    exchange=request.exchange,
+                )
+                return wire.PtwrResult(rid, rc, old), None
+            if isinstance(request, wire.RunUser):
+                outcome = self.hv.run_user(session.domid, session.vcpu, request.accesses)
+                fault = None
+                if outcome.fault is not None:
+                    fault = wire.Fault(outcome.fault.va, outcome.fault.error_code)
+                return wire.UserResult(rid, outcome.executed, tuple(outcome.reads), fault), None
+            if isinstance(request, wire.Stats):
+                self.hv.domain(session.domid).counters[session.vcpu].queries += 1
+                return wire.StatsResult(rid, self.hv.stats(session.domid)), None
+            if isinstance(request, wire.Audit):
+                self.hv.domain(session.domid).counters[session.vcpu].queries += 1
+                violations = self.hv.audit()[: wire.MAX_VIOLATIONS]
+                return wire.AuditResult(
+                    rid, tuple(v[: wire.MAX_TEXT_LEN] for v in violations)
+                ), None
+        except _PeerGone:
+            raise
+        except (DomainError, ValueError, IndexError) as exc:
+            return wire.ErrorReply(rid, WireErrorCode.OUT_OF_RANGE, str(exc)[:1000]), None
+        except Exception as exc:  # a hypervisor bug: report it, keep serving others
+            log.exception("internal_error", request=request.TYPE)
+            return wire.ErrorReply(rid, WireErrorCode.INTERNAL, repr(exc)[:1000]), None
+        return wire.ErrorReply(rid, WireErrorCode.NOT_SUPPORTED, request.TYPE), None
+
+    def _hello(self, hello: wire.Hello, session: _Session) -> tuple[wire.Reply, int | None]:
+        if len(self._members) >= self.max_domains:
+            return wire.ErrorReply(
+                hello.id, WireErrorCode.NOT_SUPPORTED, f"at most {self.max_domains} domains"
+            ), None
+        try:
+            domain = self.hv.create_domain(hello.memory_mib, hello.vcpus, hello.name)
+        except DomainError as exc:
+            return wire.ErrorReply(hello.id, WireErrorCode.OUT_OF_RANGE, str(exc)), None
+        self._members[domain.domid] = _Membership({0})
+        session.domid, session.vcpu = domain.domid, 0
+        structlog.contextvars.bind_contextvars(domid=domain.domid, vcpu=0)
+        log.info("domain_created", name=domain.name, memory_mib=hello.memory_mib, vcpus=hello.vcpus)
+        return self._welcome(hello.id, session), domain.memory.fd
+
+    def _join(self, join: wire.Join, session: _Session) -> tuple[wire.Reply, int | None]:
+        membership = self._members.get(join.domid)
+        domain = self.hv.domains.get(join.domid)
+        if membership is None or domain is None:
+            return wire.ErrorReply(
+                join.id, WireErrorCode.NO_SUCH_DOMAIN, f"no domain {join.domid}"
+            ), None
+        if not hmac.compare_digest(join.secret, domain.secret):
+            log.warning("join_refused", domid=join.domid, reason="bad secret")
+            return wire.ErrorReply(join.id, WireErrorCode.BAD_SECRET, "wrong secret"), None
+        if not 0 <= join.vcpu < domain.nr_vcpus or join.vcpu in membership.vcpus:
+            return wire.ErrorReply(
+                join.id, WireErrorCode.OUT_OF_RANGE, f"vCPU {join.vcpu} is not free"
+            ), None
+        membership.vcpus.add(join.vcpu)
+        session.domid, session.vcpu = join.domid, join.vcpu
+        structlog.contextvars.bind_contextvars(domid=join.domid, vcpu=join.vcpu)
+        log.info("vcpu_joined")
+        return self._welcome(join.id, session), domain.memory.fd
+
+    def _welcome(self, rid: int, session: _Session) -> wire.Welcome:
+        assert session.domid is not None
+        domain = self.hv.domain(session.domid)
+        limits = {
+            "quantum": self.quantum,
+            "max_mmu_updates": wire.MAX_MMU_UPDATES,
+            "max_mmuext_ops": wire.MAX_MMUEXT_OPS,
+            "max_multicall_calls": wire.MAX_MULTICALL_CALLS,
+            "max_user_accesses": wire.MAX_USER_ACCESSES,
+            "vcpus": domain.nr_vcpus,
+        }
+        return wire.Welcome(
+            rid,
+            domain.domid,
+            session.vcpu,
+            wire.pack_u64s(domain.p2m),
+            domain.secret,
+            limits,
+            FEATURES,
+        )
+
+    async def _hypercall(
+        self, request: wire.Hypercall, session: _Session, poller: select.poll
+    ) -> wire.Reply:
+        assert session.domid is not None
+        started = time.perf_counter()
+        call = self.hv.start_hypercall(
+            session.domid, session.vcpu, request.op, core_args(request.args)
+        )
+        slices = 1
+        while not call.step(self.quantum):
+            slices += 1
+            if poller.poll(0):  # the guest hung up mid-batch: stop here
+                call.abandon()
+                log.info("hypercall_abandoned", op=request.op, slices=slices)
+                raise _PeerGone
+            await trio.lowlevel.checkpoint()
+        result = call.result
+        assert result is not None
+        log.info(
+            abi.HYPERCALL_NAMES.get(request.op, f"hypercall_{request.op}"),
+            op=request.op,
+            records=_record_count(request.args),
+            rc=result.rc,
+            done=result.done,
+            slices=slices,
+            duration_us=round((time.perf_counter() - started) * 1e6, 1),
+        )
+        return _reply_for(request, result)
+
+    # --- domain lifetime ----------------------------------------------------------------
+
+    def _leave(self, session: _Session) -> None:
+        assert session.domid is not None
+        membership = self._members.get(session.domid)
+        if membership is None:
+            return
+        membership.vcpus.discard(session.vcpu)
+        if not membership.vcpus:
+            self._destroy(session.domid, reason="last connection closed")
+
+    def _destroy(self, domid: int, *, reason: str) -> None:
+        self._members.pop(domid, None)
+        if domid in self.hv.domains:
+            self.hv.destroy_domain(domid)
+            log.info("domain_destroyed", domid=domid, reason=reason)
+
+
+def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
+    if request.op == abi.HYPERVISOR_multicall:
+        return wire.MulticallResult(request.id, result.rc, result.results)
+    return wire.Result(request.id, result.rc, result.done)
+
+
+async def _send_with_fd(stream: trio.SocketStream, data: bytes, fd: int) -> None:
+    """Send ``data`` with ``fd`` attached (SCM_RIGHTS) to its first byte."""
+    fds = array.array("i", [fd])
+    sent = await stream.socket.sendmsg(
+        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+    )
+    if sent < len(data):
+        await stream.send_all(data[sent:])
+
+
+async def run_server(
+    socket_path: str,
+    hv: Hypervisor,
+    *,
+    quantum: int,
+    max_domains: int,
+    ready_line: Sequence[str] = (),
+) -> None:
+    """Serve until SIGINT/SIGTERM; print ``ready_line`` once accepting."""
+    import signal
+
+    server = HypervisorServer(hv, quantum=quantum, max_domains=max_domains)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, socket_path)
+            for line in ready_line:
+                print(line, flush=True)
+            async for signum in signals:
+                log.info("shutting_down", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+__all__ = [
+    "DEFAULT_QUANTUM",
+    "HypervisorServer",
+    "ServerError",
+    "core_args",
+    "prepare_socket_path",
+    "run_server",
+]
