@@ -27,7 +27,7 @@ check: $(STAMP)
 	$(BIN)/mypy --strict $(PACKAGES)
 
 run: $(STAMP)
-	$(BIN)/pvemu info
+	$(BIN)/pvemu run
 
 # Trap round trip vs a blocking msgpack echo floor (reported, never asserted).
 bench-rtt: $(STAMP)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from scripts import hypervisor_cmd
+from scripts import guest_cmd, hypervisor_cmd, run_cmd
 from shared import abi
 
 if TYPE_CHECKING:
@@ -110,8 +110,22 @@ HYPERVISOR = Subcommand(
     run=hypervisor_cmd.run,
 )
 
+GUEST = Subcommand(
+    name="guest",
+    help="boot one guest against a running hypervisor and run a workload",
+    configure=guest_cmd.configure,
+    run=guest_cmd.run,
+)
+
+RUN = Subcommand(
+    name="run",
+    help="the main comparison: every pv-ops mode in real processes, side by side",
+    configure=run_cmd.configure,
+    run=run_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (HYPERVISOR, INFO)
+SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, HYPERVISOR, GUEST, INFO)
 
 
 # --- entry point ------------------------------------------------------------------

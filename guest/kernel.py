@@ -1,0 +1,536 @@
+"""The guest kernel's mm: VMAs, demand paging, mprotect, munmap, msync.
+
+It follows Linux after the seed patch: ``change_protection`` walks one PTE
+page at a time under that page's lock, inside a lazy-MMU section, and does
+start -> ``pte_modify`` -> (``pte_mkwrite``) -> commit for every present PTE;
+the TLB is flushed once for the whole call, as ``tlb_finish_mmu`` does. What
+each hook costs is the pv-ops backend's business (``guest.pvops``): the same
+kernel runs natively, with unbatched traps, writable page tables, Linux's Xen
+batching, whole-page batching, and the unsafe naive commit.
+"""
+
+from __future__ import annotations
+
+import mmap as mman
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from shared.x86 import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_GLOBAL,
+    _PAGE_NX,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_USER,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PF_INSTR,
+    PF_WRITE,
+    PTE_MFN_MASK,
+    is_canonical,
+    maddr_of_entry,
+    make_pte,
+    va_indexes,
+)
+
+from .machine import DomainMachine, Machine, NativeMachine
+from .pvops import MODES, PvOps, make_backend
+from .vma import AddressSpace, FileBacking, MprotectError, ProtChange, Vma
+
+#: Linux reuses the Global bit as PROTNONE in a non-present PTE.
+_PAGE_PROTNONE: Final = _PAGE_GLOBAL
+#: Bits ``pte_modify`` keeps: the frame, A, D and the software bits.
+PAGE_CHG_MASK: Final = PTE_MFN_MASK | _PAGE_ACCESSED | _PAGE_DIRTY | 0xE00
+TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
+#: ``tlb_single_page_flush_ceiling``: up to this many pages, one INVLPG each.
+TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
+#: User accesses sent per run_user request.
+ACCESS_BATCH: Final = 256
+
+
+class SegmentationFault(Exception):
+    """A user access the kernel cannot satisfy (SIGSEGV)."""
+
+    def __init__(self, addr: int, reason: str) -> None:
+        super().__init__(f"segmentation fault at {addr:#x}: {reason}")
+        self.addr = addr
+        self.reason = reason
+
+
+def pte_present(pte: int) -> bool:
+    """Present for the kernel: P, or a PROT_NONE entry that keeps its page."""
+    return bool(pte & (_PAGE_PRESENT | _PAGE_PROTNONE)) and bool(pte & PTE_MFN_MASK)
+
+
+def vm_page_prot(vma: Vma) -> int:
+    """The PTE protection bits of a VMA (``vm_page_prot``).
+
+    Private writable mappings are installed read-only (write access comes
+    from the fault handler or ``pte_mkwrite``); shared file mappings that
+    want write-notify also lose RW so the first write marks the page dirty.
+    """
+    if not vma.prot:
+        return _PAGE_PROTNONE | _PAGE_ACCESSED
+    flags = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
+    if vma.writable and vma.is_shared and not vma.wants_writenotify:
+        flags |= _PAGE_RW
+    if not vma.executable:
+        flags |= _PAGE_NX
+    return flags
+
+
+def pte_modify(pte: int, newprot: int) -> int:
+    """Keep the frame and A/D, take everything else from ``newprot``."""
+    return (pte & PAGE_CHG_MASK) | (newprot & ~PAGE_CHG_MASK)
+
+
+def pte_needs_flush(old: int, new: int) -> bool:
+    """x86's rule: flush only when access is taken away (or the frame moves)."""
+    if not old & _PAGE_PRESENT:
+        return False
+    if not new & _PAGE_PRESENT or (old ^ new) & PTE_MFN_MASK:
+        return True
+    if old & _PAGE_RW and not new & _PAGE_RW:
+        return True
+    if old & _PAGE_DIRTY and not new & _PAGE_DIRTY:
+        return True
+    return bool(new & _PAGE_NX and not old & _PAGE_NX) or bool(
+        old & _PAGE_USER and not new & _PAGE_USER
+    )
+
+
+def read_file_page(path: str, offset: int) -> bytes:
+    """One page of a file (short at end of file): a local disk read."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(PAGE_SIZE)
+
+
+@dataclass
+class PhaseCounter:
+    """What a phase cost: the kernel's own view, independent of the machine."""
+
+    page_faults: int = 0
+    segfaults: int = 0
+
+
+@dataclass
+class FilePage:
+    """One page of a file in the page cache (shared by all its mappings)."""
+
+    mfn: int
+    dirty: bool = False
+
+
+@dataclass
+class _PageCache:
+    pages: dict[tuple[str, int], FilePage] = field(default_factory=dict)
+
+
+class Kernel:
+    """One guest kernel with one address space, over a machine and a backend."""
+
+    def __init__(self, machine: Machine, backends: Sequence[PvOps]) -> None:
+        self.machine = machine
+        #: One backend per vCPU (lazy-MMU state is per CPU); system calls run
+        #: on vCPU 0, a page fault on the vCPU that took it.
+        self.backends = list(backends)
+        self.backend = self.backends[0]
+        self._table_lock = trio.Lock()
+        self.mm = AddressSpace()
+        self.counters = PhaseCounter()
+        self._ptl: dict[int, trio.Lock] = {}
+        self._cache = _PageCache()
+        self._files: dict[tuple[str, bool], FileBacking] = {}
+        self._free_frames: list[int] = []
+
+    @property
+    def mode(self) -> str:
+        return self.backend.name
+
+    # --- system calls -------------------------------------------------------------
+
+    def mmap(
+        self,
+        length: int,
+        prot: int,
+        flags: int,
+        *,
+        addr: int | None = None,
+        path: str | None = None,
+        offset: int = 0,
+    ) -> int:
+        """Linux mmap; ``flags`` and ``prot`` from Python's ``mmap`` module."""
+        backing = None
+        if path is not None:
+            writable = os.access(path, os.W_OK)
+            if not os.path.exists(path):
+                raise OSError(2, f"No such file or directory: {path}")
+            backing = self._files.setdefault((path, writable), FileBacking(path, writable))
+        result = self.mm.do_mmap(length, prot, flags, addr=addr, file=backing, offset=offset)
+        if result.unmapped:
+            raise OSError(22, "MAP_FIXED over existing mappings is not supported")
+        return result.addr
+
+    async def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """Linux mprotect: VMA split/merge, then change_protection per piece."""
+        try:
+            changes = self.mm.mprotect(addr, length, prot)
+        except MprotectError as exc:
+            await self._change_protection(exc.changes)
+            raise
+        await self._change_protection(changes)
+
+    async def munmap(self, addr: int, length: int) -> None:
+        removed = self.mm.munmap(addr, length)
+        flush: list[int] = []
+        for vma in removed:
+            await self._zap_range(vma, flush)
+        if flush:
+            await self.backend.flush_tlb(flush)
+
+    async def msync(self, addr: int, length: int) -> None:
+        """Write dirty pages of shared file mappings back to their files."""
+        result = self.mm.msync(addr, length)
+        for vma in result.ranges:
+            await self._writeback_range(vma)
+        result.raise_if_error()
+
+    def vmas(self) -> list[tuple[int, int, int, int]]:
+        """(start, end, prot, flags) per VMA, like /proc/self/maps."""
+        return [(v.start, v.end, v.prot, v.flags) for v in self.mm.vmas()]
+
+    # --- user accesses --------------------------------------------------------------
+
+    async def write(self, addr: int, data: bytes, *, vcpu: int = 1) -> None:
+        chunks = []
+        offset = 0
+        while offset < len(data):
+            va = addr + offset
+            room = PAGE_SIZE - (va & (PAGE_SIZE - 1))
+            chunks.append((va, "w", data[offset : offset + room]))
+            offset += room
+        await self.run_user(vcpu, chunks)
+
+    async def read(self, addr: int, n: int, *, vcpu: int = 1) -> bytes:
+        chunks: list[tuple[int, str, bytes | int]] = []
+        offset = 0
+        while offset < n:
+            va = addr + offset
+            take = min(n - offset, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            chunks.append((va, "r", take))
+            offset += take
+        reads = await self.run_user(vcpu, chunks)
+        return b"".join(reads)
+
+    async def execute(self, addr: int, *, vcpu: int = 1) -> None:
+        await self.run_user(vcpu, [(addr, "x", 1)])
+
+    async def run_user(
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+    ) -> list[bytes]:
+        """Run accesses on ``vcpu``, servicing page faults; returns the reads."""
+        if not 0 <= vcpu < self.machine.nr_vcpus:
+            raise ValueError(f"no vCPU {vcpu}")
+        reads: list[bytes] = []
+        pending = list(accesses)
+        while pending:
+            batch = pending[:ACCESS_BATCH]
+            outcome = await self.machine.run_user(vcpu, batch)
+            reads.extend(outcome["reads"])
+            done = outcome["executed"]
+            fault = outcome["fault"]
+            if fault is not None:
+                await self.handle_fault(fault["va"], fault["error_code"], vcpu=vcpu)
+            del pending[:done]
+        return reads
+
+    # --- page faults ----------------------------------------------------------------
+
+    async def handle_fault(self, va: int, error_code: int, *, vcpu: int = 0) -> None:
+        """Resolve a user page fault taken on ``vcpu`` or raise SegmentationFault."""
+        self.counters.page_faults += 1
+        backend = self.backends[vcpu]
+        vma = self.mm.find(va) if is_canonical(va) else None
+        write = bool(error_code & PF_WRITE)
+        execute = bool(error_code & PF_INSTR)
+        if vma is None:
+            raise self._segv(va, "no mapping")
+        if (
+            (write and not vma.writable)
+            or (execute and not vma.executable)
+            or not vma.prot & (mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC)
+        ):
+            kind = "write" if write else "exec" if execute else "read"
+            raise self._segv(va, f"{kind} not allowed")
+        page_va = va & ~(PAGE_SIZE - 1)
+        async with self._table_lock:
+            l1 = await self._ensure_tables(page_va, backend)
+        ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
+        async with self._lock(l1):
+            pte = self.machine.read_u64(ptep)
+            if not pte & _PAGE_PRESENT:
+                await self._install(vma, page_va, ptep, pte, write, backend)
+            elif write and not pte & _PAGE_RW:
+                await self._write_fault(vma, page_va, ptep, pte, backend)
+            # else: spurious (another vCPU fixed it, or a stale TLB): retry
+            backend.note_unlock(l1)
+
+    def _segv(self, va: int, reason: str) -> SegmentationFault:
+        self.counters.segfaults += 1
+        return SegmentationFault(va, reason)
+
+    async def _install(
+        self, vma: Vma, va: int, ptep: int, pte: int, write: bool, backend: PvOps
+    ) -> None:
+        prot = vm_page_prot(vma)
+        if pte_present(pte):  # PROT_NONE entry made accessible again: keep the page
+            await backend.set_pte(ptep, pte_modify(pte, prot))
+            return
+        if vma.file is not None and vma.is_shared:
+            page = await self._file_page(vma, va, backend)
+            mfn = page.mfn
+            if write and vma.writable:  # do_shared_fault + page_mkwrite
+                page.dirty = True
+                prot |= _PAGE_RW | _PAGE_DIRTY
+        else:
+            mfn = await self._new_frame(backend)
+            if vma.file is not None:
+                await self._fill_from_file(mfn, vma, va, backend)
+            if write and vma.writable:  # an exclusive anonymous page
+                prot |= _PAGE_RW | _PAGE_DIRTY
+        await backend.set_pte(ptep, make_pte(mfn, prot & ~PTE_MFN_MASK))
+
+    async def _write_fault(self, vma: Vma, va: int, ptep: int, pte: int, backend: PvOps) -> None:
+        """Write to a present read-only page of a writable VMA."""
+        if vma.file is not None and vma.is_shared:
+            self._cache.pages[(vma.file.path, vma.pgoff_at(va))].dirty = True
+        await backend.set_pte(ptep, pte | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
+
+    # --- change_protection -------------------------------------------------------------
+
+    async def _change_protection(self, changes: Sequence[ProtChange]) -> None:
+        """mprotect's page-table half, with one deferred TLB flush at the end."""
+        ranges: list[tuple[Vma, int, int]] = []
+        for change in changes:
+            va = change.start
+            while va < change.end:
+                stop = min(change.end, (va | ((1 << 21) - 1)) + 1)
+                ranges.append((change.vma, va, stop))
+                va = stop
+        to_flush: list[int] = []
+        for i, (vma, start, end) in enumerate(ranges):
+            last = i == len(ranges) - 1
+            await self._change_pte_range(vma, start, end, to_flush, last)
+        if to_flush and not self.backend.folds_tlb_flush:
+            await self.backend.flush_tlb(to_flush)
+
+    async def _change_pte_range(
+        self, vma: Vma, start: int, end: int, to_flush: list[int], last: bool
+    ) -> None:
+        l1 = self._lookup_l1(start)
+        if l1 is None:
+            return
+        newprot = vm_page_prot(vma)
+        try_writable = vma.writable
+        backend = self.backend
+        read = self.machine.read_u64
+        first = va_indexes(start).l1
+        async with self._lock(l1):
+            await backend.lazy_enter()
+            for index in range(first, first + ((end - start) >> PAGE_SHIFT)):
+                ptep = maddr_of_entry(l1, index)
+                if not pte_present(read(ptep)):
+                    continue
+                old = await backend.modify_prot_start(ptep)
+                new = pte_modify(old, newprot)
+                if try_writable and not new & _PAGE_RW and self._can_change_writable(vma, old):
+                    new |= _PAGE_RW
+                await backend.modify_prot_commit(ptep, old, new)
+                if pte_needs_flush(old, new):
+                    to_flush.append(start + ((index - first) << PAGE_SHIFT))
+            if last and to_flush and backend.folds_tlb_flush:
+                backend.fold_tlb_flush(to_flush)
+            await backend.lazy_leave()
+            backend.note_unlock(l1)
+
+    def _can_change_writable(self, vma: Vma, pte: int) -> bool:
+        """Modern ``can_change_pte_writable``: exclusive anonymous pages, or
+        already-dirty pages of a shared mapping (2008's ``dirty_accountable``)."""
+        if not pte & _PAGE_PRESENT:
+            return False
+        if vma.is_private:
+            return True  # no fork in pvemu: every private page is exclusive
+        return bool(pte & _PAGE_DIRTY)
+
+    # --- munmap / msync --------------------------------------------------------------------
+
+    async def _zap_range(self, vma: Vma, to_flush: list[int]) -> None:
+        va = vma.start
+        while va < vma.end:
+            stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
+            l1 = self._lookup_l1(va)
+            if l1 is not None:
+                async with self._lock(l1):
+                    for page_va in range(va, stop, PAGE_SIZE):
+                        ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
+                        if not pte_present(self.machine.read_u64(ptep)):
+                            continue
+                        old = await self.backend.ptep_get_and_clear(ptep)
+                        if old & _PAGE_PRESENT:
+                            to_flush.append(page_va)
+                        mfn = (old & PTE_MFN_MASK) >> PAGE_SHIFT
+                        if vma.file is not None and vma.is_shared:
+                            page = self._cache.pages[(vma.file.path, vma.pgoff_at(page_va))]
+                            if old & _PAGE_DIRTY:
+                                page.dirty = True
+                            if page.dirty:
+                                self._write_page_to_file(vma, page_va, page)
+                        else:
+                            self._free_frames.append(mfn)
+                    self.backend.note_unlock(l1)
+            va = stop
+
+    async def _writeback_range(self, vma: Vma) -> None:
+        """clear_page_dirty_for_io + writepage for each page of the range."""
+        assert vma.file is not None
+        for page_va in range(vma.start, vma.end, PAGE_SIZE):
+            page = self._cache.pages.get((vma.file.path, vma.pgoff_at(page_va)))
+            if page is None:
+                continue
+            l1 = self._lookup_l1(page_va)
+            if l1 is None:
+                continue
+            ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
+            async with self._lock(l1):
+                pte = self.machine.read_u64(ptep)
+                if pte & _PAGE_PRESENT and (pte & _PAGE_DIRTY or page.dirty):
+                    # page_mkclean: clear, flush, write-protect clean; a write
+                    # after this faults and dirties the page again.
+                    old = await self.backend.ptep_get_and_clear(ptep)
+                    await self.backend.flush_tlb([page_va])
+                    clean = old & ~(_PAGE_RW | _PAGE_DIRTY)
+                    await self.backend.set_pte(ptep, clean)
+                    page.dirty = True
+                if page.dirty:
+                    self._write_page_to_file(vma, page_va, page)
+                    page.dirty = False
+                self.backend.note_unlock(l1)
+
+    def _write_page_to_file(self, vma: Vma, va: int, page: FilePage) -> None:
+        assert vma.file is not None
+        data = self.machine.read_bytes(page.mfn << PAGE_SHIFT, PAGE_SIZE)
+        offset = vma.file_offset(va)
+        size = os.path.getsize(vma.file.path)
+        data = data[: max(0, min(PAGE_SIZE, size - offset))]
+        if data:
+            with open(vma.file.path, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+        page.dirty = False
+
+    # --- frames, tables and the page cache -------------------------------------------------
+
+    async def _new_frame(self, backend: PvOps) -> int:
+        """A zeroed frame: fresh from the domain, or recycled and cleared."""
+        if self._free_frames:
+            mfn = self._free_frames.pop()
+            await backend.clear_frame(mfn)
+            return mfn
+        return self.machine.alloc_frame()
+
+    async def _file_page(self, vma: Vma, va: int, backend: PvOps) -> FilePage:
+        assert vma.file is not None
+        key = (vma.file.path, vma.pgoff_at(va))
+        page = self._cache.pages.get(key)
+        if page is None:
+            mfn = await self._new_frame(backend)
+            await self._fill_from_file(mfn, vma, va, backend)
+            page = self._cache.pages[key] = FilePage(mfn)
+        return page
+
+    async def _fill_from_file(self, mfn: int, vma: Vma, va: int, backend: PvOps) -> None:
+        assert vma.file is not None
+        data = read_file_page(vma.file.path, vma.file_offset(va))
+        if data.strip(b"\0"):
+            await backend.write_frame(mfn, data.ljust(PAGE_SIZE, b"\0"))
+
+    def _lookup_l1(self, va: int) -> int | None:
+        """The L1 frame covering ``va``, or None (tables are read, no trap)."""
+        idx = va_indexes(va)
+        table = self.machine.l4_mfn
+        for index in (idx.l4, idx.l3, idx.l2):
+            entry = self.machine.read_u64(maddr_of_entry(table, index))
+            if not entry & _PAGE_PRESENT:
+                return None
+            table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+        return table
+
+    async def _ensure_tables(self, va: int, backend: PvOps) -> int:
+        """Build missing L3/L2/L1 tables for ``va`` (pinned before use)."""
+        idx = va_indexes(va)
+        table = self.machine.l4_mfn
+        for level, index in ((4, idx.l4), (3, idx.l3), (2, idx.l2)):
+            entry_maddr = maddr_of_entry(table, index)
+            entry = self.machine.read_u64(entry_maddr)
+            if not entry & _PAGE_PRESENT:
+                child = await self._new_frame(backend)
+                await backend.pin_table(child, level - 1)
+                await backend.set_upper(entry_maddr, make_pte(child, TABLE_FLAGS))
+                table = child
+            else:
+                table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+        return table
+
+    def _lock(self, l1: int) -> trio.Lock:
+        lock = self._ptl.get(l1)
+        if lock is None:
+            lock = self._ptl[l1] = trio.Lock()
+        return lock
+
+    # --- accounting -----------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        """Machine counters (guest and hypervisor side) plus the kernel's own."""
+        stats = await self.machine.stats()
+        stats["kernel"] = {
+            "mode": self.mode,
+            "page_faults": self.counters.page_faults,
+            "segfaults": self.counters.segfaults,
+            **self.backend.stats(),
+        }
+        return stats
+
+    async def audit(self) -> list[str]:
+        return await self.machine.audit()
+
+
+@asynccontextmanager
+async def boot(
+    socket_path: str | None = None,
+    *,
+    mode: str = "xen",
+    memory_mib: int = 64,
+    vcpus: int = 2,
+    **mode_params: int,
+) -> AsyncIterator[Kernel]:
+    """Boot a guest kernel in ``mode``; ``native`` needs no hypervisor."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "native":
+        machine: Machine = NativeMachine(memory_mib, vcpus)
+        yield Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(vcpus)])
+        return
+    if socket_path is None:
+        raise ValueError(f"mode {mode!r} needs a hypervisor socket")
+    from .client import connect
+
+    async with connect(socket_path, memory_mib=memory_mib, vcpus=vcpus, name=mode) as domain:
+        machine = DomainMachine(domain)
+        yield Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(vcpus)])

@@ -1,0 +1,183 @@
+"""What the guest kernel runs on: a Xen-style domain over the socket, or bare
+metal (``native``) in-process.
+
+The kernel reads page tables directly (no trap) and changes them only through
+its pv-ops backend; this interface is the small seam between them and the
+machine underneath (DESIGN §1: the ``Transport``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from shared.mmu import BytearrayMemory, HardwareModel
+from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+
+from .client import Domain
+
+
+class Machine(Protocol):
+    """The calls the guest kernel makes on the machine under it."""
+
+    nr_vcpus: int
+    l4_mfn: int
+    is_native: bool
+
+    def alloc_frame(self) -> int: ...
+
+    def read_u64(self, maddr: int) -> int: ...
+
+    def read_bytes(self, maddr: int, length: int) -> bytes: ...
+
+    async def mmu_update(
+        self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, int]: ...
+
+    async def mmuext_op(
+        self, ops: Sequence[tuple[int, int, int]], *, vcpu: int = 0
+    ) -> tuple[int, int]: ...
+
+    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]: ...
+
+    async def ptwr(
+        self, maddr: int, val: int, *, exchange: bool, vcpu: int = 0
+    ) -> tuple[int, int]: ...
+
+    async def run_user(
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+    ) -> dict[str, Any]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def audit(self) -> list[str]: ...
+
+
+class DomainMachine:
+    """A PV domain served by ``pvemu hypervisor`` (every call a real trap)."""
+
+    is_native = False
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.nr_vcpus = domain.nr_vcpus
+        self.l4_mfn = domain.l4_mfn
+
+    def alloc_frame(self) -> int:
+        return self.domain.alloc_frame()
+
+    def read_u64(self, maddr: int) -> int:
+        return self.domain.read_u64(maddr)
+
+    def read_bytes(self, maddr: int, length: int) -> bytes:
+        return self.domain.read_bytes(maddr, length)
+
+    async def mmu_update(
+        self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, int]:
+        return await self.domain.mmu_update(reqs, vcpu=vcpu)
+
+    async def mmuext_op(
+        self, ops: Sequence[tuple[int, int, int]], *, vcpu: int = 0
+    ) -> tuple[int, int]:
+        return await self.domain.mmuext_op(ops, vcpu=vcpu)
+
+    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]:
+        return await self.domain.multicall(calls, vcpu=vcpu)
+
+    async def ptwr(self, maddr: int, val: int, *, exchange: bool, vcpu: int = 0) -> tuple[int, int]:
+        return await self.domain.ptwr_exchange(maddr, val, exchange=exchange, vcpu=vcpu)
+
+    async def run_user(
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+    ) -> dict[str, Any]:
+        return await self.domain.run_user(vcpu, accesses)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.domain.stats()
+
+    async def audit(self) -> list[str]:
+        return await self.domain.audit()
+
+
+class NativeMachine:
+    """Bare metal: the same hardware model over the kernel's own memory.
+
+    No hypervisor, so no trap is ever counted; the kernel writes its page
+    tables directly (``write_u64``). PFN == MFN here.
+    """
+
+    is_native = True
+
+    def __init__(self, memory_mib: int, nr_vcpus: int) -> None:
+        frames = memory_mib * (1 << 20) // PAGE_SIZE
+        self.memory = BytearrayMemory(frames)
+        self.hw = HardwareModel(self.memory, nr_vcpus)
+        self.nr_vcpus = nr_vcpus
+        self._free = list(range(frames - 1, 0, -1))  # frame 0 is never handed out
+        self.page_faults = Counter[int]()
+        self.l4_mfn = self.alloc_frame()
+        for vcpu in range(nr_vcpus):
+            self.hw.set_cr3(vcpu, self.l4_mfn)
+
+    def alloc_frame(self) -> int:
+        if not self._free:
+            raise MemoryError("out of memory")
+        return self._free.pop()
+
+    def read_u64(self, maddr: int) -> int:
+        return self.memory.read_u64(maddr)
+
+    def write_u64(self, maddr: int, value: int) -> None:
+        self.memory.write_u64(maddr, value)
+
+    def read_bytes(self, maddr: int, length: int) -> bytes:
+        return self.memory.read_bytes(maddr, length)
+
+    def write_bytes(self, maddr: int, data: bytes) -> None:
+        self.memory.write_bytes(maddr, data)
+
+    def frame_of(self, maddr: int) -> int:
+        return maddr >> PAGE_SHIFT
+
+    async def mmu_update(
+        self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, int]:
+        raise RuntimeError("native mode makes no hypercalls")
+
+    async def mmuext_op(
+        self, ops: Sequence[tuple[int, int, int]], *, vcpu: int = 0
+    ) -> tuple[int, int]:
+        raise RuntimeError("native mode makes no hypercalls")
+
+    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]:
+        raise RuntimeError("native mode makes no hypercalls")
+
+    async def ptwr(self, maddr: int, val: int, *, exchange: bool, vcpu: int = 0) -> tuple[int, int]:
+        raise RuntimeError("native mode has no trapped writes")
+
+    async def run_user(
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+    ) -> dict[str, Any]:
+        outcome = self.hw.run(vcpu, accesses)
+        fault = None
+        if outcome.fault is not None:
+            self.page_faults[vcpu] += 1
+            fault = {"va": outcome.fault.va, "error_code": outcome.fault.error_code}
+        return {"executed": outcome.executed, "reads": list(outcome.reads), "fault": fault}
+
+    async def stats(self) -> dict[str, Any]:
+        faults = sum(self.page_faults.values())
+        zero = {"traps": 0, "hypercalls": 0, "ptwr": 0, "page_faults": 0}
+        return {
+            "guest": {"total": dict(zero)},
+            "hypervisor": {"total": dict(zero)},
+            "native": {"page_faults": faults},
+        }
+
+    async def audit(self) -> list[str]:
+        return []
+
+
+__all__ = ["DomainMachine", "Machine", "NativeMachine"]

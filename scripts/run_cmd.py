@@ -1,0 +1,133 @@
+"""``pvemu run``: the main comparison. Starts a hypervisor process, then one
+guest process per mode (real processes over the real socket; ``native`` in
+its own process with no hypervisor), and prints what each mode cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from guest.pvops import MODES, UNSAFE_MODES
+
+DEFAULT_MODES = ("native", "trap", "ptwr", "xen", "batched")
+
+EPILOG = f"""\
+Each mode runs the canonical workload (populate, mprotect RO, mprotect RW) in
+its own guest process. The table shows, per phase, the traps the hypervisor
+counted, traps per PTE, the hypercalls, multicall entries, mmu_update
+records, emulated page-table writes (ptwr), page faults and TLB-flush ops,
+and the wall time. 'valid' says guest- and hypervisor-side counts agreed and
+audit() was clean; the exit status is 1 if any run was not valid.
+
+modes: {", ".join(MODES)} (naive is UNSAFE: it loses A/D bits by design)
+
+examples:
+  pvemu run
+  pvemu run --pages 512 --modes xen,batched --json | jq .results[].phases
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--pages", type=_positive, default=4096, help="region size (default 4096)")
+    parser.add_argument(
+        "--modes",
+        type=_modes,
+        default=DEFAULT_MODES,
+        help=f"comma-separated modes (default {','.join(DEFAULT_MODES)})",
+    )
+    parser.add_argument("--vcpus", type=_positive, default=2, help="vCPUs per guest (default 2)")
+    parser.add_argument("--socket", metavar="PATH", help="hypervisor socket (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    return modes
+
+
+def _start_hypervisor(socket_path: str, memory_mib: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
+    cmd += ["--memory-mib", str(memory_mib), "--log-level", "warning", "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("pvemu-hypervisor ready"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the hypervisor did not start (exit {proc.returncode})")
+    return proc
+
+
+def _run_guest(mode: str, socket_path: str, pages: int, vcpus: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "scripts", "guest", "--mode", mode, "--pages", str(pages)]
+    cmd += ["--vcpus", str(vcpus), "--json"]
+    if mode != "native":
+        cmd += ["--socket", socket_path]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 3) or not done.stdout.strip():
+        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return {
+            "mode": mode,
+            "unsafe": mode in UNSAFE_MODES,
+            "error": error,
+            "counts_agree": False,
+            "audit_clean": False,
+            "phases": {},
+        }
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from scripts.guest_cmd import memory_for
+
+    pages: int = args.pages
+    results: list[dict[str, Any]] = []
+    needs_hypervisor = any(m != "native" for m in args.modes)
+    with tempfile.TemporaryDirectory(prefix="pvemu-run-", dir="/tmp") as tmp:
+        socket_path = args.socket or os.path.join(tmp, "hv.sock")
+        memory = memory_for(pages) * 2 + 64
+        hv = _start_hypervisor(socket_path, memory) if needs_hypervisor else None
+        try:
+            with Progress(console=Console(stderr=True), transient=True) as progress:
+                task = progress.add_task("running", total=len(args.modes))
+                for mode in args.modes:
+                    progress.update(task, description=f"mode {mode}")
+                    results.append(_run_guest(mode, socket_path, pages, args.vcpus))
+                    progress.advance(task)
+        finally:
+            if hv is not None:
+                hv.terminate()
+                hv.wait(timeout=30)
+                if hv.stdout is not None:
+                    hv.stdout.close()
+    valid = all(r["counts_agree"] and r["audit_clean"] for r in results)
+    if args.json:
+        print(json.dumps({"schema": 1, "pages": pages, "results": results}))
+    else:
+        from scripts.report import print_table
+
+        print_table(pages, results)
+        if not valid:
+            print("some runs were NOT valid (see the 'valid' column)", file=sys.stderr)
+    return 0 if valid else 1
