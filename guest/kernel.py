@@ -11,6 +11,7 @@ batching, whole-page batching, and the unsafe naive commit.
 
 from __future__ import annotations
 
+import errno
 import mmap as mman
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -39,7 +40,7 @@ from shared.x86 import (
     va_indexes,
 )
 
-from .machine import DomainMachine, Machine, NativeMachine
+from .machine import DomainApi, DomainMachine, Machine, NativeMachine
 from .pvops import MODES, PvOps, make_backend
 from .vma import AddressSpace, FileBacking, MprotectError, ProtChange, Vma
 
@@ -165,17 +166,24 @@ class Kernel:
         addr: int | None = None,
         path: str | None = None,
         offset: int = 0,
+        writable: bool | None = None,
     ) -> int:
-        """Linux mmap; ``flags`` and ``prot`` from Python's ``mmap`` module."""
+        """Linux mmap; ``flags`` and ``prot`` from Python's ``mmap`` module.
+
+        ``path`` maps a file; ``writable`` is how it was opened (O_RDWR or
+        O_RDONLY; default: O_RDWR when this process may write it), which
+        decides whether a shared mapping may ever be made writable (EACCES).
+        """
         backing = None
         if path is not None:
-            writable = os.access(path, os.W_OK)
-            if not os.path.exists(path):
-                raise OSError(2, f"No such file or directory: {path}")
+            if not os.path.isfile(path):
+                raise OSError(errno.ENOENT, f"{os.strerror(errno.ENOENT)}: {path}")
+            if writable is None:
+                writable = os.access(path, os.W_OK)
             backing = self._files.setdefault((path, writable), FileBacking(path, writable))
         result = self.mm.do_mmap(length, prot, flags, addr=addr, file=backing, offset=offset)
         if result.unmapped:
-            raise OSError(22, "MAP_FIXED over existing mappings is not supported")
+            raise OSError(errno.EINVAL, "MAP_FIXED over existing mappings is not supported")
         return result.addr
 
     async def mprotect(self, addr: int, length: int, prot: int) -> None:
@@ -511,6 +519,14 @@ class Kernel:
         return await self.machine.audit()
 
 
+def kernel_for(domain: DomainApi, mode: str, **mode_params: int) -> Kernel:
+    """A kernel over an already booted domain (the socket client's, or any
+    object with the same interface, such as an in-process one for tests)."""
+    machine = DomainMachine(domain)
+    nr_vcpus = domain.nr_vcpus
+    return Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(nr_vcpus)])
+
+
 @asynccontextmanager
 async def boot(
     socket_path: str | None = None,
@@ -524,7 +540,7 @@ async def boot(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if mode == "native":
-        machine: Machine = NativeMachine(memory_mib, vcpus)
+        machine = NativeMachine(memory_mib, vcpus)
         yield Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(vcpus)])
         return
     if socket_path is None:
@@ -532,5 +548,4 @@ async def boot(
     from .client import connect
 
     async with connect(socket_path, memory_mib=memory_mib, vcpus=vcpus, name=mode) as domain:
-        machine = DomainMachine(domain)
-        yield Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(vcpus)])
+        yield kernel_for(domain, mode, **mode_params)

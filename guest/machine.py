@@ -15,8 +15,6 @@ from typing import Any, Protocol
 from shared.mmu import BytearrayMemory, HardwareModel
 from shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
-from .client import Domain
-
 
 class Machine(Protocol):
     """The calls the guest kernel makes on the machine under it."""
@@ -54,12 +52,50 @@ class Machine(Protocol):
     async def audit(self) -> list[str]: ...
 
 
+class DomainApi(Protocol):
+    """The raw hypercall interface of a booted domain (``guest.client.Domain``
+    over the socket; an in-process stand-in in tests)."""
+
+    l4_mfn: int
+
+    @property
+    def nr_vcpus(self) -> int: ...
+
+    def alloc_frame(self) -> int: ...
+
+    def read_u64(self, maddr: int) -> int: ...
+
+    def read_bytes(self, maddr: int, length: int) -> bytes: ...
+
+    async def mmu_update(
+        self, reqs: Sequence[tuple[int, int]], foreigndom: int = ..., *, vcpu: int = 0
+    ) -> tuple[int, int]: ...
+
+    async def mmuext_op(
+        self, ops: Sequence[tuple[int, int, int]], foreigndom: int = ..., *, vcpu: int = 0
+    ) -> tuple[int, int]: ...
+
+    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]: ...
+
+    async def ptwr_exchange(
+        self, maddr: int, val: int, *, exchange: bool = True, vcpu: int = 0
+    ) -> tuple[int, int]: ...
+
+    async def run_user(
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+    ) -> dict[str, Any]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def audit(self) -> list[str]: ...
+
+
 class DomainMachine:
-    """A PV domain served by ``pvemu hypervisor`` (every call a real trap)."""
+    """A PV domain served by a hypervisor (every call a real trap)."""
 
     is_native = False
 
-    def __init__(self, domain: Domain) -> None:
+    def __init__(self, domain: DomainApi) -> None:
         self.domain = domain
         self.nr_vcpus = domain.nr_vcpus
         self.l4_mfn = domain.l4_mfn
