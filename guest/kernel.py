@@ -305,8 +305,7 @@ class Kernel:
             page = await self._file_page(vma, va, backend)
             mfn = page.mfn
             if write and vma.writable:  # do_shared_fault + page_mkwrite
-                page.dirty = True
-                prot |= _PAGE_RW | _PAGE_DIRTY
+                prot |= _PAGE_RW  # clean: the retried store sets D (see _write_fault)
         else:
             mfn = await self._new_frame(backend)
             if vma.file is not None:
@@ -316,9 +315,18 @@ class Kernel:
         await backend.set_pte(ptep, make_pte(mfn, prot & ~PTE_MFN_MASK))
 
     async def _write_fault(self, vma: Vma, va: int, ptep: int, pte: int, backend: PvOps) -> None:
-        """Write to a present read-only page of a writable VMA."""
+        """Write to a present read-only page of a writable VMA.
+
+        A shared file page is write-notified: it becomes writable but stays
+        clean, and the store the user retries sets D in hardware. Between two
+        writebacks that D bit is the page's only dirty record (dirtiness is
+        transferred to the page at writeback and unmap, ``pte_dirty`` ->
+        ``set_page_dirty``): exactly the state the seed patch must not lose.
+        An exclusive anonymous page is simply made writable and dirty.
+        """
         if vma.file is not None and vma.is_shared:
-            self._cache.pages[(vma.file.path, vma.pgoff_at(va))].dirty = True
+            await backend.set_pte(ptep, pte | _PAGE_RW | _PAGE_ACCESSED)
+            return
         await backend.set_pte(ptep, pte | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
 
     # --- change_protection -------------------------------------------------------------
@@ -406,29 +414,35 @@ class Kernel:
             va = stop
 
     async def _writeback_range(self, vma: Vma) -> None:
-        """clear_page_dirty_for_io + writepage for each page of the range."""
+        """Write back every dirty page of the range (clear_page_dirty_for_io +
+        writepage): a page is dirty if its PTE has D or the page was marked.
+
+        page_mkclean takes the PTE with a trapped get_and_clear (the D bit
+        comes back atomically), flushes the TLB, and reinstalls it clean and
+        read-only, so the next store faults and is noticed; then the page is
+        written. A store that lands after the clear waits on the lock.
+        """
         assert vma.file is not None
+        read = self.machine.read_u64
         for page_va in range(vma.start, vma.end, PAGE_SIZE):
             page = self._cache.pages.get((vma.file.path, vma.pgoff_at(page_va)))
             if page is None:
                 continue
             l1 = self._lookup_l1(page_va)
-            if l1 is None:
+            ptep = maddr_of_entry(l1, va_indexes(page_va).l1) if l1 is not None else None
+            if ptep is None or not (read(ptep) & _PAGE_DIRTY or page.dirty):
                 continue
-            ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
+            assert l1 is not None
             async with self._lock(l1):
-                pte = self.machine.read_u64(ptep)
-                if pte & _PAGE_PRESENT and (pte & _PAGE_DIRTY or page.dirty):
-                    # page_mkclean: clear, flush, write-protect clean; a write
-                    # after this faults and dirties the page again.
+                if pte_present(read(ptep)):
                     old = await self.backend.ptep_get_and_clear(ptep)
-                    await self.backend.flush_tlb([page_va])
-                    clean = old & ~(_PAGE_RW | _PAGE_DIRTY)
-                    await self.backend.set_pte(ptep, clean)
-                    page.dirty = True
+                    if old & _PAGE_DIRTY:
+                        page.dirty = True
+                    if old & _PAGE_PRESENT:
+                        await self.backend.flush_tlb([page_va])
+                    await self.backend.set_pte(ptep, old & ~(_PAGE_RW | _PAGE_DIRTY))
                 if page.dirty:
                     self._write_page_to_file(vma, page_va, page)
-                    page.dirty = False
                 self.backend.note_unlock(l1)
 
     def _write_page_to_file(self, vma: Vma, va: int, page: FilePage) -> None:

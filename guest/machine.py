@@ -12,7 +12,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import trio
+
 from shared.mmu import BytearrayMemory, HardwareModel
+from shared.oracle import RaceOracle
 from shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -149,7 +152,13 @@ class NativeMachine:
     def __init__(self, memory_mib: int, nr_vcpus: int) -> None:
         frames = memory_mib * (1 << 20) // PAGE_SIZE
         self.memory = BytearrayMemory(frames)
-        self.hw = HardwareModel(self.memory, nr_vcpus)
+        self.oracle = RaceOracle()
+        oracle = self.oracle
+        self.hw = HardwareModel(
+            self.memory,
+            nr_vcpus,
+            on_dirty=lambda _vcpu, _va, pte_maddr: oracle.hardware_set_dirty(pte_maddr),
+        )
         self.nr_vcpus = nr_vcpus
         self._free = list(range(frames - 1, 0, -1))  # frame 0 is never handed out
         self.page_faults = Counter[int]()
@@ -166,7 +175,16 @@ class NativeMachine:
         return self.memory.read_u64(maddr)
 
     def write_u64(self, maddr: int, value: int) -> None:
+        """Store a page-table entry (the kernel's only use of word stores)."""
         self.memory.write_u64(maddr, value)
+        self.oracle.pte_written(maddr, value)
+
+    def xchg_u64(self, maddr: int, value: int) -> int:
+        """Atomic exchange: the old value, D included, comes back."""
+        old = self.memory.read_u64(maddr)
+        self.oracle.guest_saw(maddr)
+        self.write_u64(maddr, value)
+        return old
 
     def read_bytes(self, maddr: int, length: int) -> bytes:
         return self.memory.read_bytes(maddr, length)
@@ -196,7 +214,12 @@ class NativeMachine:
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
     ) -> dict[str, Any]:
+        # Another CPU's user thread runs concurrently: let other tasks go first.
+        await trio.lowlevel.checkpoint()
+        stale_before = len(self.hw.stale_writes)
         outcome = self.hw.run(vcpu, accesses)
+        for stale in self.hw.stale_writes[stale_before:]:
+            self.oracle.stale_write(stale.va, stale.pte_maddr)
         fault = None
         if outcome.fault is not None:
             self.page_faults[vcpu] += 1
@@ -208,7 +231,7 @@ class NativeMachine:
         zero = {"traps": 0, "hypercalls": 0, "ptwr": 0, "page_faults": 0}
         return {
             "guest": {"total": dict(zero)},
-            "hypervisor": {"total": dict(zero)},
+            "hypervisor": {"total": dict(zero), "hardware": self.oracle.as_dict()},
             "native": {"page_faults": faults},
         }
 

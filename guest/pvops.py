@@ -284,9 +284,7 @@ class NativeOps(PvOps):
         self.native.write_bytes(mfn * PAGE_SIZE, data)
 
     async def ptep_get_and_clear(self, ptep: int) -> int:
-        old = self.native.read_u64(ptep)
-        self.native.write_u64(ptep, 0)
-        return old
+        return self.native.xchg_u64(ptep, 0)
 
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         self.native.write_u64(ptep, new)
@@ -295,9 +293,11 @@ class NativeOps(PvOps):
         hw = self.native.hw
         if len(vas) > TLB_SINGLE_PAGE_FLUSH_CEILING:
             hw.flush_tlb_all()
+            self.native.oracle.flushed_all()
             return
         for va in vas:
             hw.invlpg_all(va)
+            self.native.oracle.flushed_page(va)
 
 
 _BACKENDS: Final[dict[str, type[PvOps]]] = {

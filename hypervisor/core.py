@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Final
 
 from shared import abi
 from shared.mmu import HardwareModel, RunOutcome
+from shared.oracle import RaceOracle
 from shared.x86 import _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, PAGE_SIZE, make_pte
 
 from .audit import audit_machine
@@ -79,7 +80,13 @@ class Hypervisor:
         # Xen's own frame backs the reserved L4 slots; no guest may map it.
         _, (xen_mfn,) = memory.allocate(abi.DOMID_XEN, 1, "xen")
         xen_entry = make_pte(xen_mfn, _PAGE_PRESENT | _PAGE_RW | _PAGE_ACCESSED)
-        types = PageTypes(frames, memory, [xen_entry] * len(XEN_SLOTS), self._flush_owner)
+        types = PageTypes(
+            frames,
+            memory,
+            [xen_entry] * len(XEN_SLOTS),
+            on_retype=self._flush_owner,
+            on_write=self._entry_written,
+        )
         self.state = MachineState(frames, memory, types)
         self.xen_mfn = xen_mfn
         self._next_domid = FIRST_DOMID
@@ -106,17 +113,23 @@ class Hypervisor:
         memory, p2m = self.state.memory.allocate(domid, nr_frames, name or f"dom{domid}")
         # Mapped read-write here already; from now on nobody may map it writable.
         memory.seal()
+        oracle = RaceOracle()
         domain = Domain(
             domid=domid,
             name=name or f"dom{domid}",
             p2m=p2m,
             memory=memory,
-            hw=HardwareModel(self.state.memory, vcpus),
+            hw=HardwareModel(
+                self.state.memory,
+                vcpus,
+                on_dirty=lambda _vcpu, _va, pte_maddr: oracle.hardware_set_dirty(pte_maddr),
+            ),
             counters=[VcpuCounters() for _ in range(vcpus)],
             cr3=[None] * vcpus,
             user_cr3=[None] * vcpus,
             ldt=[(0, 0)] * vcpus,
             secret=secrets.token_bytes(16),
+            oracle=oracle,
         )
         self.state.domains[domid] = domain
         return domain
@@ -151,6 +164,12 @@ class Hypervisor:
         domain = self.state.domains.get(owner)
         if domain is not None:
             domain.hw.flush_tlb_all()
+            domain.oracle.flushed_all()
+
+    def _entry_written(self, maddr: int, value: int) -> None:
+        domain = self.state.domains.get(self.state.frames.owner[maddr >> 12])
+        if domain is not None:
+            domain.oracle.pte_written(maddr, value)
 
     # --- hypercalls -----------------------------------------------------------------------
 
@@ -184,7 +203,10 @@ class Hypervisor:
         domain = self._vcpu_domain(domid, vcpu)
         counters = domain.counters[vcpu]
         counters.user_runs += 1
+        stale_before = len(domain.hw.stale_writes)
         outcome = domain.hw.run(vcpu, accesses)
+        for stale in domain.hw.stale_writes[stale_before:]:
+            domain.oracle.stale_write(stale.va, stale.pte_maddr)
         counters.user_accesses += outcome.executed
         if outcome.fault is not None:
             counters.page_faults += 1
@@ -208,7 +230,7 @@ class Hypervisor:
                 "dirty_set": hw.dirty_set,
                 "tlb_flushes": hw.tlb_flushes,
                 "invlpgs": hw.invlpgs,
-                "stale_tlb_writes": hw.stale_tlb_writes,
+                **domain.oracle.as_dict(),
             },
             "free_frames": self.state.memory.free_frames,
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shared.oracle import RaceOracle
+
 if TYPE_CHECKING:
     from shared.mmu import HardwareModel
 
@@ -33,6 +35,8 @@ class Domain:
     m2p_strict: bool = False
     dead: bool = False
     secret: bytes = field(default=b"", repr=False)
+    #: Lost-D and stale-TLB bookkeeping for this domain's page tables.
+    oracle: RaceOracle = field(default_factory=RaceOracle, repr=False)
 
     @property
     def nr_vcpus(self) -> int:

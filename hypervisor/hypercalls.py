@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 from shared import abi
 from shared.x86 import (
+    _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,
     PAGE_SHIFT,
@@ -158,6 +159,7 @@ def mmu_update(
         done += 1
     if flush_all:
         m.domains[pt_owner].hw.flush_tlb_all()
+        m.domains[pt_owner].oracle.flushed_all()
     return HypercallResult(rc, done)
 
 
@@ -227,6 +229,10 @@ def _mmuext_one(m: MachineState, dom: Domain, vcpu: int, op: tuple[int, int, int
         return _set_base(m, dom, vcpu, arg1, user=True)
     if cmd in _FLUSH_OPS:
         counters.tlb_flush_ops += 1
+        if cmd in (abi.MMUEXT_INVLPG_LOCAL, abi.MMUEXT_INVLPG_MULTI, abi.MMUEXT_INVLPG_ALL):
+            dom.oracle.flushed_page(arg1)
+        else:
+            dom.oracle.flushed_all()
         if cmd == abi.MMUEXT_TLB_FLUSH_LOCAL:
             hw.flush_tlb(vcpu)
         elif cmd == abi.MMUEXT_INVLPG_LOCAL:
@@ -356,6 +362,10 @@ def update_va_mapping(
     else:
         vcpus = _vcpus_in_mask(dom, flags >> abi.UVMF_MULTI_MASK_SHIFT)
     dom.counters[vcpu].tlb_flush_ops += 1
+    if flush_type == abi.UVMF_TLB_FLUSH:
+        dom.oracle.flushed_all()
+    else:
+        dom.oracle.flushed_page(va)
     for target_vcpu in vcpus:
         if flush_type == abi.UVMF_TLB_FLUSH:
             dom.hw.flush_tlb(target_vcpu)
@@ -435,8 +445,12 @@ def ptwr_write(
     ):
         return -abi.EFAULT, 0
     old = m.memory.read_u64(maddr)
+    if exchange:
+        dom.oracle.guest_saw(maddr)  # xchg hands the old value, D included, back
     rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
-    return rc, old if exchange else 0
+    if rc and exchange and old & _PAGE_DIRTY:
+        dom.oracle.hardware_set_dirty(maddr)  # nothing was exchanged after all
+    return rc, old if exchange and rc == 0 else 0
 
 
 # --- dispatch ---------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ LAST_XEN_SLOT: Final = abi.ROOT_PAGETABLE_LAST_XEN_SLOT
 XEN_SLOTS: Final = range(FIRST_XEN_SLOT, LAST_XEN_SLOT + 1)
 
 TypeChangeHook = Callable[[int], None]
+#: Called with (machine address, value now in memory) after every entry write.
+EntryWriteHook = Callable[[int, int], None]
 
 
 def adjust_guest_l1e(pte: int) -> int:
@@ -91,6 +93,7 @@ class PageTypes:
         memory: MachineMemory,
         xen_l4_entries: list[int],
         on_retype: TypeChangeHook | None = None,
+        on_write: EntryWriteHook | None = None,
     ) -> None:
         if len(xen_l4_entries) != len(XEN_SLOTS):
             raise ValueError("one Xen entry per reserved L4 slot")
@@ -98,6 +101,7 @@ class PageTypes:
         self.mem = memory
         self.xen_l4_entries = xen_l4_entries
         self.on_retype = on_retype
+        self.on_write = on_write
 
     # --- general references ---------------------------------------------------
 
@@ -324,6 +328,8 @@ class PageTypes:
         if preserve_ad:
             new |= old & PAGE_AD
         self.mem.write_u64(maddr, new)
+        if self.on_write is not None:
+            self.on_write(maddr, new)
 
     # --- pinning ------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from scripts import guest_cmd, hypervisor_cmd, run_cmd
+from scripts import guest_cmd, hypervisor_cmd, race_cmd, run_cmd
 from shared import abi
 
 if TYPE_CHECKING:
@@ -124,8 +124,15 @@ RUN = Subcommand(
     run=run_cmd.run,
 )
 
+RACE = Subcommand(
+    name="race",
+    help="the A/D race of the seed patch: what each mode loses under concurrent writes",
+    configure=race_cmd.configure,
+    run=race_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, HYPERVISOR, GUEST, INFO)
+SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, RACE, HYPERVISOR, GUEST, INFO)
 
 
 # --- entry point ------------------------------------------------------------------

@@ -25,12 +25,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--socket", metavar="PATH", help="the hypervisor's socket (not for native)")
-    parser.add_argument("--workload", choices=("mprotect",), default="mprotect")
+    parser.add_argument(
+        "--workload",
+        type=_workload,
+        default="mprotect",
+        help="mprotect (the canonical workload), race (pvemu race's scenario) or "
+        "trace:FILE (replay a recorded program)",
+    )
     parser.add_argument("--mode", choices=MODES, default="xen", help="pv-ops mode (default xen)")
     parser.add_argument("--pages", type=_positive, default=4096, help="region size (default 4096)")
     parser.add_argument("--vcpus", type=_positive, default=2, help="vCPUs (default 2)")
     parser.add_argument("--memory-mib", type=_positive, default=None, help="guest memory")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    race = parser.add_argument_group("race workload (see pvemu race)")
+    race.add_argument("--writers", type=_positive, default=2, help="user threads (default 2)")
+    race.add_argument("--iterations", type=_positive, default=40, help="RW/RO toggles")
+    race.add_argument("--seed", type=int, default=1, help="writers' random seed")
+    buffer = parser.add_argument_group("multicall buffer (mode xen only)")
+    buffer.add_argument("--mc-entries", type=_positive, default=None, help="entries (Linux: 32)")
+    buffer.add_argument("--mc-bytes", type=_positive, default=None, help="argument bytes (512)")
+    buffer.add_argument(
+        "--mc-records", type=_positive, default=None, help="cap on records per flush (none)"
+    )
 
 
 def _positive(text: str) -> int:
@@ -38,6 +54,22 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _workload(text: str) -> str:
+    if text in ("mprotect", "race") or (text.startswith("trace:") and len(text) > len("trace:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected mprotect or trace:FILE, got {text!r}")
+
+
+def buffer_params(args: argparse.Namespace) -> dict[str, int]:
+    """The xen multicall-buffer limits given on the command line."""
+    params = {
+        "max_entries": args.mc_entries,
+        "max_arg_bytes": args.mc_bytes,
+        "records_per_flush": args.mc_records,
+    }
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def memory_for(pages: int) -> int:
@@ -55,15 +87,39 @@ def run(args: argparse.Namespace) -> int:
     if args.mode != "native" and not args.socket:
         print("pvemu guest: --socket is required for every mode but native", file=sys.stderr)
         return 2
+    params = buffer_params(args)
+    if params and args.mode != "xen":
+        print("pvemu guest: --mc-* options apply to mode xen only", file=sys.stderr)
+        return 2
+
+    race = args.workload == "race"
+    vcpus = max(args.vcpus, args.writers + 1) if race else args.vcpus
 
     async def main() -> dict[str, object]:
         async with boot(
             args.socket,
             mode=args.mode,
             memory_mib=args.memory_mib or memory_for(args.pages),
-            vcpus=args.vcpus,
+            vcpus=vcpus,
+            **params,
         ) as kernel:
-            result = await run_mprotect_workload(kernel, args.pages)
+            if race:
+                from guest.race import run_race
+
+                outcome = await run_race(
+                    kernel,
+                    pages=args.pages,
+                    writers=args.writers,
+                    iterations=args.iterations,
+                    seed=args.seed,
+                )
+                return outcome.as_dict()
+            if args.workload.startswith("trace:"):
+                from guest.trace import run_trace_workload
+
+                result = await run_trace_workload(kernel, args.workload[len("trace:") :])
+            else:
+                result = await run_mprotect_workload(kernel, args.pages)
         return result.as_dict()
 
     try:
@@ -73,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(result))
+    elif race:
+        print(json.dumps(result, indent=2))
+        return 0
     else:
         from scripts.report import print_table
 

@@ -62,9 +62,12 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _start_hypervisor(socket_path: str, memory_mib: int) -> subprocess.Popen[str]:
+def _start_hypervisor(
+    socket_path: str, memory_mib: int, *, quantum: int = 256
+) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
-    cmd += ["--memory-mib", str(memory_mib), "--log-level", "warning", "--log-format", "json"]
+    cmd += ["--memory-mib", str(memory_mib), "--quantum", str(quantum)]
+    cmd += ["--log-level", "warning", "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

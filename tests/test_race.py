@@ -1,0 +1,140 @@
+"""The A/D race (issue 5): the oracles, dirty accounting through writeback, and
+the real two-process race where naive loses data and no other mode does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from guest.pvops import MODES
+from shared import abi
+from shared.oracle import RaceOracle
+from shared.x86 import _PAGE_DIRTY, _PAGE_RW, make_pte, maddr_of_entry
+from tests.support import USER_RW, boot
+
+# --- the oracle itself ------------------------------------------------------------------
+
+
+def test_oracle_counts_a_dirty_bit_lost_by_an_overwrite() -> None:
+    oracle = RaceOracle()
+    oracle.hardware_set_dirty(0x1000)
+    oracle.pte_written(0x1000, 0x5)  # a value without D
+    assert oracle.lost_dirty == 1
+    oracle.pte_written(0x1000, 0x5)  # nothing pending any more
+    assert oracle.lost_dirty == 1
+
+
+def test_oracle_accepts_preserved_or_exchanged_dirty_bits() -> None:
+    oracle = RaceOracle()
+    oracle.hardware_set_dirty(0x1000)
+    oracle.pte_written(0x1000, 0x5 | _PAGE_DIRTY)  # PRESERVE_AD kept it
+    oracle.hardware_set_dirty(0x2000)
+    oracle.guest_saw(0x2000)  # a trapped xchg handed it back
+    oracle.pte_written(0x2000, 0)
+    assert oracle.lost_dirty == 0
+
+
+def test_oracle_splits_stale_writes_by_flush() -> None:
+    oracle = RaceOracle()
+    oracle.pte_written(0x1008, 0x5)
+    oracle.stale_write(0x1000, 0x1008)  # before any flush: in flight, legal
+    oracle.flushed_page(0x1000)
+    oracle.stale_write(0x1234, 0x1008)  # the guest flushed the page: a missed vCPU
+    oracle.pte_written(0x1008, 0x7)
+    oracle.flushed_all()
+    oracle.stale_write(0x5000, 0x1008)
+    assert (oracle.stale_in_flight, oracle.stale_after_flush) == (1, 2)
+
+
+# --- the hypervisor keeps them ----------------------------------------------------------
+
+
+def hardware(guest_stats: dict[str, object]) -> dict[str, int]:
+    return guest_stats["hardware"]  # type: ignore[return-value]
+
+
+def test_normal_commit_after_a_stale_read_loses_a_dirty_bit() -> None:
+    for cmd, lost in ((abi.MMU_NORMAL_PT_UPDATE, 1), (abi.MMU_PT_UPDATE_PRESERVE_AD, 0)):
+        guest = boot()
+        start = guest.pte_for(2 * 4096)  # ptep_modify_prot_start: a plain read, D clear
+        assert guest.hv.run_user(guest.domid, 1, [(2 * 4096, "w", b"x")]).fault is None
+        assert guest.mmu((guest.l1e(2) | cmd, start & ~_PAGE_RW)).rc == 0
+        stats = hardware(guest.hv.stats(guest.domid))
+        assert stats["lost_dirty"] == lost
+        assert bool(guest.pte_for(2 * 4096) & _PAGE_DIRTY) == (lost == 0)
+
+
+def test_trapped_xchg_never_loses_a_dirty_bit() -> None:
+    guest = boot()
+    guest.hv.run_user(guest.domid, 1, [(3 * 4096, "w", b"x")])
+    rc, old = guest.hv.ptwr_write(guest.domid, 0, guest.l1e(3), 0, exchange=True)
+    assert rc == 0 and old & _PAGE_DIRTY
+    assert guest.mmu((guest.l1e(3), old & ~_PAGE_RW)).rc == 0
+    assert hardware(guest.hv.stats(guest.domid))["lost_dirty"] == 0
+
+
+def test_missed_shootdown_is_a_stale_tlb_write() -> None:
+    for flush, stale in ((abi.MMUEXT_INVLPG_LOCAL, 1), (abi.MMUEXT_INVLPG_ALL, 0)):
+        guest = boot()
+        va = 4 * 4096
+        # vCPU 1 caches a writable, dirty translation
+        assert guest.hv.run_user(guest.domid, 1, [(va, "w", b"a")]).fault is None
+        pte = guest.pte_for(va)
+        assert guest.mmu((guest.l1e(4) | abi.MMU_PT_UPDATE_PRESERVE_AD, pte & ~_PAGE_RW)).rc == 0
+        # a store before any flush is in flight: legal
+        assert guest.hv.run_user(guest.domid, 1, [(va, "w", b"b")]).fault is None
+        assert guest.ext((flush, va, 0)).rc == 0  # vCPU 0 flushes
+        outcome = guest.hv.run_user(guest.domid, 1, [(va, "w", b"c")])
+        stats = hardware(guest.hv.stats(guest.domid))
+        assert stats["stale_tlb_writes_in_flight"] == 1
+        assert stats["stale_tlb_writes"] == stale
+        assert (outcome.fault is None) == bool(stale)
+
+
+def test_write_notify_leaves_dirtiness_to_the_hardware() -> None:
+    guest = boot(mapped=0)
+    frame = guest.take()
+    va = 5 * 4096
+    assert guest.mmu((guest.l1e(5), make_pte(frame, USER_RW))).rc == 0
+    assert not guest.pte_for(va) & _PAGE_DIRTY
+    guest.hv.run_user(guest.domid, 1, [(va, "w", b"x")])
+    assert guest.pte_for(va) & _PAGE_DIRTY
+    assert guest.read(maddr_of_entry(frame, 0)) & 0xFF == ord("x")
+
+
+# --- the real race, two processes -------------------------------------------------------
+
+
+def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts", "race", "--json", "--iterations", "60"]
+        + ["--modes", ",".join(MODES), "--pages", "48"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["schema"] == 1
+    by_mode = {r["mode"]: r for r in doc["results"]}
+    assert set(by_mode) == set(MODES)
+    for mode, r in by_mode.items():
+        for key in (
+            "iterations",
+            "writes",
+            "lost_dirty",
+            "lost_writes",
+            "stale_tlb_writes",
+            "traps",
+        ):
+            assert key in r
+        assert r["iterations"] == 60
+        assert r["writes"] > 0
+        assert r["audit_clean"] and r["counts_agree"], mode
+        if mode == "naive":
+            assert r["lost_dirty"] > 0, "naive should lose Dirty bits under concurrent writes"
+            assert r["lost_writes"] > 0
+        else:
+            assert (r["lost_dirty"], r["lost_writes"], r["stale_tlb_writes"]) == (0, 0, 0), mode
