@@ -10,7 +10,7 @@ import sys
 from guest.pvops import MODES
 from shared import abi
 from shared.oracle import RaceOracle
-from shared.x86 import _PAGE_DIRTY, _PAGE_RW, make_pte, maddr_of_entry
+from shared.x86 import _PAGE_DIRTY, _PAGE_RW, maddr_of_entry, make_pte
 from tests.support import USER_RW, boot
 
 # --- the oracle itself ------------------------------------------------------------------
@@ -69,7 +69,8 @@ def test_trapped_xchg_never_loses_a_dirty_bit() -> None:
     guest = boot()
     guest.hv.run_user(guest.domid, 1, [(3 * 4096, "w", b"x")])
     rc, old = guest.hv.ptwr_write(guest.domid, 0, guest.l1e(3), 0, exchange=True)
-    assert rc == 0 and old & _PAGE_DIRTY
+    assert rc == 0
+    assert old & _PAGE_DIRTY
     assert guest.mmu((guest.l1e(3), old & ~_PAGE_RW)).rc == 0
     assert hardware(guest.hv.stats(guest.domid))["lost_dirty"] == 0
 
@@ -108,8 +109,19 @@ def test_write_notify_leaves_dirtiness_to_the_hardware() -> None:
 
 def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "scripts", "race", "--json", "--iterations", "60"]
-        + ["--modes", ",".join(MODES), "--pages", "48"],
+        [
+            sys.executable,
+            "-m",
+            "scripts",
+            "race",
+            "--json",
+            "--iterations",
+            "60",
+            "--modes",
+            ",".join(MODES),
+            "--pages",
+            "48",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -132,7 +144,8 @@ def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
             assert key in r
         assert r["iterations"] == 60
         assert r["writes"] > 0
-        assert r["audit_clean"] and r["counts_agree"], mode
+        assert r["audit_clean"], mode
+        assert r["counts_agree"], mode
         if mode == "naive":
             assert r["lost_dirty"] > 0, "naive should lose Dirty bits under concurrent writes"
             assert r["lost_writes"] > 0
