@@ -120,21 +120,20 @@ def run(args: argparse.Namespace) -> int:
             title=f"A/D race: {args.pages} shared pages, {args.writers} writers, "
             f"{args.iterations} RW/RO toggles, seed {args.seed}"
         )
+        headers = {"stale_tlb_writes": "stale tlb"}
         for column in ("mode", *REPORTED, "faults", "verdict"):
-            table.add_column(
-                column.replace("_", " "), justify="left" if column == "mode" else "right"
-            )
+            justify = "left" if column in ("mode", "verdict") else "right"
+            table.add_column(headers.get(column, column.replace("_", " ")), justify=justify)
         for r in results:
             name = r["mode"] + (" (UNSAFE)" if r.get("unsafe") else "")
             if "error" in r:
                 table.add_row(name, *["-"] * (len(REPORTED) + 1), f"FAILED: {r['error']}")
                 continue
             lost = _lost(r)
-            verdict = (
-                ("lost data (expected)" if r["mode"] in UNSAFE_MODES else "LOST DATA")
-                if lost
-                else "nothing lost"
-            )
+            if not lost:
+                verdict = "nothing lost"
+            else:
+                verdict = "expected loss" if r["mode"] in UNSAFE_MODES else "LOST DATA"
             table.add_row(name, *(str(r[k]) for k in REPORTED), str(r["page_faults"]), verdict)
         console = Console()
         if not console.is_terminal:
