@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 PACKAGES := shared hypervisor guest scripts
 
-.PHONY: all venv test check run bench-rtt clean
+.PHONY: all venv test check run bench bench-ci bench-rtt clean
 
 all: check test
 
@@ -28,6 +28,21 @@ check: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/pvemu run
+
+# The benchmark harness (docs/benchmarks.md). BENCH can point at another entry
+# point, e.g. BENCH="$(BIN)/python -m scripts.bench_cmd".
+BENCH ?= $(BIN)/pvemu bench
+CI_BASELINE := benchmarks/baseline.json
+
+# A default sweep with a progress bar, stored in .pvemu/results.db, then plots.
+bench: $(STAMP)
+	$(BENCH) --mc-bytes 128,256,512,1024 --cost-model default
+	$(BENCH) plot --out .pvemu/plots
+
+# The CI gate: the baseline's sweep, not stored; exit 1 on any count increase.
+bench-ci: $(STAMP)
+	$(BENCH) --sweep-from $(CI_BASELINE) --repeat 1 --no-store --output .pvemu/bench-ci.json
+	$(BENCH) compare --baseline $(CI_BASELINE) --against .pvemu/bench-ci.json
 
 # Trap round trip vs a blocking msgpack echo floor (reported, never asserted).
 bench-rtt: $(STAMP)

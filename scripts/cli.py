@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from scripts import guest_cmd, hypervisor_cmd, race_cmd, run_cmd
+from scripts import bench_cmd, guest_cmd, hypervisor_cmd, race_cmd, run_cmd
 from shared import abi
 
 if TYPE_CHECKING:
@@ -131,8 +131,15 @@ RACE = Subcommand(
     run=race_cmd.run,
 )
 
+BENCH = Subcommand(
+    name="bench",
+    help=bench_cmd.HELP,
+    configure=bench_cmd.configure,
+    run=bench_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, RACE, HYPERVISOR, GUEST, INFO)
+SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, BENCH, RACE, HYPERVISOR, GUEST, INFO)
 
 
 # --- entry point ------------------------------------------------------------------

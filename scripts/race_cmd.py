@@ -122,8 +122,11 @@ def run(args: argparse.Namespace) -> int:
         )
         headers = {"stale_tlb_writes": "stale tlb"}
         for column in ("mode", *REPORTED, "faults", "verdict"):
-            justify = "left" if column in ("mode", "verdict") else "right"
-            table.add_column(headers.get(column, column.replace("_", " ")), justify=justify)
+            name = headers.get(column, column.replace("_", " "))
+            if column in ("mode", "verdict"):
+                table.add_column(name)
+            else:
+                table.add_column(name, justify="right")
         for r in results:
             name = r["mode"] + (" (UNSAFE)" if r.get("unsafe") else "")
             if "error" in r:
