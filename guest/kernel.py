@@ -203,11 +203,15 @@ class Kernel:
         if flush:
             await self.backend.flush_tlb(flush)
 
-    async def msync(self, addr: int, length: int) -> None:
-        """Write dirty pages of shared file mappings back to their files."""
+    async def msync(self, addr: int, length: int, *, vcpu: int = 0) -> None:
+        """Write dirty pages of shared file mappings back to their files.
+
+        ``vcpu`` is the CPU doing it: a background flusher runs on its own
+        vCPU (its own lazy-MMU state), concurrently with system calls on 0.
+        """
         result = self.mm.msync(addr, length)
         for vma in result.ranges:
-            await self._writeback_range(vma)
+            await self._writeback_range(vma, self.backends[vcpu])
         result.raise_if_error()
 
     def vmas(self) -> list[tuple[int, int, int, int]]:
@@ -413,7 +417,7 @@ class Kernel:
                     self.backend.note_unlock(l1)
             va = stop
 
-    async def _writeback_range(self, vma: Vma) -> None:
+    async def _writeback_range(self, vma: Vma, backend: PvOps) -> None:
         """Write back every dirty page of the range (clear_page_dirty_for_io +
         writepage): a page is dirty if its PTE has D or the page was marked.
 
@@ -435,15 +439,15 @@ class Kernel:
             assert l1 is not None
             async with self._lock(l1):
                 if pte_present(read(ptep)):
-                    old = await self.backend.ptep_get_and_clear(ptep)
+                    old = await backend.ptep_get_and_clear(ptep)
                     if old & _PAGE_DIRTY:
                         page.dirty = True
                     if old & _PAGE_PRESENT:
-                        await self.backend.flush_tlb([page_va])
-                    await self.backend.set_pte(ptep, old & ~(_PAGE_RW | _PAGE_DIRTY))
+                        await backend.flush_tlb([page_va])
+                    await backend.set_pte(ptep, old & ~(_PAGE_RW | _PAGE_DIRTY))
                 if page.dirty:
                     self._write_page_to_file(vma, page_va, page)
-                self.backend.note_unlock(l1)
+                backend.note_unlock(l1)
 
     def _write_page_to_file(self, vma: Vma, va: int, page: FilePage) -> None:
         assert vma.file is not None

@@ -16,6 +16,10 @@ Oracles (DESIGN §7):
   must hold on disk at least the last value whose store had completed before
   the writeback began (values only grow, one writer per page): msync's
   contract. ``lost_writes`` counts the pages ever found short.
+A background flusher on its own vCPU (W+1) also writes the region back every
+few milliseconds, concurrently with everything else, as Linux's writeback
+threads do.
+
 * ``stale_tlb_writes`` - stores through a stale TLB entry after the guest had
   flushed that page (a missed shootdown); stores in flight before the flush
   are legal and reported apart.
@@ -44,6 +48,8 @@ RACE_ADDR: Final = 0x8000_0000
 WRITES_PER_BATCH: Final = 16
 #: How long the kernel leaves the region writable each iteration.
 RW_WINDOW_S: Final = 0.004
+#: Period of the background flusher.
+FLUSHER_PERIOD_S: Final = 0.003
 
 
 @dataclass
@@ -57,6 +63,7 @@ class RaceResult:
     writes: int = 0
     segfaults: int = 0
     writebacks: int = 0
+    background_writebacks: int = 0
     lost_writes: int = 0
     lost_dirty: int = 0
     stale_tlb_writes: int = 0
@@ -82,6 +89,7 @@ class RaceResult:
             "writes": self.writes,
             "segfaults": self.segfaults,
             "writebacks": self.writebacks,
+            "background_writebacks": self.background_writebacks,
             "lost_dirty": self.lost_dirty,
             "lost_writes": self.lost_writes,
             "stale_tlb_writes": self.stale_tlb_writes,
@@ -137,6 +145,16 @@ async def _writer(
         await trio.lowlevel.checkpoint()  # a user thread gets preempted too
 
 
+async def _flusher(
+    kernel: Kernel, vcpu: int, pages: int, result: RaceResult, stop: trio.Event
+) -> None:
+    """Periodic writeback (the kernel's flusher thread) on its own vCPU."""
+    while not stop.is_set():
+        await kernel.msync(RACE_ADDR, pages * PAGE_SIZE, vcpu=vcpu)
+        result.background_writebacks += 1
+        await trio.sleep(FLUSHER_PERIOD_S)
+
+
 async def _writeback_and_check(
     kernel: Kernel, path: str, ledger: _Ledger, result: RaceResult
 ) -> None:
@@ -159,9 +177,10 @@ async def run_race(
     seed: int = 1,
     directory: str | None = None,
 ) -> RaceResult:
-    """Run the scenario on ``kernel`` (vCPU 0 is the kernel's, 1..W the writers')."""
-    if writers < 1 or writers >= kernel.machine.nr_vcpus:
-        raise ValueError(f"need 1..{kernel.machine.nr_vcpus - 1} writers for this guest")
+    """Run the scenario on ``kernel``: vCPU 0 runs the kernel's loop, 1..W the
+    writers, W+1 the background flusher (the guest needs W+2 vCPUs)."""
+    if writers < 1 or writers + 2 > kernel.machine.nr_vcpus:
+        raise ValueError(f"need 1..{kernel.machine.nr_vcpus - 2} writers for this guest")
     if pages < writers:
         raise ValueError("need at least one page per writer")
     result = RaceResult(kernel.mode, pages, writers, iterations, seed, unsafe=kernel.backend.unsafe)
@@ -179,6 +198,7 @@ async def run_race(
                 mine = [p for p in range(pages) if p % writers == w]
                 rng = random.Random(seed * 1000 + w)
                 nursery.start_soon(_writer, kernel, w + 1, mine, ledger, result, rng, stop)
+            nursery.start_soon(_flusher, kernel, writers + 1, pages, result, stop)
             for _ in range(iterations):
                 await kernel.mprotect(RACE_ADDR, pages * PAGE_SIZE, mman.PROT_READ)
                 await _writeback_and_check(kernel, path, ledger, result)

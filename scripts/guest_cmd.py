@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     race = args.workload == "race"
-    vcpus = max(args.vcpus, args.writers + 1) if race else args.vcpus
+    vcpus = max(args.vcpus, args.writers + 2) if race else args.vcpus
 
     async def main() -> dict[str, object]:
         async with boot(

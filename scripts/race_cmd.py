@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     from scripts.run_cmd import _start_hypervisor
 
-    if args.writers >= 16:
-        print("pvemu race: at most 15 writers", file=sys.stderr)
+    if args.writers > 14:
+        print("pvemu race: at most 14 writers", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pvemu-race-", dir="/tmp") as tmp:
