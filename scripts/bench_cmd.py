@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from guest.pvops import MODES
+from scripts.argtypes import mode_list, positive_int
 from scripts.results import (
     BUFFER_PARAMS,
     DEFAULT_DB,
@@ -483,16 +484,6 @@ def new_run(config: dict[str, Any], points: list[Point]) -> Run:
 # --- argument parsing ------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _optional_ints(values: Sequence[Any]) -> tuple[int | None, ...]:
     return tuple(None if v is None else int(v) for v in values)
 
@@ -502,22 +493,14 @@ def _limit_list(text: str) -> tuple[int | None, ...]:
     items = [v.strip() for v in text.split(",") if v.strip()]
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list of integers")
-    return tuple(None if v == "default" else _positive(v) for v in items)
+    return tuple(None if v == "default" else positive_int(v) for v in items)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    values = tuple(_positive(v.strip()) for v in text.split(",") if v.strip())
+    values = tuple(positive_int(v.strip()) for v in text.split(",") if v.strip())
     if not values:
         raise argparse.ArgumentTypeError("expected a comma-separated list of integers")
     return values
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
-    return modes
 
 
 def _inject(text: str) -> tuple[str, list[str]]:
@@ -537,7 +520,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument(
         "--modes",
-        type=_modes,
+        type=mode_list,
         default=default(None),
         help=f"comma-separated modes (default {','.join(DEFAULT_MODES)})",
     )
@@ -568,7 +551,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None
             help=f"mode xen only: comma-separated {what}; 'default' = the guest's",
         )
     sweep.add_argument(
-        "--vcpus", type=_positive, default=default(None), help="vCPUs per guest (default 2)"
+        "--vcpus", type=positive_int, default=default(None), help="vCPUs per guest (default 2)"
     )
     sweep.add_argument(
         "--sweep-from",
@@ -579,7 +562,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None
     measure = parser.add_argument_group("measurement")
     measure.add_argument(
         "--repeat",
-        type=_positive,
+        type=positive_int,
         default=default(DEFAULT_REPEAT),
         help=f"guest processes per point, for timings (default {DEFAULT_REPEAT})",
     )
@@ -676,7 +659,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     listing = actions.add_parser("list", help="list the stored runs")
     listing.add_argument("--db", default=None, metavar="PATH", help=f"database ({DEFAULT_DB})")
-    listing.add_argument("--limit", type=_positive, default=20, help="newest N (default 20)")
+    listing.add_argument("--limit", type=positive_int, default=20, help="newest N (default 20)")
 
 
 def sweep_from_args(args: argparse.Namespace) -> Sweep:

@@ -8,6 +8,7 @@ import json
 import sys
 
 from guest.pvops import MODES, UNSAFE_MODES
+from scripts.argtypes import positive_int
 
 EPILOG = """\
 modes: native (bare metal, no hypervisor), trap (unbatched traps), ptwr
@@ -33,27 +34,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "trace:FILE (replay a recorded program)",
     )
     parser.add_argument("--mode", choices=MODES, default="xen", help="pv-ops mode (default xen)")
-    parser.add_argument("--pages", type=_positive, default=4096, help="region size (default 4096)")
-    parser.add_argument("--vcpus", type=_positive, default=2, help="vCPUs (default 2)")
-    parser.add_argument("--memory-mib", type=_positive, default=None, help="guest memory")
+    parser.add_argument(
+        "--pages", type=positive_int, default=4096, help="region size (default 4096)"
+    )
+    parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs (default 2)")
+    parser.add_argument("--memory-mib", type=positive_int, default=None, help="guest memory")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     race = parser.add_argument_group("race workload (see pvemu race)")
-    race.add_argument("--writers", type=_positive, default=2, help="user threads (default 2)")
-    race.add_argument("--iterations", type=_positive, default=40, help="RW/RO toggles")
+    race.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")
+    race.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles")
     race.add_argument("--seed", type=int, default=1, help="writers' random seed")
     buffer = parser.add_argument_group("multicall buffer (mode xen only)")
-    buffer.add_argument("--mc-entries", type=_positive, default=None, help="entries (Linux: 32)")
-    buffer.add_argument("--mc-bytes", type=_positive, default=None, help="argument bytes (512)")
+    buffer.add_argument("--mc-entries", type=positive_int, default=None, help="entries (Linux: 32)")
+    buffer.add_argument("--mc-bytes", type=positive_int, default=None, help="argument bytes (512)")
     buffer.add_argument(
-        "--mc-records", type=_positive, default=None, help="cap on records per flush (none)"
+        "--mc-records", type=positive_int, default=None, help="cap on records per flush (none)"
     )
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def _workload(text: str) -> str:

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from scripts.argtypes import positive_int
+
 DEFAULT_SOCKET = "/tmp/pvemu.sock"
 
 EPILOG = """\
@@ -29,21 +31,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--memory-mib",
-        type=_positive,
+        type=positive_int,
         default=1024,
         metavar="N",
         help="machine memory shared by all domains, in MiB (default 1024)",
     )
     parser.add_argument(
         "--max-domains",
-        type=_positive,
+        type=positive_int,
         default=64,
         metavar="N",
         help="refuse a hello beyond this many live domains (default 64)",
     )
     parser.add_argument(
         "--quantum",
-        type=_positive,
+        type=positive_int,
         default=256,
         metavar="K",
         help="entries processed before a long hypercall yields to other domains (default 256)",
@@ -66,13 +68,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="info",
         help="'info' logs one line per hypercall; 'warning' only problems (default info)",
     )
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 from guest.pvops import MODES, UNSAFE_MODES
+from scripts.argtypes import mode_list, positive_int
 
 EPILOG = """\
 columns: writes (stores that completed), lost dirty (D bits set by hardware
@@ -39,29 +40,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--modes", type=_modes, default=MODES, help=f"comma-separated (default {','.join(MODES)})"
+        "--modes",
+        type=mode_list,
+        default=MODES,
+        help=f"comma-separated (default {','.join(MODES)})",
     )
-    parser.add_argument("--pages", type=_positive, default=64, help="shared mapping size (64)")
-    parser.add_argument("--writers", type=_positive, default=2, help="user threads (default 2)")
-    parser.add_argument("--iterations", type=_positive, default=40, help="RW/RO toggles (40)")
+    parser.add_argument("--pages", type=positive_int, default=64, help="shared mapping size (64)")
+    parser.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")
+    parser.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles (40)")
     parser.add_argument("--seed", type=int, default=1, help="writers' random seed (default 1)")
-    parser.add_argument("--quantum", type=_positive, default=8, help="hypervisor quantum (8)")
+    parser.add_argument("--quantum", type=positive_int, default=8, help="hypervisor quantum (8)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
-    return modes
 
 
 def _run_mode(mode: str, socket_path: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import tempfile
 from typing import Any
 
 from guest.pvops import MODES, UNSAFE_MODES
+from scripts.argtypes import mode_list, positive_int
 
 DEFAULT_MODES = ("native", "trap", "ptwr", "xen", "batched")
 
@@ -35,31 +36,18 @@ examples:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--pages", type=_positive, default=4096, help="region size (default 4096)")
+    parser.add_argument(
+        "--pages", type=positive_int, default=4096, help="region size (default 4096)"
+    )
     parser.add_argument(
         "--modes",
-        type=_modes,
+        type=mode_list,
         default=DEFAULT_MODES,
         help=f"comma-separated modes (default {','.join(DEFAULT_MODES)})",
     )
-    parser.add_argument("--vcpus", type=_positive, default=2, help="vCPUs per guest (default 2)")
+    parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs per guest (default 2)")
     parser.add_argument("--socket", metavar="PATH", help="hypervisor socket (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
-    return modes
 
 
 def _start_hypervisor(

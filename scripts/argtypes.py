@@ -1,0 +1,27 @@
+"""argparse value types shared by the ``pvemu`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from guest.pvops import MODES
+
+
+def positive_int(text: str) -> int:
+    """A strictly positive integer (sizes, counts, limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def mode_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of pv-ops modes, each one of ``guest.pvops.MODES``."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    return modes
