@@ -52,6 +52,18 @@ class GuestCounters:
     def traps(self) -> int:
         return sum(self.hypercalls.values()) + self.ptwr + self.page_faults
 
+    @classmethod
+    def sum(cls, parts: list[GuestCounters]) -> GuestCounters:
+        """The counters of several vCPUs added up."""
+        total = cls()
+        for c in parts:
+            total.hypercalls.update(c.hypercalls)
+            total.ptwr += c.ptwr
+            total.page_faults += c.page_faults
+            total.mmu_update_records += c.mmu_update_records
+            total.multicall_entries += c.multicall_entries
+        return total
+
     def as_dict(self) -> dict[str, int]:
         return {
             "traps": self.traps,
@@ -153,15 +165,7 @@ class Domain:
     @property
     def counters(self) -> GuestCounters:
         """Guest-side counters summed over vCPUs."""
-        total = GuestCounters()
-        for ch in self._channels:
-            c = ch.counters
-            total.hypercalls.update(c.hypercalls)
-            total.ptwr += c.ptwr
-            total.page_faults += c.page_faults
-            total.mmu_update_records += c.mmu_update_records
-            total.multicall_entries += c.multicall_entries
-        return total
+        return GuestCounters.sum([ch.counters for ch in self._channels])
 
     def vcpu_counters(self, vcpu: int) -> GuestCounters:
         return self._channels[vcpu].counters

@@ -110,13 +110,7 @@ class LocalDomain:
         return {"executed": outcome.executed, "reads": list(outcome.reads), "fault": fault}
 
     async def stats(self) -> dict[str, Any]:
-        total = GuestCounters()
-        for c in self._counters:
-            total.hypercalls.update(c.hypercalls)
-            total.ptwr += c.ptwr
-            total.page_faults += c.page_faults
-            total.mmu_update_records += c.mmu_update_records
-            total.multicall_entries += c.multicall_entries
+        total = GuestCounters.sum(self._counters)
         return {"guest": {"total": total.as_dict()}, "hypervisor": self.hv.stats(self.domid)}
 
     async def audit(self) -> list[str]:
