@@ -288,6 +288,9 @@ def record_repeat(point: Point, doc: dict[str, Any] | None, error: str) -> None:
     if not doc.get("audit_clean"):
         audit = doc.get("audit") or ["?"]
         point.invalidate(f"audit() not clean: {audit[0]}")
+    trace = doc.get("trace")
+    if isinstance(trace, dict) and not trace.get("replay_clean", True):
+        point.invalidate(f"trace replay hit {trace.get('errors', '?')} syscall error(s)")
     counts: dict[str, dict[str, int]] = {}
     for phase, values in doc["phases"].items():
         counts[phase] = {

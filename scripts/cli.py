@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from scripts import bench_cmd, guest_cmd, hypervisor_cmd, race_cmd, run_cmd
+from scripts import bench_cmd, guest_cmd, hypervisor_cmd, race_cmd, run_cmd, trace_cmd
 from shared import abi
 
 if TYPE_CHECKING:
@@ -138,8 +138,15 @@ BENCH = Subcommand(
     run=bench_cmd.run,
 )
 
+TRACE = Subcommand(
+    name="trace",
+    help=trace_cmd.HELP,
+    configure=trace_cmd.configure,
+    run=trace_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, BENCH, RACE, HYPERVISOR, GUEST, INFO)
+SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, BENCH, RACE, TRACE, HYPERVISOR, GUEST, INFO)
 
 
 # --- entry point ------------------------------------------------------------------

@@ -1,0 +1,1542 @@
+"""Real programs' memory syscalls: a normalised trace format, an strace
+parser, and a replay in the guest kernel measured like the mprotect workload.
+
+A trace is what ``strace -f -e trace=memory,...`` saw a program do to its
+address space (mmap, mprotect, munmap, mremap, brk, madvise that discards
+pages, and execve, which starts a new address space), normalised into
+versioned JSON (``docs/traces.md`` is the reference)::
+
+    {"schema": 1, "command": ["node", "-e", "..."], "recorded_with": "strace ...",
+     "stats": {...parser counts...},
+     "events": [
+       {"op": "mmap", "pid": 7, "addr": "0x7f3a00000000", "length": 8192,
+        "prot": "PROT_READ|PROT_WRITE", "flags": "MAP_PRIVATE|MAP_ANONYMOUS"},
+       {"op": "mprotect", "pid": 7, "addr": "0x7f3a00000000", "length": 4096,
+        "prot": "PROT_READ"}, ...]}
+
+Every event keeps the program's own addresses. The replay relocates them
+into the guest (:class:`AddressMap`: each original range the trace maps is
+placed by the guest's ``mmap`` and remembered; later calls are translated
+through that map, split where a range crosses placements) and populates
+pages by the *touch-on-grant* policy: user writes (or reads, for read-only
+memory) to the first pages of every range that becomes accessible. Both
+policies, and what cannot be reproduced, are in ``docs/traces.md``.
+
+Pure code (parsing, the format, the address map) has no I/O besides
+:func:`load_trace`/:func:`save_trace`; the replay only talks to
+:class:`guest.kernel.Kernel`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import tempfile
+import time
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from itertools import pairwise
+from typing import Any, ClassVar, Final
+
+from .kernel import Kernel, SegmentationFault
+from .vma import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE, page_align
+from .workload import PHASE_FIELDS, PhaseResult, WorkloadError, WorkloadResult, _snapshot
+
+__all__ = [
+    "SCHEMA",
+    "REPLAY_PHASES",
+    "RELOCATIONS",
+    "DEFAULT_TOUCH_LIMIT",
+    "DEFAULT_MAX_RESIDENT",
+    "TraceError",
+    "Mmap",
+    "Mprotect",
+    "Munmap",
+    "Mremap",
+    "Brk",
+    "Madvise",
+    "Exec",
+    "Event",
+    "Trace",
+    "parse_strace",
+    "load_trace",
+    "save_trace",
+    "dump_trace",
+    "trace_from_json",
+    "format_prot",
+    "format_map_flags",
+    "parse_symbols",
+    "AddressMap",
+    "Segment",
+    "Run",
+    "TraceResult",
+    "replay_trace",
+    "run_trace_workload",
+]
+
+SCHEMA: Final = 1
+#: Phases of a replay, in report order. Each accumulates every event of its
+#: kind; ``touch`` is the user accesses of the population policy (and the
+#: data copy of a moved mremap).
+REPLAY_PHASES: Final = ("mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "touch")
+#: ``preserve``: place each range at the program's own address when free
+#: (same page-table layout as the original); ``compact``: let the guest's
+#: top-down allocator choose (next to the range's neighbour when possible).
+RELOCATIONS: Final = ("preserve", "compact")
+#: Pages touched, at most, per range that becomes accessible.
+DEFAULT_TOUCH_LIMIT: Final = 64
+#: Pages the replay keeps populated at once, at most (frames are finite).
+DEFAULT_MAX_RESIDENT: Final = 2048
+
+PROT_READ: Final = 0x1
+PROT_WRITE: Final = 0x2
+PROT_EXEC: Final = 0x4
+_PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
+
+MAP_SHARED: Final = 0x01
+MAP_PRIVATE: Final = 0x02
+MAP_SHARED_VALIDATE: Final = 0x03
+MAP_TYPE: Final = 0x0F
+MAP_FIXED: Final = 0x10
+MAP_ANONYMOUS: Final = 0x20
+MAP_GROWSDOWN: Final = 0x100
+MAP_STACK: Final = 0x20000
+_MAP_HUGE_SHIFT: Final = 26
+_MAP_HUGE_MASK: Final = 0x3F
+
+MREMAP_MAYMOVE: Final = 1
+MREMAP_FIXED: Final = 2
+MREMAP_DONTUNMAP: Final = 4
+
+PROT_NAMES: Final[Mapping[str, int]] = {
+    "PROT_NONE": 0,
+    "PROT_READ": PROT_READ,
+    "PROT_WRITE": PROT_WRITE,
+    "PROT_EXEC": PROT_EXEC,
+    "PROT_SEM": 0x8,
+    "PROT_GROWSDOWN": 0x01000000,
+    "PROT_GROWSUP": 0x02000000,
+}
+#: The mapping types (the low nibble), then the single-bit flags, as strace names them.
+MAP_TYPES: Final[Mapping[str, int]] = {
+    "MAP_SHARED": MAP_SHARED,
+    "MAP_PRIVATE": MAP_PRIVATE,
+    "MAP_SHARED_VALIDATE": MAP_SHARED_VALIDATE,
+}
+MAP_NAMES: Final[Mapping[str, int]] = {
+    "MAP_FIXED": MAP_FIXED,
+    "MAP_ANONYMOUS": MAP_ANONYMOUS,
+    "MAP_32BIT": 0x40,
+    "MAP_ABOVE4G": 0x80,
+    "MAP_GROWSDOWN": MAP_GROWSDOWN,
+    "MAP_DENYWRITE": 0x800,
+    "MAP_EXECUTABLE": 0x1000,
+    "MAP_LOCKED": 0x2000,
+    "MAP_NORESERVE": 0x4000,
+    "MAP_POPULATE": 0x8000,
+    "MAP_NONBLOCK": 0x10000,
+    "MAP_STACK": MAP_STACK,
+    "MAP_HUGETLB": 0x40000,
+    "MAP_SYNC": 0x80000,
+    "MAP_FIXED_NOREPLACE": 0x100000,
+    "MAP_UNINITIALIZED": 0x4000000,
+}
+_MAP_ALIASES: Final[Mapping[str, int]] = {"MAP_ANON": MAP_ANONYMOUS, "MAP_FILE": 0}
+MREMAP_NAMES: Final[Mapping[str, int]] = {
+    "MREMAP_MAYMOVE": MREMAP_MAYMOVE,
+    "MREMAP_FIXED": MREMAP_FIXED,
+    "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP,
+}
+#: madvise advices that throw pages away (the only ones a replay acts on).
+DISCARD_ADVICES: Final = frozenset(
+    {"MADV_DONTNEED", "MADV_FREE", "MADV_REMOVE", "MADV_DONTNEED_LOCKED"}
+)
+_HUGE_UNITS: Final = (("GB", 30), ("MB", 20), ("KB", 10))
+
+
+class TraceError(ValueError):
+    """A malformed trace (bad JSON, unknown schema, op, field or flag name,
+    or an event no successful syscall could have produced)."""
+
+
+# --- symbolic flags ------------------------------------------------------------------
+
+
+def _huge_name(log2: int) -> str | None:
+    for unit, shift in _HUGE_UNITS:
+        if log2 >= shift:
+            return f"MAP_HUGE_{1 << (log2 - shift)}{unit}"
+    return None
+
+
+def _huge_value(name: str) -> int | None:
+    m = re.fullmatch(r"MAP_HUGE_(\d+)(KB|MB|GB)", name)
+    if m is None:
+        return None
+    size = int(m.group(1)) << dict(_HUGE_UNITS)[m.group(2)]
+    if size & (size - 1):
+        return None
+    return (size.bit_length() - 1) << _MAP_HUGE_SHIFT
+
+
+def parse_symbols(text: str, names: Mapping[str, int], *, unknown: list[str] | None = None) -> int:
+    """``PROT_READ|PROT_WRITE``, ``MAP_PRIVATE|0x40000`` (strace's spelling)
+    to an int. Numbers (hex or decimal) are taken as they are; a name not in
+    ``names`` is appended to ``unknown`` if given, else raises TraceError."""
+    text = re.sub(r"/\*.*?\*/", "", text).strip()
+    value = 0
+    for token in (t.strip() for t in text.split("|")):
+        if not token:
+            raise TraceError(f"empty flag in {text!r}")
+        if token in names:
+            value |= names[token]
+        elif re.fullmatch(r"0x[0-9a-fA-F]+|\d+", token):
+            value |= int(token, 0)
+        elif (huge := _huge_value(token)) is not None and "MAP_HUGETLB" in names:
+            value |= huge
+        elif unknown is not None:
+            unknown.append(token)
+        else:
+            raise TraceError(f"unknown flag {token!r} in {text!r}")
+    return value
+
+
+def _format_bits(value: int, names: Mapping[str, int], head: list[str]) -> str:
+    parts = list(head)
+    for name, bit in names.items():
+        if value & bit:
+            parts.append(name)
+            value &= ~bit
+    if value:
+        parts.append(hex(value))
+    return "|".join(parts)
+
+
+def format_prot(prot: int) -> str:
+    """The strace spelling of a protection (``PROT_NONE`` for 0)."""
+    if prot < 0:
+        raise ValueError(f"negative prot {prot}")
+    return _format_bits(prot, PROT_NAMES, []) if prot else "PROT_NONE"
+
+
+def format_map_flags(flags: int) -> str:
+    """The strace spelling of mmap flags: the type, then the flag names."""
+    if flags < 0:
+        raise ValueError(f"negative flags {flags}")
+    mtype = flags & MAP_TYPE
+    type_name = next((n for n, v in MAP_TYPES.items() if v == mtype), None)
+    head = [type_name] if type_name else ([hex(mtype)] if mtype else [])
+    rest = flags & ~MAP_TYPE
+    huge = (rest >> _MAP_HUGE_SHIFT) & _MAP_HUGE_MASK
+    huge_name = _huge_name(huge) if huge else None
+    if huge_name is not None:
+        rest &= ~(_MAP_HUGE_MASK << _MAP_HUGE_SHIFT)
+    text = _format_bits(rest, MAP_NAMES, head)
+    if huge_name is not None:
+        text = f"{text}|{huge_name}" if text else huge_name
+    return text or "0"
+
+
+def format_mremap_flags(flags: int) -> str:
+    return _format_bits(flags, MREMAP_NAMES, []) or "0"
+
+
+_ALL_MAP_NAMES: Final[Mapping[str, int]] = {**MAP_TYPES, **MAP_NAMES, **_MAP_ALIASES}
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+def _meta(kind: str) -> dict[str, str]:
+    return {"kind": kind}
+
+
+@dataclass(frozen=True, slots=True)
+class Mmap:
+    """A successful mmap; ``addr`` is where it landed, ``hint`` what was asked."""
+
+    OP: ClassVar[str] = "mmap"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    length: int = field(metadata=_meta("int"))
+    prot: int = field(metadata=_meta("prot"))
+    flags: int = field(metadata=_meta("mflags"))
+    hint: int | None = field(default=None, metadata=_meta("optaddr"))
+    fd: int | None = field(default=None, metadata=_meta("optint"))
+    path: str | None = field(default=None, metadata=_meta("optstr"))
+    offset: int = field(default=0, metadata=_meta("int"))
+
+    @property
+    def anonymous(self) -> bool:
+        return bool(self.flags & MAP_ANONYMOUS)
+
+    @property
+    def shared(self) -> bool:
+        return (self.flags & MAP_TYPE) in (MAP_SHARED, MAP_SHARED_VALIDATE)
+
+
+@dataclass(frozen=True, slots=True)
+class Mprotect:
+    OP: ClassVar[str] = "mprotect"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    length: int = field(metadata=_meta("int"))
+    prot: int = field(metadata=_meta("prot"))
+
+
+@dataclass(frozen=True, slots=True)
+class Munmap:
+    OP: ClassVar[str] = "munmap"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    length: int = field(metadata=_meta("int"))
+
+
+@dataclass(frozen=True, slots=True)
+class Mremap:
+    """A successful mremap: ``new_addr`` is the result, ``target`` the
+    MREMAP_FIXED argument if any."""
+
+    OP: ClassVar[str] = "mremap"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    old_length: int = field(metadata=_meta("int"))
+    length: int = field(metadata=_meta("int"))
+    flags: int = field(metadata=_meta("rflags"))
+    new_addr: int = field(metadata=_meta("addr"))
+    target: int | None = field(default=None, metadata=_meta("optaddr"))
+
+
+@dataclass(frozen=True, slots=True)
+class Brk:
+    """brk(``request``) returned ``result`` (``request`` None for brk(NULL));
+    a failed brk returns the old break, so the result is always the break."""
+
+    OP: ClassVar[str] = "brk"
+    pid: int = field(metadata=_meta("int"))
+    result: int = field(metadata=_meta("addr"))
+    request: int | None = field(default=None, metadata=_meta("optaddr"))
+
+
+@dataclass(frozen=True, slots=True)
+class Madvise:
+    """A discarding madvise (MADV_DONTNEED and kin): the pages are dropped."""
+
+    OP: ClassVar[str] = "madvise"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    length: int = field(metadata=_meta("int"))
+    advice: str = field(metadata=_meta("str"))
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    """A successful execve of the traced process: a new, empty address space."""
+
+    OP: ClassVar[str] = "exec"
+    pid: int = field(metadata=_meta("int"))
+    path: str = field(metadata=_meta("str"))
+
+
+Event = Mmap | Mprotect | Munmap | Mremap | Brk | Madvise | Exec
+EVENT_TYPES: Final[Mapping[str, type[Event]]] = {
+    cls.OP: cls for cls in (Mmap, Mprotect, Munmap, Mremap, Brk, Madvise, Exec)
+}
+
+
+def _encode(kind: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind in ("addr", "optaddr"):
+        return hex(value)
+    if kind == "prot":
+        return format_prot(value)
+    if kind == "mflags":
+        return format_map_flags(value)
+    if kind == "rflags":
+        return format_mremap_flags(value)
+    return value
+
+
+def _decode(kind: str, value: Any, where: str) -> Any:
+    if value is None:
+        if kind.startswith("opt"):
+            return None
+        raise TraceError(f"{where}: missing value")
+    if kind in ("addr", "optaddr"):
+        if isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]+", value):
+            return int(value, 16)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise TraceError(f"{where}: expected a hex address, got {value!r}")
+    if kind in ("int", "optint"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0 and kind == "int":
+                raise TraceError(f"{where}: negative {value}")
+            return value
+        raise TraceError(f"{where}: expected an integer, got {value!r}")
+    if kind in ("str", "optstr"):
+        if isinstance(value, str):
+            return value
+        raise TraceError(f"{where}: expected a string, got {value!r}")
+    if not isinstance(value, str):
+        raise TraceError(f"{where}: expected symbolic flags, got {value!r}")
+    if kind == "prot":
+        return parse_symbols(value, PROT_NAMES)
+    if kind == "mflags":
+        return parse_symbols(value, _ALL_MAP_NAMES)
+    if kind == "rflags":
+        return 0 if value.strip() == "0" else parse_symbols(value, MREMAP_NAMES)
+    raise AssertionError(kind)
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    out: dict[str, Any] = {"op": event.OP}
+    for f in fields(event):
+        value = getattr(event, f.name)
+        if value is None or (f.default is not MISSING and value == f.default):
+            continue  # defaults are left out: the files stay small
+        out[f.name] = _encode(f.metadata["kind"], value)
+    return out
+
+
+def event_from_json(obj: Any, index: int = 0) -> Event:
+    where = f"event {index}"
+    if not isinstance(obj, dict):
+        raise TraceError(f"{where}: expected an object, got {type(obj).__name__}")
+    cls = EVENT_TYPES.get(obj.get("op", ""))
+    if cls is None:
+        raise TraceError(f"{where}: unknown op {obj.get('op')!r}")
+    known = {f.name for f in fields(cls)}
+    extra = set(obj) - known - {"op"}
+    if extra:
+        raise TraceError(f"{where} ({cls.OP}): unknown fields {sorted(extra)}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in obj:
+            kwargs[f.name] = _decode(f.metadata["kind"], obj[f.name], f"{where}.{f.name}")
+        elif f.default is MISSING:
+            raise TraceError(f"{where} ({cls.OP}): missing {f.name!r}")
+    event = cls(**kwargs)
+    _check_event(event, where)
+    return event
+
+
+def _check_event(event: Event, where: str) -> None:
+    """What no successful syscall could have produced is malformed."""
+    if isinstance(event, Mmap | Mprotect | Munmap | Madvise) and event.addr % PAGE_SIZE:
+        raise TraceError(f"{where} ({event.OP}): address {event.addr:#x} not page aligned")
+    if isinstance(event, Mmap | Munmap) and event.length <= 0:
+        raise TraceError(f"{where} ({event.OP}): length {event.length}")
+    if isinstance(event, Mmap) and event.offset % PAGE_SIZE:
+        raise TraceError(f"{where} (mmap): offset {event.offset:#x} not page aligned")
+    if isinstance(event, Mremap) and (
+        event.addr % PAGE_SIZE or event.new_addr % PAGE_SIZE or event.length <= 0
+    ):
+        raise TraceError(f"{where} (mremap): unaligned address or zero length")
+    if isinstance(event, Madvise) and event.advice not in DISCARD_ADVICES:
+        raise TraceError(f"{where} (madvise): advice {event.advice!r} is not a discard")
+    for name in ("addr", "new_addr", "result"):
+        value = getattr(event, name, 0)
+        if not 0 <= value < 1 << 64:
+            raise TraceError(f"{where} ({event.OP}): {name} out of range")
+
+
+# --- the trace -------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """A normalised trace: the command, how it was recorded, the events of
+    its main address space in completion order, and the parser's counts."""
+
+    command: list[str]
+    recorded_with: str
+    events: list[Event] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def counts(self) -> dict[str, int]:
+        """Events per op, every op listed."""
+        found = Counter(e.OP for e in self.events)
+        return {op: found.get(op, 0) for op in EVENT_TYPES}
+
+    def summary(self) -> dict[str, Any]:
+        """What ``pvemu trace show`` prints: event counts and page volumes."""
+        mapped = protected = unmapped = discarded = brk_grown = 0
+        pids: set[int] = set()
+        brk: int | None = None
+        prots: Counter[str] = Counter()
+        for e in self.events:
+            pids.add(e.pid)
+            if isinstance(e, Mmap):
+                mapped += page_align(e.length) // PAGE_SIZE
+            elif isinstance(e, Mprotect):
+                protected += page_align(e.length) // PAGE_SIZE
+                prots[format_prot(e.prot)] += 1
+            elif isinstance(e, Munmap):
+                unmapped += page_align(e.length) // PAGE_SIZE
+            elif isinstance(e, Madvise):
+                discarded += page_align(e.length) // PAGE_SIZE
+            elif isinstance(e, Mremap) and e.length > e.old_length:
+                mapped += (page_align(e.length) - page_align(e.old_length)) // PAGE_SIZE
+            elif isinstance(e, Brk):
+                if brk is not None and e.result > brk:
+                    brk_grown += (page_align(e.result) - page_align(brk)) // PAGE_SIZE
+                brk = e.result
+            elif isinstance(e, Exec):
+                brk = None
+        return {
+            "command": self.command,
+            "recorded_with": self.recorded_with,
+            "events": len(self.events),
+            "by_op": self.counts(),
+            "threads": len(pids),
+            "pages_mapped": mapped,
+            "pages_protected": protected,
+            "pages_unmapped": unmapped,
+            "pages_discarded": discarded,
+            "brk_pages_grown": brk_grown,
+            "mprotect_to": dict(prots.most_common()),
+            "parser": dict(self.stats),
+        }
+
+
+def trace_to_json(trace: Trace) -> dict[str, Any]:
+    return {
+        "schema": trace.schema,
+        "command": list(trace.command),
+        "recorded_with": trace.recorded_with,
+        "stats": dict(trace.stats),
+        "events": [event_to_json(e) for e in trace.events],
+    }
+
+
+def dump_trace(trace: Trace) -> str:
+    """The file text: the header, then one event per line (diff-friendly)."""
+    doc = trace_to_json(trace)
+    events = doc.pop("events")
+    head = json.dumps(doc, separators=(",", ":"))
+    lines = ",\n".join(json.dumps(e, separators=(",", ":")) for e in events)
+    return f'{head[:-1]},"events":[\n{lines}\n]}}\n'
+
+
+def trace_from_json(doc: Any) -> Trace:
+    if not isinstance(doc, dict):
+        raise TraceError("a trace is a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise TraceError(f"unsupported trace schema {doc.get('schema')!r} (expected {SCHEMA})")
+    command = doc.get("command")
+    if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+        raise TraceError("'command' must be a list of strings")
+    recorded_with = doc.get("recorded_with")
+    if not isinstance(recorded_with, str):
+        raise TraceError("'recorded_with' must be a string")
+    stats = doc.get("stats", {})
+    if not isinstance(stats, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in stats.items()
+    ):
+        raise TraceError("'stats' must map names to integers")
+    events = doc.get("events")
+    if not isinstance(events, list):
+        raise TraceError("'events' must be a list")
+    return Trace(
+        list(command),
+        recorded_with,
+        [event_from_json(e, i) for i, e in enumerate(events)],
+        dict(stats),
+    )
+
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read a trace file; TraceError if it is not a valid schema-1 trace."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{os.fspath(path)}: not JSON: {exc}") from None
+    return trace_from_json(doc)
+
+
+def save_trace(trace: Trace, path: str | os.PathLike[str]) -> None:
+    """Write a trace file (atomically: a temporary file renamed over it)."""
+    text = dump_trace(trace)
+    target = os.fspath(path)
+    tmp = f"{target}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, target)
+
+
+# --- the strace parser -------------------------------------------------------------------
+
+_PREFIX: Final = re.compile(
+    r"^\s*(?:\[pid\s+(?P<pid1>\d+)\]\s*|(?P<pid2>\d+)\s+)?"
+    r"(?:(?:\d+:\d+:\d+(?:\.\d+)?|\d+\.\d+)\s+)?(?P<body>.*?)\s*$"
+)
+_UNFINISHED: Final = re.compile(r"^(?P<text>(?P<name>\w+)\(.*?)\s*<unfinished \.\.\.>$")
+_RESUMED: Final = re.compile(r"^<\.\.\. (?P<name>\w+) resumed>\s?(?P<rest>.*)$")
+_CALL: Final = re.compile(
+    r"^(?P<name>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>0x[0-9a-fA-F]+|-?\d+|\?)(?P<tail>.*)$"
+)
+_ERRNO: Final = re.compile(r"^\s+E[A-Z0-9]+\b")
+_CLONE_VM: Final = re.compile(r"\bCLONE_VM\b")
+_FD: Final = re.compile(r"^(?P<fd>-?\d+)(?:<(?P<path>.*)>)?$")
+_MEMORY_CALLS: Final = frozenset(
+    {"mmap", "mmap2", "mprotect", "pkey_mprotect", "munmap", "mremap", "brk", "madvise"}
+)
+_PROCESS_CALLS: Final = frozenset({"clone", "clone2", "clone3", "fork", "vfork", "execve"})
+
+
+@dataclass
+class _Call:
+    pid: int
+    name: str
+    args: list[str]
+    ret: int | None  # None: '?' (no result)
+    failed: bool
+
+
+def _split_args(text: str) -> list[str]:
+    """Top-level ``, ``-separated arguments, respecting brackets, quotes and
+    ``-y``'s ``3</path>`` decorations."""
+    args: list[str] = []
+    depth = 0
+    angle = False
+    quote = False
+    start = 0
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quote = False
+        elif angle:
+            if c == ">":
+                angle = False
+        elif c == '"':
+            quote = True
+        elif c == "<" and i > 0 and text[i - 1].isdigit():
+            angle = True
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(0, depth - 1)
+        elif c == "," and depth == 0:
+            args.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    tail = text[start:].strip()
+    if tail or args:
+        args.append(tail)
+    return args
+
+
+def _number(text: str) -> int:
+    text = text.strip()
+    if text == "NULL":
+        return 0
+    return int(text, 0)
+
+
+def _ret_value(text: str) -> int | None:
+    if text == "?":
+        return None
+    return int(text, 16) if text.startswith("0x") else int(text)
+
+
+def _calls(text: str, stats: Counter[str]) -> Iterator[_Call]:
+    """Complete calls in completion order, unfinished/resumed pairs joined."""
+    pending: dict[int, tuple[str, str]] = {}
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        stats["lines"] += 1
+        m = _PREFIX.match(raw)
+        assert m is not None  # the pattern matches any line
+        pid = int(m.group("pid1") or m.group("pid2") or 0)
+        body = m.group("body")
+        if body.startswith(("---", "+++")):
+            stats["signal_or_exit_lines"] += 1
+            continue
+        unfinished = _UNFINISHED.match(body)
+        if unfinished is not None:
+            stats["unfinished"] += 1
+            pending[pid] = (unfinished.group("name"), unfinished.group("text"))
+            continue
+        resumed = _RESUMED.match(body)
+        if resumed is not None:
+            before = pending.pop(pid, None)
+            if before is None or before[0] != resumed.group("name"):
+                stats["orphan_resumed"] += 1
+                continue
+            body = before[1] + resumed.group("rest")
+        call = _CALL.match(body)
+        if call is None:
+            stats["unknown_lines"] += 1
+            continue
+        ret = _ret_value(call.group("ret"))
+        failed = _ERRNO.match(call.group("tail")) is not None or (ret is not None and ret < 0)
+        yield _Call(pid, call.group("name"), _split_args(call.group("args")), ret, failed)
+    stats["never_resumed"] += len(pending)
+
+
+def _parse_mmap(c: _Call, ret: int, stats: Counter[str]) -> Mmap:
+    if len(c.args) != 6:
+        raise ValueError("mmap takes 6 arguments")
+    unknown: list[str] = []
+    prot = parse_symbols(c.args[2], PROT_NAMES, unknown=unknown)
+    flags = parse_symbols(c.args[3], _ALL_MAP_NAMES, unknown=unknown)
+    stats["unknown_flag_names"] += len(unknown)
+    fd_match = _FD.match(c.args[4])
+    if fd_match is None:
+        raise ValueError(f"bad fd {c.args[4]!r}")
+    fd = int(fd_match.group("fd"))
+    hint = _number(c.args[0]) or None
+    if flags & MAP_ANONYMOUS or fd < 0:
+        flags |= MAP_ANONYMOUS
+        return Mmap(c.pid, ret, _number(c.args[1]), prot, flags, hint)
+    offset = _number(c.args[5])
+    if c.name == "mmap2":
+        offset *= PAGE_SIZE
+    return Mmap(
+        c.pid, ret, _number(c.args[1]), prot, flags, hint, fd, fd_match.group("path"), offset
+    )
+
+
+def _parse_memory(c: _Call, stats: Counter[str]) -> Event | None:
+    ret = c.ret
+    assert ret is not None
+    name = c.name
+    if name in ("mmap", "mmap2"):
+        return _parse_mmap(c, ret, stats)
+    if name in ("mprotect", "pkey_mprotect"):
+        unknown: list[str] = []
+        prot = parse_symbols(c.args[2], PROT_NAMES, unknown=unknown)
+        stats["unknown_flag_names"] += len(unknown)
+        return Mprotect(c.pid, _number(c.args[0]), _number(c.args[1]), prot)
+    if name == "munmap":
+        return Munmap(c.pid, _number(c.args[0]), _number(c.args[1]))
+    if name == "mremap":
+        flags = 0 if c.args[3] == "0" else parse_symbols(c.args[3], MREMAP_NAMES)
+        target = _number(c.args[4]) if len(c.args) > 4 and flags & MREMAP_FIXED else None
+        return Mremap(
+            c.pid, _number(c.args[0]), _number(c.args[1]), _number(c.args[2]), flags, ret, target
+        )
+    if name == "brk":
+        return Brk(c.pid, ret, _number(c.args[0]) or None)
+    if name == "madvise":
+        advice = c.args[2].strip()
+        if advice not in DISCARD_ADVICES:
+            stats["ignored_madvise"] += 1
+            return None
+        return Madvise(c.pid, _number(c.args[0]), _number(c.args[1]), advice)
+    raise AssertionError(name)
+
+
+def parse_strace(text: str, *, command: Sequence[str] = (), recorded_with: str = "strace") -> Trace:
+    """Parse ``strace -f -e trace=memory`` output (any of ``-o``'s pid
+    column, ``[pid N]`` prefixes, ``-t``/``-tt``/``-ttt`` timestamps, ``-T``
+    times, ``-y`` paths) into a trace of the traced program's address space.
+
+    Failed calls are skipped; unknown lines, unknown syscalls and non-discard
+    madvises are counted in ``Trace.stats`` and skipped. If the text also
+    traces clone/clone3/fork/vfork/execve, only the first process's address
+    space is kept (threads created with CLONE_VM share it; processes that
+    fork or exec elsewhere are counted in ``other_address_space``) and a
+    successful execve of the first process becomes an :class:`Exec` event.
+    Without those lines every pid is taken to be a thread of one process.
+    """
+    stats: Counter[str] = Counter()
+    calls = list(_calls(text, stats))
+    # Pass 1: who shares whose address space (a child's first lines may come
+    # before its parent's clone returns).
+    parent: dict[int, tuple[int, bool]] = {}
+    for c in calls:
+        if c.name in ("clone", "clone2", "clone3", "fork", "vfork") and not c.failed:
+            if c.ret is None or c.ret <= 0:
+                continue
+            shared_vm = c.name == "vfork" or _CLONE_VM.search(",".join(c.args)) is not None
+            parent[c.ret] = (c.pid, shared_vm)
+    root = calls[0].pid if calls else 0
+    left: set[int] = set()
+
+    def in_main(pid: int) -> bool:
+        seen: set[int] = set()
+        while pid != root:
+            if pid in left or pid in seen:
+                return False
+            seen.add(pid)
+            link = parent.get(pid)
+            if link is None:
+                return True  # no process lines: assume a thread
+            if not link[1]:
+                return False
+            pid = link[0]
+        return root not in left
+
+    events: list[Event] = []
+    for c in calls:
+        if c.name not in _MEMORY_CALLS and c.name not in _PROCESS_CALLS:
+            stats[f"ignored_{c.name}"] += 1
+            continue
+        if c.failed or c.ret is None:
+            stats["failed" if c.failed else "no_result"] += 1
+            continue
+        if c.name in _PROCESS_CALLS:
+            if c.name == "execve" and in_main(c.pid):
+                if c.pid == root:
+                    path = c.args[0].strip('"') if c.args else ""
+                    events.append(Exec(c.pid, path))
+                else:
+                    left.add(c.pid)  # a vfork child or thread leaving for a new program
+            continue
+        if not in_main(c.pid):
+            stats["other_address_space"] += 1
+            continue
+        try:
+            event = _parse_memory(c, stats)
+        except (ValueError, IndexError):
+            stats["malformed_calls"] += 1
+            continue
+        if event is None:
+            continue
+        try:
+            _check_event(event, c.name)
+        except TraceError:
+            stats["malformed_calls"] += 1
+            continue
+        events.append(event)
+    stats["events"] = len(events)
+    return Trace(list(command), recorded_with, events, {k: v for k, v in stats.items() if v})
+
+
+# --- relocation: the program's addresses to the guest's ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Original ``[start, end)`` lives at guest ``guest`` (same length)."""
+
+    start: int
+    end: int
+    guest: int
+    stack: bool = False  # MAP_STACK/MAP_GROWSDOWN: used from the top
+
+    def to_guest(self, addr: int) -> int:
+        return self.guest + (addr - self.start)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A guest range that one original range translates to contiguously."""
+
+    start: int
+    end: int
+    stack: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class AddressMap:
+    """Original address ranges -> guest ranges, piecewise linear.
+
+    Each range the trace maps becomes a :class:`Segment` when the guest
+    places it; unmapping removes (splits) segments. Translating a range
+    gives guest :class:`Run` s (consecutive pieces merged when they are also
+    consecutive in the guest) and the number of bytes no segment covers
+    (memory the trace never mapped: the executable, ld.so, the stack).
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._segs: list[Segment] = []
+
+    def __len__(self) -> int:
+        return len(self._segs)
+
+    def segments(self) -> list[Segment]:
+        return list(self._segs)
+
+    def find(self, addr: int) -> Segment | None:
+        i = bisect_right(self._starts, addr) - 1
+        if i >= 0 and self._segs[i].end > addr:
+            return self._segs[i]
+        return None
+
+    def translate(self, addr: int) -> int | None:
+        seg = self.find(addr)
+        return None if seg is None else seg.to_guest(addr)
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, Segment | None]]:
+        """``[start, end)`` cut at segment edges, holes as ``None``."""
+        out: list[tuple[int, int, Segment | None]] = []
+        i = max(0, bisect_right(self._starts, start) - 1)
+        at = start
+        while at < end:
+            while i < len(self._segs) and self._segs[i].end <= at:
+                i += 1
+            if i < len(self._segs) and self._segs[i].start <= at:
+                seg = self._segs[i]
+                stop = min(end, seg.end)
+                out.append((at, stop, seg))
+            else:
+                stop = min(end, self._segs[i].start) if i < len(self._segs) else end
+                out.append((at, stop, None))
+            at = stop
+        return out
+
+    def runs(self, start: int, end: int) -> tuple[list[Run], int]:
+        runs: list[Run] = []
+        uncovered = 0
+        for lo, hi, seg in self.pieces(start, end):
+            if seg is None:
+                uncovered += hi - lo
+                continue
+            g = seg.to_guest(lo)
+            if runs and runs[-1].end == g and runs[-1].stack == seg.stack:
+                runs[-1] = Run(runs[-1].start, g + (hi - lo), seg.stack)
+            else:
+                runs.append(Run(g, g + (hi - lo), seg.stack))
+        return runs, uncovered
+
+    def insert(self, start: int, end: int, guest: int, *, stack: bool = False) -> None:
+        if not start < end:
+            raise ValueError(f"empty range {start:#x}-{end:#x}")
+        i = bisect_left(self._starts, start)
+        if (i > 0 and self._segs[i - 1].end > start) or (
+            i < len(self._segs) and self._segs[i].start < end
+        ):
+            raise ValueError(f"{start:#x}-{end:#x} overlaps a mapped range")
+        self._starts.insert(i, start)
+        self._segs.insert(i, Segment(start, end, guest, stack))
+
+    def remove(self, start: int, end: int) -> None:
+        lo = max(0, bisect_right(self._starts, start) - 1)
+        hi = bisect_left(self._starts, end)
+        keep: list[Segment] = []
+        for seg in self._segs[lo:hi]:
+            if seg.end <= start or seg.start >= end:
+                keep.append(seg)
+                continue
+            if seg.start < start:
+                keep.append(Segment(seg.start, start, seg.guest, seg.stack))
+            if seg.end > end:
+                keep.append(Segment(end, seg.end, seg.to_guest(end), seg.stack))
+        self._segs[lo:hi] = keep
+        self._starts[lo:hi] = [s.start for s in keep]
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._segs.clear()
+
+
+# --- replay -------------------------------------------------------------------------------
+
+
+@dataclass
+class TraceResult(WorkloadResult):
+    """A :class:`WorkloadResult` plus what the replay did and could not do.
+
+    ``pages`` is the number of pages the population policy touched.
+    ``errors`` counts guest syscalls that failed although the program saw
+    them succeed (the first ones are kept in ``error_samples``); a clean
+    replay has none.
+    """
+
+    trace: str = ""
+    command: list[str] = field(default_factory=list)
+    replayed: dict[str, int] = field(default_factory=dict)
+    untracked: dict[str, int] = field(default_factory=dict)
+    relocated: int = 0
+    errors: int = 0
+    error_samples: list[dict[str, Any]] = field(default_factory=list)
+    peak_resident: int = 0
+    budget_exhausted: int = 0
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def replay_clean(self) -> bool:
+        return self.errors == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = super().as_dict()
+        out["workload"] = "trace"
+        out["trace"] = {
+            "file": self.trace,
+            "command": self.command,
+            "replayed": self.replayed,
+            "untracked": self.untracked,
+            "relocated": self.relocated,
+            "touched_pages": self.pages,
+            "peak_resident": self.peak_resident,
+            "budget_exhausted": self.budget_exhausted,
+            "errors": self.errors,
+            "error_samples": self.error_samples,
+            "replay_clean": self.replay_clean,
+            "policy": self.policy,
+        }
+        return out
+
+
+class _Meter:
+    """Per-phase counts and wall time; a phase is measured from when the
+    replay enters it until it enters another, and accumulates."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.current: str | None = None
+        self.before: tuple[dict[str, int], int] = ({}, 0)
+        self.started = 0.0
+        self.phases = {
+            name: PhaseResult(dict.fromkeys(PHASE_FIELDS, 0), 0, 0.0) for name in REPLAY_PHASES
+        }
+
+    async def enter(self, phase: str) -> None:
+        if phase == self.current:
+            return
+        await self.close()
+        self.before = _snapshot(await self.kernel.stats())
+        self.current = phase
+        self.started = time.perf_counter()
+
+    async def close(self) -> None:
+        if self.current is None:
+            return
+        wall = time.perf_counter() - self.started
+        after, guest_after = _snapshot(await self.kernel.stats())
+        before, guest_before = self.before
+        phase = self.phases[self.current]
+        for k in PHASE_FIELDS:
+            phase.counts[k] += after[k] - before[k]
+        phase.guest_traps += guest_after - guest_before
+        phase.wall_s += wall
+        self.current = None
+
+
+class _Replay:
+    def __init__(
+        self,
+        kernel: Kernel,
+        trace: Trace,
+        result: TraceResult,
+        *,
+        touch_limit: int,
+        max_resident: int,
+        relocation: str,
+        scratch: str,
+    ) -> None:
+        self.kernel = kernel
+        self.trace = trace
+        self.result = result
+        self.touch_limit = touch_limit
+        self.max_resident = max_resident
+        self.relocation = relocation
+        self.scratch = scratch
+        self.map = AddressMap()
+        self.meter = _Meter(kernel)
+        self.vcpu = min(1, kernel.machine.nr_vcpus - 1)
+        #: guest page -> the byte it holds (written or read by the policy)
+        self.touched: dict[int, int] = {}
+        self.brk_start: int | None = None
+        self.brk_cur = 0
+        self.files: dict[str, str] = {}
+        self.out_of_memory = False
+        self.index = 0
+        self._byte = 0
+
+    # --- bookkeeping --------------------------------------------------------------------
+
+    def _error(self, event: Event, what: str, exc: BaseException) -> None:
+        self.result.errors += 1
+        if len(self.result.error_samples) < 20:
+            code = getattr(exc, "errno", None)
+            self.result.error_samples.append(
+                {
+                    "event": self.index,
+                    "op": event.OP,
+                    "call": what,
+                    "errno": errno.errorcode.get(code, str(code)) if code else None,
+                    "message": str(exc),
+                }
+            )
+
+    def _untracked(self, op: str) -> None:
+        self.result.untracked[op] = self.result.untracked.get(op, 0) + 1
+
+    def _forget(self, start: int, end: int) -> None:
+        touched = self.touched
+        if (end - start) // PAGE_SIZE <= len(touched):
+            for va in range(start, end, PAGE_SIZE):
+                touched.pop(va, None)
+        else:
+            for va in [va for va in touched if start <= va < end]:
+                del touched[va]
+
+    def _vma_list(self) -> list[tuple[int, int, int, int]]:
+        return self.kernel.vmas()
+
+    def _guest_free(self, start: int, end: int, vmas: list[tuple[int, int, int, int]]) -> bool:
+        if start < MMAP_MIN_ADDR or end > TASK_SIZE or start % PAGE_SIZE:
+            return False
+        i = bisect_right([v[0] for v in vmas], start) - 1
+        if i >= 0 and vmas[i][1] > start:
+            return False
+        return i + 1 >= len(vmas) or vmas[i + 1][0] >= end
+
+    def _vma_pieces(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """(start, end, prot, flags) of the VMAs in ``[start, end)``, clipped."""
+        out = []
+        for vs, ve, prot, flags in self._vma_list():
+            if ve > start and vs < end:
+                out.append((max(vs, start), min(ve, end), prot, flags))
+        return out
+
+    # --- guest system calls (errors recorded, never swallowed silently) ----------------------
+
+    def _mmap(
+        self,
+        event: Event,
+        length: int,
+        prot: int,
+        flags: int,
+        *,
+        addr: int | None,
+        path: str | None = None,
+        offset: int = 0,
+    ) -> int | None:
+        try:
+            return self.kernel.mmap(length, prot, flags, addr=addr, path=path, offset=offset)
+        except OSError as exc:
+            self._error(event, "mmap", exc)
+            return None
+
+    async def _munmap(self, event: Event, start: int, end: int) -> bool:
+        try:
+            await self.kernel.munmap(start, end - start)
+        except OSError as exc:
+            self._error(event, "munmap", exc)
+            return False
+        self._forget(start, end)
+        return True
+
+    async def _mprotect(self, event: Event, start: int, end: int, prot: int) -> bool:
+        try:
+            await self.kernel.mprotect(start, end - start, prot)
+        except OSError as exc:
+            self._error(event, "mprotect", exc)
+            return False
+        return True
+
+    # --- placement ---------------------------------------------------------------------
+
+    def _guest_flags(self, event: Mmap) -> tuple[int, str | None, int]:
+        """Guest mmap flags, file and offset for an original mapping: a
+        private file mapping becomes anonymous (its cost is the same: the
+        page is filled from a file of zeros); a shared one maps a scratch
+        file of zeros, so write-notify and writeback stay as Linux has them."""
+        if event.shared and not event.anonymous:
+            key = event.path or f"fd{event.fd}"
+            scratch = self.files.get(key)
+            if scratch is None:
+                scratch = os.path.join(self.scratch, f"file{len(self.files)}")
+                self.files[key] = scratch
+                with open(scratch, "wb"):
+                    pass
+            size = event.offset + page_align(event.length)
+            if os.path.getsize(scratch) < size:
+                os.truncate(scratch, size)
+            return MAP_SHARED, scratch, event.offset
+        mtype = MAP_SHARED if event.shared else MAP_PRIVATE
+        return mtype | MAP_ANONYMOUS, None, 0
+
+    async def _place(
+        self,
+        event: Event,
+        start: int,
+        end: int,
+        prot: int,
+        flags: int,
+        *,
+        path: str | None = None,
+        offset: int = 0,
+        stack: bool = False,
+    ) -> int | None:
+        """Map the original ``[start, end)`` somewhere free in the guest and
+        remember where. Candidates, first free one wins: the original address
+        (policy ``preserve``), right after the guest image of the original
+        left neighbour, right before that of the right neighbour; else the
+        guest's own top-down choice."""
+        length = end - start
+        overlap, _ = self.map.runs(start, end)
+        for run in overlap:  # only if the map went stale: keep it consistent
+            await self._munmap(event, run.start, run.end)
+        self.map.remove(start, end)
+        candidates: list[int] = []
+        if self.relocation == "preserve":
+            candidates.append(start)
+        left = self.map.translate(start - 1) if start else None
+        if left is not None:
+            candidates.append(left + 1)
+        right = self.map.translate(end)
+        if right is not None:
+            candidates.append(right - length)
+        vmas = self._vma_list()
+        hint = next((c for c in candidates if self._guest_free(c, c + length, vmas)), None)
+        guest = self._mmap(
+            event, length, prot & _PROT_ACCESS, flags, addr=hint, path=path, offset=offset
+        )
+        if guest is None:
+            return None
+        if guest != start:
+            self.result.relocated += 1
+        self.map.insert(start, end, guest, stack=stack)
+        return guest
+
+    # --- population ------------------------------------------------------------------------
+
+    async def _grant(self, start: int, end: int, prot: int, stack: bool) -> None:
+        """Touch-on-grant: up to ``touch_limit`` untouched pages of a range
+        that just became accessible (from the top for stacks), while fewer
+        than ``max_resident`` pages are populated."""
+        if not prot & _PROT_ACCESS or self.out_of_memory or start >= end:
+            return
+        budget = min(self.touch_limit, self.max_resident - len(self.touched))
+        if budget <= 0:
+            if self.touch_limit > 0:
+                self.result.budget_exhausted += 1
+            return
+        pages = range(start, end, PAGE_SIZE)
+        chosen: list[int] = []
+        for va in reversed(pages) if stack else pages:
+            if va not in self.touched:
+                chosen.append(va)
+                if len(chosen) == budget:
+                    break
+        if not chosen:
+            return
+        await self.meter.enter("touch")
+        accesses: list[tuple[int, str, bytes | int]] = []
+        written: dict[int, int] = {}
+        for va in chosen:
+            if prot & PROT_WRITE:
+                self._byte = self._byte % 255 + 1
+                written[va] = self._byte
+                accesses.append((va, "w", bytes([self._byte])))
+            else:
+                accesses.append((va, "r", 1))
+        await self._user(accesses, written)
+
+    async def _user(
+        self, accesses: list[tuple[int, str, bytes | int]], written: dict[int, int]
+    ) -> None:
+        """Run the accesses; record what each page now holds. ``pages``
+        counts the pages populated for the first time (not a copy's sources)."""
+        event = self.trace.events[self.index]
+        fresh = {va for va, _, _ in accesses if va not in self.touched}
+        try:
+            reads = await self.kernel.run_user(self.vcpu, accesses)
+        except SegmentationFault as exc:
+            self._error(event, "user access", exc)
+            return
+        except MemoryError as exc:  # the guest ran out of frames: stop populating
+            self.out_of_memory = True
+            self._error(event, "user access", exc)
+            return
+        it = iter(reads)
+        for va, kind, _ in accesses:
+            if kind == "r":
+                self.touched[va] = next(it)[0]
+            elif va in written:
+                self.touched[va] = written[va]
+        self.result.pages += len(fresh)
+        self.result.peak_resident = max(self.result.peak_resident, len(self.touched))
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def on_mmap(self, e: Mmap) -> None:
+        start, end = e.addr, e.addr + page_align(e.length)
+        flags, path, offset = self._guest_flags(e)
+        stack = bool(e.flags & (MAP_STACK | MAP_GROWSDOWN))
+        await self.meter.enter("mmap")
+        guest: int | None = None
+        if e.flags & MAP_FIXED:
+            runs, uncovered = self.map.runs(start, end)
+            if runs and not uncovered and all(a.end == b.start for a, b in pairwise(runs)):
+                # MAP_FIXED over the program's own mappings: Linux unmaps them
+                # first (zap + flush) and maps in their place; so do we.
+                target = runs[0].start
+                if await self._munmap(e, target, target + (end - start)):
+                    self.map.remove(start, end)
+                    prot = e.prot & _PROT_ACCESS
+                    fixed = flags | MAP_FIXED
+                    guest = self._mmap(
+                        e, end - start, prot, fixed, addr=target, path=path, offset=offset
+                    )
+                    if guest is None:
+                        return
+                    self.map.insert(start, end, guest, stack=stack)
+        if guest is None:
+            guest = await self._place(
+                e, start, end, e.prot, flags, path=path, offset=offset, stack=stack
+            )
+        if guest is not None:
+            await self._grant(guest, guest + (end - start), e.prot, stack)
+
+    async def on_mprotect(self, e: Mprotect) -> None:
+        start, end = e.addr, e.addr + page_align(e.length)
+        runs, uncovered = self.map.runs(start, end)
+        if uncovered:
+            self._untracked("mprotect")
+        if not runs:
+            return
+        await self.meter.enter("mprotect")
+        prot = e.prot & _PROT_ACCESS
+        grants: list[tuple[int, int, bool]] = []
+        for run in runs:
+            before = self._vma_pieces(run.start, run.end)
+            if await self._mprotect(e, run.start, run.end, prot) and prot:
+                grants += [(s, t, run.stack) for s, t, p, _ in before if not p & _PROT_ACCESS]
+        for s, t, stack in grants:
+            await self._grant(s, t, prot, stack)
+
+    async def on_munmap(self, e: Munmap) -> None:
+        start, end = e.addr, e.addr + page_align(e.length)
+        runs, uncovered = self.map.runs(start, end)
+        if uncovered:
+            self._untracked("munmap")
+        if runs:
+            await self.meter.enter("munmap")
+            for run in runs:
+                await self._munmap(e, run.start, run.end)
+        self.map.remove(start, end)
+
+    async def on_brk(self, e: Brk) -> None:
+        if self.brk_start is None:
+            self.brk_start = self.brk_cur = e.result
+            return
+        old, new = page_align(self.brk_cur), page_align(e.result)
+        self.brk_cur = e.result
+        if new > old:
+            await self.meter.enter("brk")
+            rw = PROT_READ | PROT_WRITE
+            guest = await self._place(e, old, new, rw, MAP_PRIVATE | MAP_ANONYMOUS)
+            if guest is not None:
+                await self._grant(guest, guest + (new - old), rw, False)
+        elif new < old:
+            runs, _ = self.map.runs(new, old)
+            if runs:
+                await self.meter.enter("brk")
+                for run in runs:
+                    await self._munmap(e, run.start, run.end)
+            self.map.remove(new, old)
+
+    async def _discard(self, e: Event, start: int, end: int) -> None:
+        """Drop the pages of private anonymous memory, as MADV_DONTNEED does:
+        unmap and map again with the same protection (the VMA merges back)."""
+        for s, t, prot, flags in self._vma_pieces(start, end):
+            if flags & MAP_SHARED or not flags & MAP_ANONYMOUS:
+                self._untracked("madvise_shared")
+                continue
+            if await self._munmap(e, s, t):
+                self._mmap(e, t - s, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, addr=s)
+
+    async def on_madvise(self, e: Madvise) -> None:
+        runs, uncovered = self.map.runs(e.addr, e.addr + page_align(e.length))
+        if uncovered:
+            self._untracked("madvise")
+        if runs:
+            await self.meter.enter("madvise")
+            for run in runs:
+                await self._discard(e, run.start, run.end)
+
+    async def on_mremap(self, e: Mremap) -> None:
+        old_start = e.addr
+        old_end = old_start + page_align(e.old_length)
+        new_len = page_align(e.length)
+        runs, _ = self.map.runs(old_start, max(old_end, old_start + PAGE_SIZE))
+        if not runs:
+            self._untracked("mremap")
+            return
+        await self.meter.enter("mremap")
+        pieces = self._vma_pieces(runs[0].start, runs[0].start + PAGE_SIZE)
+        if not pieces:
+            self._untracked("mremap")
+            return
+        _, _, prot, vflags = pieces[0]
+        flags = (MAP_SHARED if vflags & MAP_SHARED else MAP_PRIVATE) | MAP_ANONYMOUS
+        stack = runs[0].stack
+        if e.old_length and e.new_addr == old_start:  # resized in place
+            if new_len < old_end - old_start:
+                tail, _ = self.map.runs(old_start + new_len, old_end)
+                for run in tail:
+                    await self._munmap(e, run.start, run.end)
+                self.map.remove(old_start + new_len, old_end)
+            elif old_start + new_len > old_end:
+                grown = await self._place(e, old_end, old_start + new_len, prot, flags, stack=stack)
+                if grown is not None:
+                    await self._grant(grown, grown + (old_start + new_len - old_end), prot, stack)
+            return
+        # Moved (or, with old_length 0, duplicated): a new mapping, the data
+        # copied page by page (user accesses), then the old range unmapped.
+        new_start = e.new_addr
+        guest = await self._place(e, new_start, new_start + new_len, prot, flags, stack=stack)
+        if guest is None:
+            return
+        copy = min(old_end - old_start, new_len)
+        accesses: list[tuple[int, str, bytes | int]] = []
+        written: dict[int, int] = {}
+        for off in range(0, copy if prot & _PROT_ACCESS else 0, PAGE_SIZE):
+            src = self.map.translate(old_start + off)
+            if src is None or src not in self.touched:
+                continue
+            if prot & PROT_WRITE:  # the copy a realloc would make
+                byte = self.touched[src]
+                accesses += [(src, "r", 1), (guest + off, "w", bytes([byte]))]
+                written[guest + off] = byte
+            else:  # read-only memory cannot be copied into: just populate it
+                accesses.append((guest + off, "r", 1))
+        if accesses:
+            await self.meter.enter("touch")
+            await self._user(accesses, written)
+            await self.meter.enter("mremap")
+        if e.old_length:
+            if e.flags & MREMAP_DONTUNMAP:
+                for run in runs:
+                    await self._discard(e, run.start, run.end)
+            else:
+                for run in runs:
+                    await self._munmap(e, run.start, run.end)
+                self.map.remove(old_start, old_end)
+        if new_len > copy:
+            await self._grant(guest + copy, guest + new_len, prot, stack)
+
+    async def on_exec(self, e: Exec) -> None:
+        """A new program: its address space starts empty."""
+        if len(self.map):
+            await self.meter.enter("munmap")
+            for seg in self.map.segments():
+                await self._munmap(e, seg.guest, seg.guest + (seg.end - seg.start))
+            self.map.clear()
+        self.brk_start = None
+        self.brk_cur = 0
+
+    async def run(self) -> None:
+        replayed: Counter[str] = Counter()
+        for index, event in enumerate(self.trace.events):
+            self.index = index
+            match event:
+                case Mmap():
+                    await self.on_mmap(event)
+                case Mprotect():
+                    await self.on_mprotect(event)
+                case Munmap():
+                    await self.on_munmap(event)
+                case Mremap():
+                    await self.on_mremap(event)
+                case Brk():
+                    await self.on_brk(event)
+                case Madvise():
+                    await self.on_madvise(event)
+                case Exec():
+                    await self.on_exec(event)
+            replayed[event.OP] += 1
+        await self.meter.close()
+        self.result.replayed = {op: replayed.get(op, 0) for op in EVENT_TYPES}
+        self.result.phases = dict(self.meter.phases)
+
+    async def verify(self) -> None:
+        """Read back every populated page that is still readable."""
+        vmas = self._vma_list()
+        starts = [v[0] for v in vmas]
+        pages = []
+        for va in sorted(self.touched):
+            i = bisect_right(starts, va) - 1
+            if i >= 0 and vmas[i][1] > va and vmas[i][2] & _PROT_ACCESS:
+                pages.append(va)
+        reads = await self.kernel.run_user(self.vcpu, [(va, "r", 1) for va in pages])
+        for va, data in zip(pages, reads, strict=True):
+            if data[0] != self.touched[va]:
+                raise WorkloadError(
+                    f"page {va:#x} read back {data[0]:#x}, expected {self.touched[va]:#x}"
+                )
+
+
+async def replay_trace(
+    kernel: Kernel,
+    trace: Trace,
+    *,
+    touch_limit: int = DEFAULT_TOUCH_LIMIT,
+    max_resident: int = DEFAULT_MAX_RESIDENT,
+    relocation: str = "preserve",
+    name: str = "",
+) -> TraceResult:
+    """Replay ``trace`` in ``kernel``, phase by phase (:data:`REPLAY_PHASES`),
+    then read back every populated page and run ``audit()``.
+
+    Raises WorkloadError if a page reads back wrong (a broken kernel);
+    syscalls that fail are counted in ``TraceResult.errors``.
+    """
+    if touch_limit < 0 or max_resident < 0:
+        raise ValueError("touch_limit and max_resident must be >= 0")
+    if relocation not in RELOCATIONS:
+        raise ValueError(f"relocation must be one of {RELOCATIONS}, not {relocation!r}")
+    result = TraceResult(
+        kernel.mode,
+        0,
+        unsafe=kernel.backend.unsafe,
+        trace=name,
+        command=list(trace.command),
+        policy={
+            "touch_limit": touch_limit,
+            "max_resident": max_resident,
+            "relocation": relocation,
+        },
+    )
+    with tempfile.TemporaryDirectory(prefix="pvemu-trace-") as scratch:
+        replay = _Replay(
+            kernel,
+            trace,
+            result,
+            touch_limit=touch_limit,
+            max_resident=max_resident,
+            relocation=relocation,
+            scratch=scratch,
+        )
+        await replay.run()
+        await replay.verify()
+    result.audit = await kernel.audit()
+    return result
+
+
+async def run_trace_workload(
+    kernel: Kernel,
+    path: str | os.PathLike[str],
+    *,
+    touch_limit: int = DEFAULT_TOUCH_LIMIT,
+    max_resident: int = DEFAULT_MAX_RESIDENT,
+    relocation: str = "preserve",
+) -> WorkloadResult:
+    """``pvemu guest --workload trace:FILE``: load the trace and replay it.
+
+    Returns a :class:`TraceResult` (typed as its base class, so callers can
+    keep one variable for every workload)."""
+    trace = load_trace(path)
+    return await replay_trace(
+        kernel,
+        trace,
+        touch_limit=touch_limit,
+        max_resident=max_resident,
+        relocation=relocation,
+        name=os.fspath(path),
+    )

@@ -1,0 +1,315 @@
+"""``pvemu trace``: record a real program's memory syscalls with strace, show
+a recorded trace, and replay it in guest kernels (``docs/traces.md``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from guest.pvops import MODES
+
+HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
+
+DESCRIPTION = """\
+Real programs as workloads. 'record' runs a command under strace, following
+threads, and keeps its mmap, mprotect, munmap, mremap, brk, discarding madvise
+and execve calls as a normalised JSON trace (schema 1). 'show' summarises a
+trace. 'replay' runs it in one guest per mode, like 'pvemu run' does for the
+mprotect workload, and prints what each phase cost; the same replay is
+'pvemu guest --workload trace:FILE' and 'pvemu bench --workload trace:FILE'.
+
+Replay policy (docs/traces.md): every range keeps the program's own address
+when it is free in the guest, else the guest places it and later calls are
+translated; pages are populated by writing (or reading, for read-only memory)
+the first 64 pages of every range that becomes accessible (an mmap, brk or
+mremap growth, an mprotect from PROT_NONE), at most 2048 pages at once."""
+
+EPILOG = """\
+examples:
+  pvemu trace record -o node.json -- node -e "console.log(1)"
+  pvemu trace show benchmarks/traces/python-json.json
+  pvemu trace replay benchmarks/traces/node-alloc.json --modes native,trap,xen
+  pvemu guest --socket /tmp/hv.sock --mode xen --workload trace:node.json
+"""
+
+#: The syscalls recorded: memory, plus what tells threads from processes.
+STRACE_FILTER = "trace=%memory,clone,clone3,fork,vfork,execve"
+STRACE_FLAGS = ("-f", "-qq", "-y", "-e", STRACE_FILTER)
+DEFAULT_MODES = ("native", "trap", "xen")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+
+    record = sub.add_parser(
+        "record",
+        help="run a command under strace and save its normalised trace",
+        description="Run CMD under strace -f (memory syscalls, clone/execve to tell "
+        "threads from processes) and save the normalised trace to FILE.",
+        epilog="example:\n  pvemu trace record -o py.json -- python3 -c 'import json'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    record.add_argument("-o", "--output", required=True, metavar="FILE", help="trace to write")
+    record.add_argument("--strace", default="strace", metavar="PATH", help="strace binary")
+    record.add_argument(
+        "--raw", metavar="FILE", help="also keep strace's own output in FILE (for debugging)"
+    )
+    record.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the program")
+    record.set_defaults(trace_run=_record)
+
+    show = sub.add_parser(
+        "show",
+        help="summarise a trace: event counts, pages mapped and protected",
+        description="Summarise a trace file: its command, event counts per syscall, "
+        "pages mapped/protected/unmapped, and what the parser skipped.",
+    )
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON")
+    show.set_defaults(trace_run=_show)
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay a trace in one guest process per mode and compare",
+        description="Replay FILE in one guest process per mode (a hypervisor process "
+        "is started unless --socket names one) and print the traps of every phase.",
+        epilog="phases: mmap, mprotect, munmap, mremap, brk, madvise (the syscalls) and "
+        "touch (the user accesses that populate pages).",
+    )
+    replay.add_argument("file", metavar="FILE")
+    replay.add_argument(
+        "--modes",
+        type=_modes,
+        default=DEFAULT_MODES,
+        help=f"comma-separated pv-ops modes (default {','.join(DEFAULT_MODES)})",
+    )
+    replay.add_argument("--socket", metavar="PATH", help="a running hypervisor's socket")
+    replay.add_argument(
+        "--memory-mib", type=_positive, default=64, help="guest memory (default 64)"
+    )
+    replay.add_argument("--json", action="store_true", help="print one JSON document")
+    replay.set_defaults(trace_run=_replay)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    return modes
+
+
+def run(args: argparse.Namespace) -> int:
+    status: int = args.trace_run(args)
+    return status
+
+
+# --- record -------------------------------------------------------------------------
+
+
+def strace_version(strace: str) -> str:
+    done = subprocess.run([strace, "-V"], capture_output=True, text=True, check=False)
+    first = (done.stdout.splitlines() or ["strace"])[0]
+    return first.replace("-- version", "").replace("  ", " ").strip()
+
+
+def _record(args: argparse.Namespace) -> int:
+    from guest.trace import parse_strace, save_trace
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("pvemu trace record: no command given (put it after --)", file=sys.stderr)
+        return 2
+    strace = shutil.which(args.strace)
+    if strace is None:
+        print(f"pvemu trace record: {args.strace} not found (install strace)", file=sys.stderr)
+        return 2
+    recorded_with = f"{strace_version(strace)} {' '.join(STRACE_FLAGS)}"
+    with tempfile.TemporaryDirectory(prefix="pvemu-trace-") as tmp:
+        raw_path = os.path.join(tmp, "strace.txt")
+        done = subprocess.run([strace, *STRACE_FLAGS, "-o", raw_path, "--", *cmd], check=False)
+        if not os.path.exists(raw_path):
+            print(f"pvemu trace record: strace failed (exit {done.returncode})", file=sys.stderr)
+            return 1
+        with open(raw_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if args.raw:
+            shutil.copyfile(raw_path, args.raw)
+    trace = parse_strace(text, command=cmd, recorded_with=recorded_with)
+    if not trace.events:
+        print("pvemu trace record: strace saw no memory syscalls", file=sys.stderr)
+        return 1
+    save_trace(trace, args.output)
+    print(f"wrote {args.output}")
+    print_summary(trace.summary(), sys.stdout)
+    if done.returncode != 0:
+        print(
+            f"pvemu trace record: the command exited with status {done.returncode} "
+            "(trace saved anyway)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# --- show -------------------------------------------------------------------------------
+
+
+def print_summary(summary: dict[str, Any], out: Any) -> None:
+    by_op = ", ".join(f"{op} {n}" for op, n in summary["by_op"].items())
+    print(f"command:       {shlex.join(summary['command'])}", file=out)
+    print(f"recorded with: {summary['recorded_with']}", file=out)
+    print(f"events:        {summary['events']} ({by_op})", file=out)
+    print(f"threads:       {summary['threads']}", file=out)
+    print(
+        f"pages:         {summary['pages_mapped']} mapped, {summary['pages_protected']} "
+        f"mprotected, {summary['pages_unmapped']} unmapped, {summary['pages_discarded']} "
+        f"discarded, {summary['brk_pages_grown']} grown by brk",
+        file=out,
+    )
+    if summary["mprotect_to"]:
+        prots = ", ".join(f"{p} {n}" for p, n in summary["mprotect_to"].items())
+        print(f"mprotect to:   {prots}", file=out)
+    parser = summary["parser"]
+    if parser:
+        print(f"parser:        {', '.join(f'{k} {v}' for k, v in parser.items())}", file=out)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from guest.trace import TraceError, load_trace
+
+    try:
+        trace = load_trace(args.file)
+    except (OSError, TraceError) as exc:
+        print(f"pvemu trace show: {exc}", file=sys.stderr)
+        return 1
+    summary = trace.summary()
+    if args.json:
+        print(json.dumps({"schema": 1, "file": args.file, **summary}))
+    else:
+        print(f"trace:         {args.file}")
+        print_summary(summary, sys.stdout)
+    return 0
+
+
+# --- replay ------------------------------------------------------------------------------
+
+
+def _start_hypervisor(socket_path: str, memory_mib: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
+    cmd += ["--memory-mib", str(memory_mib), "--log-level", "warning", "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if not proc.stdout.readline().startswith("pvemu-hypervisor ready"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the hypervisor did not start (exit {proc.returncode})")
+    return proc
+
+
+def _replay_mode(mode: str, path: str, socket_path: str, memory_mib: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "scripts", "guest", "--mode", mode, "--json"]
+    cmd += ["--workload", f"trace:{path}", "--memory-mib", str(memory_mib)]
+    if mode != "native":
+        cmd += ["--socket", socket_path]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 3) or not done.stdout.strip():
+        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return {"mode": mode, "error": error, "counts_agree": False, "audit_clean": False}
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _valid(result: dict[str, Any]) -> bool:
+    trace = result.get("trace", {})
+    return bool(result["counts_agree"] and result["audit_clean"] and trace.get("replay_clean"))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from guest.trace import TraceError, load_trace
+
+    try:
+        load_trace(args.file)  # fail early, with a clear message
+    except (OSError, TraceError) as exc:
+        print(f"pvemu trace replay: {exc}", file=sys.stderr)
+        return 1
+    path = os.path.abspath(args.file)
+    results: list[dict[str, Any]] = []
+    needs_hypervisor = any(m != "native" for m in args.modes) and not args.socket
+    with tempfile.TemporaryDirectory(prefix="pvemu-trace-", dir="/tmp") as tmp:
+        socket_path = args.socket or os.path.join(tmp, "hv.sock")
+        hv = _start_hypervisor(socket_path, args.memory_mib * 2 + 64) if needs_hypervisor else None
+        try:
+            for mode in args.modes:
+                print(f"replaying in mode {mode} ...", file=sys.stderr)
+                results.append(_replay_mode(mode, path, socket_path, args.memory_mib))
+        finally:
+            if hv is not None:
+                hv.terminate()
+                hv.wait(timeout=30)
+                if hv.stdout is not None:
+                    hv.stdout.close()
+    valid = all(_valid(r) for r in results)
+    if args.json:
+        print(json.dumps({"schema": 1, "file": args.file, "results": results}))
+    else:
+        print_replay_table(args.file, results)
+        if not valid:
+            print("some replays were NOT valid (see the 'ok' column)", file=sys.stderr)
+    return 0 if valid else 1
+
+
+def print_replay_table(name: str, results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from guest.workload import PHASE_FIELDS
+    from scripts.report import HEADERS
+
+    table = Table(title=f"trace {name} (traps per phase; lower is better)")
+    table.add_column("mode")
+    table.add_column("phase")
+    for f in PHASE_FIELDS:
+        table.add_column(HEADERS[f], justify="right")
+    table.add_column("ms", justify="right")
+    table.add_column("ok")
+    for result in results:
+        if "error" in result:
+            table.add_row(result["mode"], "-", *["-"] * (len(PHASE_FIELDS) + 1), "FAILED")
+            continue
+        phases = {k: v for k, v in result["phases"].items() if any(v[f] for f in PHASE_FIELDS)}
+        trace = result.get("trace", {})
+        ok = "yes" if _valid(result) else f"NO ({trace.get('errors', '?')} errors)"
+        for i, (phase, counts) in enumerate(phases.items()):
+            table.add_row(
+                result["mode"] if i == 0 else "",
+                phase,
+                *(str(counts[f]) for f in PHASE_FIELDS),
+                f"{counts['wall_s'] * 1000:.1f}",
+                ok if i == 0 else "",
+                end_section=i == len(phases) - 1,
+            )
+        if not phases:
+            table.add_row(result["mode"], "(all)", *["0"] * len(PHASE_FIELDS), "-", ok)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    console.print(table)
