@@ -15,13 +15,12 @@ import contextlib
 import json
 import os
 import platform
-import select
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from guest.pvops import MODES
 from scripts.argtypes import mode_list, positive_int
+from scripts.procs import HypervisorProcess, hypervisor_process
 from scripts.results import (
     BUFFER_PARAMS,
     DEFAULT_DB,
@@ -190,56 +190,6 @@ class Sweep:
 # --- processes -------------------------------------------------------------------
 
 
-@dataclass
-class Hypervisor:
-    """One ``pvemu hypervisor`` process serving the whole sweep."""
-
-    proc: subprocess.Popen[str]
-    socket_path: str
-    log_path: Path
-
-    def log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1] if lines else ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-@contextlib.contextmanager
-def hypervisor_process(tmp: Path, memory_mib: int) -> Iterator[Hypervisor]:
-    """Start the hypervisor, wait for its ready line, stop it on exit."""
-    socket_path = str(tmp / "hv.sock")
-    log_path = tmp / "hypervisor.log"
-    cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
-    cmd += ["--memory-mib", str(memory_mib), "--log-level", "warning", "--log-format", "json"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    hv = Hypervisor(proc, socket_path, log_path)
-    try:
-        assert proc.stdout is not None
-        ready = ""
-        readable, _, _ = select.select([proc.stdout], [], [], 60.0)
-        if readable:
-            ready = proc.stdout.readline()
-        if not ready.startswith("pvemu-hypervisor ready"):
-            raise RuntimeError(f"the hypervisor did not start: {hv.log_tail() or ready!r}")
-        yield hv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def guest_command(
     point: Point,
     *,
@@ -351,7 +301,7 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
     )
     with contextlib.ExitStack() as stack:
         tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-bench-", dir="/tmp"))
-        hv: Hypervisor | None = None
+        hv: HypervisorProcess | None = None
         if sweep.needs_hypervisor:
             memory = memory_for(max_pages) * 2 + 64
             hv = stack.enter_context(hypervisor_process(Path(tmpdir), memory))
@@ -370,7 +320,7 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
 
 
 def _measure(
-    point: Point, hv: Hypervisor | None, sweep: Sweep, max_pages: int, options: SweepOptions
+    point: Point, hv: HypervisorProcess | None, sweep: Sweep, max_pages: int, options: SweepOptions
 ) -> None:
     cmd = guest_command(
         point,

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from guest.pvops import MODES, UNSAFE_MODES
 from scripts.argtypes import mode_list, positive_int
+from scripts.procs import HypervisorStartError, maybe_hypervisor
 
 EPILOG = """\
 columns: writes (stores that completed), lost dirty (D bits set by hardware
@@ -80,27 +81,26 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from scripts.run_cmd import _start_hypervisor
-
     if args.writers > 14:
         print("pvemu race: at most 14 writers", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="pvemu-race-", dir="/tmp") as tmp:
-        socket_path = os.path.join(tmp, "hv.sock")
-        hv = _start_hypervisor(socket_path, 512, quantum=args.quantum)
-        try:
-            with Progress(console=Console(stderr=True), transient=True) as progress:
-                task = progress.add_task("race", total=len(args.modes))
-                for mode in args.modes:
-                    progress.update(task, description=f"mode {mode}")
-                    results.append(_run_mode(mode, socket_path, args))
-                    progress.advance(task)
-        finally:
-            hv.terminate()
-            hv.wait(timeout=30)
-            if hv.stdout is not None:
-                hv.stdout.close()
+    needs_hypervisor = any(m != "native" for m in args.modes)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="pvemu-race-", dir="/tmp") as tmp,
+            maybe_hypervisor(needs_hypervisor, Path(tmp), 512, quantum=args.quantum) as hv,
+            Progress(console=Console(stderr=True), transient=True) as progress,
+        ):
+            socket_path = hv.socket_path if hv is not None else ""
+            task = progress.add_task("race", total=len(args.modes))
+            for mode in args.modes:
+                progress.update(task, description=f"mode {mode}")
+                results.append(_run_mode(mode, socket_path, args))
+                progress.advance(task)
+    except HypervisorStartError as exc:
+        print(f"pvemu race: {exc}", file=sys.stderr)
+        return 1
     failed = [r["mode"] for r in results if r["mode"] not in UNSAFE_MODES and _lost(r)]
     if args.json:
         print(json.dumps({"schema": 1, "results": results}))

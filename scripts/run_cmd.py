@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from guest.pvops import MODES, UNSAFE_MODES
 from scripts.argtypes import mode_list, positive_int
+from scripts.procs import HypervisorStartError, maybe_hypervisor
 
 DEFAULT_MODES = ("native", "trap", "ptwr", "xen", "batched")
 
@@ -50,22 +51,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
-def _start_hypervisor(
-    socket_path: str, memory_mib: int, *, quantum: int = 256
-) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
-    cmd += ["--memory-mib", str(memory_mib), "--quantum", str(quantum)]
-    cmd += ["--log-level", "warning", "--log-format", "json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("pvemu-hypervisor ready"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the hypervisor did not start (exit {proc.returncode})")
-    return proc
-
-
 def _run_guest(mode: str, socket_path: str, pages: int, vcpus: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "scripts", "guest", "--mode", mode, "--pages", str(pages)]
     cmd += ["--vcpus", str(vcpus), "--json"]
@@ -95,23 +80,22 @@ def run(args: argparse.Namespace) -> int:
     pages: int = args.pages
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes)
-    with tempfile.TemporaryDirectory(prefix="pvemu-run-", dir="/tmp") as tmp:
-        socket_path = args.socket or os.path.join(tmp, "hv.sock")
-        memory = memory_for(pages) * 2 + 64
-        hv = _start_hypervisor(socket_path, memory) if needs_hypervisor else None
-        try:
-            with Progress(console=Console(stderr=True), transient=True) as progress:
-                task = progress.add_task("running", total=len(args.modes))
-                for mode in args.modes:
-                    progress.update(task, description=f"mode {mode}")
-                    results.append(_run_guest(mode, socket_path, pages, args.vcpus))
-                    progress.advance(task)
-        finally:
-            if hv is not None:
-                hv.terminate()
-                hv.wait(timeout=30)
-                if hv.stdout is not None:
-                    hv.stdout.close()
+    memory = memory_for(pages) * 2 + 64
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="pvemu-run-", dir="/tmp") as tmp,
+            maybe_hypervisor(needs_hypervisor, Path(tmp), memory, socket_path=args.socket) as hv,
+            Progress(console=Console(stderr=True), transient=True) as progress,
+        ):
+            socket_path = hv.socket_path if hv is not None else ""
+            task = progress.add_task("running", total=len(args.modes))
+            for mode in args.modes:
+                progress.update(task, description=f"mode {mode}")
+                results.append(_run_guest(mode, socket_path, pages, args.vcpus))
+                progress.advance(task)
+    except HypervisorStartError as exc:
+        print(f"pvemu run: {exc}", file=sys.stderr)
+        return 1
     valid = all(r["counts_agree"] and r["audit_clean"] for r in results)
     if args.json:
         print(json.dumps({"schema": 1, "pages": pages, "results": results}))

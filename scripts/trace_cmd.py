@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from guest.pvops import MODES
+from scripts.procs import HypervisorStartError, maybe_hypervisor
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
 
@@ -213,18 +215,6 @@ def _show(args: argparse.Namespace) -> int:
 # --- replay ------------------------------------------------------------------------------
 
 
-def _start_hypervisor(socket_path: str, memory_mib: int) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
-    cmd += ["--memory-mib", str(memory_mib), "--log-level", "warning", "--log-format", "json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    if not proc.stdout.readline().startswith("pvemu-hypervisor ready"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the hypervisor did not start (exit {proc.returncode})")
-    return proc
-
-
 def _replay_mode(mode: str, path: str, socket_path: str, memory_mib: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "scripts", "guest", "--mode", mode, "--json"]
     cmd += ["--workload", f"trace:{path}", "--memory-mib", str(memory_mib)]
@@ -254,19 +244,18 @@ def _replay(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes) and not args.socket
-    with tempfile.TemporaryDirectory(prefix="pvemu-trace-", dir="/tmp") as tmp:
-        socket_path = args.socket or os.path.join(tmp, "hv.sock")
-        hv = _start_hypervisor(socket_path, args.memory_mib * 2 + 64) if needs_hypervisor else None
-        try:
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="pvemu-trace-", dir="/tmp") as tmp,
+            maybe_hypervisor(needs_hypervisor, Path(tmp), args.memory_mib * 2 + 64) as hv,
+        ):
+            socket_path = hv.socket_path if hv is not None else (args.socket or "")
             for mode in args.modes:
                 print(f"replaying in mode {mode} ...", file=sys.stderr)
                 results.append(_replay_mode(mode, path, socket_path, args.memory_mib))
-        finally:
-            if hv is not None:
-                hv.terminate()
-                hv.wait(timeout=30)
-                if hv.stdout is not None:
-                    hv.stdout.close()
+    except HypervisorStartError as exc:
+        print(f"pvemu trace replay: {exc}", file=sys.stderr)
+        return 1
     valid = all(_valid(r) for r in results)
     if args.json:
         print(json.dumps({"schema": 1, "file": args.file, "results": results}))
