@@ -433,11 +433,16 @@ class Kernel:
             if page is None:
                 continue
             l1 = self._lookup_l1(page_va)
-            ptep = maddr_of_entry(l1, va_indexes(page_va).l1) if l1 is not None else None
-            if ptep is None or not (read(ptep) & _PAGE_DIRTY or page.dirty):
+            if l1 is None:
                 continue
-            assert l1 is not None
+            ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
+            # Under the lock: another CPU may hold this PTE cleared mid-update
+            # (an mprotect's get_and_clear, a flusher's page_mkclean); msync
+            # must wait for it rather than take the cleared PTE for clean.
             async with self._lock(l1):
+                if not (read(ptep) & _PAGE_DIRTY or page.dirty):
+                    backend.note_unlock(l1)
+                    continue
                 if pte_present(read(ptep)):
                     old = await backend.ptep_get_and_clear(ptep)
                     if old & _PAGE_DIRTY:
