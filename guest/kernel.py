@@ -266,9 +266,32 @@ class Kernel:
     # --- page faults ----------------------------------------------------------------
 
     async def handle_fault(self, va: int, error_code: int, *, vcpu: int = 0) -> None:
-        """Resolve a user page fault taken on ``vcpu`` or raise SegmentationFault."""
+        """Resolve a user page fault taken on ``vcpu`` or raise SegmentationFault.
+
+        The VMA is checked again under the PTE-page lock: an mprotect or
+        munmap on another CPU may have changed it while this fault waited
+        (pvemu has no mmap_lock; the PTE lock orders the two instead).
+        """
         self.counters.page_faults += 1
         backend = self.backends[vcpu]
+        write = bool(error_code & PF_WRITE)
+        self._vma_allowing(va, error_code)  # fail fast, before building tables
+        page_va = va & ~(PAGE_SIZE - 1)
+        async with self._table_lock:
+            l1 = await self._ensure_tables(page_va, backend)
+        ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
+        async with self._lock(l1):
+            vma = self._vma_allowing(va, error_code)
+            pte = self.machine.read_u64(ptep)
+            if not pte & _PAGE_PRESENT:
+                await self._install(vma, page_va, ptep, pte, write, backend)
+            elif write and not pte & _PAGE_RW:
+                await self._write_fault(vma, page_va, ptep, pte, backend)
+            # else: spurious (another vCPU fixed it, or a stale TLB): retry
+            backend.note_unlock(l1)
+
+    def _vma_allowing(self, va: int, error_code: int) -> Vma:
+        """The VMA that allows this access, or SegmentationFault."""
         vma = self.mm.find(va) if is_canonical(va) else None
         write = bool(error_code & PF_WRITE)
         execute = bool(error_code & PF_INSTR)
@@ -281,18 +304,7 @@ class Kernel:
         ):
             kind = "write" if write else "exec" if execute else "read"
             raise self._segv(va, f"{kind} not allowed")
-        page_va = va & ~(PAGE_SIZE - 1)
-        async with self._table_lock:
-            l1 = await self._ensure_tables(page_va, backend)
-        ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
-        async with self._lock(l1):
-            pte = self.machine.read_u64(ptep)
-            if not pte & _PAGE_PRESENT:
-                await self._install(vma, page_va, ptep, pte, write, backend)
-            elif write and not pte & _PAGE_RW:
-                await self._write_fault(vma, page_va, ptep, pte, backend)
-            # else: spurious (another vCPU fixed it, or a stale TLB): retry
-            backend.note_unlock(l1)
+        return vma
 
     def _segv(self, va: int, reason: str) -> SegmentationFault:
         self.counters.segfaults += 1

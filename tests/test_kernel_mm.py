@@ -216,3 +216,32 @@ async def test_lazy_rules_are_enforced(xen: Kernel) -> None:
         await backend.modify_prot_start(ptep)
     await backend.lazy_leave()
     backend.note_unlock(l1)  # now everything has been sent
+
+
+async def test_fault_rechecks_the_vma_under_the_pte_lock(xen: Kernel) -> None:
+    """A write fault that waited on the PTE-page lock while an mprotect made
+    the VMA read-only must not make the page writable (no mmap_lock here)."""
+    import trio
+    import trio.testing
+
+    addr = xen.mmap(PAGE, RW, ANON, addr=0x4000_0000)
+    assert await xen.read(addr, 1) == b"\0"  # present, read-only (no write yet)
+    l1 = xen._lookup_l1(addr)
+    assert l1 is not None
+    outcome: list[BaseException] = []
+
+    async def fault() -> None:
+        try:
+            await xen.handle_fault(addr, 0x7, vcpu=1)  # user write to a present page
+        except SegmentationFault as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery, xen._lock(l1):
+            nursery.start_soon(fault)
+            await trio.testing.wait_all_tasks_blocked()
+            xen.mm.mprotect(addr, PAGE, mmap.PROT_READ)  # the VMA changes meanwhile
+            # the lock is free: the fault runs now, and the nursery waits for it
+    assert len(outcome) == 1
+    ptep = (l1 << 12) | ((addr >> 12) & 511) * 8
+    assert not xen.machine.read_u64(ptep) & _PAGE_RW
