@@ -49,8 +49,6 @@ _PAGE_PROTNONE: Final = _PAGE_GLOBAL
 #: Bits ``pte_modify`` keeps: the frame, A, D and the software bits.
 PAGE_CHG_MASK: Final = PTE_MFN_MASK | _PAGE_ACCESSED | _PAGE_DIRTY | 0xE00
 TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
-#: ``tlb_single_page_flush_ceiling``: up to this many pages, one INVLPG each.
-TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
 #: User accesses sent per run_user request.
 ACCESS_BATCH: Final = 256
 

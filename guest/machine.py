@@ -16,7 +16,7 @@ import trio
 
 from shared.mmu import BytearrayMemory, HardwareModel
 from shared.oracle import RaceOracle
-from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+from shared.x86 import PAGE_SIZE
 
 
 class Machine(Protocol):
@@ -24,7 +24,6 @@ class Machine(Protocol):
 
     nr_vcpus: int
     l4_mfn: int
-    is_native: bool
 
     def alloc_frame(self) -> int: ...
 
@@ -96,8 +95,6 @@ class DomainApi(Protocol):
 class DomainMachine:
     """A PV domain served by a hypervisor (every call a real trap)."""
 
-    is_native = False
-
     def __init__(self, domain: DomainApi) -> None:
         self.domain = domain
         self.nr_vcpus = domain.nr_vcpus
@@ -147,8 +144,6 @@ class NativeMachine:
     tables directly (``write_u64``). PFN == MFN here.
     """
 
-    is_native = True
-
     def __init__(self, memory_mib: int, nr_vcpus: int) -> None:
         frames = memory_mib * (1 << 20) // PAGE_SIZE
         self.memory = BytearrayMemory(frames)
@@ -191,9 +186,6 @@ class NativeMachine:
 
     def write_bytes(self, maddr: int, data: bytes) -> None:
         self.memory.write_bytes(maddr, data)
-
-    def frame_of(self, maddr: int) -> int:
-        return maddr >> PAGE_SHIFT
 
     async def mmu_update(
         self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
