@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import hmac
+import math
 import os
 import select
 import socket
@@ -81,6 +83,15 @@ def _record_count(args: wire.HypercallArgs) -> int:
     return 1
 
 
+def _largest_batch(args: wire.HypercallArgs) -> int:
+    """Records in the biggest mmu_update of a request (0 if none)."""
+    if isinstance(args, wire.MmuUpdateArgs):
+        return args.count
+    if isinstance(args, wire.MulticallArgs):
+        return max((_largest_batch(call.args) for call in args.calls), default=0)
+    return 0
+
+
 def prepare_socket_path(path: str) -> None:
     """Remove a stale socket file; refuse if a live server answers on it."""
     try:
@@ -102,22 +113,59 @@ def prepare_socket_path(path: str) -> None:
     raise ServerError(f"another server is already listening on {path}")
 
 
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Every bound on what a guest can make the server hold or do.
+
+    Worst-case receive buffering is ``max_connections x message_size``; the
+    defaults keep that near 4 GiB only if every connection sends a maximum
+    message at once, and about 64 KiB per idle connection otherwise.
+    """
+
+    #: Entries a long hypercall processes before yielding (Xen's preemption check).
+    quantum: int = DEFAULT_QUANTUM
+    #: Live domains; a Hello beyond this is refused.
+    max_domains: int = 64
+    #: Open connections; one beyond this gets an error and is closed at once.
+    max_connections: int = 1024
+    #: Records in one mmu_update (also inside a multicall); more is ``too_large``.
+    max_batch: int = 65536
+    #: Seconds a connection may stay without Hello/Join before it is closed.
+    handshake_timeout: float = 10.0
+    #: Seconds a reply may wait for a guest that does not read before the
+    #: connection is dropped (as if the guest hung up).
+    send_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("quantum", "max_domains", "max_connections", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_batch > wire.MAX_MMU_UPDATES:
+            raise ValueError(f"max_batch is at most {wire.MAX_MMU_UPDATES} (the wire's ceiling)")
+        if not (self.handshake_timeout > 0 and self.send_timeout > 0):
+            raise ValueError("timeouts must be positive")
+
+    @property
+    def message_size(self) -> int:
+        """The largest request accepted: room for a maximum batch, and never
+        less than every other request needs."""
+        batch_bytes = self.max_batch * wire.MMU_UPDATE_SIZE + 64 * 1024
+        return min(wire.MAX_MESSAGE_SIZE, max(wire.DEFAULT_MESSAGE_SIZE, batch_bytes))
+
+
 class HypervisorServer:
     """Serves one :class:`Hypervisor` on a Unix socket."""
 
-    def __init__(
-        self,
-        hv: Hypervisor,
-        *,
-        quantum: int = DEFAULT_QUANTUM,
-        max_domains: int = 64,
-    ) -> None:
-        if quantum < 1:
-            raise ValueError("quantum must be at least 1")
+    def __init__(self, hv: Hypervisor, limits: ServerLimits | None = None) -> None:
         self.hv = hv
-        self.quantum = quantum
-        self.max_domains = max_domains
+        self.limits = limits or ServerLimits()
         self._members: dict[int, _Membership] = {}
+        self._connections = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now (handshaken or not)."""
+        return self._connections
 
     async def serve(
         self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
@@ -138,7 +186,7 @@ class HypervisorServer:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self._handle, [listener])
-                log.info("listening", socket=socket_path, quantum=self.quantum)
+                log.info("listening", socket=socket_path, **dataclasses.asdict(self.limits))
                 task_status.started(socket_path)
         finally:
             with trio.CancelScope(shield=True):
@@ -152,7 +200,29 @@ class HypervisorServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         structlog.contextvars.clear_contextvars()
-        conn = wire.Connection("server")
+        limits = self.limits
+        conn = wire.Connection("server", max_message_size=limits.message_size)
+        self._connections += 1
+        try:
+            if self._connections > limits.max_connections:
+                log.warning("connection_refused", limit=limits.max_connections)
+                refusal = wire.ErrorReply(
+                    None,
+                    WireErrorCode.NOT_SUPPORTED,
+                    f"too many connections (the limit is {limits.max_connections})",
+                )
+                with trio.move_on_after(1):
+                    await stream.send_all(conn.send(refusal))
+                return
+            await self._handle_admitted(stream, conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _handle_admitted(self, stream: trio.SocketStream, conn: wire.Connection) -> None:
         session = _Session()
         try:
             creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -169,8 +239,6 @@ class HypervisorServer:
         finally:
             if session.domid is not None:
                 self._leave(session)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
 
     async def _serve_connection(
         self,
@@ -179,29 +247,48 @@ class HypervisorServer:
         session: _Session,
         poller: select.poll,
     ) -> None:
+        handshake_deadline = trio.current_time() + self.limits.handshake_timeout
         while True:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
                 log.warning("protocol_error", code=exc.code, fatal=exc.fatal, error=exc.message)
-                await stream.send_all(conn.send(wire.ErrorReply.from_exception(exc)))
+                await self._send(stream, conn.send(wire.ErrorReply.from_exception(exc)))
                 if exc.fatal:
                     return
                 continue
             if event is wire.NEED_DATA:
-                conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
-                continue
+                deadline = handshake_deadline if session.domid is None else math.inf
+                with trio.move_on_at(deadline):
+                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                    continue
+                log.warning("handshake_timeout", seconds=self.limits.handshake_timeout)
+                timeout = wire.ErrorReply(
+                    None,
+                    WireErrorCode.BAD_STATE,
+                    f"no hello or join within {self.limits.handshake_timeout:g} s",
+                )
+                await self._send(stream, conn.send(timeout))
+                return
             if event is wire.CONNECTION_CLOSED:
                 return
             assert isinstance(event, wire.Request)
             reply, fd = await self._dispatch(event, session, stream, poller)
-            data = conn.send(reply)
+            await self._send(stream, conn.send(reply), fd)
+            if isinstance(reply, wire.Goodbye):
+                return
+
+    async def _send(self, stream: trio.SocketStream, data: bytes, fd: int | None = None) -> None:
+        """Send a reply; a guest that leaves it unread for ``send_timeout``
+        seconds is treated as gone, so it cannot pin the server's memory."""
+        with trio.move_on_after(self.limits.send_timeout):
             if fd is None:
                 await stream.send_all(data)
             else:
                 await _send_with_fd(stream, data, fd)
-            if isinstance(reply, wire.Goodbye):
-                return
+            return
+        log.warning("send_timeout", seconds=self.limits.send_timeout, bytes=len(data))
+        raise _PeerGone
 
     async def _dispatch(
         self,
@@ -220,6 +307,13 @@ class HypervisorServer:
                 return wire.Goodbye(rid), None
             assert session.domid is not None  # the Connection enforces the handshake
             if isinstance(request, wire.Hypercall):
+                batch = _largest_batch(request.args)
+                if batch > self.limits.max_batch:
+                    return wire.ErrorReply(
+                        rid,
+                        WireErrorCode.TOO_LARGE,
+                        f"mmu_update of {batch} records: the limit is {self.limits.max_batch}",
+                    ), None
                 return await self._hypercall(request, session, poller), None
             if isinstance(request, wire.Ptwr):
                 rc, old = self.hv.ptwr_write(
@@ -255,9 +349,9 @@ class HypervisorServer:
         return wire.ErrorReply(rid, WireErrorCode.NOT_SUPPORTED, request.TYPE), None
 
     def _hello(self, hello: wire.Hello, session: _Session) -> tuple[wire.Reply, int | None]:
-        if len(self._members) >= self.max_domains:
+        if len(self._members) >= self.limits.max_domains:
             return wire.ErrorReply(
-                hello.id, WireErrorCode.NOT_SUPPORTED, f"at most {self.max_domains} domains"
+                hello.id, WireErrorCode.NOT_SUPPORTED, f"at most {self.limits.max_domains} domains"
             ), None
         try:
             domain = self.hv.create_domain(hello.memory_mib, hello.vcpus, hello.name)
@@ -293,8 +387,9 @@ class HypervisorServer:
         assert session.domid is not None
         domain = self.hv.domain(session.domid)
         limits = {
-            "quantum": self.quantum,
-            "max_mmu_updates": wire.MAX_MMU_UPDATES,
+            "quantum": self.limits.quantum,
+            "max_mmu_updates": self.limits.max_batch,
+            "max_message_size": self.limits.message_size,
             "max_mmuext_ops": wire.MAX_MMUEXT_OPS,
             "max_multicall_calls": wire.MAX_MULTICALL_CALLS,
             "max_user_accesses": wire.MAX_USER_ACCESSES,
@@ -319,7 +414,7 @@ class HypervisorServer:
             session.domid, session.vcpu, request.op, core_args(request.args)
         )
         slices = 1
-        while not call.step(self.quantum):
+        while not call.step(self.limits.quantum):
             slices += 1
             if poller.poll(0):  # the guest hung up mid-batch: stop here
                 call.abandon()
@@ -376,15 +471,14 @@ async def _send_with_fd(stream: trio.SocketStream, data: bytes, fd: int) -> None
 async def run_server(
     socket_path: str,
     hv: Hypervisor,
+    limits: ServerLimits,
     *,
-    quantum: int,
-    max_domains: int,
     ready_line: Sequence[str] = (),
 ) -> None:
     """Serve until SIGINT/SIGTERM; print ``ready_line`` once accepting."""
     import signal
 
-    server = HypervisorServer(hv, quantum=quantum, max_domains=max_domains)
+    server = HypervisorServer(hv, limits)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, socket_path)
@@ -400,6 +494,7 @@ __all__ = [
     "DEFAULT_QUANTUM",
     "HypervisorServer",
     "ServerError",
+    "ServerLimits",
     "core_args",
     "prepare_socket_path",
     "run_server",

@@ -18,6 +18,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A strictly positive, finite number (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
+    return value
+
+
 def mode_list(text: str) -> tuple[str, ...]:
     """A comma-separated list of pv-ops modes, each one of ``guest.pvops.MODES``."""
     modes = tuple(m.strip() for m in text.split(",") if m.strip())

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from scripts.argtypes import positive_int
+from scripts.argtypes import positive_float, positive_int
 
 DEFAULT_SOCKET = "/tmp/pvemu.sock"
 
@@ -15,12 +15,31 @@ The process prints one line 'pvemu-hypervisor ready socket=PATH pid=PID' on
 stdout once it accepts connections; logs go to stderr. SIGINT or SIGTERM
 destroys every domain, removes the socket file and exits 0.
 
+Limits bound what any guest can make the hypervisor hold or do; going over one
+is answered with a typed error and never affects other domains (see
+docs/robustness.md). The process makes itself non-dumpable so that other
+processes of the same user cannot open its descriptors (every domain's
+memory) through /proc, and raises its open-file limit to the hard limit.
+
 example:
   pvemu hypervisor --socket /tmp/hv.sock --memory-mib 512 --quantum 64
 """
 
 
+def batch_size(text: str) -> int:
+    """An argparse type: a batch limit within the wire's ceiling."""
+    from shared.wire import MAX_MMU_UPDATES
+
+    value = positive_int(text)
+    if value > MAX_MMU_UPDATES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_MMU_UPDATES} (the wire's ceiling)")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    from hypervisor.server import ServerLimits
+
+    defaults = ServerLimits()
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -39,16 +58,50 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-domains",
         type=positive_int,
-        default=64,
+        default=defaults.max_domains,
         metavar="N",
-        help="refuse a hello beyond this many live domains (default 64)",
+        help=f"refuse a hello beyond this many live domains (default {defaults.max_domains})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=defaults.max_connections,
+        metavar="N",
+        help="open connections; one more gets a 'not_supported' error and is closed "
+        f"(default {defaults.max_connections})",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=batch_size,
+        default=defaults.max_batch,
+        metavar="N",
+        help="records in one mmu_update, at most 1048576; more is answered 'too_large'. "
+        "Also sets the largest request: max(4 MiB, 16 x N + 64 KiB) "
+        f"(default {defaults.max_batch})",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=positive_float,
+        default=defaults.handshake_timeout,
+        metavar="SECONDS",
+        help="close a connection that sends no hello/join for this long "
+        f"(default {defaults.handshake_timeout:g})",
+    )
+    parser.add_argument(
+        "--send-timeout",
+        type=positive_float,
+        default=defaults.send_timeout,
+        metavar="SECONDS",
+        help="drop a connection whose guest leaves a reply unread this long "
+        f"(default {defaults.send_timeout:g})",
     )
     parser.add_argument(
         "--quantum",
         type=positive_int,
-        default=256,
+        default=defaults.quantum,
         metavar="K",
-        help="entries processed before a long hypercall yields to other domains (default 256)",
+        help="entries processed before a long hypercall yields to other domains "
+        f"(default {defaults.quantum})",
     )
     parser.add_argument(
         "--seed",
@@ -74,25 +127,41 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from hypervisor import Hypervisor
-    from hypervisor.server import ServerError, run_server
+    from hypervisor.server import ServerError, ServerLimits, run_server
     from shared.logs import configure_logging
 
     configure_logging(args.log_format or "auto", args.log_level)
+    harden_process()
+    limits = ServerLimits(
+        quantum=args.quantum,
+        max_domains=args.max_domains,
+        max_connections=args.max_connections,
+        max_batch=args.max_batch,
+        handshake_timeout=args.handshake_timeout,
+        send_timeout=args.send_timeout,
+    )
     hv = Hypervisor(args.memory_mib, seed=args.seed)
     ready = f"pvemu-hypervisor ready socket={args.socket} pid={os.getpid()}"
     try:
-        trio.run(
-            lambda: run_server(
-                args.socket,
-                hv,
-                quantum=args.quantum,
-                max_domains=args.max_domains,
-                ready_line=(ready,),
-            )
-        )
+        trio.run(lambda: run_server(args.socket, hv, limits, ready_line=(ready,)))
     except ServerError as exc:
         print(f"pvemu hypervisor: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def harden_process() -> None:
+    """Non-dumpable: /proc/PID/fd and ptrace are closed to same-user processes
+    (root keeps CAP_SYS_PTRACE). More descriptors: one per connection."""
+    import ctypes
+    import resource
+
+    pr_set_dumpable = 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -47,6 +47,7 @@ __all__ = [
     # constants and limits
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_SIZE",
+    "DEFAULT_MESSAGE_SIZE",
     "MAX_BIN_LEN",
     "MAX_STR_LEN",
     "MAX_ARRAY_LEN",
@@ -125,11 +126,21 @@ __all__ = [
 #: Sent in Hello/Join; any other value is answered with a "version" error.
 PROTOCOL_VERSION: Final = 1
 
-#: Largest encoded message (bytes), in either direction. Also the Unpacker's
-#: ``max_buffer_size``.
-MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
-#: Largest ``bin`` (the p2m blob, an mmu_update batch, a user write).
-MAX_BIN_LEN: Final = 2 * 1024 * 1024
+#: Bytes per mmu_update record: two little-endian u64s (ptr, val).
+MMU_UPDATE_SIZE: Final = 16
+#: Records in one mmu_update blob: the protocol's ceiling (16 MiB). A server
+#: may enforce less (``pvemu hypervisor --max-batch``; Welcome.limits says).
+MAX_MMU_UPDATES: Final = 1 << 20
+#: Largest ``bin`` the decoder accepts: an mmu_update blob at the ceiling.
+#: Each field has its own, smaller limit (the p2m blob, a user write).
+MAX_BIN_LEN: Final = MAX_MMU_UPDATES * MMU_UPDATE_SIZE
+#: Largest encoded message (bytes), in either direction: the ceiling of
+#: ``Connection(max_message_size=...)`` and its default.
+MAX_MESSAGE_SIZE: Final = MAX_BIN_LEN + 1024 * 1024
+#: The message size a server enforces unless its batch limit needs more: room
+#: for every request that carries no mmu_update blob (a run_user full of
+#: writes is 2 MiB).
+DEFAULT_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 #: Largest ``str`` the decoder accepts, in UTF-8 bytes (4 x MAX_TEXT_LEN).
 MAX_STR_LEN: Final = 4096
 #: Largest array (mmuext ops, multicall calls, user accesses, ...).
@@ -153,10 +164,6 @@ MAX_P2M_ENTRIES: Final = MAX_MEMORY_MIB * 256
 MAX_VCPUS: Final = 64
 #: The domain secret (Welcome, Join) is exactly this many bytes.
 SECRET_LEN: Final = 16
-#: Bytes per mmu_update record: two little-endian u64s (ptr, val).
-MMU_UPDATE_SIZE: Final = 16
-#: Records in one mmu_update blob (1 MiB).
-MAX_MMU_UPDATES: Final = 65536
 #: Entries in one mmuext_op list.
 MAX_MMUEXT_OPS: Final = 4096
 #: Calls in one multicall (per nesting level).
@@ -1124,7 +1131,8 @@ class Connection:
 
     Args:
         role: ``"client"`` or ``"server"``.
-        max_message_size: largest message accepted (tests may lower it).
+        max_message_size: largest message accepted and sent (a server lowers
+            it to its own limit; tests lower it further).
     """
 
     def __init__(self, role: Role, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:

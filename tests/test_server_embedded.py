@@ -12,7 +12,7 @@ import trio
 
 from guest.client import connect
 from hypervisor import Hypervisor
-from hypervisor.server import HypervisorServer
+from hypervisor.server import HypervisorServer, ServerLimits
 from shared import abi
 from shared.x86 import maddr_of_entry, make_pte
 
@@ -27,7 +27,7 @@ def test_core_imports_without_trio() -> None:
 
 async def test_embedded_server_logs_one_line_per_hypercall() -> None:
     hv = Hypervisor(64)
-    server = HypervisorServer(hv, quantum=2)
+    server = HypervisorServer(hv, ServerLimits(quantum=2))
     with tempfile.TemporaryDirectory(prefix="pvemu-emb-", dir="/tmp") as tmp:
         path = f"{tmp}/hv.sock"
         capture = structlog.testing.LogCapture()
