@@ -161,6 +161,8 @@ class HypervisorServer:
         self.limits = limits or ServerLimits()
         self._members: dict[int, _Membership] = {}
         self._connections = 0
+        self._refused = 0  # refusals not logged yet
+        self._last_refusal_log = -math.inf
 
     @property
     def connections(self) -> int:
@@ -205,7 +207,13 @@ class HypervisorServer:
         self._connections += 1
         try:
             if self._connections > limits.max_connections:
-                log.warning("connection_refused", limit=limits.max_connections)
+                self._refused += 1
+                now = trio.current_time()
+                if now - self._last_refusal_log >= 1.0:  # a flood must not flood the log
+                    log.warning(
+                        "connections_refused", limit=limits.max_connections, count=self._refused
+                    )
+                    self._refused, self._last_refusal_log = 0, now
                 refusal = wire.ErrorReply(
                     None,
                     WireErrorCode.NOT_SUPPORTED,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,11 +32,25 @@ def short_socket_path(tag: str) -> str:
 
 @contextmanager
 def hypervisor_process(
-    *extra: str, memory_mib: int = 128, quantum: int = 64, tag: str = "t"
+    *extra: str,
+    memory_mib: int = 128,
+    quantum: int = 64,
+    tag: str = "t",
+    user: int | None = None,
+    python: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[HypervisorProcess]:
+    """Start ``pvemu hypervisor`` and wait for its ready line.
+
+    ``user`` runs it as that uid (the socket's directory is handed to it);
+    ``python`` and ``env`` choose an interpreter that uid can execute and the
+    environment (e.g. ``PYTHONPATH``) it needs to import the project.
+    """
     socket_path = short_socket_path(tag)
+    if user is not None:
+        os.chown(os.path.dirname(socket_path), user, -1)
     cmd = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "scripts",
         "hypervisor",
@@ -52,7 +66,18 @@ def hypervisor_process(
         "warning",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Logs go to a file, never an undrained pipe: a flood of warnings from a
+    # hostile guest must not block the hypervisor on a full pipe.
+    log_path = os.path.join(os.path.dirname(socket_path), "hypervisor.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            user=user,
+            env=None if env is None else dict(env),
+        )
     handle = HypervisorProcess(proc, socket_path)
     try:
         assert proc.stdout is not None
@@ -65,15 +90,16 @@ def hypervisor_process(
                 break
         if not ready.startswith("pvemu-hypervisor ready"):
             handle.stop(signal.SIGKILL)
-            err = proc.stderr.read() if proc.stderr else ""
+            with open(log_path) as log:
+                err = log.read()
             raise RuntimeError(f"hypervisor did not start: {ready!r} {err}")
         yield handle
     finally:
         if proc.poll() is None:
             handle.stop()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        for leftover in (socket_path, log_path):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         os.rmdir(os.path.dirname(socket_path))
