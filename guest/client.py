@@ -4,11 +4,20 @@ read-only, and guest-side trap counters.
 ``connect()`` yields a :class:`Domain` handle that is already booted (an
 initial L4/L3/L2/L1 tree pinned and loaded on every vCPU). The names and
 shapes here are a stable interface (DESIGN §8): tools script against them.
+
+Errors: a typed error reply raises :class:`HypervisorError` (its ``code`` is
+the reply's). Every way the hypervisor can vanish — no socket to connect to,
+EOF before or inside a reply, a broken pipe or reset on send or receive —
+raises :class:`HypervisorGone` (a ``HypervisorError`` with code
+``disconnected`` whose message names the socket), never a bare ``OSError``;
+every later request on that connection raises it again at once. Leaving
+``connect()`` after the hypervisor has gone is quiet.
 """
 
 from __future__ import annotations
 
 import array
+import errno
 import mmap
 import os
 import socket
@@ -26,6 +35,10 @@ from shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 RECEIVE_SIZE: Final = 256 * 1024
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * 4)
+#: Errnos of a send or receive that mean the peer is gone.
+_PEER_GONE_ERRNOS: Final = frozenset(
+    {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN}
+)
 
 
 class HypervisorError(Exception):
@@ -35,6 +48,16 @@ class HypervisorError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class HypervisorGone(HypervisorError):
+    """The hypervisor is not there (any more): nothing to connect to, or the
+    connection ended without a reply. Code ``disconnected``; ``socket_path``
+    names the hypervisor's socket."""
+
+    def __init__(self, socket_path: str, what: str) -> None:
+        super().__init__("disconnected", f"the hypervisor at {socket_path or '?'} {what}")
+        self.socket_path = socket_path
 
 
 @dataclass
@@ -78,8 +101,11 @@ class GuestCounters:
 class VcpuChannel:
     """One vCPU's connection: strictly one request in flight at a time."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, socket_path: str = "") -> None:
         self._sock = sock
+        self.socket_path = socket_path
+        #: How the hypervisor went away, once it has: later requests fail at once.
+        self._gone: str | None = None
         self._conn = wire.Connection("client")
         self._lock = trio.StrictFIFOLock()
         self._next_id = 1
@@ -93,28 +119,51 @@ class VcpuChannel:
 
     async def request(self, message: wire.Request) -> wire.Reply:
         async with self._lock:
+            if self._gone is not None:
+                raise HypervisorGone(self.socket_path, self._gone)
             data = self._conn.send(message)
             while data:
-                sent = await self._sock.send(data)
+                try:
+                    sent = await self._sock.send(data)
+                except OSError as exc:
+                    raise self._vanished(exc, "sending") from exc
                 data = data[sent:]
+            eof = False
             while True:
                 try:
                     event = self._conn.next_event()
                 except RemoteProtocolError as exc:
+                    if eof:  # the stream ended inside a reply
+                        raise self._lost("closed the connection in the middle of a reply") from exc
                     raise HypervisorError(exc.code, exc.message) from exc
                 if event is wire.NEED_DATA:
-                    chunk, ancdata, _flags, _addr = await self._sock.recvmsg(
-                        RECEIVE_SIZE, _FD_SPACE
-                    )
+                    try:
+                        chunk, ancdata, _flags, _addr = await self._sock.recvmsg(
+                            RECEIVE_SIZE, _FD_SPACE
+                        )
+                    except OSError as exc:
+                        raise self._vanished(exc, "waiting for the reply") from exc
                     self._take_fds(ancdata)
+                    eof = not chunk
                     self._conn.receive_data(chunk)
                     continue
                 if event is wire.CONNECTION_CLOSED:
-                    raise HypervisorError("closed", "the hypervisor closed the connection")
+                    raise self._lost("closed the connection before replying")
                 assert isinstance(event, wire.Reply)
                 if isinstance(event, wire.ErrorReply):
                     raise HypervisorError(event.code, event.message)
                 return event
+
+    def _lost(self, what: str) -> HypervisorGone:
+        """The hypervisor is gone: every later request fails the same way."""
+        self._gone = what
+        return HypervisorGone(self.socket_path, what)
+
+    def _vanished(self, exc: OSError, doing: str) -> Exception:
+        """A send/receive error: HypervisorGone if it means the peer is gone."""
+        if exc.errno not in _PEER_GONE_ERRNOS:
+            return exc
+        return self._lost(f"closed the connection ({exc.strerror} while {doing})")
 
     def _take_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, payload in ancdata:
@@ -134,10 +183,16 @@ async def _open_channel(socket_path: str) -> VcpuChannel:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(socket_path)
+    except FileNotFoundError as exc:
+        sock.close()
+        raise HypervisorGone(socket_path, "is not running (no such socket file)") from exc
+    except ConnectionRefusedError as exc:
+        sock.close()
+        raise HypervisorGone(socket_path, "is not running (nothing listens on the socket)") from exc
     except BaseException:
         sock.close()
         raise
-    return VcpuChannel(sock)
+    return VcpuChannel(sock, socket_path)
 
 
 class Domain:

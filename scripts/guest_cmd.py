@@ -120,8 +120,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = trio.run(main)
-    except (OSError, HypervisorError) as exc:
-        print(f"pvemu guest: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        failure = _guest_failure(exc, (OSError, HypervisorError))
+        if failure is None:
+            raise
+        print(f"pvemu guest: {failure}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))
@@ -135,3 +138,17 @@ def run(args: argparse.Namespace) -> int:
         if args.mode in UNSAFE_MODES:
             print(f"note: mode {args.mode} is UNSAFE (loses A/D bits)")
     return 0 if result["counts_agree"] and result["audit_clean"] else 3
+
+
+def _guest_failure(
+    exc: BaseException, kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first expected failure behind ``exc``, also when several vCPU tasks
+    of a nursery failed together (an exception group of only those kinds)."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_guest_failure(inner, kinds) for inner in exc.exceptions]
+        if all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None

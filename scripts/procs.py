@@ -36,6 +36,16 @@ class HypervisorProcess:
         return self.proc.poll() is None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the parent dies, so a
+    SIGKILLed ``pvemu bench``/``run`` never leaves a hypervisor behind."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 @contextlib.contextmanager
 def hypervisor_process(
     directory: Path,
@@ -53,7 +63,9 @@ def hypervisor_process(
     cmd += ["--memory-mib", str(memory_mib), "--quantum", str(quantum)]
     cmd += ["--log-level", "warning", "--log-format", "json"]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent
+        )
     hv = HypervisorProcess(proc, socket_path, log_path)
     try:
         assert proc.stdout is not None
