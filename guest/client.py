@@ -263,7 +263,11 @@ class Domain:
         *,
         vcpu: int = 0,
     ) -> tuple[int, int]:
-        """Xen's mmu_update: returns (rc, done)."""
+        """Xen's mmu_update: returns (rc, done).
+
+        ``foreigndom`` is u32: FD in bits 0-15, the page-table owner plus one
+        in bits 16-31 (0 = self), reference §2.1.
+        """
         reply = await self._hypercall(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
         assert isinstance(reply, wire.Result)
         return reply.rc, reply.done
@@ -281,6 +285,17 @@ class Domain:
 
     async def update_va_mapping(self, va: int, val: int, flags: int, *, vcpu: int = 0) -> int:
         reply = await self._hypercall(vcpu, abi.HYPERVISOR_update_va_mapping, va, val, flags)
+        assert isinstance(reply, wire.Result)
+        return reply.rc
+
+    async def update_va_mapping_otherdomain(
+        self, va: int, val: int, flags: int, domid: int, *, vcpu: int = 0
+    ) -> int:
+        """update_va_mapping with ``domid`` owning the mapped frame: a domU may
+        only name DOMID_SELF (-ESRCH for an unknown domain, -EPERM for another)."""
+        reply = await self._hypercall(
+            vcpu, abi.HYPERVISOR_update_va_mapping_otherdomain, va, val, flags, domid
+        )
         assert isinstance(reply, wire.Result)
         return reply.rc
 

@@ -1,5 +1,6 @@
-"""Hypercall semantics: mmu_update, mmuext_op, multicall, update_va_mapping,
-vm_assist and writable page-table emulation (reference §2-§5, §7).
+"""Hypercall semantics: mmu_update, mmuext_op, multicall, update_va_mapping
+(and its _otherdomain variant), vm_assist and writable page-table emulation
+(reference §2-§5, §7).
 
 Batched calls are generators that ``yield`` before every entry except the
 first: that is Xen's preemption check. The driver (``core.PendingCall``) runs a
@@ -55,9 +56,9 @@ def guest_addr_ok(va: int) -> bool:
 def _foreign_owner(m: MachineState, dom: Domain, field: int) -> int | None:
     """Resolve an FD field: the owner domid, or None when the lookup fails.
 
-    Xen refuses an explicit own domid (-ESRCH: use DOMID_SELF) and unknown
-    domains. DOMID_IO/DOMID_XEN and other domains resolve, and an unprivileged
-    caller is then refused per request (-EPERM, XSM).
+    Xen's ``get_pg_owner``: it refuses an explicit own domid (-ESRCH: use
+    DOMID_SELF) and unknown domains. DOMID_IO/DOMID_XEN and other domains
+    resolve, and an unprivileged caller is then refused by XSM (-EPERM).
     """
     if field == abi.DOMID_SELF:
         return dom.domid
@@ -287,7 +288,11 @@ def mmuext_op(
     ops: Sequence[tuple[int, int, int]],
     foreigndom: int,
 ) -> Generator[None, None, HypercallResult]:
-    """Extended MMU ops in order; stop at the first failure (§3)."""
+    """Extended MMU ops in order; stop at the first failure (§3).
+
+    ``foreigndom`` is an unsigned int, but Xen passes it to ``get_pg_owner``,
+    which takes a ``domid_t``: bits 16-31 are dropped (no PFD here).
+    """
     fd = _foreign_owner(m, dom, foreigndom & 0xFFFF)
     if fd is None:
         return HypercallResult(-abi.ESRCH)
@@ -345,10 +350,38 @@ def update_va_mapping(
     m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int
 ) -> int:
     """Replace the L1 entry mapping ``va``, then flush per ``flags`` (§5)."""
+    return _update_va_mapping(m, dom, vcpu, va, val, flags, dom.domid)
+
+
+def update_va_mapping_otherdomain(
+    m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int, domid: int
+) -> int:
+    """update_va_mapping with ``domid`` as the owner of the mapped frame (§1.2, §5).
+
+    Xen's ``do_update_va_mapping_otherdomain``: ``get_pg_owner(domid)`` fails
+    (unknown domain, or the caller's own numeric domid) -> -ESRCH; otherwise
+    the common path runs with that owner, whose XSM check refuses an
+    unprivileged caller anything but itself (-EPERM). So for a domU only
+    DOMID_SELF gets through, and then it is update_va_mapping exactly. The
+    ``domid_t`` parameter keeps bits 0-15 of the register.
+    """
+    pg_owner = _foreign_owner(m, dom, domid & 0xFFFF)
+    if pg_owner is None:
+        return -abi.ESRCH
+    return _update_va_mapping(m, dom, vcpu, va, val, flags, pg_owner)
+
+
+def _update_va_mapping(
+    m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int, pg_owner: int
+) -> int:
+    """Xen's ``__do_update_va_mapping``: the L1 entry for ``va`` in the
+    caller's loaded tables, mapping a frame of ``pg_owner``."""
+    if pg_owner != dom.domid:
+        return -abi.EPERM  # XSM: an unprivileged domain acts only on itself
     maddr = locate_l1e(m, dom, vcpu, va)
     if maddr is None:
         return -abi.EINVAL
-    rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
+    rc = m.types.mod_l1_entry(maddr, val, False, pg_owner)
     if rc:
         return rc  # no flush on error
     flush_type = flags & abi.UVMF_FLUSHTYPE_MASK
@@ -476,6 +509,10 @@ def dispatch(
     if op == abi.HYPERVISOR_update_va_mapping:
         va, val, flags = args
         return HypercallResult(update_va_mapping(m, dom, vcpu, va, val, flags))  # type: ignore[arg-type]
+    if op == abi.HYPERVISOR_update_va_mapping_otherdomain:
+        va, val, flags, domid = args
+        rc = update_va_mapping_otherdomain(m, dom, vcpu, va, val, flags, domid)  # type: ignore[arg-type]
+        return HypercallResult(rc)
     if op == abi.HYPERVISOR_vm_assist:
         cmd, assist = args
         return HypercallResult(vm_assist(dom, cmd, assist))  # type: ignore[arg-type]

@@ -59,6 +59,7 @@ HYPERCALL_NAMES: Final[dict[int, str]] = {
     HYPERVISOR_multicall: "multicall",
     HYPERVISOR_update_va_mapping: "update_va_mapping",
     HYPERVISOR_vm_assist: "vm_assist",
+    HYPERVISOR_update_va_mapping_otherdomain: "update_va_mapping_otherdomain",
     HYPERVISOR_mmuext_op: "mmuext_op",
 }
 

@@ -36,6 +36,7 @@ from shared.abi import (
     HYPERVISOR_mmuext_op,
     HYPERVISOR_multicall,
     HYPERVISOR_update_va_mapping,
+    HYPERVISOR_update_va_mapping_otherdomain,
     HYPERVISOR_vm_assist,
 )
 from shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
@@ -81,6 +82,7 @@ __all__ = [
     "MmuUpdateArgs",
     "MmuextOpArgs",
     "UpdateVaMappingArgs",
+    "UpdateVaMappingOtherdomainArgs",
     "VmAssistArgs",
     "MulticallArgs",
     "RawArgs",
@@ -376,6 +378,9 @@ class MmuUpdateArgs(_Validated):
 
     ``reqs`` is the raw little-endian blob (:func:`pack_mmu_updates`), at most
     ``MAX_MMU_UPDATES`` records; ``count`` is implied by its length.
+    ``foreigndom`` is Xen's ``unsigned int``, so u32: bits 0-15 name the owner
+    of the data frames (FD), bits 16-31 the page-table owner plus one (PFD + 1,
+    0 = self), reference §2.1.
     """
 
     OP: ClassVar[int] = HYPERVISOR_mmu_update
@@ -389,7 +394,7 @@ class MmuUpdateArgs(_Validated):
             MAX_MMU_UPDATES * MMU_UPDATE_SIZE,
             multiple=MMU_UPDATE_SIZE,
         )
-        _int(self.foreigndom, "foreigndom", 0, _U16)
+        _int(self.foreigndom, "foreigndom", 0, _U32)
 
     @property
     def count(self) -> int:
@@ -410,6 +415,8 @@ class MmuextOpArgs(_Validated):
 
     ``ops`` are ``(cmd, arg1, arg2)``: cmd u32, arg1 (mfn or linear address)
     and arg2 (count, vCPU mask or source mfn) u64, 0 when unused.
+    ``foreigndom`` is Xen's ``unsigned int`` (u32) as for mmu_update, but Xen
+    hands it to ``get_pg_owner(domid_t)``: only bits 0-15 count.
     """
 
     OP: ClassVar[int] = HYPERVISOR_mmuext_op
@@ -422,7 +429,7 @@ class MmuextOpArgs(_Validated):
             _int(cmd, "mmuext cmd", 0, _U32)
             _int(arg1, "mmuext arg1", 0, _U64)
             _int(arg2, "mmuext arg2", 0, _U64)
-        _int(self.foreigndom, "foreigndom", 0, _U16)
+        _int(self.foreigndom, "foreigndom", 0, _U32)
 
     def to_wire(self) -> tuple[object, ...]:
         return (self.ops, self.foreigndom)
@@ -444,6 +451,30 @@ class UpdateVaMappingArgs(_Validated):
 
     def to_wire(self) -> tuple[object, ...]:
         return (self.va, self.val, self.flags)
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateVaMappingOtherdomainArgs(_Validated):
+    """``HYPERVISOR_update_va_mapping_otherdomain(va, val, flags, domid)``.
+
+    ``va``, ``val`` and ``flags`` are u64 as for update_va_mapping; ``domid``
+    is Xen's ``domid_t``, so u16 (``DOMID_SELF`` allowed).
+    """
+
+    OP: ClassVar[int] = HYPERVISOR_update_va_mapping_otherdomain
+    va: int
+    val: int
+    flags: int
+    domid: int
+
+    def _validate(self) -> None:
+        _int(self.va, "va", 0, _U64)
+        _int(self.val, "val", 0, _U64)
+        _int(self.flags, "flags", 0, _U64)
+        _int(self.domid, "domid", 0, _U16)
+
+    def to_wire(self) -> tuple[object, ...]:
+        return (self.va, self.val, self.flags, self.domid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,12 +537,25 @@ class RawArgs(_Validated):
 
 
 HypercallArgs = (
-    MmuUpdateArgs | MmuextOpArgs | UpdateVaMappingArgs | VmAssistArgs | MulticallArgs | RawArgs
+    MmuUpdateArgs
+    | MmuextOpArgs
+    | UpdateVaMappingArgs
+    | UpdateVaMappingOtherdomainArgs
+    | VmAssistArgs
+    | MulticallArgs
+    | RawArgs
 )
 
 _ARGS_FOR_OP: Final[dict[int, type[HypercallArgs]]] = {
     cls.OP: cls
-    for cls in (MmuUpdateArgs, MmuextOpArgs, UpdateVaMappingArgs, VmAssistArgs, MulticallArgs)
+    for cls in (
+        MmuUpdateArgs,
+        MmuextOpArgs,
+        UpdateVaMappingArgs,
+        UpdateVaMappingOtherdomainArgs,
+        VmAssistArgs,
+        MulticallArgs,
+    )
 }
 
 
@@ -548,6 +592,9 @@ def _args_from_wire(op: int, raw: tuple[object, ...], depth: int) -> HypercallAr
     if op == HYPERVISOR_update_va_mapping:
         va, val, flags = _shape(raw, "update_va_mapping args", 3)
         return UpdateVaMappingArgs(va, val, flags)  # type: ignore[arg-type]
+    if op == HYPERVISOR_update_va_mapping_otherdomain:
+        va, val, flags, domid = _shape(raw, "update_va_mapping_otherdomain args", 4)
+        return UpdateVaMappingOtherdomainArgs(va, val, flags, domid)  # type: ignore[arg-type]
     if op == HYPERVISOR_vm_assist:
         cmd, typ = _shape(raw, "vm_assist args", 2)
         return VmAssistArgs(cmd, typ)  # type: ignore[arg-type]
@@ -904,7 +951,7 @@ class Welcome(Reply):
 @_register
 @dataclass(frozen=True, slots=True)
 class Result(Reply):
-    """Result of mmu_update / mmuext_op / update_va_mapping / vm_assist / unknown.
+    """Result of every hypercall but multicall (unknown ones included).
 
     ``rc`` is 0 or a negated Xen errno; ``done`` counts records/ops completed
     (0 where meaningless).

@@ -229,6 +229,7 @@ def test_hypercall_names_are_the_served_set() -> None:
         13: "multicall",
         14: "update_va_mapping",
         21: "vm_assist",
+        22: "update_va_mapping_otherdomain",
         26: "mmuext_op",
     }
     for nr, name in abi.HYPERCALL_NAMES.items():

@@ -82,6 +82,7 @@ def test_info_lists_served_hypercalls_and_features(capsys: pytest.CaptureFixture
         (13, "multicall"),
         (14, "update_va_mapping"),
         (21, "vm_assist"),
+        (22, "update_va_mapping_otherdomain"),
         (26, "mmuext_op"),
     }
     assert "XENFEAT_mmu_pt_update_preserve_ad" in out

@@ -79,16 +79,6 @@ REPO: Final = Path(__file__).resolve().parent.parent
 
 Scope = Literal["request", "call", "xsm"]
 
-PFD_XFAIL: Final = (
-    "the wire types foreigndom as u16 (docs/protocol.md §4) so the page-table-owner half "
-    "(foreigndom >> 16, reference §2.1) cannot be sent: the client refuses to build the "
-    "request and the server answers bad_type instead of Xen's -ESRCH/-EPERM"
-)
-OTHERDOMAIN_XFAIL: Final = (
-    "pvemu does not implement update_va_mapping_otherdomain (hypercall 22): it answers "
-    "-ENOSYS where reference §6.7 has -ESRCH for a bad domid"
-)
-
 
 @pytest.fixture(scope="module")
 def hvp() -> Iterator[HypervisorProcess]:
@@ -542,7 +532,6 @@ RULES: Final[tuple[Rule, ...]] = (
         MMU,
         ("pt_owner_unknown", rec(own_l1e5, ro_data1, (UNKNOWN_DOMID + 1) << 16 | abi.DOMID_SELF)),
         scope="call",
-        xfail=PFD_XFAIL,
     ),
     *rules(
         abi.ESRCH,
@@ -563,7 +552,6 @@ RULES: Final[tuple[Rule, ...]] = (
             lambda s: Offence(s.a.data[1] << 12 | abi.MMU_MACHPHYS_UPDATE, 7, victim_pfd(s)),
         ),
         scope="xsm",
-        xfail=PFD_XFAIL,
     ),
     *rules(
         abi.EPERM,
@@ -891,7 +879,8 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     *rules(
         abi.ESRCH,
-        "§6.7 update_va_mapping: -ESRCH (_otherdomain with a bad domid)",
+        "§6.7 update_va_mapping: -ESRCH (_otherdomain with a bad domid: unknown, or the "
+        "caller's own numeric one, as for FD in §2.2 step 5)",
         CALL,
         (
             "uvm_otherdomain_unknown_domid",
@@ -905,7 +894,35 @@ RULES: Final[tuple[Rule, ...]] = (
                 )
             ),
         ),
-        xfail=OTHERDOMAIN_XFAIL,
+        (
+            "uvm_otherdomain_own_numeric_domid",
+            lambda s: Offence(
+                call=(
+                    abi.HYPERVISOR_update_va_mapping_otherdomain,
+                    5 * PAGE_SIZE,
+                    ro_data1(s),
+                    abi.UVMF_INVLPG,
+                    s.a.dom.domid,
+                )
+            ),
+        ),
+    ),
+    *rules(
+        abi.EPERM,
+        "§5 step 1 / §6.7 update_va_mapping: XSM denies a foreign owner (_otherdomain)",
+        CALL,
+        (
+            "uvm_otherdomain_victim_frame",
+            lambda s: Offence(
+                call=(
+                    abi.HYPERVISOR_update_va_mapping_otherdomain,
+                    5 * PAGE_SIZE,
+                    pte(s.v.data[0], USER_RW),
+                    abi.UVMF_INVLPG,
+                    s.v.dom.domid,
+                )
+            ),
+        ),
     ),
     # --- writable page tables (§7)
     *rules(
@@ -1711,8 +1728,9 @@ async def test_reused_request_ids_are_each_answered(hvp: HypervisorProcess) -> N
 
 async def test_forged_pt_owner_field_changes_nothing(hvp: HypervisorProcess) -> None:
     """An mmu_update whose foreigndom names the victim as page-table owner
-    (PFD, reference §2.1) is refused, whichever way, and the victim's entry
-    stays. (The exact answer is tracked by the xfailed rule rows.)"""
+    (PFD, reference §2.1), or as data-frame owner, travels over the raw wire
+    as the u32 it is and is refused by XSM (-EPERM, nothing done); the
+    victim's entry stays."""
     async with scene(hvp) as s, raw(hvp.socket_path) as conn:
         assert (await conn.ask(hello(1)))["t"] == "welcome"
         before = await snapshot(s)
@@ -1720,7 +1738,11 @@ async def test_forged_pt_owner_field_changes_nothing(hvp: HypervisorProcess) -> 
         for rid, fd in enumerate((forged, s.v.dom.domid), start=2):
             args = [pack_record(s.v.l1e(0), 0), fd]
             answer = await conn.ask({"t": "hypercall", "id": rid, "op": 1, "args": args})
-            assert answer["id"] == rid
-            assert answer["t"] == "error" or (answer["t"], answer["rc"]) == ("result", -abi.EPERM)
+            assert (answer["t"], answer["id"], answer["rc"], answer["done"]) == (
+                "result",
+                rid,
+                -abi.EPERM,
+                0,
+            )
         assert_unchanged(s, before, await snapshot(s))
         await probe(s)

@@ -297,6 +297,101 @@ def test_update_va_mapping_flush_flags(guest: Guest, flags: int, flushed_vcpus: 
         assert (hw.tlb_entry(vcpu, 4096) is None) == (full and vcpu in flushed_vcpus)
 
 
+# --- update_va_mapping_otherdomain (hypercall 22) -----------------------------------------
+
+
+def uvm_other(guest: Guest, va: int, val: int, flags: int, domid: int, vcpu: int = 0) -> int:
+    op = abi.HYPERVISOR_update_va_mapping_otherdomain
+    return guest.hv.hypercall(guest.domid, vcpu, op, (va, val, flags, domid)).rc
+
+
+def test_otherdomain_self_is_update_va_mapping(guest: Guest) -> None:
+    """DOMID_SELF: get_pg_owner gives the caller, XSM allows it, and the call
+    is update_va_mapping: the entry is replaced and the flush done."""
+    hw = guest.dom.hw
+    assert guest.hv.run_user(guest.domid, 1, [(0, "r", 1)]).fault is None
+    val = make_pte(guest.data[2], USER_RO)
+    assert uvm_other(guest, 0, val, abi.UVMF_INVLPG | abi.UVMF_ALL, abi.DOMID_SELF) == 0
+    assert guest.pte_for(0) >> 12 == guest.data[2]
+    assert hw.tlb_entry(1, 0) is None
+    counters = guest.dom.counters[0]
+    assert counters.tlb_flush_ops == 1
+    assert counters.hypercalls[abi.HYPERVISOR_update_va_mapping_otherdomain] == 1
+    # mod_l1_entry's errors come back as they are, without a flush
+    assert uvm_other(guest, 0, make_pte(guest.l2, USER_RW), abi.UVMF_TLB_FLUSH, abi.DOMID_SELF) == (
+        -abi.EBUSY
+    )
+    assert uvm_other(guest, 1 << 47, val, 0, abi.DOMID_SELF) == -abi.EINVAL
+    assert counters.tlb_flush_ops == 1
+    assert guest.pte_for(0) >> 12 == guest.data[2]
+    assert guest.hv.audit() == []
+
+
+@pytest.mark.parametrize("which", ["unknown", "own_numeric", "destroyed"])
+def test_otherdomain_bad_domid_is_esrch(guest: Guest, which: str) -> None:
+    """get_pg_owner fails -> -ESRCH before anything else (reference §6.7),
+    even with an address Xen would refuse later (-EINVAL)."""
+    if which == "destroyed":
+        gone = boot(guest.hv)
+        domid = gone.domid
+        guest.hv.destroy_domain(domid)
+    else:
+        domid = 777 if which == "unknown" else guest.domid
+    before = guest.pte_for(5 * 4096)
+    val = make_pte(guest.data[2], USER_RO)
+    assert uvm_other(guest, 5 * 4096, val, abi.UVMF_TLB_FLUSH, domid) == -abi.ESRCH
+    assert uvm_other(guest, 1 << 47, val, 0, domid) == -abi.ESRCH
+    assert guest.pte_for(5 * 4096) == before
+    assert guest.dom.counters[0].tlb_flush_ops == 0
+    assert guest.hv.audit() == []
+
+
+@pytest.mark.parametrize("which", ["other", "io", "xen"])
+def test_otherdomain_foreign_owner_is_eperm(guest: Guest, which: str) -> None:
+    """Another existing owner resolves, and XSM refuses an unprivileged
+    caller anything but itself: -EPERM, checked before the address (§5
+    step 1), and the owner's frame is not mapped."""
+    other = boot(guest.hv)
+    domid = {"other": other.domid, "io": abi.DOMID_IO, "xen": abi.DOMID_XEN}[which]
+    before = guest.pte_for(5 * 4096)
+    val = make_pte(other.data[0], USER_RO)
+    assert uvm_other(guest, 5 * 4096, val, abi.UVMF_TLB_FLUSH, domid) == -abi.EPERM
+    assert uvm_other(guest, 1 << 47, val, 0, domid) == -abi.EPERM
+    assert guest.pte_for(5 * 4096) == before
+    assert guest.hv.state.frames.count[other.data[0]] == 2  # allocation + its own mapping
+    assert guest.dom.counters[0].tlb_flush_ops == 0
+    assert guest.hv.audit() == []
+
+
+def test_otherdomain_domid_is_a_domid_t(guest: Guest) -> None:
+    """Xen's parameter is a domid_t: bits above 15 of the register are gone."""
+    val = make_pte(guest.data[3], USER_RO)
+    assert uvm_other(guest, 70 * 4096, val, 0, 1 << 16 | abi.DOMID_SELF) == 0
+    assert guest.pte_for(70 * 4096) >> 12 == guest.data[3]
+    assert uvm_other(guest, 70 * 4096, 0, 0, 1 << 16 | guest.domid) == -abi.ESRCH
+
+
+def test_otherdomain_in_a_multicall(guest: Guest) -> None:
+    op = abi.HYPERVISOR_update_va_mapping_otherdomain
+    val = make_pte(guest.data[1], USER_RO)
+    calls = [
+        (op, 80 * 4096, val, 0, abi.DOMID_SELF),
+        (op, 81 * 4096, val, 0, 777),
+        (op, 82 * 4096, val, 0, boot(guest.hv).domid),
+        (op, 83 * 4096, val, 0, abi.DOMID_SELF),
+    ]
+    result = guest.hv.hypercall(guest.domid, 0, abi.HYPERVISOR_multicall, (calls,))
+    assert (result.rc, result.results) == (0, (0, -abi.ESRCH, -abi.EPERM, 0))
+    assert [guest.pte_for(i * 4096) >> 12 for i in (80, 81, 82, 83)] == [
+        guest.data[1],
+        0,
+        0,
+        guest.data[1],
+    ]
+    assert guest.dom.counters[0].multicall_ops[op] == 4
+    assert guest.hv.audit() == []
+
+
 # --- vm_assist and writable page tables -------------------------------------------------------
 
 

@@ -57,6 +57,18 @@ def test_unknown_pt_owner_is_esrch(guest: Guest) -> None:
     assert (result.rc, result.done) == (-abi.ESRCH, 0)
 
 
+def test_pt_owner_naming_the_caller_is_the_caller(guest: Guest) -> None:
+    """PFD + 1 in bits 16-31 naming the caller itself is not foreign (Xen:
+    ``pt_owner == d``), unlike FD, where the own numeric domid is -ESRCH."""
+    val = make_pte(guest.data[1], USER_RO)
+    result = guest.mmu((guest.l1e(9), val), fd=(guest.domid + 1) << 16 | abi.DOMID_SELF)
+    assert (result.rc, result.done) == (0, 1)
+    assert guest.read(guest.l1e(9)) & PTE_MFN_MASK == guest.data[1] << 12
+    result = guest.mmu((guest.l1e(9), 0), fd=(guest.domid + 1) << 16 | guest.domid)
+    assert (result.rc, result.done) == (-abi.ESRCH, 0)
+    assert guest.hv.audit() == []
+
+
 def test_own_numeric_domid_as_fd_is_esrch(guest: Guest) -> None:
     result = guest.mmu((guest.l1e(9), 0), fd=guest.domid)
     assert (result.rc, result.done) == (-abi.ESRCH, 0)

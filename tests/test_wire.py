@@ -50,6 +50,7 @@ from shared.wire import (
     Stats,
     StatsResult,
     UpdateVaMappingArgs,
+    UpdateVaMappingOtherdomainArgs,
     UserResult,
     VmAssistArgs,
     Welcome,
@@ -61,6 +62,7 @@ from shared.wire import (
 )
 
 U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
 SECRET = bytes(range(16))
 NX_PTE = (1 << 63) | 0x1234_5000 | 0x67  # NX set: a 9-byte msgpack uint64
 
@@ -244,6 +246,27 @@ def test_decoded_forms_are_typed_and_cheap() -> None:
     assert isinstance(run, RunUser)
     assert run.accesses[1].kind == "w"
     assert run.accesses[1].data == b"hi"
+
+
+def test_pt_owner_foreigndom_and_otherdomain_decode_typed() -> None:
+    """What a raw client sends: a foreigndom with the page-table owner in bits
+    16-31 (reference §2.1) and hypercall 22 arrive typed and intact, at top
+    level and inside a multicall."""
+    server = ready_server()
+    pfd = (7 + 1) << 16 | abi.DOMID_SELF
+
+    def call(rid: int, op: int, args: list[object]) -> Hypercall:
+        message = feed_one(server, packb({"t": "hypercall", "id": rid, "op": op, "args": args}))
+        assert isinstance(message, Hypercall)
+        return message
+
+    assert call(1, 1, [b"", pfd]).args == MmuUpdateArgs(b"", pfd)
+    assert call(2, 26, [[], pfd]).args == MmuextOpArgs((), pfd)
+    uvm = [0x5000, NX_PTE, abi.UVMF_INVLPG, abi.DOMID_SELF]
+    other = UpdateVaMappingOtherdomainArgs(0x5000, NX_PTE, abi.UVMF_INVLPG, abi.DOMID_SELF)
+    assert call(3, 22, uvm).args == other
+    multi = call(4, 13, [[[22, *uvm], [1, b"", pfd]]]).args
+    assert multi == MulticallArgs((Call(22, other), Call(1, MmuUpdateArgs(b"", pfd))))
 
 
 def test_plain_tuples_become_named_tuples() -> None:
@@ -482,6 +505,27 @@ def local_error(code: str, build: Any, *args: Any) -> None:
     assert info.value.code == code, info.value
 
 
+@pytest.mark.parametrize(
+    ("length", "code"),
+    [(0, "bad_type"), (15, "bad_type"), (17, "too_large"), (64, "too_large")],
+)
+def test_secret_length_codes(length: int, code: str) -> None:
+    """docs/protocol.md §2/§6: a secret of 0..15 bytes is bad_type, one over
+    the 16-byte limit too_large, like every other field over its limit; both
+    when built and when decoded (non-fatally) by either end."""
+    secret = bytes(length)
+    local_error(code, Join, 1, 1, 1, secret, 0)
+    local_error(code, Welcome, 1, 1, 0, b"", secret, {}, ())
+    server = ready_server()
+    error = rejected(server, packb(with_field(Join(9, 1, 1, SECRET, 1), secret=secret)))
+    assert (error.code, error.fatal, error.request_id) == (code, False, 9)
+    client = client_awaiting(Hello(5, PROTOCOL_VERSION, 1, 1))
+    error = rejected(
+        client, packb(with_field(Welcome(5, 1, 0, b"", SECRET, {}, ()), secret=secret))
+    )
+    assert (error.code, error.fatal) == (code, False)
+
+
 def test_field_limits() -> None:
     ok(Hello(wire.MAX_REQUEST_ID, 1, wire.MAX_MEMORY_MIB, wire.MAX_VCPUS, "n" * wire.MAX_NAME_LEN))
     local_error("bad_type", Hello, wire.MAX_REQUEST_ID + 1, 1, 1, 1)
@@ -500,11 +544,27 @@ def test_field_limits() -> None:
     ok(Hypercall(1, 1, MmuUpdateArgs(b"")))
     local_error("too_large", MmuUpdateArgs, b"\0" * 16 * (wire.MAX_MMU_UPDATES + 1))
     local_error("bad_type", MmuUpdateArgs, b"\0" * 24)
+    # foreigndom is Xen's unsigned int: FD | (PFD + 1) << 16 (reference §2.1)
+    pfd = (3 + 1) << 16 | abi.DOMID_SELF
+    assert codec_round_trip(Hypercall(1, 1, MmuUpdateArgs(b"", pfd))).args == MmuUpdateArgs(
+        b"", pfd
+    )
+    ok(Hypercall(1, 1, MmuUpdateArgs(b"", U32)))
+    local_error("bad_type", MmuUpdateArgs, b"", U32 + 1)
+    local_error("bad_type", MmuUpdateArgs, b"", -1)
     # mmuext_op
     ok(Hypercall(1, 26, MmuextOpArgs(((0, 0, 0),) * wire.MAX_MMUEXT_OPS)))
     local_error("too_large", MmuextOpArgs, ((0, 0, 0),) * (wire.MAX_MMUEXT_OPS + 1))
     local_error("bad_type", MmuextOpArgs, ((1 << 32, 0, 0),))
     local_error("bad_type", MmuextOpArgs, ((0, 0),))
+    ok(Hypercall(1, 26, MmuextOpArgs((), U32)))  # unsigned int (Xen keeps bits 0-15)
+    local_error("bad_type", MmuextOpArgs, (), U32 + 1)
+    # update_va_mapping_otherdomain: three u64s and a domid_t
+    ok(Hypercall(1, 22, UpdateVaMappingOtherdomainArgs(U64, U64, U64, 0xFFFF)))
+    local_error("bad_type", UpdateVaMappingOtherdomainArgs, 0, 0, 0, 1 << 16)
+    local_error("bad_type", UpdateVaMappingOtherdomainArgs, 0, 0, 0, -1)
+    local_error("bad_type", UpdateVaMappingOtherdomainArgs, U64 + 1, 0, 0, 0)
+    local_error("bad_type", Call, 22, RawArgs((0, 0, 0, abi.DOMID_SELF)))
     # multicall
     vm = Call(21, VmAssistArgs(0, 2))
     ok(Hypercall(1, 13, MulticallArgs((vm,) * wire.MAX_MULTICALL_CALLS)))
@@ -582,7 +642,12 @@ BAD_REQUESTS = [
     pytest.param(with_field(MMU, op=1 << 32), "bad_type", id="op-over-u32"),
     pytest.param(with_field(MMU, args=[[[0x1000, 7]], 0x7FF0]), "bad_type", id="reqs-as-list"),
     pytest.param(with_field(MMU, args=[b"\0" * 17, 0x7FF0]), "bad_type", id="reqs-not-x16"),
-    pytest.param(with_field(MMU, args=[b"", 1 << 16]), "bad_type", id="domid-over-u16"),
+    pytest.param(with_field(MMU, args=[b"", 1 << 32]), "bad_type", id="foreigndom-over-u32"),
+    pytest.param(
+        with_field(MMU, op=26, args=[[], 1 << 32]), "bad_type", id="mmuext-foreigndom-over-u32"
+    ),
+    pytest.param(with_field(MMU, op=22, args=[0, 0, 0]), "bad_type", id="uvm-other-arity"),
+    pytest.param(with_field(MMU, op=22, args=[0, 0, 0, 1 << 16]), "bad_type", id="uvm-other-u16"),
     pytest.param(with_field(MMU, args=[b"", None]), "bad_type", id="nil-domid"),
     pytest.param(with_field(MMU, args=[b""]), "bad_type", id="mmu-arity"),
     pytest.param(with_field(MMU, args={"reqs": b""}), "bad_type", id="args-as-map"),
@@ -947,10 +1012,19 @@ def test_make_call() -> None:
     assert make_call(1, b"", 3) == Call(1, MmuUpdateArgs(b"", 3))
     assert make_call(26, [[5, 1, 0]]) == Call(26, MmuextOpArgs(((5, 1, 0),)))
     assert make_call(29, 1, 2) == Call(29, RawArgs((1, 2)))
+    assert make_call(22, 1, 2, 3, 4) == Call(22, UpdateVaMappingOtherdomainArgs(1, 2, 3, 4))
     assert make_call(13, [Call(29, RawArgs(())), (21, 0, 2)]).args == MulticallArgs(
         (Call(29, RawArgs(())), Call(21, VmAssistArgs(0, 2)))
     )
-    for bad in [(1, [(1, 2, 3)]), (1, [(-1, 0)]), (14, 1, 2), (26, 5), (13, [5]), (21, 0, 2.5)]:
+    for bad in [
+        (1, [(1, 2, 3)]),
+        (1, [(-1, 0)]),
+        (14, 1, 2),
+        (22, 1, 2, 3),
+        (26, 5),
+        (13, [5]),
+        (21, 0, 2.5),
+    ]:
         with pytest.raises(LocalProtocolError):
             make_call(*bad)  # type: ignore[arg-type]
 
@@ -1002,20 +1076,22 @@ texts = st.text(max_size=64)
 def leaf_args(op: int) -> st.SearchStrategy[Any]:
     if op == 1:
         blobs = st.lists(st.tuples(u64s, u64s), max_size=8).map(pack_mmu_updates)
-        return st.builds(MmuUpdateArgs, blobs, st.integers(0, 0xFFFF))
+        return st.builds(MmuUpdateArgs, blobs, st.integers(0, U32))
     if op == 26:
         triples = st.tuples(st.integers(0, 0xFFFF_FFFF), u64s, u64s)
         return st.builds(
-            MmuextOpArgs, st.lists(triples, max_size=4).map(tuple), st.integers(0, 0xFFFF)
+            MmuextOpArgs, st.lists(triples, max_size=4).map(tuple), st.integers(0, U32)
         )
     if op == 14:
         return st.builds(UpdateVaMappingArgs, u64s, u64s, u64s)
+    if op == 22:
+        return st.builds(UpdateVaMappingOtherdomainArgs, u64s, u64s, u64s, st.integers(0, 0xFFFF))
     if op == 21:
         return st.builds(VmAssistArgs, st.integers(0, 0xFFFF_FFFF), st.integers(0, 0xFFFF_FFFF))
     return st.builds(RawArgs, st.lists(u64s, max_size=6).map(tuple))
 
 
-leaf_ops = st.sampled_from([1, 14, 21, 26, 0, 99, 0xFFFF_FFFF])
+leaf_ops = st.sampled_from([1, 14, 21, 22, 26, 0, 99, 0xFFFF_FFFF])
 leaf_calls = leaf_ops.flatmap(lambda op: leaf_args(op).map(lambda a: Call(op, a)))
 inner_multicalls = st.lists(leaf_calls, max_size=3).map(
     lambda calls: Call(13, MulticallArgs(tuple(calls)))
