@@ -30,7 +30,9 @@ from shared import abi, wire
 from shared.errors import RemoteProtocolError, WireErrorCode
 
 from .core import DomainError, Hypervisor
+from .cpu import Cpu
 from .hypercalls import HypercallResult
+from .scheduler import FairShare
 
 log = structlog.get_logger("pvemu.hypervisor")
 
@@ -47,9 +49,10 @@ class _PeerGone(Exception):
     """The guest closed its end while we were working for it."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Session:
-    """What one connection is: which vCPU of which domain."""
+    """What one connection is: which vCPU of which domain (hashed by identity:
+    the scheduler's key)."""
 
     domid: int | None = None
     vcpu: int = 0
@@ -160,6 +163,7 @@ class HypervisorServer:
         self.hv = hv
         self.limits = limits or ServerLimits()
         self._members: dict[int, _Membership] = {}
+        self._cpu = Cpu(FairShare())
         self._connections = 0
         self._refused = 0  # refusals not logged yet
         self._last_refusal_log = -math.inf
@@ -245,6 +249,7 @@ class HypervisorServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, _PeerGone):
             pass
         finally:
+            self._cpu.forget(session)
             if session.domid is not None:
                 self._leave(session)
 
@@ -281,7 +286,8 @@ class HypervisorServer:
             if event is wire.CONNECTION_CLOSED:
                 return
             assert isinstance(event, wire.Request)
-            reply, fd = await self._dispatch(event, session, stream, poller)
+            async with self._cpu.running(session):
+                reply, fd = await self._dispatch(event, session, stream, poller)
             await self._send(stream, conn.send(reply), fd)
             if isinstance(reply, wire.Goodbye):
                 return
@@ -428,7 +434,7 @@ class HypervisorServer:
                 call.abandon()
                 log.info("hypercall_abandoned", op=request.op, slices=slices)
                 raise _PeerGone
-            await trio.lowlevel.checkpoint()
+            await self._cpu.preempt(session)
         result = call.result
         assert result is not None
         log.info(
