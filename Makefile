@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 PACKAGES := shared hypervisor guest scripts
 
-.PHONY: all venv test check run bench bench-ci bench-rtt clean
+.PHONY: all venv test check run bench bench-ci bench-rtt fuzz load clean
 
 all: check test
 
@@ -47,6 +47,16 @@ bench-ci: $(STAMP)
 # Trap round trip vs a blocking msgpack echo floor (reported, never asserted).
 bench-rtt: $(STAMP)
 	$(BIN)/python -m scripts.rtt
+
+# The wire-decoder and hypercall-argument fuzzers (tests/fuzzers.py), long: at
+# least a million messages / requests each; exit 1 if any crash was found.
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzzers --min-count 1000000
+
+# 32 guest processes, a latency probe and a 1,000,000-record batch against one
+# hypervisor (docs/robustness.md); reports records/s, probe latency, memory.
+load: $(STAMP)
+	$(BIN)/pvemu load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

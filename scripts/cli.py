@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from scripts import bench_cmd, guest_cmd, hypervisor_cmd, race_cmd, run_cmd, trace_cmd
+from scripts import bench_cmd, guest_cmd, hypervisor_cmd, load_cmd, race_cmd, run_cmd, trace_cmd
 from shared import abi
 
 if TYPE_CHECKING:
@@ -145,8 +145,15 @@ TRACE = Subcommand(
     run=trace_cmd.run,
 )
 
+LOAD = Subcommand(
+    name="load",
+    help="many guests, a latency probe and a million-record batch against one hypervisor",
+    configure=load_cmd.configure,
+    run=load_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, BENCH, RACE, TRACE, HYPERVISOR, GUEST, INFO)
+SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, BENCH, RACE, TRACE, LOAD, HYPERVISOR, GUEST, INFO)
 
 
 # --- entry point ------------------------------------------------------------------

@@ -7,7 +7,7 @@ import contextlib
 import select
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,7 @@ def hypervisor_process(
     socket_path: str | None = None,
     quantum: int = 256,
     ready_timeout: float = 60.0,
+    extra: Sequence[str] = (),
 ) -> Iterator[HypervisorProcess]:
     """Start the hypervisor, wait for its ready line, always stop it on exit
     (SIGTERM, then SIGKILL after 30 s): no orphan, no socket file left."""
@@ -61,7 +62,7 @@ def hypervisor_process(
     log_path = directory / "hypervisor.log"
     cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
     cmd += ["--memory-mib", str(memory_mib), "--quantum", str(quantum)]
-    cmd += ["--log-level", "warning", "--log-format", "json"]
+    cmd += ["--log-level", "warning", "--log-format", "json", *extra]
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent

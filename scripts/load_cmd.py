@@ -1,0 +1,418 @@
+"""``pvemu load``: many guest processes against one hypervisor, a latency
+probe, and one enormous batch in the middle.
+
+It answers two questions about the hypervisor under load: how many page-table
+records per second it sustains for many guests at once, and whether its
+preemption quantum keeps a latency-sensitive guest's traps short while
+another guest sends a million-record batch (Xen's hypercall continuations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from scripts.argtypes import positive_float, positive_int
+
+DEFAULT_GUESTS: Final = 32
+DEFAULT_RECORDS: Final = 1_000_000
+P99_GOAL_MS: Final = 2.0
+
+EPILOG = f"""\
+Phases: boot every guest (each populates its region), let the load guests
+toggle their regions RW<->RO with mprotect, sample the probe's one-record
+mmu_update latency without the big batch for --baseline seconds, then send
+the big batch from its own guest and keep sampling until it completes.
+
+Reported: aggregate mmu_update records/s of the load guests, the big batch's
+own records/s, the probe's median and p99 latency without and during the big
+batch (goal: p99 <= {P99_GOAL_MS:g} ms), and the hypervisor's memory. The exit
+status is 1 if the big batch failed, a guest failed, or audit() found a
+problem; the latency goal is reported, never enforced.
+
+Load guests run at --guest-nice (default 10): on a real machine a trap runs
+the hypervisor at once, ahead of guest code; here the hypervisor is one
+process among many and would otherwise queue behind the guests' own Python.
+
+example:
+  pvemu load --guests 32 --records 1000000 --json > load.json
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--guests",
+        type=positive_int,
+        default=DEFAULT_GUESTS,
+        help=f"load guest processes running mprotect (default {DEFAULT_GUESTS})",
+    )
+    parser.add_argument(
+        "--pages", type=positive_int, default=256, help="region of each load guest (default 256)"
+    )
+    parser.add_argument(
+        "--mode", default="xen", help="pv-ops mode of the load guests (default xen)"
+    )
+    parser.add_argument(
+        "--records",
+        type=positive_int,
+        default=DEFAULT_RECORDS,
+        help=f"records in the big batch, at most 1048576 (default {DEFAULT_RECORDS})",
+    )
+    parser.add_argument(
+        "--quantum",
+        type=positive_int,
+        default=64,
+        help="the hypervisor's preemption quantum in entries (default 64)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="probe sampling under load before the big batch (default 5)",
+    )
+    parser.add_argument(
+        "--interval-ms",
+        type=positive_float,
+        default=10.0,
+        help="pause between probe hypercalls (default 10: a probe that asks for more "
+        "than its fair share of the hypervisor gets no priority, as under Xen)",
+    )
+    parser.add_argument(
+        "--guest-nice",
+        type=int,
+        default=10,
+        choices=range(20),
+        metavar="0..19",
+        help="niceness of the load guests (default 10; 0 to compete with the hypervisor)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+@dataclass
+class Worker:
+    """A worker process and what it has said so far."""
+
+    name: str
+    proc: Any  # trio.Process
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _buffer: bytes = b""
+
+    async def read_events(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            chunk = await self.proc.stdout.receive_some(1 << 16)
+            if not chunk:
+                return
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+            self.events.extend(json.loads(line) for line in lines if line.strip())
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["event"] == name), None)
+
+    async def tell(self, command: str) -> None:
+        import trio
+
+        assert self.proc.stdin is not None
+        # A worker that has exited already cannot hear; its exit status says why.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.proc.stdin.send_all(command.encode() + b"\n")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_summary(samples_ns: list[int]) -> dict[str, float | int]:
+    ms = [s / 1e6 for s in samples_ns]
+    if not ms:
+        return {"n": 0}
+    return {
+        "n": len(ms),
+        "median_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+        "max_ms": round(max(ms), 3),
+    }
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process (KiB); empty once it has gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+async def _wait_for(
+    condition: Callable[[], bool], workers: list[Worker], seconds: float, what: str
+) -> None:
+    """Poll ``condition``; fail early if a worker dies without its result."""
+    import trio
+
+    with trio.move_on_after(seconds):
+        while not condition():
+            for worker in workers:
+                if worker.proc.returncode is not None and worker.event("result") is None:
+                    raise LoadError(f"{worker.name} exited with {worker.proc.returncode}")
+            await trio.sleep(0.02)
+        return
+    raise LoadError(f"timed out waiting for {what}")
+
+
+class LoadError(Exception):
+    """A worker failed or the run could not proceed."""
+
+
+async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> dict[str, Any]:
+    """Drive the phases; return the report document."""
+    import trio
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    base = [sys.executable, "-m", "scripts.load_worker"]
+    common = ["--socket", socket_path]
+    specs = [
+        (
+            f"load{i}",
+            [
+                *base,
+                "mprotect",
+                *common,
+                "--mode",
+                args.mode,
+                "--pages",
+                str(args.pages),
+                "--nice",
+                str(args.guest_nice),
+            ],
+        )
+        for i in range(args.guests)
+    ]
+    specs.append(("bigbatch", [*base, "bigbatch", *common, "--records", str(args.records)]))
+    specs.append(("probe", [*base, "probe", *common, "--interval-ms", str(args.interval_ms)]))
+    memory = {"before_guests": memory_kib(hv_pid), "peak_rss_kib": 0}
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=args.json or not sys.stderr.isatty(),
+    )
+    async with trio.open_nursery() as nursery:
+        workers: list[Worker] = []
+        for name, cmd in specs:
+            proc = await trio.lowlevel.open_process(
+                cmd, stdin=-1, stdout=-1, stderr=None
+            )  # -1 = subprocess.PIPE
+            worker = Worker(name, proc)
+            workers.append(worker)
+            nursery.start_soon(worker.read_events)
+
+        async def sample_memory() -> None:
+            while True:
+                rss = memory_kib(hv_pid).get("VmRSS", 0)
+                memory["peak_rss_kib"] = max(int(memory["peak_rss_kib"]), rss)  # type: ignore[call-overload]
+                await trio.sleep(0.1)
+
+        nursery.start_soon(sample_memory)
+        by_name = {w.name: w for w in workers}
+        probe, big = by_name["probe"], by_name["bigbatch"]
+        loads = [w for w in workers if w.name.startswith("load")]
+        try:
+            with progress:
+                task = progress.add_task(f"booting {len(workers)} guests", total=None)
+                await _wait_for(
+                    lambda: all(w.event("ready") for w in workers),
+                    workers,
+                    600,
+                    "the guests to boot",
+                )
+                progress.update(task, description=f"probing under load ({args.baseline:g} s)")
+                await probe.tell("go")
+                await trio.sleep(args.baseline)
+                progress.update(task, description=f"big batch of {args.records:,} records")
+                await big.tell("go")
+                await _wait_for(lambda: big.event("result") is not None, workers, 900, "the batch")
+                await trio.sleep(min(1.0, args.baseline))
+                progress.update(task, description="stopping guests")
+                for worker in workers:
+                    await worker.tell("stop")
+                await _wait_for(
+                    lambda: all(w.event("result") for w in workers if w is not big),
+                    workers,
+                    120,
+                    "the guests' results",
+                )
+            with trio.fail_after(60):
+                for worker in workers:
+                    await worker.proc.wait()
+        finally:
+            for worker in workers:
+                if worker.proc.returncode is None:
+                    worker.proc.kill()
+        nursery.cancel_scope.cancel()
+    memory["end"] = memory_kib(hv_pid)
+    failed = [f"{w.name} exited {w.proc.returncode}" for w in workers if w.proc.returncode]
+    return report(args, probe, big, loads, memory, failed)
+
+
+def report(
+    args: argparse.Namespace,
+    probe: Worker,
+    big: Worker,
+    loads: list[Worker],
+    memory: dict[str, Any],
+    failed: list[str],
+) -> dict[str, Any]:
+    """The JSON document: throughput, latency by phase, memory, verdicts."""
+    batch = big.event("result") or {}
+    probe_result = probe.event("result") or {}
+    samples = [(int(s), int(d)) for s, d in probe_result.get("samples", [])]
+    start, end = int(batch.get("start_ns", 0)), int(batch.get("end_ns", 0))
+    without = [d for s, d in samples if s + d < start]
+    during = [d for s, d in samples if start <= s <= end]
+    load_results = [w.event("result") or {} for w in loads]
+    records = sum(int(r.get("records", 0)) for r in load_results)
+    rate = sum(
+        int(r["records"]) / ((int(r["end_ns"]) - int(r["start_ns"])) / 1e9)
+        for r in load_results
+        if r.get("end_ns", 0) > r.get("start_ns", 0)
+    )
+    batch_s = (end - start) / 1e9 if end > start else 0.0
+    during_summary = latency_summary(during)
+    audit = list(probe_result.get("audit", ["the probe reported no audit"]))
+    ok = (
+        not failed
+        and batch.get("rc") == 0
+        and batch.get("done") == args.records
+        and not audit
+        and bool(during)
+    )
+    return {
+        "schema": 1,
+        "config": {
+            "guests": args.guests,
+            "pages": args.pages,
+            "mode": args.mode,
+            "records": args.records,
+            "quantum": args.quantum,
+            "guest_nice": args.guest_nice,
+            "interval_ms": args.interval_ms,
+        },
+        "load": {
+            "mprotects": sum(int(r.get("mprotects", 0)) for r in load_results),
+            "records": records,
+            "records_per_s": round(rate),
+        },
+        "big_batch": {
+            "rc": batch.get("rc"),
+            "done": batch.get("done"),
+            "seconds": round(batch_s, 3),
+            "records_per_s": round(args.records / batch_s) if batch_s else 0,
+        },
+        "probe": {
+            "without_big_batch": latency_summary(without),
+            "during_big_batch": during_summary,
+        },
+        "p99_goal_ms": P99_GOAL_MS,
+        "p99_goal_met": bool(during) and float(during_summary["p99_ms"]) <= P99_GOAL_MS,
+        "hypervisor_memory_kib": {
+            "rss_before_guests": memory["before_guests"].get("VmRSS", 0),
+            "peak_rss": memory["peak_rss_kib"],
+            "hwm": memory["end"].get("VmHWM", 0),
+        },
+        "audit": audit,
+        "failed": failed,
+        "ok": ok,
+    }
+
+
+def print_report(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg = doc["config"]
+    title = (
+        f"{cfg['guests']} load guests ({cfg['mode']}, {cfg['pages']} pages), "
+        f"a {cfg['records']:,}-record batch, quantum {cfg['quantum']}"
+    )
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("load guests: mmu_update records/s", f"{doc['load']['records_per_s']:,}")
+    table.add_row("load guests: mprotect calls", f"{doc['load']['mprotects']:,}")
+    big = doc["big_batch"]
+    table.add_row(
+        "big batch: rc / done", f"{big['rc']} / {big['done']:,}" if big["done"] else "failed"
+    )
+    table.add_row("big batch: seconds (records/s)", f"{big['seconds']} ({big['records_per_s']:,})")
+    for phase, label in (("without_big_batch", "without"), ("during_big_batch", "during")):
+        lat = doc["probe"][phase]
+        if lat["n"]:
+            table.add_row(
+                f"probe {label} the batch: median / p99 ms (n)",
+                f"{lat['median_ms']} / {lat['p99_ms']} ({lat['n']})",
+            )
+    goal = "met" if doc["p99_goal_met"] else "NOT met"
+    table.add_row(f"p99 goal <= {doc['p99_goal_ms']} ms", goal)
+    mem = doc["hypervisor_memory_kib"]
+    table.add_row(
+        "hypervisor RSS before / peak MiB",
+        f"{mem['rss_before_guests'] / 1024:.0f} / {mem['peak_rss'] / 1024:.0f}",
+    )
+    table.add_row("audit", "clean" if not doc["audit"] else f"{len(doc['audit'])} problems")
+    console.print(table)
+    for problem in [*doc["failed"], *doc["audit"]]:
+        console.print(f"[red]{problem}[/red]")
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from scripts.procs import HypervisorStartError, hypervisor_process
+    from shared.wire import MAX_MMU_UPDATES
+
+    if args.records > MAX_MMU_UPDATES:
+        print(f"pvemu load: --records is at most {MAX_MMU_UPDATES}", file=sys.stderr)
+        return 2
+    # Each load guest's domain, the probe's and the big batch's, with room.
+    memory_mib = 16 * (args.guests + 2) + 64
+    extra = ["--max-batch", str(max(args.records, 65536)), "--max-domains", str(args.guests + 8)]
+    started = time.monotonic()
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="pvemu-load-", dir="/tmp") as tmp,
+            hypervisor_process(Path(tmp), memory_mib, quantum=args.quantum, extra=extra) as hv,
+        ):
+            doc = trio.run(run_load, args, hv.socket_path, hv.proc.pid)
+    except HypervisorStartError as exc:
+        print(f"pvemu load: {exc}", file=sys.stderr)
+        return 1
+    except LoadError as exc:
+        print(f"pvemu load: {exc}", file=sys.stderr)
+        return 1
+    doc["wall_s"] = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_report(doc)
+    return 0 if doc["ok"] else 1
