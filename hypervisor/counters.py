@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from shared.abi import HYPERCALL_NAMES
+
 
 @dataclass(slots=True)
 class VcpuCounters:
@@ -35,9 +37,9 @@ class VcpuCounters:
         return {
             "traps": self.traps,
             "hypercalls": sum(self.hypercalls.values()),
-            "hypercalls_by_op": {str(op): n for op, n in sorted(self.hypercalls.items())},
+            "hypercalls_by_op": by_op(self.hypercalls),
             "multicall_entries": self.multicall_entries,
-            "multicall_ops": {str(op): n for op, n in sorted(self.multicall_ops.items())},
+            "multicall_ops": by_op(self.multicall_ops),
             "mmu_update_records": self.mmu_update_records,
             "mmuext_ops": self.mmuext_ops,
             "ptwr": self.ptwr,
@@ -47,6 +49,17 @@ class VcpuCounters:
             "user_accesses": self.user_accesses,
             "queries": self.queries,
         }
+
+
+def by_op(counts: Counter[int]) -> dict[str, int]:
+    """Counts keyed by hypercall number; numbers pvemu does not implement are
+    summed under ``"other"``, so a guest cannot grow the map (and its stats
+    reply) without bound by calling made-up hypercalls."""
+    out: dict[str, int] = {}
+    for op, n in sorted(counts.items()):
+        key = str(op) if op in HYPERCALL_NAMES else "other"
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 def total(counters: list[VcpuCounters]) -> VcpuCounters:

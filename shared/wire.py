@@ -1252,7 +1252,9 @@ class Connection:
         unpacker = self._unpacker
         if unpacker is None:
             return  # dead: nothing more is read
-        if not self._backlog and self._fed - unpacker.tell() + len(data) <= self._max:
+        # Bytes since the current message started: msgpack's tell() moves
+        # inside a partly parsed message, so it cannot measure this.
+        if not self._backlog and self._fed - self._msg_start + len(data) <= self._max:
             unpacker.feed(data)
             self._fed += len(data)
         else:
@@ -1280,7 +1282,7 @@ class Connection:
                 if in_progress >= self._max:
                     self._die(_TOO_LARGE, f"message exceeds {self._max} bytes")
                 if self._backlog:
-                    room = self._max - (self._fed - unpacker.tell())
+                    room = self._max - (self._fed - self._msg_start)
                     chunk = self._backlog[:room]
                     del self._backlog[:room]
                     unpacker.feed(chunk)
