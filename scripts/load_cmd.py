@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from scripts.argtypes import positive_float, positive_int
+from scripts.load_worker import PRIORITIES
 
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
@@ -39,9 +40,11 @@ batch (goal: p99 <= {P99_GOAL_MS:g} ms), and the hypervisor's memory. The exit
 status is 1 if the big batch failed, a guest failed, or audit() found a
 problem; the latency goal is reported, never enforced.
 
-Load guests run at --guest-nice (default 10): on a real machine a trap runs
-the hypervisor at once, ahead of guest code; here the hypervisor is one
-process among many and would otherwise queue behind the guests' own Python.
+Load guests run with --guest-priority idle (Linux SCHED_IDLE) by default: on a
+real machine a trap runs the hypervisor at once and a waking vCPU is boosted
+ahead of busy ones, while here the hypervisor and the probe are processes
+among 33 others and would queue behind the load guests' own Python for a
+time slice of the host's scheduler. 'low' is nice 19, 'normal' competes.
 
 example:
   pvemu load --guests 32 --records 1000000 --json > load.json
@@ -90,12 +93,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "than its fair share of the hypervisor gets no priority, as under Xen)",
     )
     parser.add_argument(
-        "--guest-nice",
-        type=int,
-        default=10,
-        choices=range(20),
-        metavar="0..19",
-        help="niceness of the load guests (default 10; 0 to compete with the hypervisor)",
+        "--guest-priority",
+        choices=PRIORITIES,
+        default="idle",
+        help="host scheduling of the load guests: idle (SCHED_IDLE), low (nice 19) or "
+        "normal (default idle)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -136,7 +138,7 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def latency_summary(samples_ns: list[int]) -> dict[str, float | int]:
+def latency_summary(samples_ns: list[int]) -> dict[str, Any]:
     ms = [s / 1e6 for s in samples_ns]
     if not ms:
         return {"n": 0}
@@ -145,6 +147,7 @@ def latency_summary(samples_ns: list[int]) -> dict[str, float | int]:
         "median_ms": round(statistics.median(ms), 3),
         "p99_ms": round(percentile(ms, 0.99), 3),
         "max_ms": round(max(ms), 3),
+        "slowest_ms": [round(x, 3) for x in sorted(ms)[-5:]],
     }
 
 
@@ -200,8 +203,8 @@ async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> d
                 args.mode,
                 "--pages",
                 str(args.pages),
-                "--nice",
-                str(args.guest_nice),
+                "--priority",
+                args.guest_priority,
             ],
         )
         for i in range(args.guests)
@@ -314,7 +317,7 @@ def report(
             "mode": args.mode,
             "records": args.records,
             "quantum": args.quantum,
-            "guest_nice": args.guest_nice,
+            "guest_priority": args.guest_priority,
             "interval_ms": args.interval_ms,
         },
         "load": {

@@ -24,11 +24,21 @@ import trio
 from shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, PTE_MFN_MASK, maddr_of_entry, make_pte
 
 ROLES: Final = ("mprotect", "probe", "bigbatch")
+PRIORITIES: Final = ("idle", "low", "normal")
 USER_RW: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 USER_RO: Final = _PAGE_PRESENT | _PAGE_USER
 #: Entries of the boot L1 the probe and the big batch rewrite (0 is left alone).
 FIRST_ENTRY: Final = 1
 ENTRIES: Final = 500
+
+
+def set_priority(priority: str) -> None:
+    """Host scheduling of this process: ``idle`` runs only when nothing else
+    wants the CPU and is preempted at once by anything that wakes."""
+    if priority == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority == "low":
+        os.nice(19)
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -177,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=256, help="region of a load guest")
     parser.add_argument("--records", type=int, default=1_000_000, help="size of the big batch")
     parser.add_argument("--interval-ms", type=float, default=10.0, help="probe pacing")
-    parser.add_argument("--nice", type=int, default=0, help="lower this process's priority")
+    parser.add_argument("--priority", choices=PRIORITIES, default="normal", help="host scheduling")
     args = parser.parse_args(argv)
-    if args.nice:
-        os.nice(args.nice)
+    set_priority(args.priority)
     trio.run(main_async, args)
     return 0
 
@@ -189,4 +198,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ROLES", "big_batch", "main"]
+__all__ = ["PRIORITIES", "ROLES", "big_batch", "main", "set_priority"]
