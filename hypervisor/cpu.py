@@ -2,7 +2,7 @@
 
 A slice of hypervisor work (a whole short request, or ``quantum`` entries of a
 long hypercall) runs only while its connection holds the CPU; when it lets
-go, :class:`~hypervisor.scheduler.FairShare` picks the next holder among the
+go, :class:`~hypervisor.scheduler.FairShare` (or another policy) picks the next holder among the
 waiting vCPUs. Without this, trio runs ready tasks first come, first served,
 and a one-PTE trap waits behind one slice of every busy guest.
 """
@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from .scheduler import FairShare
+from .scheduler import SlicePolicy
 
 
 class Cpu:
     """The one hypervisor CPU: a slice of work runs only while holding it, and
     :class:`FairShare` picks the next holder among the waiting vCPUs."""
 
-    def __init__(self, policy: FairShare, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, policy: SlicePolicy, clock: Callable[[], float] = time.perf_counter) -> None:
         self.policy = policy
         self._clock = clock
         self._holder: object | None = None

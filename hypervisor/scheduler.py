@@ -16,10 +16,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable
-from typing import Final
+from typing import Final, Protocol
 
 #: How far ahead of the busiest a waking vCPU may jump (seconds).
 DEFAULT_WAKE_BONUS: Final = 0.001
+
+
+class SlicePolicy(Protocol):
+    """What the server's CPU gate asks of a scheduling policy."""
+
+    @property
+    def waiting(self) -> int: ...
+    def wake(self, key: Hashable) -> None: ...
+    def charge(self, key: Hashable, seconds: float) -> None: ...
+    def enqueue(self, key: Hashable) -> None: ...
+    def remove(self, key: Hashable) -> None: ...
+    def pop(self) -> Hashable | None: ...
+    def forget(self, key: Hashable) -> None: ...
 
 
 class FairShare:
@@ -75,4 +88,44 @@ class FairShare:
         self._vruntime.pop(key, None)
 
 
-__all__ = ["DEFAULT_WAKE_BONUS", "FairShare"]
+class FirstCome:
+    """Waiters run in arrival order, whatever they have used: the baseline
+    that FairShare is measured against (``pvemu hypervisor --scheduler fifo``)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[Hashable, None] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def wake(self, key: Hashable) -> None:
+        pass
+
+    def charge(self, key: Hashable, seconds: float) -> None:
+        pass
+
+    def enqueue(self, key: Hashable) -> None:
+        if key in self._waiting:
+            raise ValueError(f"{key!r} is already waiting")
+        self._waiting[key] = None
+
+    def remove(self, key: Hashable) -> None:
+        self._waiting.pop(key, None)
+
+    def pop(self) -> Hashable | None:
+        if not self._waiting:
+            return None
+        key = next(iter(self._waiting))
+        del self._waiting[key]
+        return key
+
+    def forget(self, key: Hashable) -> None:
+        self._waiting.pop(key, None)
+
+
+#: ``--scheduler`` names.
+POLICIES: Final = {"fair": FairShare, "fifo": FirstCome}
+
+
+__all__ = ["DEFAULT_WAKE_BONUS", "POLICIES", "FairShare", "FirstCome", "SlicePolicy"]

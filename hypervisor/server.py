@@ -32,7 +32,7 @@ from shared.errors import RemoteProtocolError, WireErrorCode
 from .core import DomainError, Hypervisor
 from .cpu import Cpu
 from .hypercalls import HypercallResult
-from .scheduler import FairShare
+from .scheduler import POLICIES
 
 log = structlog.get_logger("pvemu.hypervisor")
 
@@ -138,6 +138,8 @@ class ServerLimits:
     #: Seconds a reply may wait for a guest that does not read before the
     #: connection is dropped (as if the guest hung up).
     send_timeout: float = 30.0
+    #: Who runs the next slice: "fair" (FairShare) or "fifo" (first come).
+    scheduler: str = "fair"
 
     def __post_init__(self) -> None:
         for name in ("quantum", "max_domains", "max_connections", "max_batch"):
@@ -147,6 +149,8 @@ class ServerLimits:
             raise ValueError(f"max_batch is at most {wire.MAX_MMU_UPDATES} (the wire's ceiling)")
         if not (self.handshake_timeout > 0 and self.send_timeout > 0):
             raise ValueError("timeouts must be positive")
+        if self.scheduler not in POLICIES:
+            raise ValueError(f"scheduler must be one of {', '.join(POLICIES)}")
 
     @property
     def message_size(self) -> int:
@@ -163,7 +167,7 @@ class HypervisorServer:
         self.hv = hv
         self.limits = limits or ServerLimits()
         self._members: dict[int, _Membership] = {}
-        self._cpu = Cpu(FairShare())
+        self._cpu = Cpu(POLICIES[self.limits.scheduler]())
         self._connections = 0
         self._refused = 0  # refusals not logged yet
         self._last_refusal_log = -math.inf

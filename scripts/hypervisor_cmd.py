@@ -104,6 +104,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.quantum})",
     )
     parser.add_argument(
+        "--scheduler",
+        choices=("fair", "fifo"),
+        default=defaults.scheduler,
+        help="which waiting vCPU runs the next slice: 'fair' (least hypervisor time first, "
+        "a waking vCPU ahead of busy ones, as Xen's boost) or 'fifo' (arrival order) "
+        f"(default {defaults.scheduler})",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -139,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         handshake_timeout=args.handshake_timeout,
         send_timeout=args.send_timeout,
+        scheduler=args.scheduler,
     )
     hv = Hypervisor(args.memory_mib, seed=args.seed)
     ready = f"pvemu-hypervisor ready socket={args.socket} pid={os.getpid()}"

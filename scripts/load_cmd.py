@@ -79,6 +79,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the hypervisor's preemption quantum in entries (default 64)",
     )
     parser.add_argument(
+        "--scheduler",
+        choices=("fair", "fifo"),
+        default="fair",
+        help="the hypervisor's slice scheduler (default fair; fifo to compare)",
+    )
+    parser.add_argument(
         "--baseline",
         type=positive_float,
         default=5.0,
@@ -317,6 +323,7 @@ def report(
             "mode": args.mode,
             "records": args.records,
             "quantum": args.quantum,
+            "scheduler": args.scheduler,
             "guest_priority": args.guest_priority,
             "interval_ms": args.interval_ms,
         },
@@ -356,7 +363,7 @@ def print_report(doc: dict[str, Any]) -> None:
     cfg = doc["config"]
     title = (
         f"{cfg['guests']} load guests ({cfg['mode']}, {cfg['pages']} pages), "
-        f"a {cfg['records']:,}-record batch, quantum {cfg['quantum']}"
+        f"a {cfg['records']:,}-record batch, quantum {cfg['quantum']}, {cfg['scheduler']}"
     )
     table = Table(title=title)
     table.add_column("measure")
@@ -400,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
     # Each load guest's domain, the probe's and the big batch's, with room.
     memory_mib = 16 * (args.guests + 2) + 64
     extra = ["--max-batch", str(max(args.records, 65536)), "--max-domains", str(args.guests + 8)]
+    extra += ["--scheduler", args.scheduler]
     started = time.monotonic()
     try:
         with (

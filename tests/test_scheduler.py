@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypervisor.cpu import Cpu
-from hypervisor.scheduler import FairShare
+from hypervisor.scheduler import FairShare, FirstCome, SlicePolicy
+from hypervisor.server import ServerLimits
 
 
 def test_least_runtime_runs_first_and_ties_are_first_come() -> None:
@@ -99,9 +100,11 @@ class FakeClock:
         return self.now
 
 
-async def test_a_waking_probe_runs_right_after_the_current_slice() -> None:
+async def probe_wait(policy: SlicePolicy) -> tuple[int, list[str]]:
+    """Four batches of 20 slices; a probe wakes during b0's fourth slice.
+    Returns how many slices ran between its waking and its own, and the order."""
     clock = FakeClock()
-    cpu = Cpu(FairShare(wake_bonus=0.001), clock=clock)
+    cpu = Cpu(policy, clock=clock)
     order: list[str] = []
     probe_wanted = trio.Event()
 
@@ -127,14 +130,34 @@ async def test_a_waking_probe_runs_right_after_the_current_slice() -> None:
     assert order.count("probe") == 1
     at = order.index("probe")
     woke = [i for i, name in enumerate(order) if name == "b0"][3]
-    # The probe woke during b0's fourth slice. Trio may run one more ready
-    # slice before the probe queues; first come would put it behind all three
-    # other batches, which were already waiting.
-    assert at - woke - 1 <= 1
+    return at - woke - 1, order
+
+
+async def test_a_waking_probe_runs_right_after_the_current_slice() -> None:
+    # Trio may run one more ready slice before the probe queues.
+    waited, order = await probe_wait(FairShare(wake_bonus=0.001))
+    assert waited <= 1
     assert len(order) == 81
-    # Fair share: the batches took turns, none finished all its slices first.
+    # The batches took turns, none finished all its slices first.
     first_done = {b: max(i for i, n in enumerate(order) if n == b) for b in ("b0", "b1", "b2")}
     assert all(done > 60 for done in first_done.values())
+
+
+async def test_first_come_makes_the_probe_wait_for_every_batch() -> None:
+    waited, _order = await probe_wait(FirstCome())
+    assert waited >= 3  # b1..b3 were queued before it
+
+
+def test_first_come_ignores_runtime_and_limits_name_a_policy() -> None:
+    policy = FirstCome()
+    policy.charge("a", 5.0)
+    policy.enqueue("a")
+    policy.enqueue("b")
+    with pytest.raises(ValueError, match="already waiting"):
+        policy.enqueue("b")
+    assert [policy.pop(), policy.pop(), policy.pop()] == ["a", "b", None]
+    with pytest.raises(ValueError, match="scheduler"):
+        ServerLimits(scheduler="lottery")
 
 
 async def test_a_cancelled_waiter_leaves_the_cpu_usable() -> None:
