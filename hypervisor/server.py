@@ -65,10 +65,10 @@ class _Membership:
 
 
 def core_args(args: wire.HypercallArgs) -> tuple[object, ...]:
-    """Wire arguments -> the core's argument tuple (mmu_update reqs stay an
-    ``array('Q')``: no per-record objects)."""
+    """Wire arguments -> the core's argument tuple (mmu_update reqs stay a
+    view of the received blob: no copy, no per-record objects)."""
     if isinstance(args, wire.MmuUpdateArgs):
-        return (wire.unpack_u64s(args.reqs), args.foreigndom)
+        return (wire.u64_view(args.reqs), args.foreigndom)
     if isinstance(args, wire.MmuextOpArgs):
         return (args.ops, args.foreigndom)
     if isinstance(args, wire.MulticallArgs):

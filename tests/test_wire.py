@@ -327,6 +327,14 @@ def test_mmu_update_round_trip(pairs: list[tuple[int, int]]) -> None:
 @given(st.lists(st.integers(0, U64), max_size=300))
 def test_u64_round_trip(values: list[int]) -> None:
     assert list(unpack_u64s(pack_u64s(values))) == values
+    view = wire.u64_view(pack_u64s(values))  # the same values, not copied
+    assert list(view) == values
+    assert len(view) == len(values)
+
+
+def test_u64_view_rejects_a_partial_u64() -> None:
+    with pytest.raises(ValueError, match="whole number"):
+        wire.u64_view(b"\0" * 12)
 
 
 def test_blob_helpers_reject_bad_input() -> None:
