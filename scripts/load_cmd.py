@@ -362,8 +362,8 @@ def print_report(doc: dict[str, Any]) -> None:
     console = Console()
     cfg = doc["config"]
     title = (
-        f"{cfg['guests']} load guests ({cfg['mode']}, {cfg['pages']} pages), "
-        f"a {cfg['records']:,}-record batch, quantum {cfg['quantum']}, {cfg['scheduler']}"
+        f"{cfg['guests']} guests x {cfg['pages']} pages ({cfg['mode']}), "
+        f"{cfg['records']:,}-record batch, q={cfg['quantum']}, {cfg['scheduler']}"
     )
     table = Table(title=title)
     table.add_column("measure")
