@@ -120,9 +120,9 @@ def prepare_socket_path(path: str) -> None:
 class ServerLimits:
     """Every bound on what a guest can make the server hold or do.
 
-    Worst-case receive buffering is ``max_connections x message_size``; the
-    defaults keep that near 4 GiB only if every connection sends a maximum
-    message at once, and about 64 KiB per idle connection otherwise.
+    Worst-case receive buffering is ``max_connections x message_size``: 4 GiB
+    with the defaults, only if every connection sends a maximum message at
+    once; an idle connection costs about 60 KiB.
     """
 
     #: Entries a long hypercall processes before yielding (Xen's preemption check).
