@@ -75,8 +75,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantum",
         type=positive_int,
-        default=64,
-        help="the hypervisor's preemption quantum in entries (default 64)",
+        default=32,
+        help="the hypervisor's preemption quantum in entries (default 32: see "
+        "docs/robustness.md for a sweep)",
     )
     parser.add_argument(
         "--scheduler",

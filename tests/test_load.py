@@ -51,7 +51,7 @@ def test_small_load_run_reports_every_figure_and_exact_counts() -> None:
         assert 0 < latency["median_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     memory = doc["hypervisor_memory_kib"]
     assert 0 < memory["rss_before_guests"] <= memory["peak_rss"]
-    assert doc["config"]["quantum"] == 64
+    assert doc["config"]["quantum"] == 32
 
 
 def test_records_over_the_wire_ceiling_are_refused() -> None:
