@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import weakref
 from typing import Final
 
 from shared.x86 import PAGE_SHIFT, PAGE_SIZE
@@ -32,7 +33,7 @@ class OutOfMemory(Exception):
 class DomainMemory:
     """One domain's frames: a memfd mapped read-write by the hypervisor."""
 
-    __slots__ = ("fd", "map", "nr_frames", "words")
+    __slots__ = ("__weakref__", "_close_fd", "fd", "map", "nr_frames", "words")
 
     def __init__(self, name: str, nr_frames: int) -> None:
         self.nr_frames = nr_frames
@@ -44,6 +45,9 @@ class DomainMemory:
             os.close(self.fd)
             raise
         self.words = memoryview(self.map).cast("Q")
+        # The mapping frees itself with the object; the descriptor would not:
+        # a dropped Hypervisor (tests, fuzzers) must not leak one per domain.
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
 
     def seal(self) -> None:
         """Forbid new writable mappings and resizing: the guest may only read."""
@@ -55,7 +59,7 @@ class DomainMemory:
     def close(self) -> None:
         self.words.release()
         self.map.close()
-        os.close(self.fd)
+        self._close_fd()
 
 
 class MachineMemory:

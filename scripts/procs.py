@@ -71,8 +71,9 @@ def hypervisor_process(
     try:
         assert proc.stdout is not None
         ready = ""
-        readable, _, _ = select.select([proc.stdout], [], [], ready_timeout)
-        if readable:
+        poller = select.poll()  # not select(): it fails once fds pass 1023
+        poller.register(proc.stdout, select.POLLIN | select.POLLHUP)
+        if poller.poll(ready_timeout * 1000):
             ready = proc.stdout.readline()
         if not ready.startswith("pvemu-hypervisor ready"):
             raise HypervisorStartError(

@@ -30,6 +30,13 @@ def short_socket_path(tag: str) -> str:
     return os.path.join(tempfile.mkdtemp(prefix=f"pvemu-{tag}-", dir="/tmp"), "hv.sock")
 
 
+def _readable(stream: object, timeout: float) -> bool:
+    """poll(), not select(): select fails once descriptors pass 1023."""
+    poller = select.poll()
+    poller.register(stream, select.POLLIN | select.POLLHUP)  # type: ignore[arg-type]
+    return bool(poller.poll(timeout * 1000))
+
+
 @contextmanager
 def hypervisor_process(
     *extra: str,
@@ -84,8 +91,7 @@ def hypervisor_process(
         deadline = time.monotonic() + 30
         ready = ""
         while time.monotonic() < deadline and proc.poll() is None:
-            readable, _, _ = select.select([proc.stdout], [], [], 0.5)
-            if readable:
+            if _readable(proc.stdout, 0.5):
                 ready = proc.stdout.readline()
                 break
         if not ready.startswith("pvemu-hypervisor ready"):
