@@ -2,9 +2,10 @@
 
 A slice of hypervisor work (a whole short request, or ``quantum`` entries of a
 long hypercall) runs only while its connection holds the CPU; when it lets
-go, :class:`~hypervisor.scheduler.FairShare` (or another policy) picks the next holder among the
-waiting vCPUs. Without this, trio runs ready tasks first come, first served,
-and a one-PTE trap waits behind one slice of every busy guest.
+go, the policy (:class:`~hypervisor.scheduler.FairShare` by default) picks
+the next holder among the waiting vCPUs. Without this, trio runs ready tasks
+first come, first served, and a one-PTE trap waits behind one slice of every
+busy guest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .scheduler import SlicePolicy
 
 class Cpu:
     """The one hypervisor CPU: a slice of work runs only while holding it, and
-    :class:`FairShare` picks the next holder among the waiting vCPUs."""
+    ``policy`` picks the next holder among the waiting vCPUs."""
 
     def __init__(self, policy: SlicePolicy, clock: Callable[[], float] = time.perf_counter) -> None:
         self.policy = policy

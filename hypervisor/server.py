@@ -2,9 +2,11 @@
 
 One connection per vCPU. A Hello creates a domain (its sealed memfd travels
 back with the Welcome as SCM_RIGHTS); a Join attaches another vCPU with the
-domain's secret. Long hypercalls run in slices of ``quantum`` entries with a
-checkpoint in between, so every other connection is served meanwhile (Xen's
-continuation). A domain dies with its last connection, even mid-batch.
+domain's secret. Long hypercalls run in slices of ``quantum`` entries and
+yield the one hypervisor CPU (``cpu.Cpu``) in between, so every other
+connection is served meanwhile (Xen's continuation). A domain dies with its
+last connection, even mid-batch. ``ServerLimits`` bounds what a guest can
+make the server hold or do.
 """
 
 from __future__ import annotations
@@ -171,11 +173,6 @@ class HypervisorServer:
         self._connections = 0
         self._refused = 0  # refusals not logged yet
         self._last_refusal_log = -math.inf
-
-    @property
-    def connections(self) -> int:
-        """Connections open right now (handshaken or not)."""
-        return self._connections
 
     async def serve(
         self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED

@@ -38,6 +38,7 @@ def batch_size(text: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from hypervisor.scheduler import POLICIES
     from hypervisor.server import ServerLimits
 
     defaults = ServerLimits()
@@ -106,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scheduler",
-        choices=("fair", "fifo"),
+        choices=tuple(POLICIES),
         default=defaults.scheduler,
         help="which waiting vCPU runs the next slice: 'fair' (least hypervisor time first, "
         "a waking vCPU ahead of busy ones, as Xen's boost) or 'fifo' (arrival order) "

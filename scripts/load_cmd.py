@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from hypervisor.scheduler import POLICIES
 from scripts.argtypes import positive_float, positive_int
 from scripts.load_worker import PRIORITIES
+from scripts.results import percentile
 
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
@@ -81,7 +84,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scheduler",
-        choices=("fair", "fifo"),
+        choices=tuple(POLICIES),
         default="fair",
         help="the hypervisor's slice scheduler (default fair; fifo to compare)",
     )
@@ -138,11 +141,6 @@ class Worker:
         # A worker that has exited already cannot hear; its exit status says why.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.proc.stdin.send_all(command.encode() + b"\n")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def latency_summary(samples_ns: list[int]) -> dict[str, Any]:
@@ -218,7 +216,8 @@ async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> d
     ]
     specs.append(("bigbatch", [*base, "bigbatch", *common, "--records", str(args.records)]))
     specs.append(("probe", [*base, "probe", *common, "--interval-ms", str(args.interval_ms)]))
-    memory = {"before_guests": memory_kib(hv_pid), "peak_rss_kib": 0}
+    before_guests = memory_kib(hv_pid)
+    peak_rss_kib = 0
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -230,16 +229,16 @@ async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> d
         workers: list[Worker] = []
         for name, cmd in specs:
             proc = await trio.lowlevel.open_process(
-                cmd, stdin=-1, stdout=-1, stderr=None
-            )  # -1 = subprocess.PIPE
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
             worker = Worker(name, proc)
             workers.append(worker)
             nursery.start_soon(worker.read_events)
 
         async def sample_memory() -> None:
+            nonlocal peak_rss_kib
             while True:
-                rss = memory_kib(hv_pid).get("VmRSS", 0)
-                memory["peak_rss_kib"] = max(int(memory["peak_rss_kib"]), rss)  # type: ignore[call-overload]
+                peak_rss_kib = max(peak_rss_kib, memory_kib(hv_pid).get("VmRSS", 0))
                 await trio.sleep(0.1)
 
         nursery.start_soon(sample_memory)
@@ -279,7 +278,11 @@ async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> d
                 if worker.proc.returncode is None:
                     worker.proc.kill()
         nursery.cancel_scope.cancel()
-    memory["end"] = memory_kib(hv_pid)
+    memory = {
+        "before_guests": before_guests,
+        "peak_rss_kib": peak_rss_kib,
+        "end": memory_kib(hv_pid),
+    }
     failed = [f"{w.name} exited {w.proc.returncode}" for w in workers if w.proc.returncode]
     return report(args, probe, big, loads, memory, failed)
 

@@ -80,6 +80,13 @@ class Timing:
     n: int
 
 
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The sample at quantile ``q`` (nearest rank, no interpolation): a p99 is
+    a latency some request really had."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def summarize(samples: Sequence[float]) -> Timing:
     """Median, p10 and p90 (inclusive quantiles) of one phase's wall times."""
     if not samples:

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import trio
 
+from scripts.results import percentile
 from shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
 
 ECHO_SERVER = """
@@ -41,18 +42,13 @@ while True:
 """
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _summary(name: str, samples_ns: list[int]) -> dict[str, Any]:
     us = [s / 1000 for s in samples_ns]
     return {
         "name": name,
         "n": len(us),
         "median_us": round(statistics.median(us), 2),
-        "p99_us": round(_percentile(us, 0.99), 2),
+        "p99_us": round(percentile(us, 0.99), 2),
     }
 
 
