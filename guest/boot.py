@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shared import abi
-from shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
+from pvemu.shared import abi
+from pvemu.shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
 
 if TYPE_CHECKING:
     from .machine import DomainApi

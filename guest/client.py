@@ -29,9 +29,9 @@ from typing import Any, Final
 
 import trio
 
-from shared import abi, wire
-from shared.errors import RemoteProtocolError
-from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import RemoteProtocolError
+from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 RECEIVE_SIZE: Final = 256 * 1024
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * 4)

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import trio
 
-from shared.x86 import (
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_GLOBAL,

@@ -51,8 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from shared import abi
-from shared.x86 import PAGE_SHIFT
+from pvemu.shared import abi
+from pvemu.shared.x86 import PAGE_SHIFT
 
 #: One hypercall in the shape the hypervisor dispatches: ``(op, *args)``.
 #: ``mmu_update``: ``(1, [ptr0, val0, ptr1, val1, ...], foreigndom)``;

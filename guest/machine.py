@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import trio
 
-from shared.mmu import BytearrayMemory, HardwareModel
-from shared.oracle import RaceOracle
-from shared.x86 import PAGE_SIZE
+from pvemu.shared.mmu import BytearrayMemory, HardwareModel
+from pvemu.shared.oracle import RaceOracle
+from pvemu.shared.x86 import PAGE_SIZE
 
 
 class Machine(Protocol):

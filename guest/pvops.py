@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from shared import abi
-from shared.x86 import PAGE_SIZE, maddr_of_entry
+from pvemu.shared import abi
+from pvemu.shared.x86 import PAGE_SIZE, maddr_of_entry
 
 from .lazy import McBuffer, lazy_for_mode
 from .machine import Machine, NativeMachine

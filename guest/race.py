@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import trio
 
-from shared.x86 import PAGE_SIZE
+from pvemu.shared.x86 import PAGE_SIZE
 
 from .kernel import Kernel, SegmentationFault
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from shared.x86 import PAGE_SIZE
+from pvemu.shared.x86 import PAGE_SIZE
 
 from .kernel import Kernel
 

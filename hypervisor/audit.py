@@ -10,8 +10,8 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING
 
-from shared import abi
-from shared.x86 import _PAGE_PRESENT, _PAGE_RW, ENTRIES_PER_TABLE
+from pvemu.shared import abi
+from pvemu.shared.x86 import _PAGE_PRESENT, _PAGE_RW, ENTRIES_PER_TABLE
 
 from .frametable import NO_OWNER, PAGE_TABLE_TYPES, PINNED, VALIDATED
 from .pagetypes import FIRST_XEN_SLOT, L1_DISALLOW_MASK, L2_DISALLOW_MASK, LAST_XEN_SLOT, frame_of

@@ -9,10 +9,10 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Final
 
-from shared import abi
-from shared.mmu import HardwareModel, RunOutcome
-from shared.oracle import RaceOracle
-from shared.x86 import _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, PAGE_SIZE, make_pte
+from pvemu.shared import abi
+from pvemu.shared.mmu import HardwareModel, RunOutcome
+from pvemu.shared.oracle import RaceOracle
+from pvemu.shared.x86 import _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, PAGE_SIZE, make_pte
 
 from .audit import audit_machine
 from .counters import VcpuCounters, total

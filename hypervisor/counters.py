@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from shared.abi import HYPERCALL_NAMES
+from pvemu.shared.abi import HYPERCALL_NAMES
 
 
 @dataclass(slots=True)

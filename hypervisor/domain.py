@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from shared.oracle import RaceOracle
+from pvemu.shared.oracle import RaceOracle
 
 if TYPE_CHECKING:
-    from shared.mmu import HardwareModel
+    from pvemu.shared.mmu import HardwareModel
 
     from .counters import VcpuCounters
     from .frametable import FrameTable

@@ -10,7 +10,7 @@ from __future__ import annotations
 from array import array
 from typing import Final
 
-from shared import abi
+from pvemu.shared import abi
 
 #: Owner value of a frame that belongs to nobody (in the free pool).
 NO_OWNER: Final = -1

@@ -15,8 +15,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from shared import abi
-from shared.x86 import (
+from pvemu.shared import abi
+from pvemu.shared.x86 import (
     _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,

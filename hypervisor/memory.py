@@ -15,7 +15,7 @@ import random
 import weakref
 from typing import Final
 
-from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 from .frametable import NO_OWNER, FrameTable
 

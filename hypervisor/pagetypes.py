@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from shared import abi
-from shared.x86 import (
+from pvemu.shared import abi
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_AVAIL,
     _PAGE_AVAIL_HIGH,

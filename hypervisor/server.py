@@ -28,8 +28,8 @@ from typing import Final
 import structlog
 import trio
 
-from shared import abi, wire
-from shared.errors import RemoteProtocolError, WireErrorCode
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
 
 from .core import DomainError, Hypervisor
 from .cpu import Cpu

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from scripts.cli import main
+from pvemu.scripts.cli import main
 
 raise SystemExit(main())

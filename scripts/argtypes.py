@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from guest.pvops import MODES
+from pvemu.guest.pvops import MODES
 
 
 def positive_int(text: str) -> int:

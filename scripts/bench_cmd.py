@@ -27,10 +27,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from guest.pvops import MODES
-from scripts.argtypes import mode_list, positive_int
-from scripts.procs import HypervisorProcess, hypervisor_process
-from scripts.results import (
+from pvemu.guest.pvops import MODES
+from pvemu.scripts.argtypes import mode_list, positive_int
+from pvemu.scripts.procs import HypervisorProcess, hypervisor_process
+from pvemu.scripts.results import (
     BUFFER_PARAMS,
     DEFAULT_DB,
     EXIT_INVALID,
@@ -46,7 +46,7 @@ from scripts.results import (
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from scripts.costmodel import CostModel
+    from pvemu.scripts.costmodel import CostModel
 
 #: The help line of the ``bench`` row in scripts/cli.py.
 HELP: Final = "sweep modes x sizes x buffer limits, store, compare (CI gate) and plot"
@@ -200,7 +200,16 @@ def guest_command(
 ) -> list[str]:
     """The ``pvemu guest`` command line of one point."""
     pages = point.pages or memory_pages
-    cmd = [sys.executable, "-m", "scripts", "guest", "--mode", point.mode, "--pages", str(pages)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pvemu.scripts",
+        "guest",
+        "--mode",
+        point.mode,
+        "--pages",
+        str(pages),
+    ]
     cmd += ["--vcpus", str(vcpus), "--workload", point.workload, "--json"]
     if point.mode != "native":
         assert socket_path is not None
@@ -286,7 +295,7 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
         TimeElapsedColumn,
     )
 
-    from scripts.guest_cmd import memory_for
+    from pvemu.scripts.guest_cmd import memory_for
 
     points = sweep.plan()
     max_pages = max(sweep.pages)
@@ -625,7 +634,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         given = [name for name, value in explicit.items() if value is not None]
         if given:
             raise UsageError(f"--sweep-from replaces the sweep options; drop {', '.join(given)}")
-        from scripts.results import baseline_sweep
+        from pvemu.scripts.results import baseline_sweep
 
         try:
             return Sweep.from_json(baseline_sweep(sweep_from))
@@ -669,7 +678,7 @@ def estimates_us(point: Point, model: CostModel) -> dict[str, float]:
 
 def run_document(run: Run, model: CostModel | None) -> dict[str, Any]:
     """``pvemu bench --json``: the run, plus cost-model estimates if asked."""
-    from scripts.results import run_to_json
+    from pvemu.scripts.results import run_to_json
 
     doc = run_to_json(run)
     if model is not None:
@@ -821,8 +830,8 @@ def _db_path(args: argparse.Namespace) -> Path:
 
 
 def action_run(args: argparse.Namespace) -> int:
-    from scripts import costmodel
-    from scripts.results import ResultStore
+    from pvemu.scripts import costmodel
+    from pvemu.scripts.results import ResultStore
 
     sweep = sweep_from_args(args)
     model = None
@@ -884,7 +893,7 @@ def load_ref(ref: str, db: Path) -> Run:
         raise ResultsError(f"no such file: {ref}")
     if not db.is_file():
         raise ResultsError(f"no results database at {db} (run 'pvemu bench' first)")
-    from scripts.results import ResultStore
+    from pvemu.scripts.results import ResultStore
 
     with ResultStore(db) as store:
         return store.load_run(store.resolve(ref))
@@ -971,7 +980,7 @@ def print_comparison(cmp: Comparison, fmt: str) -> None:
 
 
 def action_compare(args: argparse.Namespace) -> int:
-    from scripts.results import compare_runs
+    from pvemu.scripts.results import compare_runs
 
     db = _db_path(args)
     baseline_ref = args.baseline or str(DEFAULT_BASELINE)
@@ -987,7 +996,7 @@ def action_compare(args: argparse.Namespace) -> int:
 
 
 def _update_baseline(path: Path, against: Run) -> int:
-    from scripts.results import baseline_to_json, compare_runs
+    from pvemu.scripts.results import baseline_to_json, compare_runs
 
     if not against.valid:
         bad = next(p for p in against.points if not p.valid)
@@ -1009,7 +1018,7 @@ def _update_baseline(path: Path, against: Run) -> int:
 
 
 def action_plot(args: argparse.Namespace) -> int:
-    from scripts.plots import render
+    from pvemu.scripts.plots import render
 
     run = load_ref(args.run_ref, _db_path(args))
     invalid = [p.key for p in run.points if not p.valid]
@@ -1024,7 +1033,7 @@ def action_plot(args: argparse.Namespace) -> int:
 
 
 def action_list(args: argparse.Namespace) -> int:
-    from scripts.results import ResultStore
+    from pvemu.scripts.results import ResultStore
 
     db = _db_path(args)
     if not db.is_file():
@@ -1065,7 +1074,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scripts.bench_cmd``: the same as ``pvemu bench``."""
+    """``python -m pvemu.scripts.bench_cmd``: the same as ``pvemu bench``."""
     parser = argparse.ArgumentParser(prog="pvemu bench", description=HELP)
     configure(parser)
     try:

@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from scripts import bench_cmd, guest_cmd, hypervisor_cmd, load_cmd, race_cmd, run_cmd, trace_cmd
-from shared import abi
+from pvemu.scripts import (
+    bench_cmd,
+    guest_cmd,
+    hypervisor_cmd,
+    load_cmd,
+    race_cmd,
+    run_cmd,
+    trace_cmd,
+)
+from pvemu.shared import abi
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

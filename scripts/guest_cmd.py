@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from guest.pvops import MODES, UNSAFE_MODES
-from scripts.argtypes import positive_int
+from pvemu.guest.pvops import MODES, UNSAFE_MODES
+from pvemu.scripts.argtypes import positive_int
 
 EPILOG = """\
 modes: native (bare metal, no hypervisor), trap (unbatched traps), ptwr
@@ -76,9 +76,9 @@ def memory_for(pages: int) -> int:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from guest.client import HypervisorError
-    from guest.kernel import boot
-    from guest.workload import run_mprotect_workload
+    from pvemu.guest.client import HypervisorError
+    from pvemu.guest.kernel import boot
+    from pvemu.guest.workload import run_mprotect_workload
 
     if args.mode != "native" and not args.socket:
         print("pvemu guest: --socket is required for every mode but native", file=sys.stderr)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             **params,
         ) as kernel:
             if race:
-                from guest.race import run_race
+                from pvemu.guest.race import run_race
 
                 outcome = await run_race(
                     kernel,
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return outcome.as_dict()
             if args.workload.startswith("trace:"):
-                from guest.trace import run_trace_workload
+                from pvemu.guest.trace import run_trace_workload
 
                 result = await run_trace_workload(kernel, args.workload[len("trace:") :])
             else:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     else:
-        from scripts.report import print_table
+        from pvemu.scripts.report import print_table
 
         print_table(args.pages, [result])
         if args.mode in UNSAFE_MODES:

@@ -7,7 +7,7 @@ import gc
 import os
 import sys
 
-from scripts.argtypes import positive_float, positive_int
+from pvemu.scripts.argtypes import positive_float, positive_int
 
 DEFAULT_SOCKET = "/tmp/pvemu.sock"
 
@@ -29,7 +29,7 @@ example:
 
 def batch_size(text: str) -> int:
     """An argparse type: a batch limit within the wire's ceiling."""
-    from shared.wire import MAX_MMU_UPDATES
+    from pvemu.shared.wire import MAX_MMU_UPDATES
 
     value = positive_int(text)
     if value > MAX_MMU_UPDATES:
@@ -38,8 +38,8 @@ def batch_size(text: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from hypervisor.scheduler import POLICIES
-    from hypervisor.server import ServerLimits
+    from pvemu.hypervisor.scheduler import POLICIES
+    from pvemu.hypervisor.server import ServerLimits
 
     defaults = ServerLimits()
     parser.epilog = EPILOG
@@ -136,9 +136,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from hypervisor import Hypervisor
-    from hypervisor.server import ServerError, ServerLimits, run_server
-    from shared.logs import configure_logging
+    from pvemu.hypervisor import Hypervisor
+    from pvemu.hypervisor.server import ServerError, ServerLimits, run_server
+    from pvemu.shared.logs import configure_logging
 
     configure_logging(args.log_format or "auto", args.log_level)
     harden_process()

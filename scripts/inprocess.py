@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from guest.boot import boot_domain
-from guest.client import GuestCounters
-from hypervisor import Hypervisor
-from hypervisor.server import core_args
-from shared import abi, wire
-from shared.x86 import PAGE_SHIFT, PAGE_SIZE
+from pvemu.guest.boot import boot_domain
+from pvemu.guest.client import GuestCounters
+from pvemu.hypervisor import Hypervisor
+from pvemu.hypervisor.server import core_args
+from pvemu.shared import abi, wire
+from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 
 class LocalDomain:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from hypervisor.scheduler import POLICIES
-from scripts.argtypes import positive_float, positive_int
-from scripts.load_worker import PRIORITIES
-from scripts.results import percentile
+from pvemu.hypervisor.scheduler import POLICIES
+from pvemu.scripts.argtypes import positive_float, positive_int
+from pvemu.scripts.load_worker import PRIORITIES
+from pvemu.scripts.results import percentile
 
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
@@ -195,7 +195,7 @@ async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> d
     import trio
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    base = [sys.executable, "-m", "scripts.load_worker"]
+    base = [sys.executable, "-m", "pvemu.scripts.load_worker"]
     common = ["--socket", socket_path]
     specs = [
         (
@@ -402,8 +402,8 @@ def print_report(doc: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from scripts.procs import HypervisorStartError, hypervisor_process
-    from shared.wire import MAX_MMU_UPDATES
+    from pvemu.scripts.procs import HypervisorStartError, hypervisor_process
+    from pvemu.shared.wire import MAX_MMU_UPDATES
 
     if args.records > MAX_MMU_UPDATES:
         print(f"pvemu load: --records is at most {MAX_MMU_UPDATES}", file=sys.stderr)

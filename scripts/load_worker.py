@@ -1,7 +1,7 @@
 """One guest process of ``pvemu load``: a load guest, the latency probe, or the
 guest that sends one enormous batch.
 
-Run as ``python -m scripts.load_worker ROLE --socket PATH ...``. The worker
+Run as ``python -m pvemu.scripts.load_worker ROLE --socket PATH ...``. The worker
 prints JSON lines on stdout (``{"event": "ready"}`` once booted, then one
 ``{"event": "result", ...}``) and obeys lines on stdin (``go``, ``stop``; EOF
 means stop). Timestamps are ``time.monotonic_ns()``, one clock for every
@@ -21,8 +21,15 @@ from typing import Any, Final
 
 import trio
 
-from shared import wire
-from shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, PTE_MFN_MASK, maddr_of_entry, make_pte
+from pvemu.shared import wire
+from pvemu.shared.x86 import (
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_USER,
+    PTE_MFN_MASK,
+    maddr_of_entry,
+    make_pte,
+)
 
 ROLES: Final = ("mprotect", "probe", "bigbatch")
 PRIORITIES: Final = ("idle", "low", "normal")
@@ -82,9 +89,9 @@ def boot_l1(domain: Any) -> int:
 
 async def mprotect_guest(args: argparse.Namespace, control: Control) -> None:
     """Toggle a populated region RW <-> RO until told to stop."""
-    from guest.kernel import boot
-    from guest.workload import REGION_ADDR
-    from scripts.guest_cmd import memory_for
+    from pvemu.guest.kernel import boot
+    from pvemu.guest.workload import REGION_ADDR
+    from pvemu.scripts.guest_cmd import memory_for
 
     length = args.pages * 4096
     rw = mman.PROT_READ | mman.PROT_WRITE
@@ -115,7 +122,7 @@ async def mprotect_guest(args: argparse.Namespace, control: Control) -> None:
 async def probe_guest(args: argparse.Namespace, control: Control) -> None:
     """One-record mmu_updates at a steady pace: what a latency-sensitive guest
     sees while others load the hypervisor. Ends with a machine-wide audit."""
-    from guest.client import connect
+    from pvemu.guest.client import connect
 
     async with connect(args.socket, memory_mib=4) as domain:
         l1 = boot_l1(domain)
@@ -154,7 +161,7 @@ def big_batch(l1: int, frames: list[int], records: int) -> list[tuple[int, int]]
 
 async def bigbatch_guest(args: argparse.Namespace, control: Control) -> None:
     """Send one mmu_update of ``--records`` records when told to."""
-    from guest.client import connect
+    from pvemu.guest.client import connect
 
     async with connect(args.socket, memory_mib=8) as domain:
         l1 = boot_l1(domain)

@@ -20,8 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from guest.pvops import MODES
-from scripts.results import Point, Run, Timing
+from pvemu.guest.pvops import MODES
+from pvemu.scripts.results import Point, Run, Timing
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

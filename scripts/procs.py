@@ -60,7 +60,7 @@ def hypervisor_process(
     (SIGTERM, then SIGKILL after 30 s): no orphan, no socket file left."""
     socket_path = socket_path or str(directory / "hv.sock")
     log_path = directory / "hypervisor.log"
-    cmd = [sys.executable, "-m", "scripts", "hypervisor", "--socket", socket_path]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "hypervisor", "--socket", socket_path]
     cmd += ["--memory-mib", str(memory_mib), "--quantum", str(quantum)]
     cmd += ["--log-level", "warning", "--log-format", "json", *extra]
     with log_path.open("w") as log:

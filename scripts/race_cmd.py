@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from guest.pvops import MODES, UNSAFE_MODES
-from scripts.argtypes import mode_list, positive_int
-from scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.guest.pvops import MODES, UNSAFE_MODES
+from pvemu.scripts.argtypes import mode_list, positive_int
+from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
 EPILOG = """\
 columns: writes (stores that completed), lost dirty (D bits set by hardware
@@ -55,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_mode(mode: str, socket_path: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "scripts", "guest", "--workload", "race", "--mode", mode]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--workload", "race", "--mode", mode]
     cmd += ["--pages", str(args.pages), "--writers", str(args.writers)]
     cmd += ["--iterations", str(args.iterations), "--seed", str(args.seed), "--json"]
     if mode != "native":

@@ -1,7 +1,7 @@
 """Trap round-trip benchmark: one-record and 512-record ``mmu_update`` over the
 real socket, beside the floor (a blocking msgpack echo between two processes).
 
-Run with ``make bench-rtt`` (or ``python -m scripts.rtt``). It reports median
+Run with ``make bench-rtt`` (or ``python -m pvemu.scripts.rtt``). It reports median
 and p99 per variant and the ratio to the floor, measured side by side in one
 run. Timings are reported, never asserted.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import msgpack
 import trio
 
-from scripts.results import percentile
-from shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
+from pvemu.scripts.results import percentile
+from pvemu.shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
 
 ECHO_SERVER = """
 import socket, sys, msgpack
@@ -84,7 +84,7 @@ def measure_floor(tmp: str, rounds: int, warmup: int, records: int) -> list[int]
 
 
 async def measure_traps(socket_path: str, rounds: int, warmup: int) -> dict[str, list[int]]:
-    from guest.client import connect
+    from pvemu.guest.client import connect
 
     out: dict[str, list[int]] = {}
     async with connect(socket_path, memory_mib=16) as dom:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "scripts",
+                "pvemu.scripts",
                 "hypervisor",
                 "--socket",
                 hv_socket,

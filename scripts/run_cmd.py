@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from guest.pvops import MODES, UNSAFE_MODES
-from scripts.argtypes import mode_list, positive_int
-from scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.guest.pvops import MODES, UNSAFE_MODES
+from pvemu.scripts.argtypes import mode_list, positive_int
+from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
 DEFAULT_MODES = ("native", "trap", "ptwr", "xen", "batched")
 
@@ -52,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_guest(mode: str, socket_path: str, pages: int, vcpus: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "scripts", "guest", "--mode", mode, "--pages", str(pages)]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--pages", str(pages)]
     cmd += ["--vcpus", str(vcpus), "--json"]
     if mode != "native":
         cmd += ["--socket", socket_path]
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from scripts.guest_cmd import memory_for
+    from pvemu.scripts.guest_cmd import memory_for
 
     pages: int = args.pages
     results: list[dict[str, Any]] = []
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"schema": 1, "pages": pages, "results": results}))
     else:
-        from scripts.report import print_table
+        from pvemu.scripts.report import print_table
 
         print_table(pages, results)
         if not valid:

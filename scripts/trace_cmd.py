@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from guest.pvops import MODES
-from scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.guest.pvops import MODES
+from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
 
@@ -132,7 +132,7 @@ def strace_version(strace: str) -> str:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from guest.trace import parse_strace, save_trace
+    from pvemu.guest.trace import parse_strace, save_trace
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -196,7 +196,7 @@ def print_summary(summary: dict[str, Any], out: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from guest.trace import TraceError, load_trace
+    from pvemu.guest.trace import TraceError, load_trace
 
     try:
         trace = load_trace(args.file)
@@ -216,7 +216,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _replay_mode(mode: str, path: str, socket_path: str, memory_mib: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "scripts", "guest", "--mode", mode, "--json"]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--json"]
     cmd += ["--workload", f"trace:{path}", "--memory-mib", str(memory_mib)]
     if mode != "native":
         cmd += ["--socket", socket_path]
@@ -234,7 +234,7 @@ def _valid(result: dict[str, Any]) -> bool:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from guest.trace import TraceError, load_trace
+    from pvemu.guest.trace import TraceError, load_trace
 
     try:
         load_trace(args.file)  # fail early, with a clear message
@@ -270,8 +270,8 @@ def print_replay_table(name: str, results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from guest.workload import PHASE_FIELDS
-    from scripts.report import HEADERS
+    from pvemu.guest.workload import PHASE_FIELDS
+    from pvemu.scripts.report import HEADERS
 
     table = Table(title=f"trace {name} (traps per phase; lower is better)")
     table.add_column("mode")

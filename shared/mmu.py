@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
-from shared.x86 import (
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_NX,

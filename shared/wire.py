@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NamedTuple, NoR
 
 import msgpack
 
-from shared.abi import (
+from pvemu.shared.abi import (
     DOMID_SELF,
     HYPERVISOR_mmu_update,
     HYPERVISOR_mmuext_op,
@@ -39,7 +39,7 @@ from shared.abi import (
     HYPERVISOR_update_va_mapping_otherdomain,
     HYPERVISOR_vm_assist,
 )
-from shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
+from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence

@@ -46,12 +46,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from hypervisor import DomainError, Hypervisor, PendingCall
-from hypervisor.frametable import NO_OWNER
-from hypervisor.server import FEATURES, ServerLimits, _largest_batch, _reply_for, core_args
-from shared import abi, wire
-from shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
-from shared.wire import (
+from pvemu.hypervisor import DomainError, Hypervisor, PendingCall
+from pvemu.hypervisor.frametable import NO_OWNER
+from pvemu.hypervisor.server import FEATURES, ServerLimits, _largest_batch, _reply_for, core_args
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
+from pvemu.shared.wire import (
     CONNECTION_CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -87,7 +87,7 @@ from shared.wire import (
     VmAssistArgs,
     Welcome,
 )
-from shared.x86 import (
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_AVAIL,
     _PAGE_DIRTY,

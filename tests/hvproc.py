@@ -59,7 +59,7 @@ def hypervisor_process(
     cmd = [
         python or sys.executable,
         "-m",
-        "scripts",
+        "pvemu.scripts",
         "hypervisor",
         "--socket",
         socket_path,

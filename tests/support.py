@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hypervisor import HypercallResult, Hypervisor
-from shared import abi
-from shared.x86 import (
+from pvemu.hypervisor import HypercallResult, Hypervisor
+from pvemu.shared import abi
+from pvemu.shared.x86 import (
     _PAGE_PRESENT,
     _PAGE_RW,
     _PAGE_USER,
@@ -17,7 +17,7 @@ from shared.x86 import (
 )
 
 if TYPE_CHECKING:
-    from hypervisor.domain import Domain
+    from pvemu.hypervisor.domain import Domain
 
 USER_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 USER_RO = _PAGE_PRESENT | _PAGE_USER

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared import abi
+from pvemu.shared import abi
 
 # §1.1: hypercall numbers (11 is unused).
 HYPERCALLS = {

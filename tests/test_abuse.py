@@ -18,9 +18,9 @@ import msgpack
 import pytest
 import trio
 
-from guest.client import Domain, HypervisorError, connect
-from shared import abi, wire
-from shared.x86 import _PAGE_RW, maddr_of_entry, make_pte
+from pvemu.guest.client import Domain, HypervisorError, connect
+from pvemu.shared import abi, wire
+from pvemu.shared.x86 import _PAGE_RW, maddr_of_entry, make_pte
 from tests.hvproc import HypervisorProcess, hypervisor_process
 from tests.test_integration import USER_RO, USER_RW, first_l1
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from scripts import bench_cmd, costmodel, results
-from scripts.bench_cmd import Sweep, UsageError
-from scripts.results import Point, Run
+from pvemu.scripts import bench_cmd, costmodel, results
+from pvemu.scripts.bench_cmd import Sweep, UsageError
+from pvemu.scripts.results import Point, Run
 from tests.test_kernel_counts import expected_traps, pte_pages
 from tests.test_results import counts, make_point, make_run
 
@@ -33,10 +33,10 @@ def _plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def bench(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``pvemu bench ARGV`` in a real process (``python -m scripts.bench_cmd``)."""
+    """``pvemu bench ARGV`` in a real process (``python -m pvemu.scripts.bench_cmd``)."""
     env = {**os.environ, "PVEMU_BENCH_NO_GIT": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "scripts.bench_cmd", *argv],
+        [sys.executable, "-m", "pvemu.scripts.bench_cmd", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -80,7 +80,7 @@ def test_run_is_the_default_action(argv: list[str], action: str | None, pages: A
 
 def test_the_cli_row() -> None:
     """The row scripts/cli.py registers: ``pvemu bench`` parses and dispatches."""
-    from scripts import cli
+    from pvemu.scripts import cli
 
     row = cli.Subcommand("bench", bench_cmd.HELP, bench_cmd.configure, bench_cmd.run)
     args = cli.build_parser((row,)).parse_args(["bench", "--pages", "64", "--modes", "xen"])
@@ -148,7 +148,7 @@ def test_guest_command_line() -> None:
     cmd = bench_cmd.guest_command(
         point, socket_path="/tmp/s", vcpus=2, memory_pages=4096, extra=["--mc-records", "1"]
     )
-    assert cmd[1:4] == ["-m", "scripts", "guest"]
+    assert cmd[1:4] == ["-m", "pvemu.scripts", "guest"]
     text = " ".join(cmd[4:])
     assert "--mode xen --pages 600 --vcpus 2 --workload mprotect --json" in text
     assert text.endswith("--socket /tmp/s --mc-bytes 256 --mc-records 8 --mc-records 1")
@@ -409,7 +409,7 @@ def plot_run() -> Run:
 
 
 def test_plots_are_written_and_reproducible(tmp_path: Path) -> None:
-    from scripts import plots
+    from pvemu.scripts import plots
 
     written, notes = plots.render(plot_run(), tmp_path / "a")
     names = sorted(p.name for p in written)
@@ -544,7 +544,7 @@ def test_the_gate_passes_on_this_code_and_bites_on_a_debatched_guest(
     env = {**os.environ, "PVEMU_BENCH_NO_GIT": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "scripts.bench_cmd", *common, *extra],
+            [sys.executable, "-m", "pvemu.scripts.bench_cmd", *common, *extra],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from scripts import cli
+from pvemu.scripts import cli
 
 if TYPE_CHECKING:
     import argparse
@@ -122,7 +122,7 @@ def test_subcommand_names_are_unique() -> None:
 
 def test_python_dash_m_scripts_version() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts", "--version"],
+        [sys.executable, "-m", "pvemu.scripts", "--version"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hypervisor import DomainError, Hypervisor, PendingCall
-from hypervisor.core import FRAMES_PER_MIB
-from hypervisor.frametable import FrameTable
-from shared import abi
-from shared.x86 import (
+from pvemu.hypervisor import DomainError, Hypervisor, PendingCall
+from pvemu.hypervisor.core import FRAMES_PER_MIB
+from pvemu.hypervisor.frametable import FrameTable
+from pvemu.shared import abi
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_GLOBAL,

@@ -38,9 +38,9 @@ import pytest
 import trio
 import trio.testing
 
-from guest.client import Domain, HypervisorError, HypervisorGone, VcpuChannel, connect
-from shared import abi, wire
-from shared.x86 import PAGE_SIZE, PTE_MFN_MASK, maddr_of_entry, make_pte
+from pvemu.guest.client import Domain, HypervisorError, HypervisorGone, VcpuChannel, connect
+from pvemu.shared import abi, wire
+from pvemu.shared.x86 import PAGE_SIZE, PTE_MFN_MASK, maddr_of_entry, make_pte
 from tests.hvproc import HypervisorProcess, hypervisor_process
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ async def free_frames(domain: Domain) -> int:
 async def boot_loop(socket_path: str, vcpus: int) -> None:
     """Create, boot and destroy domains forever: a kill lands in a handshake,
     a join, the boot hypercalls (most of the time) or the goodbyes."""
-    from guest.boot import boot_domain
+    from pvemu.guest.boot import boot_domain
 
     n = 0
     while True:
@@ -122,7 +122,7 @@ async def batch_loop(socket_path: str, records: int) -> None:
 async def access_loop(socket_path: str, pages: int) -> None:
     """User accesses forever: map a region, write every page (each write a
     demand fault served by hypercalls), read it back, unmap it."""
-    from guest.kernel import boot
+    from pvemu.guest.kernel import boot
 
     async with boot(socket_path, mode="xen", memory_mib=16, vcpus=2) as kernel:
         length = pages * PAGE_SIZE
@@ -266,7 +266,7 @@ async def kill_at_random(
     delay and SIGKILL it; returns what was done (for failure messages)."""
     if kind == "mprotect":
         mode = rng.choice(("trap", "ptwr", "xen", "batched"))
-        cmd = [sys.executable, "-m", "scripts", "guest", "--socket", hvp.socket_path]
+        cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--socket", hvp.socket_path]
         cmd += ["--mode", mode, "--pages", "2048", "--json"]
         what = f"mprotect workload in mode {mode}"
     else:
@@ -388,7 +388,7 @@ async def test_sigterm_with_guests_attached(tmp_path: Path) -> None:
             connect(path, memory_mib=2, vcpus=3) as idle3,
             connect(path, memory_mib=8, vcpus=2) as busy,
             child_process(
-                [sys.executable, "-m", "scripts", "guest", "--socket", path, *guest_args],
+                [sys.executable, "-m", "pvemu.scripts", "guest", "--socket", path, *guest_args],
                 tmp_path / "guest.stderr",
             ) as guest,
         ):
@@ -591,8 +591,8 @@ BENCH_ENV: Final = {**os.environ, "PVEMU_BENCH_NO_GIT": "1"}
 PAUSED_IN_STORE: Final = textwrap.dedent(
     """
     import sys, time
-    from scripts import results
-    from scripts.cli import main
+    from pvemu.scripts import results
+    from pvemu.scripts.cli import main
 
     insert_point = results.ResultStore._insert_point
 
@@ -612,7 +612,7 @@ def bench_args(db: Path, modes: str, pages: str, repeat: int = 1) -> list[str]:
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "scripts", "bench", *args]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "bench", *args]
     return subprocess.run(
         cmd, cwd=REPO, env=BENCH_ENV, capture_output=True, text=True, timeout=120, check=False
     )
@@ -640,7 +640,7 @@ def bench_session(args: list[str]) -> Iterator[subprocess.Popen[str]]:
     that session (its hypervisor and guests) is killed and its temporary
     directory removed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts", "bench", *args],
+        [sys.executable, "-m", "pvemu.scripts", "bench", *args],
         cwd=REPO,
         env=BENCH_ENV,
         stdout=subprocess.DEVNULL,
@@ -710,7 +710,7 @@ def test_bench_database_survives_sigkill_mid_sweep_and_mid_store(tmp_path: Path)
     k from a seed) and one SIGKILLed inside its store transaction: the
     database checks ok, holds exactly the first run, which loads as it was
     printed, and the next bench stores run #2."""
-    from scripts.results import ResultStore
+    from pvemu.scripts.results import ResultStore
 
     db = tmp_path / "results.db"
     first = run_bench(*bench_args(db, "native,xen", "16"), "--json", "--tag", "first")

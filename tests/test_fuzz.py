@@ -11,10 +11,10 @@ import msgpack
 import pytest
 from hypothesis import Phase, settings
 
-from hypervisor import Hypervisor
-from hypervisor.pagetypes import PageTypes
-from shared import abi, wire
-from shared.errors import RemoteProtocolError, WireErrorCode
+from pvemu.hypervisor import Hypervisor
+from pvemu.hypervisor.pagetypes import PageTypes
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
 from tests import fuzzers
 from tests.fuzzers import FUZZERS, HYPERCALL, KNOWN_BUGS, KNOWN_HITS, STATS, WIRE, FuzzFailure
 from tests.support import boot

@@ -26,11 +26,13 @@ import itertools
 import json
 import mmap
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -42,9 +44,9 @@ import msgpack
 import pytest
 import trio
 
-from guest.client import Domain, connect
-from shared import abi
-from shared.x86 import (
+from pvemu.guest.client import Domain, connect
+from pvemu.shared import abi
+from pvemu.shared.x86 import (
     _PAGE_GLOBAL,
     _PAGE_PAT,
     _PAGE_PCD,
@@ -56,7 +58,7 @@ from shared.x86 import (
     maddr_of_entry,
     pte_mfn,
 )
-from shared.x86 import make_pte as pte
+from pvemu.shared.x86 import make_pte as pte
 from tests.hvproc import HypervisorProcess, hypervisor_process
 
 MACHINE_MIB: Final = 16
@@ -1363,7 +1365,7 @@ NOBODY: Final = 65534
 ATTACKER: Final = textwrap.dedent(
     """
     import ctypes, errno, json, os, sys, trio
-    from guest.client import connect
+    from pvemu.guest.client import connect
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -1412,11 +1414,29 @@ ATTACKER: Final = textwrap.dedent(
 )
 
 
-def interpreter_for(uid: int) -> tuple[str, dict[str, str]] | None:
+@pytest.fixture(scope="module")
+def importable_tree() -> Iterator[Path]:
+    """A directory where ``pvemu`` is the repository's packages (symlinks):
+    what the editable install's finder does, for an interpreter that does
+    not run the venv's site hooks. Removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="pvemu-import-"))
+    try:
+        package = root / "pvemu"
+        package.mkdir()
+        for name in ("shared", "hypervisor", "guest", "scripts"):
+            (package / name).symlink_to(REPO / name)
+        root.chmod(0o755)
+        package.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def interpreter_for(uid: int, tree: Path) -> tuple[str, dict[str, str]] | None:
     """A Python that ``uid`` can execute and that imports the project."""
     env = {
         "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]]),
+        "PYTHONPATH": os.pathsep.join([str(tree), sysconfig.get_paths()["purelib"]]),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -1425,7 +1445,11 @@ def interpreter_for(uid: int) -> tuple[str, dict[str, str]] | None:
     ):
         try:
             check = subprocess.run(
-                [candidate, "-c", "import guest.client, hypervisor.server, scripts.cli"],
+                [
+                    candidate,
+                    "-c",
+                    "import pvemu.guest.client, pvemu.hypervisor.server, pvemu.scripts.cli",
+                ],
                 user=uid,
                 env=env,
                 cwd="/",
@@ -1440,14 +1464,14 @@ def interpreter_for(uid: int) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-async def test_same_uid_guest_cannot_open_the_hypervisors_fds() -> None:
+async def test_same_uid_guest_cannot_open_the_hypervisors_fds(importable_tree: Path) -> None:
     """The hypervisor makes itself non-dumpable, so a guest running as the
     same user cannot take another domain's memfd out of /proc/PID/fd or with
     pidfd_getfd. A dumpable process of that user, the control, shows the
     same attempts would otherwise work."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run the hypervisor and the attacker as uid 65534")
-    found = interpreter_for(NOBODY)
+    found = interpreter_for(NOBODY, importable_tree)
     if found is None:
         pytest.skip("no Python interpreter that uid 65534 can run imports the project")
     python, env = found

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hypervisor import Hypervisor
-from shared import abi
-from shared.x86 import _PAGE_DIRTY, _PAGE_PAT, _PAGE_RW, maddr_of_entry, make_pte
+from pvemu.hypervisor import Hypervisor
+from pvemu.shared import abi
+from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_PAT, _PAGE_RW, maddr_of_entry, make_pte
 from tests.support import TABLE, USER_RO, USER_RW, Guest, boot, flat
 
 

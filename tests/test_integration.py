@@ -14,9 +14,9 @@ import msgpack
 import pytest
 import trio
 
-from guest.client import Domain, connect
-from shared import abi
-from shared.x86 import _PAGE_DIRTY, _PAGE_RW, PTE_MFN_MASK, maddr_of_entry, make_pte
+from pvemu.guest.client import Domain, connect
+from pvemu.shared import abi
+from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW, PTE_MFN_MASK, maddr_of_entry, make_pte
 from tests.hvproc import HypervisorProcess, hypervisor_process
 
 USER_RW = 0x7
@@ -212,7 +212,7 @@ async def test_guest_and_hypervisor_trap_counts_agree_exactly(hvp: HypervisorPro
 def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: object) -> None:
     with hypervisor_process(tag="stale") as live:
         clash = subprocess.run(
-            [sys.executable, "-m", "scripts", "hypervisor", "--socket", live.socket_path],
+            [sys.executable, "-m", "pvemu.scripts", "hypervisor", "--socket", live.socket_path],
             capture_output=True,
             text=True,
             timeout=30,
@@ -222,7 +222,7 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: object) -> None
         live.stop(signal.SIGKILL)  # leaves the socket file behind
         assert os.path.exists(live.socket_path)
         restart = subprocess.Popen(
-            [sys.executable, "-m", "scripts", "hypervisor", "--socket", live.socket_path],
+            [sys.executable, "-m", "pvemu.scripts", "hypervisor", "--socket", live.socket_path],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -22,11 +22,11 @@ import mmap
 
 import pytest
 
-from guest.kernel import Kernel, boot, kernel_for
-from guest.pvops import MODES
-from guest.workload import run_mprotect_workload
-from hypervisor import Hypervisor
-from scripts.inprocess import LocalDomain
+from pvemu.guest.kernel import Kernel, boot, kernel_for
+from pvemu.guest.pvops import MODES
+from pvemu.guest.workload import run_mprotect_workload
+from pvemu.hypervisor import Hypervisor
+from pvemu.scripts.inprocess import LocalDomain
 
 SIZES = [1, 10, 33, 34, 512, 513, 4096]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from guest.kernel import Kernel, SegmentationFault, boot, kernel_for
-from guest.lazy import KernelBug
-from guest.pvops import MODES
-from hypervisor import Hypervisor
-from scripts.inprocess import LocalDomain
-from shared.x86 import _PAGE_DIRTY, _PAGE_RW
+from pvemu.guest.kernel import Kernel, SegmentationFault, boot, kernel_for
+from pvemu.guest.lazy import KernelBug
+from pvemu.guest.pvops import MODES
+from pvemu.hypervisor import Hypervisor
+from pvemu.scripts.inprocess import LocalDomain
+from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW
 
 RW = mmap.PROT_READ | mmap.PROT_WRITE
 PROT_NONE = 0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guest.lazy import (
+from pvemu.guest.lazy import (
     FLUSH_CONTEXT_SWITCH,
     FLUSH_EXPLICIT,
     FLUSH_FULL_ARGS,
@@ -36,8 +36,8 @@ from guest.lazy import (
     pte_page_of,
     records_per_flush,
 )
-from shared import abi, wire
-from shared.x86 import PAGE_SIZE
+from pvemu.shared import abi, wire
+from pvemu.shared.x86 import PAGE_SIZE
 
 SELF = abi.DOMID_SELF
 PRESERVE_AD = abi.MMU_PT_UPDATE_PRESERVE_AD

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from scripts.load_worker import ENTRIES, big_batch
-from shared.x86 import PTE_MFN_MASK, maddr_of_entry
+from pvemu.scripts.load_worker import ENTRIES, big_batch
+from pvemu.shared.x86 import PTE_MFN_MASK, maddr_of_entry
 
 
 def test_small_load_run_reports_every_figure_and_exact_counts() -> None:
@@ -15,7 +15,7 @@ def test_small_load_run_reports_every_figure_and_exact_counts() -> None:
         [
             sys.executable,
             "-m",
-            "scripts",
+            "pvemu.scripts",
             "load",
             "--guests",
             "2",
@@ -56,7 +56,7 @@ def test_small_load_run_reports_every_figure_and_exact_counts() -> None:
 
 def test_records_over_the_wire_ceiling_are_refused() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "scripts", "load", "--records", str((1 << 20) + 1)],
+        [sys.executable, "-m", "pvemu.scripts", "load", "--records", str((1 << 20) + 1)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.mmu import (
+from pvemu.shared.mmu import (
     AccessKind,
     BytearrayMemory,
     HardwareModel,
@@ -14,7 +14,7 @@ from shared.mmu import (
     RunOutcome,
     StaleTlbWrite,
 )
-from shared.x86 import (
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_NX,

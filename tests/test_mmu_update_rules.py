@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from hypervisor import Hypervisor
-from shared import abi
-from shared.x86 import (
+from pvemu.hypervisor import Hypervisor
+from pvemu.shared import abi
+from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_GLOBAL,

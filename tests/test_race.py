@@ -7,10 +7,10 @@ import json
 import subprocess
 import sys
 
-from guest.pvops import MODES
-from shared import abi
-from shared.oracle import RaceOracle
-from shared.x86 import _PAGE_DIRTY, _PAGE_RW, maddr_of_entry, make_pte
+from pvemu.guest.pvops import MODES
+from pvemu.shared import abi
+from pvemu.shared.oracle import RaceOracle
+from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW, maddr_of_entry, make_pte
 from tests.support import USER_RW, boot
 
 # --- the oracle itself ------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
         [
             sys.executable,
             "-m",
-            "scripts",
+            "pvemu.scripts",
             "race",
             "--json",
             "--iterations",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from guest.workload import PHASE_FIELDS
-from scripts import results
-from scripts.results import (
+from pvemu.guest.workload import PHASE_FIELDS
+from pvemu.scripts import results
+from pvemu.scripts.results import (
     GATED_COUNTS,
     MIGRATIONS,
     Point,
@@ -231,7 +231,7 @@ def test_an_error_inside_the_transaction_stores_nothing(
 
 KILLED_WRITER = """
 import sys, time
-from scripts.results import ResultStore
+from pvemu.scripts.results import ResultStore
 from tests.test_results import make_point, make_run
 
 db = sys.argv[1]

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from guest.pvops import MODES
+from pvemu.guest.pvops import MODES
 from tests.hvproc import hypervisor_process
 from tests.test_kernel_counts import expected_traps
 
@@ -18,7 +18,7 @@ def test_pvemu_run_json_all_modes() -> None:
         [
             sys.executable,
             "-m",
-            "scripts",
+            "pvemu.scripts",
             "run",
             "--pages",
             str(pages),
@@ -55,7 +55,7 @@ def test_pvemu_guest_against_a_running_hypervisor() -> None:
             [
                 sys.executable,
                 "-m",
-                "scripts",
+                "pvemu.scripts",
                 "guest",
                 "--socket",
                 hvp.socket_path,
@@ -77,7 +77,7 @@ def test_pvemu_guest_against_a_running_hypervisor() -> None:
             [
                 sys.executable,
                 "-m",
-                "scripts",
+                "pvemu.scripts",
                 "guest",
                 "--socket",
                 hvp.socket_path,
@@ -94,7 +94,7 @@ def test_pvemu_guest_against_a_running_hypervisor() -> None:
         assert human.returncode == 0, human.stderr
         assert "protect_ro" in human.stdout
     missing = subprocess.run(
-        [sys.executable, "-m", "scripts", "guest", "--mode", "xen"],
+        [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", "xen"],
         capture_output=True,
         text=True,
         timeout=60,

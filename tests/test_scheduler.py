@@ -7,9 +7,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hypervisor.cpu import Cpu
-from hypervisor.scheduler import FairShare, FirstCome, SlicePolicy
-from hypervisor.server import ServerLimits
+from pvemu.hypervisor.cpu import Cpu
+from pvemu.hypervisor.scheduler import FairShare, FirstCome, SlicePolicy
+from pvemu.hypervisor.server import ServerLimits
 
 
 def test_least_runtime_runs_first_and_ties_are_first_come() -> None:

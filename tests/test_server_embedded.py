@@ -10,11 +10,11 @@ import tempfile
 import structlog
 import trio
 
-from guest.client import connect
-from hypervisor import Hypervisor
-from hypervisor.server import HypervisorServer, ServerLimits
-from shared import abi
-from shared.x86 import maddr_of_entry, make_pte
+from pvemu.guest.client import connect
+from pvemu.hypervisor import Hypervisor
+from pvemu.hypervisor.server import HypervisorServer, ServerLimits
+from pvemu.shared import abi
+from pvemu.shared.x86 import maddr_of_entry, make_pte
 
 
 def test_core_imports_without_trio() -> None:

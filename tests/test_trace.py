@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guest.kernel import Kernel, boot, kernel_for
-from guest.trace import (
+from pvemu.guest.kernel import Kernel, boot, kernel_for
+from pvemu.guest.trace import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
@@ -49,10 +49,10 @@ from guest.trace import (
     save_trace,
     trace_from_json,
 )
-from guest.trace import MAP_NAMES as TRACE_MAP_NAMES
-from hypervisor import Hypervisor
-from scripts import trace_cmd
-from scripts.inprocess import LocalDomain
+from pvemu.guest.trace import MAP_NAMES as TRACE_MAP_NAMES
+from pvemu.hypervisor import Hypervisor
+from pvemu.scripts import trace_cmd
+from pvemu.scripts.inprocess import LocalDomain
 
 TRACES = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
 SHIPPED = sorted(TRACES.glob("*.json"))
@@ -220,13 +220,13 @@ def test_only_the_first_address_space_is_kept() -> None:
     ],
 )
 def test_prot_symbols(text: str, value: int) -> None:
-    from guest.trace import PROT_NAMES
+    from pvemu.guest.trace import PROT_NAMES
 
     assert parse_symbols(text, PROT_NAMES) == value
 
 
 def test_unknown_symbol_is_an_error_in_a_trace_file() -> None:
-    from guest.trace import PROT_NAMES
+    from pvemu.guest.trace import PROT_NAMES
 
     with pytest.raises(TraceError, match="PROT_BOGUS"):
         parse_symbols("PROT_READ|PROT_BOGUS", PROT_NAMES)
@@ -238,7 +238,7 @@ def test_unknown_symbol_is_an_error_in_a_trace_file() -> None:
     st.sampled_from([0, 16, 21, 30]),
 )
 def test_map_flags_round_trip(mtype: int, bits: set[int], huge: int) -> None:
-    from guest.trace import _ALL_MAP_NAMES
+    from pvemu.guest.trace import _ALL_MAP_NAMES
 
     flags = mtype | sum(bits) | (huge << 26)
     assert parse_symbols(format_map_flags(flags), _ALL_MAP_NAMES) == flags
@@ -246,7 +246,7 @@ def test_map_flags_round_trip(mtype: int, bits: set[int], huge: int) -> None:
 
 @given(st.integers(min_value=0, max_value=(1 << 26) - 1))
 def test_prot_round_trip(prot: int) -> None:
-    from guest.trace import PROT_NAMES
+    from pvemu.guest.trace import PROT_NAMES
 
     assert parse_symbols(format_prot(prot), PROT_NAMES) == prot
 
@@ -756,7 +756,7 @@ def test_replay_native_in_a_guest_process(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_guest_subcommand_runs_a_trace(capsys: pytest.CaptureFixture[str]) -> None:
-    from scripts import guest_cmd
+    from pvemu.scripts import guest_cmd
 
     parser = argparse.ArgumentParser()
     guest_cmd.configure(parser)

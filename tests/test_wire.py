@@ -16,9 +16,14 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import abi, wire
-from shared.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, WireErrorCode
-from shared.wire import (
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    WireErrorCode,
+)
+from pvemu.shared.wire import (
     CONNECTION_CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -1063,7 +1068,7 @@ def test_no_trio_in_shared() -> None:
     import subprocess
     import sys
 
-    code = "import sys, shared.wire, shared.errors; print('trio' in sys.modules)"
+    code = "import sys, pvemu.shared.wire, pvemu.shared.errors; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

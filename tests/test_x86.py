@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import x86
-from shared.x86 import (
+from pvemu.shared import x86
+from pvemu.shared.x86 import (
     CANONICAL_HIGH_START,
     CANONICAL_LOW_END,
     ENTRIES_PER_TABLE,
