@@ -14,7 +14,7 @@ from pvemu.shared import abi
 from pvemu.shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
 
 if TYPE_CHECKING:
-    from .machine import DomainApi
+    from .client import Domain
 
 TABLE_FLAGS = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 
@@ -23,7 +23,7 @@ class BootError(Exception):
     """A boot hypercall failed: the hypervisor refused the initial tree."""
 
 
-async def boot_domain(domain: DomainApi) -> None:
+async def boot_domain(domain: Domain) -> None:
     """Build and load L4 -> L3 -> L2 -> L1 covering VA 0..2 MiB."""
     l4, l3, l2, l1 = (domain.alloc_frame() for _ in range(4))
     links = [

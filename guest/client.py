@@ -1,5 +1,10 @@
-"""The raw hypercall client: one socket per vCPU, the domain's memory mapped
+"""The raw hypercall client: one channel per vCPU, the domain's memory mapped
 read-only, and guest-side trap counters.
+
+A :class:`Transport` opens :class:`Channel` s (request in, reply out). There
+are two: :class:`SocketTransport`, the Unix socket to a hypervisor process
+(what pvemu runs), and the tests' loopback over the sans-I/O service in the
+same process. :class:`Domain` is the one client class over either.
 
 ``connect()`` yields a :class:`Domain` handle that is already booted (an
 initial L4/L3/L2/L1 tree pinned and loaded on every vCPU). The names and
@@ -17,15 +22,17 @@ every later request on that connection raises it again at once. Leaving
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import mmap
 import os
 import socket
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -98,8 +105,29 @@ class GuestCounters:
         }
 
 
+class Channel(Protocol):
+    """One vCPU's connection to the hypervisor: one request in flight at a
+    time. An error reply raises :class:`HypervisorError`."""
+
+    def next_id(self) -> int: ...
+
+    async def request(self, message: wire.Request) -> wire.Reply: ...
+
+    def take_fds(self) -> list[int]:
+        """Descriptors that came with replies (the memory fd), now the caller's."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Opens the channels of a domain's vCPUs."""
+
+    async def open_channel(self) -> Channel: ...
+
+
 class VcpuChannel:
-    """One vCPU's connection: strictly one request in flight at a time."""
+    """One vCPU's Unix-socket connection: strictly one request in flight at a time."""
 
     def __init__(self, sock: trio.socket.SocketType, socket_path: str = "") -> None:
         self._sock = sock
@@ -110,7 +138,6 @@ class VcpuChannel:
         self._lock = trio.StrictFIFOLock()
         self._next_id = 1
         self.fds: list[int] = []
-        self.counters = GuestCounters()
 
     def next_id(self) -> int:
         rid = self._next_id
@@ -174,11 +201,24 @@ class VcpuChannel:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self.fds.extend(fds)
 
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
     def close(self) -> None:
-        for fd in self.fds:
+        for fd in self.take_fds():
             os.close(fd)
-        self.fds.clear()
         self._sock.close()
+
+
+class SocketTransport:
+    """Channels over the hypervisor's Unix socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    async def open_channel(self) -> VcpuChannel:
+        return await _open_channel(self.socket_path)
 
 
 async def _open_channel(socket_path: str) -> VcpuChannel:
@@ -198,11 +238,17 @@ async def _open_channel(socket_path: str) -> VcpuChannel:
 
 
 class Domain:
-    """A booted domain as seen from the guest: the raw hypercall interface."""
+    """A booted domain as seen from the guest: the raw hypercall interface
+    (DESIGN §8) over any :class:`Transport`."""
 
-    def __init__(
-        self, welcome: wire.Welcome, memory: mmap.mmap, channels: list[VcpuChannel]
-    ) -> None:
+    def __init__(self, welcome: wire.Welcome, memory_fd: int, channels: Sequence[Channel]) -> None:
+        """Takes ``memory_fd`` (the domain's sealed memfd): mapped read-only
+        here and closed with the domain, or when the domain is collected."""
+        size = len(welcome.p2m) // 8 * PAGE_SIZE
+        memory = mmap.mmap(memory_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        #: The domain's memory as the hypervisor passed it (read-only to us).
+        self.memory_fd = memory_fd
+        self._close_fd = weakref.finalize(self, os.close, memory_fd)
         self.domid = welcome.domid
         self.p2m: list[int] = list(welcome.p2m_mfns())
         self.m2p: dict[int, int] = {mfn: pfn for pfn, mfn in enumerate(self.p2m)}
@@ -212,7 +258,8 @@ class Domain:
         self.l4_mfn = 0
         self._memory = memory
         self._words = memoryview(memory).cast("Q")
-        self._channels = channels
+        self._channels = list(channels)
+        self._counters = [GuestCounters() for _ in channels]
         self._free_pfns = list(range(len(self.p2m) - 1, -1, -1))
 
     @property
@@ -222,10 +269,10 @@ class Domain:
     @property
     def counters(self) -> GuestCounters:
         """Guest-side counters summed over vCPUs."""
-        return GuestCounters.sum([ch.counters for ch in self._channels])
+        return GuestCounters.sum(self._counters)
 
     def vcpu_counters(self, vcpu: int) -> GuestCounters:
-        return self._channels[vcpu].counters
+        return self._counters[vcpu]
 
     # --- memory (read-only, no trap) --------------------------------------------------
 
@@ -250,13 +297,22 @@ class Domain:
 
     # --- hypercalls ---------------------------------------------------------------------
 
-    async def _hypercall(self, vcpu: int, op: int, *args: object) -> wire.Reply:
+    async def call(self, call: wire.Call, *, vcpu: int = 0) -> wire.Result | wire.MulticallResult:
+        """One hypercall, counted as the guest issued it: the typed path every
+        method below and the pv-ops backends take."""
         channel = self._channels[vcpu]
-        request = wire.Hypercall.make(channel.next_id(), op, *args)
-        c = channel.counters
-        c.hypercalls[op] += 1
-        _count_records(c, request.args)
-        return await channel.request(request)
+        counters = self._counters[vcpu]
+        counters.hypercalls[call.op] += 1
+        counters.mmu_update_records += call.args.mmu_update_records
+        counters.multicall_entries += call.args.multicall_entries
+        reply = await channel.request(wire.Hypercall(channel.next_id(), call.op, call.args))
+        assert isinstance(reply, wire.Result | wire.MulticallResult)
+        return reply
+
+    async def _result(self, vcpu: int, op: int, *args: object) -> wire.Result:
+        reply = await self.call(wire.make_call(op, *args), vcpu=vcpu)
+        assert isinstance(reply, wire.Result)
+        return reply
 
     async def mmu_update(
         self,
@@ -270,8 +326,7 @@ class Domain:
         ``foreigndom`` is u32: FD in bits 0-15, the page-table owner plus one
         in bits 16-31 (0 = self), reference §2.1.
         """
-        reply = await self._hypercall(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
-        assert isinstance(reply, wire.Result)
+        reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
         return reply.rc, reply.done
 
     async def mmuext_op(
@@ -281,13 +336,11 @@ class Domain:
         *,
         vcpu: int = 0,
     ) -> tuple[int, int]:
-        reply = await self._hypercall(vcpu, abi.HYPERVISOR_mmuext_op, ops, foreigndom)
-        assert isinstance(reply, wire.Result)
+        reply = await self._result(vcpu, abi.HYPERVISOR_mmuext_op, ops, foreigndom)
         return reply.rc, reply.done
 
     async def update_va_mapping(self, va: int, val: int, flags: int, *, vcpu: int = 0) -> int:
-        reply = await self._hypercall(vcpu, abi.HYPERVISOR_update_va_mapping, va, val, flags)
-        assert isinstance(reply, wire.Result)
+        reply = await self._result(vcpu, abi.HYPERVISOR_update_va_mapping, va, val, flags)
         return reply.rc
 
     async def update_va_mapping_otherdomain(
@@ -295,27 +348,23 @@ class Domain:
     ) -> int:
         """update_va_mapping with ``domid`` owning the mapped frame: a domU may
         only name DOMID_SELF (-ESRCH for an unknown domain, -EPERM for another)."""
-        reply = await self._hypercall(
-            vcpu, abi.HYPERVISOR_update_va_mapping_otherdomain, va, val, flags, domid
-        )
-        assert isinstance(reply, wire.Result)
+        op = abi.HYPERVISOR_update_va_mapping_otherdomain
+        reply = await self._result(vcpu, op, va, val, flags, domid)
         return reply.rc
 
     async def vm_assist(self, cmd: int, assist: int, *, vcpu: int = 0) -> int:
-        reply = await self._hypercall(vcpu, abi.HYPERVISOR_vm_assist, cmd, assist)
-        assert isinstance(reply, wire.Result)
+        reply = await self._result(vcpu, abi.HYPERVISOR_vm_assist, cmd, assist)
         return reply.rc
 
     async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]:
         """One trap, many calls: returns one result per call."""
-        reply = await self._hypercall(vcpu, abi.HYPERVISOR_multicall, calls)
+        reply = await self.call(wire.make_call(abi.HYPERVISOR_multicall, calls), vcpu=vcpu)
         assert isinstance(reply, wire.MulticallResult)
         return list(reply.results)
 
     async def raw_hypercall(self, op: int, *args: object, vcpu: int = 0) -> int:
         """Any hypercall number (unknown ones answer -ENOSYS)."""
-        reply = await self._hypercall(vcpu, op, *args)
-        assert isinstance(reply, wire.Result | wire.MulticallResult)
+        reply = await self.call(wire.make_call(op, *args), vcpu=vcpu)
         return reply.rc
 
     async def ptwr_write(
@@ -330,7 +379,7 @@ class Domain:
     ) -> tuple[int, int]:
         """A trapped xchg: returns (rc, previous value)."""
         channel = self._channels[vcpu]
-        channel.counters.ptwr += 1
+        self._counters[vcpu].ptwr += 1
         reply = await channel.request(wire.Ptwr(channel.next_id(), maddr, val, exchange))
         assert isinstance(reply, wire.PtwrResult)
         return reply.rc, reply.old
@@ -345,7 +394,7 @@ class Domain:
         assert isinstance(reply, wire.UserResult)
         fault = None
         if reply.fault is not None:
-            channel.counters.page_faults += 1
+            self._counters[vcpu].page_faults += 1
             fault = {"va": reply.fault[0], "error_code": reply.fault[1]}
         return {"executed": reply.executed, "reads": list(reply.reads), "fault": fault}
 
@@ -357,7 +406,7 @@ class Domain:
         return {
             "guest": {
                 "total": self.counters.as_dict(),
-                "vcpus": [ch.counters.as_dict() for ch in self._channels],
+                "vcpus": [c.as_dict() for c in self._counters],
             },
             "hypervisor": reply.stats,
         }
@@ -378,63 +427,66 @@ class Domain:
             channel.close()
         self._words.release()
         self._memory.close()
+        self._close_fd()
 
 
-def _count_records(c: GuestCounters, args: wire.HypercallArgs) -> None:
-    if isinstance(args, wire.MmuUpdateArgs):
-        c.mmu_update_records += args.count
-    elif isinstance(args, wire.MulticallArgs):
-        c.multicall_entries += len(args.calls)
-        for call in args.calls:
-            _count_records(c, call.args)
-
-
-async def _handshake(channel: VcpuChannel, message: wire.Hello | wire.Join) -> wire.Welcome:
+async def _handshake(channel: Channel, message: wire.Hello | wire.Join) -> wire.Welcome:
     reply = await channel.request(message)
     assert isinstance(reply, wire.Welcome)
     return reply
 
 
+async def attach(
+    transport: Transport, *, memory_mib: int = 64, vcpus: int = 1, name: str = "guest"
+) -> Domain:
+    """Create a domain and attach ``vcpus`` channels to it (not booted).
+
+    The memory fd that comes with the Welcome goes to the :class:`Domain`.
+    """
+    first = await transport.open_channel()
+    channels = [first]
+    memory_fd = -1
+    try:
+        hello = wire.Hello(first.next_id(), wire.PROTOCOL_VERSION, memory_mib, vcpus, name)
+        welcome = await _handshake(first, hello)
+        memory_fd, *extra = first.take_fds() or [-1]
+        for fd in extra:
+            os.close(fd)
+        if memory_fd < 0:
+            raise HypervisorError("malformed", "welcome arrived without the memory fd")
+        for vcpu in range(1, vcpus):
+            channel = await transport.open_channel()
+            channels.append(channel)
+            join = wire.Join(
+                channel.next_id(), wire.PROTOCOL_VERSION, welcome.domid, welcome.secret, vcpu
+            )
+            await _handshake(channel, join)
+            for fd in channel.take_fds():
+                os.close(fd)
+        return Domain(welcome, memory_fd, channels)
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        if memory_fd >= 0:
+            os.close(memory_fd)
+        raise
+
+
 @asynccontextmanager
-async def connect(
-    socket_path: str,
+async def open_domain(
+    transport: Transport,
     *,
     memory_mib: int = 64,
     vcpus: int = 1,
     name: str = "guest",
     boot: bool = True,
 ) -> AsyncIterator[Domain]:
-    """Create a domain, attach ``vcpus`` connections and boot it.
-
-    Leaving the context closes every connection; the hypervisor then destroys
-    the domain and returns its frames to the pool.
-    """
+    """Create a domain over ``transport``, attach ``vcpus`` channels and boot
+    it. Leaving the context closes every channel; the hypervisor then
+    destroys the domain and returns its frames to the pool."""
     from .boot import boot_domain
 
-    first = await _open_channel(socket_path)
-    channels = [first]
-    try:
-        welcome = await _handshake(
-            first, wire.Hello(first.next_id(), wire.PROTOCOL_VERSION, memory_mib, vcpus, name)
-        )
-        if not first.fds:
-            raise HypervisorError("malformed", "welcome arrived without the memory fd")
-        size = len(welcome.p2m) // 8 * PAGE_SIZE
-        memory = mmap.mmap(first.fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ)
-        for vcpu in range(1, vcpus):
-            channel = await _open_channel(socket_path)
-            channels.append(channel)
-            await _handshake(
-                channel,
-                wire.Join(
-                    channel.next_id(), wire.PROTOCOL_VERSION, welcome.domid, welcome.secret, vcpu
-                ),
-            )
-    except BaseException:
-        for channel in channels:
-            channel.close()
-        raise
-    domain = Domain(welcome, memory, channels)
+    domain = await attach(transport, memory_mib=memory_mib, vcpus=vcpus, name=name)
     try:
         if boot:
             await boot_domain(domain)
@@ -442,3 +494,18 @@ async def connect(
     finally:
         with trio.CancelScope(shield=True):
             await domain.close()
+
+
+def connect(
+    socket_path: str,
+    *,
+    memory_mib: int = 64,
+    vcpus: int = 1,
+    name: str = "guest",
+    boot: bool = True,
+) -> contextlib.AbstractAsyncContextManager[Domain]:
+    """A booted domain served by the hypervisor listening on ``socket_path``
+    (DESIGN §8)."""
+    return open_domain(
+        SocketTransport(socket_path), memory_mib=memory_mib, vcpus=vcpus, name=name, boot=boot
+    )

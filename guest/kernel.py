@@ -40,8 +40,11 @@ from pvemu.shared.x86 import (
     va_indexes,
 )
 
-from .machine import DomainApi, DomainMachine, Machine, NativeMachine
-from .pvops import MODES, PvOps, make_backend
+from .client import Domain
+from .machine import Machine, NativeMachine
+from .modes import make_backend, make_native_backend
+from .modes import mode as _mode
+from .pvops import PvOps
 from .vma import AddressSpace, FileBacking, MprotectError, ProtChange, Vma
 
 #: Linux reuses the Global bit as PROTNONE in a non-present PTE.
@@ -552,12 +555,11 @@ class Kernel:
         return await self.machine.audit()
 
 
-def kernel_for(domain: DomainApi, mode: str, **mode_params: int) -> Kernel:
-    """A kernel over an already booted domain (the socket client's, or any
-    object with the same interface, such as an in-process one for tests)."""
-    machine = DomainMachine(domain)
-    nr_vcpus = domain.nr_vcpus
-    return Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(nr_vcpus)])
+def kernel_for(domain: Domain, mode_name: str, **mode_params: int) -> Kernel:
+    """A kernel in a hypervisor mode over an already booted domain (over the
+    socket, or the tests' in-process loopback)."""
+    backends = [make_backend(mode_name, domain, v, **mode_params) for v in range(domain.nr_vcpus)]
+    return Kernel(domain, backends)
 
 
 @asynccontextmanager
@@ -570,11 +572,11 @@ async def boot(
     **mode_params: int,
 ) -> AsyncIterator[Kernel]:
     """Boot a guest kernel in ``mode``; ``native`` needs no hypervisor."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if mode == "native":
+    if not _mode(mode).needs_hypervisor:
+        if mode_params:
+            raise ValueError(f"mode {mode!r} takes no buffer parameters")
         machine = NativeMachine(memory_mib, vcpus)
-        yield Kernel(machine, [make_backend(mode, machine, v, **mode_params) for v in range(vcpus)])
+        yield Kernel(machine, [make_native_backend(machine, v) for v in range(vcpus)])
         return
     if socket_path is None:
         raise ValueError(f"mode {mode!r} needs a hypervisor socket")

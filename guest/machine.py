@@ -1,9 +1,9 @@
-"""What the guest kernel runs on: a Xen-style domain over the socket, or bare
-metal (``native``) in-process.
+"""What the guest kernel runs on: a PV domain (the client's ``Domain``), or
+bare metal (``native``) in-process.
 
 The kernel reads page tables directly (no trap) and changes them only through
-its pv-ops backend; this interface is the small seam between them and the
-machine underneath (DESIGN §1: the ``Transport``).
+its pv-ops backend; :class:`Machine` is the narrow seam both kinds of machine
+offer the kernel.
 """
 
 from __future__ import annotations
@@ -20,43 +20,10 @@ from pvemu.shared.x86 import PAGE_SIZE
 
 
 class Machine(Protocol):
-    """The calls the guest kernel makes on the machine under it."""
-
-    nr_vcpus: int
-    l4_mfn: int
-
-    def alloc_frame(self) -> int: ...
-
-    def read_u64(self, maddr: int) -> int: ...
-
-    def read_bytes(self, maddr: int, length: int) -> bytes: ...
-
-    async def mmu_update(
-        self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
-    ) -> tuple[int, int]: ...
-
-    async def mmuext_op(
-        self, ops: Sequence[tuple[int, int, int]], *, vcpu: int = 0
-    ) -> tuple[int, int]: ...
-
-    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]: ...
-
-    async def ptwr(
-        self, maddr: int, val: int, *, exchange: bool, vcpu: int = 0
-    ) -> tuple[int, int]: ...
-
-    async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
-    ) -> dict[str, Any]: ...
-
-    async def stats(self) -> dict[str, Any]: ...
-
-    async def audit(self) -> list[str]: ...
-
-
-class DomainApi(Protocol):
-    """The raw hypercall interface of a booted domain (``guest.client.Domain``
-    over the socket; an in-process stand-in in tests)."""
+    """What the guest kernel needs of the machine under it, whatever the
+    mode: frames, reading memory (no trap), running user code, counters.
+    Changing page tables is the pv-ops backend's business: the client's
+    ``Domain`` by hypercall, :class:`NativeMachine` by plain stores."""
 
     l4_mfn: int
 
@@ -69,20 +36,6 @@ class DomainApi(Protocol):
 
     def read_bytes(self, maddr: int, length: int) -> bytes: ...
 
-    async def mmu_update(
-        self, reqs: Sequence[tuple[int, int]], foreigndom: int = ..., *, vcpu: int = 0
-    ) -> tuple[int, int]: ...
-
-    async def mmuext_op(
-        self, ops: Sequence[tuple[int, int, int]], foreigndom: int = ..., *, vcpu: int = 0
-    ) -> tuple[int, int]: ...
-
-    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]: ...
-
-    async def ptwr_exchange(
-        self, maddr: int, val: int, *, exchange: bool = True, vcpu: int = 0
-    ) -> tuple[int, int]: ...
-
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
     ) -> dict[str, Any]: ...
@@ -90,51 +43,6 @@ class DomainApi(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
     async def audit(self) -> list[str]: ...
-
-
-class DomainMachine:
-    """A PV domain served by a hypervisor (every call a real trap)."""
-
-    def __init__(self, domain: DomainApi) -> None:
-        self.domain = domain
-        self.nr_vcpus = domain.nr_vcpus
-        self.l4_mfn = domain.l4_mfn
-
-    def alloc_frame(self) -> int:
-        return self.domain.alloc_frame()
-
-    def read_u64(self, maddr: int) -> int:
-        return self.domain.read_u64(maddr)
-
-    def read_bytes(self, maddr: int, length: int) -> bytes:
-        return self.domain.read_bytes(maddr, length)
-
-    async def mmu_update(
-        self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
-    ) -> tuple[int, int]:
-        return await self.domain.mmu_update(reqs, vcpu=vcpu)
-
-    async def mmuext_op(
-        self, ops: Sequence[tuple[int, int, int]], *, vcpu: int = 0
-    ) -> tuple[int, int]:
-        return await self.domain.mmuext_op(ops, vcpu=vcpu)
-
-    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]:
-        return await self.domain.multicall(calls, vcpu=vcpu)
-
-    async def ptwr(self, maddr: int, val: int, *, exchange: bool, vcpu: int = 0) -> tuple[int, int]:
-        return await self.domain.ptwr_exchange(maddr, val, exchange=exchange, vcpu=vcpu)
-
-    async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
-    ) -> dict[str, Any]:
-        return await self.domain.run_user(vcpu, accesses)
-
-    async def stats(self) -> dict[str, Any]:
-        return await self.domain.stats()
-
-    async def audit(self) -> list[str]:
-        return await self.domain.audit()
 
 
 class NativeMachine:
@@ -154,12 +62,16 @@ class NativeMachine:
             nr_vcpus,
             on_dirty=lambda _vcpu, _va, pte_maddr: oracle.hardware_set_dirty(pte_maddr),
         )
-        self.nr_vcpus = nr_vcpus
+        self._nr_vcpus = nr_vcpus
         self._free = list(range(frames - 1, 0, -1))  # frame 0 is never handed out
         self.page_faults = Counter[int]()
         self.l4_mfn = self.alloc_frame()
         for vcpu in range(nr_vcpus):
             self.hw.set_cr3(vcpu, self.l4_mfn)
+
+    @property
+    def nr_vcpus(self) -> int:
+        return self._nr_vcpus
 
     def alloc_frame(self) -> int:
         if not self._free:
@@ -186,22 +98,6 @@ class NativeMachine:
 
     def write_bytes(self, maddr: int, data: bytes) -> None:
         self.memory.write_bytes(maddr, data)
-
-    async def mmu_update(
-        self, reqs: Sequence[tuple[int, int]], *, vcpu: int = 0
-    ) -> tuple[int, int]:
-        raise RuntimeError("native mode makes no hypercalls")
-
-    async def mmuext_op(
-        self, ops: Sequence[tuple[int, int, int]], *, vcpu: int = 0
-    ) -> tuple[int, int]:
-        raise RuntimeError("native mode makes no hypercalls")
-
-    async def multicall(self, calls: Sequence[Sequence[Any]], *, vcpu: int = 0) -> list[int]:
-        raise RuntimeError("native mode makes no hypercalls")
-
-    async def ptwr(self, maddr: int, val: int, *, exchange: bool, vcpu: int = 0) -> tuple[int, int]:
-        raise RuntimeError("native mode has no trapped writes")
 
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
@@ -231,4 +127,4 @@ class NativeMachine:
         return []
 
 
-__all__ = ["DomainMachine", "Machine", "NativeMachine"]
+__all__ = ["Machine", "NativeMachine"]

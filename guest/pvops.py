@@ -1,13 +1,12 @@
-"""pv-ops backends: what each page-table hook costs in each mode (DESIGN §5).
+"""pv-ops backends: what each page-table hook costs (DESIGN §5).
 
-| mode | start / commit per PTE | batching |
-|---|---|---|
-| native | xchg / store, no hypervisor | none |
-| trap | trapped xchg (get_and_clear) / mmu_update count=1 | none |
-| ptwr | trapped xchg / trapped store (writable page tables) | none |
-| xen | plain read / queued PRESERVE_AD record | Linux's multicall buffer |
-| batched | plain read / queued PRESERVE_AD record | a PTE page per flush, TLB flush folded |
-| naive | plain read / queued NORMAL record | as batched; UNSAFE: loses A/D bits |
+:class:`PvOps` is the set of hooks the kernel calls. :class:`TrapOps` and
+its subclasses run on a PV domain and reach the hypervisor through the
+client's :class:`~pvemu.guest.client.Domain`, every hypercall a typed
+:class:`~pvemu.shared.wire.Call`; :class:`NativeOps` runs on bare metal
+(:class:`~pvemu.guest.machine.NativeMachine`) and never traps. Which
+backend, buffer and commit command each mode uses is declared once, in
+:mod:`pvemu.guest.modes`.
 
 One backend instance serves one vCPU: lazy-MMU state is per CPU in Linux.
 """
@@ -15,16 +14,18 @@ One backend instance serves one vCPU: lazy-MMU state is per CPU in Linux.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from pvemu.shared import abi
+from pvemu.shared import abi, wire
 from pvemu.shared.x86 import PAGE_SIZE, maddr_of_entry
 
-from .lazy import McBuffer, lazy_for_mode
-from .machine import Machine, NativeMachine
+from .lazy import LazyMmu
+from .machine import NativeMachine
+from .multicall import McBuffer
 
-MODES: Final = ("native", "trap", "ptwr", "xen", "batched", "naive")
-UNSAFE_MODES: Final = frozenset({"naive"})
+if TYPE_CHECKING:
+    from .client import Domain
+
 #: Modern x86: up to this many pages one INVLPG each, else a full flush.
 TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
 
@@ -49,28 +50,95 @@ def tlb_flush_ops(vas: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 class PvOps:
-    """The hooks the kernel calls; this base class is the Xen PV default:
-    immediate hypercalls, no batching."""
+    """The hooks the kernel calls, per vCPU. Defaults fit a backend with no
+    batching; the hooks every backend must provide raise here."""
 
-    name = "trap"
+    name = "?"
     unsafe = False
     folds_tlb_flush = False
 
-    def __init__(self, machine: Machine, vcpu: int = 0) -> None:
-        self.machine = machine
+    def __init__(self, vcpu: int = 0) -> None:
         self.vcpu = vcpu
 
+    # --- table construction (outside lazy sections) ---------------------------
+
+    async def set_pte(self, ptep: int, val: int) -> None:
+        """Install a PTE now (the fault path)."""
+        raise NotImplementedError
+
+    async def set_upper(self, maddr: int, val: int) -> None:
+        """Write an L2/L3/L4 entry."""
+        raise NotImplementedError
+
+    async def pin_table(self, mfn: int, level: int) -> None:
+        raise NotImplementedError
+
+    async def clear_frame(self, mfn: int) -> None:
+        raise NotImplementedError
+
+    async def write_frame(self, mfn: int, data: bytes) -> None:
+        """Fill a frame nothing maps yet."""
+        raise NotImplementedError
+
+    # --- the mprotect transaction ------------------------------------------------
+
+    async def ptep_get_and_clear(self, ptep: int) -> int:
+        raise NotImplementedError
+
+    async def modify_prot_start(self, ptep: int) -> int:
+        return await self.ptep_get_and_clear(ptep)
+
+    async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
+        raise NotImplementedError
+
+    async def lazy_enter(self) -> None:
+        """No batching: nothing to do."""
+
+    async def lazy_leave(self) -> None:
+        """No batching: nothing queued."""
+
+    def note_unlock(self, pte_page: int) -> None:
+        """Checked by batching backends: nothing may stay queued past unlock."""
+
+    async def flush_tlb(self, vas: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    def fold_tlb_flush(self, vas: Sequence[int]) -> None:
+        raise NotImplementedError(f"{self.name} does not fold TLB flushes into a batch")
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class TrapOps(PvOps):
+    """The Xen PV default: every hook an immediate hypercall, no batching;
+    the mprotect start is a trapped get_and_clear, the commit an
+    ``mmu_update`` of one record."""
+
+    name = "trap"
+
+    def __init__(self, domain: Domain, vcpu: int = 0) -> None:
+        super().__init__(vcpu)
+        self.domain = domain
+
+    async def _call(self, call: wire.Call) -> int:
+        """One hypercall; its rc (a multicall's is 0 and its entries' are
+        checked by the buffer)."""
+        reply = await self.domain.call(call, vcpu=self.vcpu)
+        if isinstance(reply, wire.Result) and reply.rc:
+            raise HypercallFailed(
+                f"{abi.HYPERCALL_NAMES.get(call.op, call.op)} failed: "
+                f"{abi.errno_name(reply.rc)} after {reply.done}"
+            )
+        return reply.rc
+
     async def _mmu(self, reqs: Sequence[tuple[int, int]]) -> None:
-        rc, done = await self.machine.mmu_update(reqs, vcpu=self.vcpu)
-        if rc:
-            raise HypercallFailed(f"mmu_update failed: {abi.errno_name(rc)} after {done}")
+        await self._call(
+            wire.Call(abi.HYPERVISOR_mmu_update, wire.MmuUpdateArgs(wire.pack_mmu_updates(reqs)))
+        )
 
     async def _ext(self, ops: Sequence[tuple[int, int, int]]) -> None:
-        rc, done = await self.machine.mmuext_op(ops, vcpu=self.vcpu)
-        if rc:
-            raise HypercallFailed(f"mmuext_op failed: {abi.errno_name(rc)} after {done}")
-
-    # --- table construction (outside lazy sections) ---------------------------
+        await self._call(wire.Call(abi.HYPERVISOR_mmuext_op, wire.MmuextOpArgs(tuple(ops))))
 
     async def set_pte(self, ptep: int, val: int) -> None:
         """Install a PTE now (the fault path): ``mmu_update`` count=1."""
@@ -94,56 +162,30 @@ class PvOps:
         if reqs:
             await self._mmu(reqs)
 
-    # --- the mprotect transaction ------------------------------------------------
-
     async def ptep_get_and_clear(self, ptep: int) -> int:
         """Native xchg on a read-only page table: Xen emulates it (one trap)."""
-        rc, old = await self.machine.ptwr(ptep, 0, exchange=True, vcpu=self.vcpu)
+        rc, old = await self.domain.ptwr_exchange(ptep, 0, exchange=True, vcpu=self.vcpu)
         if rc:
             raise HypercallFailed(f"trapped xchg at {ptep:#x} refused: {abi.errno_name(rc)}")
         return old
 
-    async def modify_prot_start(self, ptep: int) -> int:
-        return await self.ptep_get_and_clear(ptep)
-
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         await self._mmu([(ptep, new)])
-
-    async def lazy_enter(self) -> None:
-        """No batching: nothing to do."""
-
-    async def lazy_leave(self) -> None:
-        """No batching: nothing queued."""
-
-    def note_unlock(self, pte_page: int) -> None:
-        """Checked by batching backends: nothing may stay queued past unlock."""
 
     async def flush_tlb(self, vas: Sequence[int]) -> None:
         """tlb_finish_mmu: each flush op is its own hypercall (non-lazy issue)."""
         for op in tlb_flush_ops(vas):
             await self._ext([op])
 
-    def fold_tlb_flush(self, vas: Sequence[int]) -> None:
-        raise NotImplementedError(f"{self.name} does not fold TLB flushes into a batch")
 
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-
-class TrapOps(PvOps):
-    """Unbatched: trapped get_and_clear + mmu_update(count=1) per PTE."""
-
-    name = "trap"
-
-
-class PtwrOps(PvOps):
+class PtwrOps(TrapOps):
     """Writable page tables: both halves of the transaction are plain stores
     to a read-only page table, each trapped and emulated by Xen."""
 
     name = "ptwr"
 
     async def _store(self, ptep: int, val: int) -> None:
-        rc, _ = await self.machine.ptwr(ptep, val, exchange=False, vcpu=self.vcpu)
+        rc, _ = await self.domain.ptwr_exchange(ptep, val, exchange=False, vcpu=self.vcpu)
         if rc:
             raise HypercallFailed(f"trapped store at {ptep:#x} refused: {abi.errno_name(rc)}")
 
@@ -154,51 +196,28 @@ class PtwrOps(PvOps):
         await self._store(ptep, new)
 
 
-class BufferedOps(PvOps):
+class BufferedOps(TrapOps):
     """Linux's Xen backend: start is a plain read, commit queues a record in
-    the lazy-MMU multicall buffer, lazy leave flushes (``guest.lazy``)."""
+    the lazy-MMU multicall buffer, lazy leave flushes (``guest.lazy``,
+    ``guest.multicall``). The buffer and its policy come from the mode."""
 
     name = "xen"
 
-    def __init__(
-        self,
-        machine: Machine,
-        vcpu: int = 0,
-        *,
-        max_entries: int | None = 32,
-        max_arg_bytes: int | None = 512,
-        records_per_flush: int | None = None,
-    ) -> None:
-        super().__init__(machine, vcpu)
-        self.lazy = lazy_for_mode(
-            self.name,
-            max_entries=max_entries,
-            max_arg_bytes=max_arg_bytes,
-            records_per_flush=records_per_flush,
-        )
-        assert self.lazy.buffer is not None
-        self.buffer: McBuffer = self.lazy.buffer
+    def __init__(self, domain: Domain, vcpu: int, lazy: LazyMmu) -> None:
+        super().__init__(domain, vcpu)
+        assert lazy.buffer is not None
+        self.lazy = lazy
+        self.buffer: McBuffer = lazy.buffer
 
     async def _send_ready(self) -> None:
         """Send every flushed batch, in order, and hand back its results."""
         buf = self.buffer
         for batch in buf.take_ready():
-            calls = batch.client_calls()
-            if batch.multicall:
-                results = await self.machine.multicall(calls, vcpu=self.vcpu)
+            reply = await self.domain.call(batch.hypercall(), vcpu=self.vcpu)
+            if isinstance(reply, wire.MulticallResult):
+                buf.complete(batch, reply.results)
             else:
-                results = [await self._direct(calls[0])]
-            buf.complete(batch, results)
-
-    async def _direct(self, call: tuple[object, ...]) -> int:
-        op = call[0]
-        if op == abi.HYPERVISOR_mmu_update:
-            rc, _ = await self.machine.mmu_update(call[1], vcpu=self.vcpu)  # type: ignore[arg-type]
-            return rc
-        if op == abi.HYPERVISOR_mmuext_op:
-            rc, _ = await self.machine.mmuext_op(call[1], vcpu=self.vcpu)  # type: ignore[arg-type]
-            return rc
-        raise HypercallFailed(f"unexpected direct call {op}")
+                buf.complete(batch, [reply.rc])
 
     async def set_pte(self, ptep: int, val: int) -> None:
         self.lazy.set_pte(ptep, val)
@@ -206,7 +225,7 @@ class BufferedOps(PvOps):
 
     async def modify_prot_start(self, ptep: int) -> int:
         self.lazy.start(ptep)
-        return self.machine.read_u64(ptep)
+        return self.domain.read_u64(ptep)
 
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         self.lazy.commit(ptep, new)
@@ -263,9 +282,8 @@ class NativeOps(PvOps):
 
     name = "native"
 
-    def __init__(self, machine: Machine, vcpu: int = 0) -> None:
-        super().__init__(machine, vcpu)
-        assert isinstance(machine, NativeMachine)
+    def __init__(self, machine: NativeMachine, vcpu: int = 0) -> None:
+        super().__init__(vcpu)
         self.native = machine
 
     async def set_pte(self, ptep: int, val: int) -> None:
@@ -300,23 +318,16 @@ class NativeOps(PvOps):
             self.native.oracle.flushed_page(va)
 
 
-_BACKENDS: Final[dict[str, type[PvOps]]] = {
-    "native": NativeOps,
-    "trap": TrapOps,
-    "ptwr": PtwrOps,
-    "xen": XenOps,
-    "batched": BatchedOps,
-    "naive": NaiveOps,
-}
-
-
-def make_backend(mode: str, machine: Machine, vcpu: int = 0, **params: int) -> PvOps:
-    """The backend for ``mode``; ``params`` (buffer limits) only for xen."""
-    cls = _BACKENDS.get(mode)
-    if cls is None:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if params and cls is not XenOps:
-        raise ValueError(f"mode {mode!r} takes no buffer parameters")
-    if issubclass(cls, BufferedOps):
-        return cls(machine, vcpu, **params)
-    return cls(machine, vcpu)
+__all__ = [
+    "TLB_SINGLE_PAGE_FLUSH_CEILING",
+    "HypercallFailed",
+    "tlb_flush_ops",
+    "PvOps",
+    "TrapOps",
+    "PtwrOps",
+    "BufferedOps",
+    "XenOps",
+    "BatchedOps",
+    "NaiveOps",
+    "NativeOps",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Final
 
-from pvemu.shared import abi
+from pvemu.shared import abi, wire
 from pvemu.shared.mmu import HardwareModel, RunOutcome
 from pvemu.shared.oracle import RaceOracle
 from pvemu.shared.x86 import _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, PAGE_SIZE, make_pte
@@ -23,7 +23,7 @@ from .memory import MachineMemory
 from .pagetypes import XEN_SLOTS, PageTypes
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterable, Sequence
+    from collections.abc import Generator, Iterable
 
 FRAMES_PER_MIB: Final = (1 << 20) // PAGE_SIZE
 MAX_VCPUS: Final = 64
@@ -173,20 +173,18 @@ class Hypervisor:
 
     # --- hypercalls -----------------------------------------------------------------------
 
-    def start_hypercall(
-        self, domid: int, vcpu: int, op: int, args: Sequence[object]
-    ) -> PendingCall:
+    def start_hypercall(self, domid: int, vcpu: int, call: wire.Call) -> PendingCall:
         """Count the trap and return the call, ready to be stepped."""
         domain = self._vcpu_domain(domid, vcpu)
-        domain.counters[vcpu].hypercalls[op] += 1
-        return PendingCall(op, dispatch(self.state, domain, vcpu, op, args))
+        domain.counters[vcpu].hypercalls[call.op] += 1
+        return PendingCall(call.op, dispatch(self.state, domain, vcpu, call.args))
 
-    def hypercall(self, domid: int, vcpu: int, op: int, args: Sequence[object]) -> HypercallResult:
+    def hypercall(self, domid: int, vcpu: int, call: wire.Call) -> HypercallResult:
         """Run a hypercall to completion."""
-        call = self.start_hypercall(domid, vcpu, op, args)
-        call.step()
-        assert call.result is not None
-        return call.result
+        pending = self.start_hypercall(domid, vcpu, call)
+        pending.step()
+        assert pending.result is not None
+        return pending.result
 
     def ptwr_write(
         self, domid: int, vcpu: int, maddr: int, val: int, *, exchange: bool = False

@@ -15,7 +15,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from pvemu.shared import abi
+from pvemu.shared import abi, wire
 from pvemu.shared.x86 import (
     _PAGE_DIRTY,
     _PAGE_PRESENT,
@@ -423,32 +423,25 @@ def vm_assist(dom: Domain, cmd: int, assist: int) -> int:
 # --- multicall ----------------------------------------------------------------------------
 
 
-def _sub_call(
-    m: MachineState, dom: Domain, vcpu: int, op: int, args: Sequence[object]
-) -> Generator[None, None, int]:
-    """One multicall entry, dispatched like a hypercall; returns its result."""
-    if op == abi.HYPERVISOR_multicall:
-        return -abi.EINVAL  # nested multicall
-    result = yield from dispatch(m, dom, vcpu, op, args)
-    return result.rc
-
-
 def multicall(
-    m: MachineState, dom: Domain, vcpu: int, calls: Sequence[Sequence[object]]
+    m: MachineState, dom: Domain, vcpu: int, calls: Sequence[wire.Call]
 ) -> Generator[None, None, HypercallResult]:
-    """Each entry runs in order; a failing entry does not stop the batch (§4)."""
+    """Each entry runs in order; a failing entry does not stop the batch (§4).
+
+    A multicall inside a multicall is refused with -EINVAL, as Xen does.
+    """
     counters = dom.counters[vcpu]
     results: list[int] = []
     for i, call in enumerate(calls):
         if i:
             yield
         counters.multicall_entries += 1
-        op = call[0]
-        if not isinstance(op, int):
-            results.append(-abi.EFAULT)
+        counters.multicall_ops[call.op] += 1
+        if isinstance(call.args, wire.MulticallArgs):
+            results.append(-abi.EINVAL)
             continue
-        counters.multicall_ops[op] += 1
-        results.append((yield from _sub_call(m, dom, vcpu, op, call[1:])))
+        result = yield from dispatch(m, dom, vcpu, call.args)
+        results.append(result.rc)
     return HypercallResult(0, 0, tuple(results))
 
 
@@ -490,30 +483,25 @@ def ptwr_write(
 
 
 def dispatch(
-    m: MachineState, dom: Domain, vcpu: int, op: int, args: Sequence[object]
+    m: MachineState, dom: Domain, vcpu: int, args: wire.HypercallArgs
 ) -> Generator[None, None, HypercallResult]:
-    """Run hypercall ``op``; unknown numbers give -ENOSYS (§1.1).
-
-    Argument shapes are checked by the wire layer; a wrong shape here is a
-    caller bug and raises.
-    """
-    if op == abi.HYPERVISOR_mmu_update:
-        reqs, foreigndom = args
-        return (yield from mmu_update(m, dom, vcpu, reqs, foreigndom))  # type: ignore[arg-type]
-    if op == abi.HYPERVISOR_mmuext_op:
-        ops, foreigndom = args
-        return (yield from mmuext_op(m, dom, vcpu, ops, foreigndom))  # type: ignore[arg-type]
-    if op == abi.HYPERVISOR_multicall:
-        (calls,) = args
-        return (yield from multicall(m, dom, vcpu, calls))  # type: ignore[arg-type]
-    if op == abi.HYPERVISOR_update_va_mapping:
-        va, val, flags = args
-        return HypercallResult(update_va_mapping(m, dom, vcpu, va, val, flags))  # type: ignore[arg-type]
-    if op == abi.HYPERVISOR_update_va_mapping_otherdomain:
-        va, val, flags, domid = args
-        rc = update_va_mapping_otherdomain(m, dom, vcpu, va, val, flags, domid)  # type: ignore[arg-type]
-        return HypercallResult(rc)
-    if op == abi.HYPERVISOR_vm_assist:
-        cmd, assist = args
-        return HypercallResult(vm_assist(dom, cmd, assist))  # type: ignore[arg-type]
-    return HypercallResult(-abi.ENOSYS)
+    """Run the hypercall ``args`` describes; arguments of a number pvemu does
+    not implement (``RawArgs``) give -ENOSYS (§1.1)."""
+    match args:
+        case wire.MmuUpdateArgs():
+            return (yield from mmu_update(m, dom, vcpu, args.records(), args.foreigndom))
+        case wire.MmuextOpArgs():
+            return (yield from mmuext_op(m, dom, vcpu, args.ops, args.foreigndom))
+        case wire.MulticallArgs():
+            return (yield from multicall(m, dom, vcpu, args.calls))
+        case wire.UpdateVaMappingArgs():
+            return HypercallResult(update_va_mapping(m, dom, vcpu, args.va, args.val, args.flags))
+        case wire.UpdateVaMappingOtherdomainArgs():
+            rc = update_va_mapping_otherdomain(
+                m, dom, vcpu, args.va, args.val, args.flags, args.domid
+            )
+            return HypercallResult(rc)
+        case wire.VmAssistArgs():
+            return HypercallResult(vm_assist(dom, args.cmd, args.type))
+        case wire.RawArgs():
+            return HypercallResult(-abi.ENOSYS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 
 
 def positive_int(text: str) -> int:
@@ -30,9 +30,9 @@ def positive_float(text: str) -> float:
 
 
 def mode_list(text: str) -> tuple[str, ...]:
-    """A comma-separated list of pv-ops modes, each one of ``guest.pvops.MODES``."""
+    """A comma-separated list of pv-ops modes, each one of ``guest.modes.MODE_NAMES``."""
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODE_NAMES]
     if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODE_NAMES}")
     return modes

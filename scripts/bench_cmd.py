@@ -27,7 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES, SAFE_MODES
 from pvemu.scripts.argtypes import mode_list, positive_int
 from pvemu.scripts.procs import HypervisorProcess, hypervisor_process
 from pvemu.scripts.results import (
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 #: The help line of the ``bench`` row in scripts/cli.py.
 HELP: Final = "sweep modes x sizes x buffer limits, store, compare (CI gate) and plot"
 
-DEFAULT_MODES: Final = ("native", "trap", "ptwr", "xen", "batched")
+DEFAULT_MODES: Final = SAFE_MODES
 DEFAULT_PAGES: Final = (512, 4096)
 DEFAULT_REPEAT: Final = 3
 DEFAULT_VCPUS: Final = 2
@@ -77,7 +77,7 @@ every repeat, times are reported as the median and p10-p90 of the repeats.
 A point is invalid if the guest's and the hypervisor's counts disagree, if
 audit() is not clean, or if repeats disagree; an invalid run exits 3.
 
-modes: {", ".join(MODES)} (naive is UNSAFE)
+modes: {", ".join(MODE_NAMES)} (naive is UNSAFE)
 
 examples:
   pvemu bench                                   # default sweep, stored in {DEFAULT_DB}
@@ -140,9 +140,9 @@ class Sweep:
         return sweep
 
     def check(self) -> None:
-        unknown = [m for m in self.modes if m not in MODES]
+        unknown = [m for m in self.modes if m not in MODE_NAMES]
         if unknown or not self.modes:
-            raise UsageError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+            raise UsageError(f"unknown mode(s) {unknown}; choose from {', '.join(MODE_NAMES)}")
         limits = (*self.mc_entries, *self.mc_bytes, *self.mc_records)
         numbers = (*self.pages, *(n for n in limits if n is not None), self.vcpus)
         if not self.pages or any(n <= 0 for n in numbers):
@@ -467,7 +467,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _inject(text: str) -> tuple[str, list[str]]:
     mode, sep, rest = text.partition("=")
-    if not sep or mode not in MODES or not rest.strip():
+    if not sep or mode not in MODE_NAMES or not rest.strip():
         raise argparse.ArgumentTypeError(f"expected MODE=ARGS with a known mode, got {text!r}")
     return mode, shlex.split(rest)
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from pvemu.guest.pvops import MODES, UNSAFE_MODES
+from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts.argtypes import positive_int
 
 EPILOG = """\
@@ -33,7 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="mprotect (the canonical workload), race (pvemu race's scenario) or "
         "trace:FILE (replay a recorded program)",
     )
-    parser.add_argument("--mode", choices=MODES, default="xen", help="pv-ops mode (default xen)")
+    parser.add_argument(
+        "--mode", choices=MODE_NAMES, default="xen", help="pv-ops mode (default xen)"
+    )
     parser.add_argument(
         "--pages", type=positive_int, default=4096, help="region size (default 4096)"
     )

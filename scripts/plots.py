@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 from pvemu.scripts.results import Point, Run, Timing
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ def _series_label(point: Point) -> str:
 
 
 def _label_order(label: str) -> tuple[int, tuple[tuple[str, int], ...]]:
-    """Legend order: modes as ``guest.pvops.MODES`` lists them, then limits numerically."""
+    """Legend order: modes as ``guest.modes.MODE_NAMES`` lists them, then limits numerically."""
     mode, *params = label.split()
-    rank = MODES.index(mode) if mode in MODES else len(MODES)
+    rank = MODE_NAMES.index(mode) if mode in MODE_NAMES else len(MODE_NAMES)
     return rank, tuple((k, int(v)) for k, _, v in (p.partition("=") for p in params))
 
 

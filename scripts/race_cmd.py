@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pvemu.guest.pvops import MODES, UNSAFE_MODES
+from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts.argtypes import mode_list, positive_int
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
@@ -43,8 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         type=mode_list,
-        default=MODES,
-        help=f"comma-separated (default {','.join(MODES)})",
+        default=MODE_NAMES,
+        help=f"comma-separated (default {','.join(MODE_NAMES)})",
     )
     parser.add_argument("--pages", type=positive_int, default=64, help="shared mapping size (64)")
     parser.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")

@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pvemu.guest.pvops import MODES, UNSAFE_MODES
+from pvemu.guest.modes import MODE_NAMES, SAFE_MODES, UNSAFE_MODES
 from pvemu.scripts.argtypes import mode_list, positive_int
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
-DEFAULT_MODES = ("native", "trap", "ptwr", "xen", "batched")
+DEFAULT_MODES = SAFE_MODES
 
 EPILOG = f"""\
 Each mode runs the canonical workload (populate, mprotect RO, mprotect RW) in
@@ -26,7 +26,7 @@ records, emulated page-table writes (ptwr), page faults and TLB-flush ops,
 and the wall time. 'valid' says guest- and hypervisor-side counts agreed and
 audit() was clean; the exit status is 1 if any run was not valid.
 
-modes: {", ".join(MODES)} (naive is UNSAFE: it loses A/D bits by design)
+modes: {", ".join(MODE_NAMES)} (naive is UNSAFE: it loses A/D bits by design)
 
 examples:
   pvemu run

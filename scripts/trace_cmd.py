@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
@@ -111,9 +111,9 @@ def _positive(text: str) -> int:
 
 def _modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODE_NAMES]
     if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODES}")
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODE_NAMES}")
     return modes
 
 

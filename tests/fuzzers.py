@@ -11,10 +11,11 @@ under ``make fuzz`` (``python -m tests.fuzzers --min-count 1000000``):
   ``RemoteProtocolError`` may leave ``next_event``; a server answers every
   rejection and every request, and each reply decodes back through a client.
 * :func:`hypercall_fuzzer` drives an in-process :class:`hypervisor.Hypervisor`
-  with two booted domains exactly as ``hypervisor.server`` does (wire request,
-  ``core_args``, sliced ``PendingCall``, ``_reply_for``, reply through a
-  connection pair). Nothing but the errors the server maps to ``out_of_range``
-  may escape; ``audit()`` stays clean; no frame is lost.
+  with two booted domains through the same sans-I/O service the server uses
+  (wire request, ``HypervisorService.begin``, ``Work`` stepped in random
+  slices, reply through a connection pair). An ``internal`` reply (an
+  exception inside the hypervisor) is a crash; ``audit()`` stays clean; no
+  frame is lost.
 
 Why entropy blobs: a hypothesis draw costs ~25 µs on the 2-core CI machine, so
 drawing every field of every message tops out near 1,500 messages/s. Each
@@ -46,9 +47,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from pvemu.hypervisor import DomainError, Hypervisor, PendingCall
+from pvemu.hypervisor import Hypervisor
 from pvemu.hypervisor.frametable import NO_OWNER
-from pvemu.hypervisor.server import FEATURES, ServerLimits, _largest_batch, _reply_for, core_args
+from pvemu.hypervisor.limits import ServerLimits
+from pvemu.hypervisor.service import FEATURES, HypervisorService, Session, Work
 from pvemu.shared import abi, wire
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
 from pvemu.shared.wire import (
@@ -1327,7 +1329,7 @@ _FRAME_CMDS: Final = frozenset(
         abi.MMUEXT_COPY_PAGE,
     }
 )
-#: Slice budgets for PendingCall.step; None runs the call to its end.
+#: Slice budgets for Work.step; None runs the call to its end.
 BUDGETS: Final = (None, None, 1, 2, 3, 5, 8, 64)
 #: Weighted request kinds; index 0 is a plain mmu_update.
 HC_KINDS: Final = (
@@ -1407,10 +1409,10 @@ class VcpuLink:
     vcpu: int
     client: Connection
     server: Connection
+    session: Session
     next_id: int = 1
-    call: PendingCall | None = None
-    request: Hypercall | None = None
-    slices: int = 0
+    work: Work | None = None
+    request: Request | None = None
     #: this vCPU's latest entry in HypercallRun.trace
     entry: list[object] = field(default_factory=list)
 
@@ -1422,6 +1424,7 @@ class HypercallRun:
         self.e = e
         self.stats = STATS[HYPERCALL]
         self.hv = hv = Hypervisor(3, seed=machine_seed)
+        self.service = HypervisorService(hv, SERVER_LIMITS)
         self.nr_frames = hv.state.frames.nr_frames
         a = DomainView.of(boot(hv, memory_mib=1, vcpus=2, mapped=8))
         b = DomainView.of(boot(hv, memory_mib=1, vcpus=2, mapped=8))
@@ -1448,7 +1451,7 @@ class HypercallRun:
         welcome = Welcome(0, dom.domid, vcpu, wire.pack_u64s(dom.p2m), dom.secret, {}, FEATURES)
         client.receive_data(server.send(welcome))
         assert client.next_event() == welcome
-        return VcpuLink(me, other, vcpu, client, server)
+        return VcpuLink(me, other, vcpu, client, server, Session(dom.domid, vcpu))
 
     def context(self) -> str:
         lines = "\n  ".join(
@@ -1755,80 +1758,35 @@ class HypercallRun:
             raise self.fail(f"sent {request!r}, server decoded {decoded!r}", "request round trip")
         link.entry = [f"dom{link.me.domid}.{link.vcpu}", request, "..."]
         self.trace.append(link.entry)
-        if isinstance(request, Hypercall):
-            self.start(link, request)
-        else:
-            self.finish(link, request, self.serve(link, request))
-
-    def serve(self, link: VcpuLink, request: Request) -> Reply:
-        """ptwr / run_user / stats / audit, as ``HypervisorServer._dispatch``."""
-        hv, domid, vcpu, rid = self.hv, link.me.domid, link.vcpu, request.id
-        try:
-            if isinstance(request, Ptwr):
-                rc, old = hv.ptwr_write(
-                    domid, vcpu, request.maddr, request.val, exchange=request.exchange
-                )
-                return PtwrResult(rid, rc, old)
-            if isinstance(request, RunUser):
-                outcome = hv.run_user(domid, vcpu, request.accesses)
-                fault = None
-                if outcome.fault is not None:
-                    fault = Fault(outcome.fault.va, outcome.fault.error_code)
-                return UserResult(rid, outcome.executed, tuple(outcome.reads), fault)
-            if isinstance(request, Stats):
-                hv.domain(domid).counters[vcpu].queries += 1
-                return StatsResult(rid, hv.stats(domid))
-            assert isinstance(request, Audit)
-            hv.domain(domid).counters[vcpu].queries += 1
-            violations = hv.audit()[: wire.MAX_VIOLATIONS]
-            return AuditResult(rid, tuple(v[: wire.MAX_TEXT_LEN] for v in violations))
-        except Exception as exc:
-            return self.classify(exc, request)
-
-    def classify(self, exc: Exception, request: Request) -> Reply:
-        """The server's mapping: DomainError/ValueError/IndexError answer
-        out_of_range; anything else is an INTERNAL error, i.e. a crash."""
-        if isinstance(exc, DomainError | ValueError | IndexError):
-            self.stats["out_of_range replies"] += 1
-            return ErrorReply(request.id, WireErrorCode.OUT_OF_RANGE, str(exc)[:1000])
-        raise _escaped(f"INTERNAL: {type(request).__name__}", exc, f"{request!r}\n{self.context()}")
-
-    def start(self, link: VcpuLink, request: Hypercall) -> None:
-        batch = _largest_batch(request.args)
-        if batch > SERVER_LIMITS.max_batch:  # the server refuses before the core sees it
-            limit = SERVER_LIMITS.max_batch
-            reply = ErrorReply(request.id, WireErrorCode.TOO_LARGE, f"{batch} > {limit}")
-            self.finish(link, request, reply)
-            return
-        try:
-            link.call = self.hv.start_hypercall(
-                link.me.domid, link.vcpu, request.op, core_args(request.args)
-            )
-        except Exception as exc:
-            self.finish(link, request, self.classify(exc, request))
-            return
+        link.work = self.service.begin(link.session, request)
         link.request = request
-        link.slices = 0
         self.step(link, self.e.pick(BUDGETS))
 
     def step(self, link: VcpuLink, budget: int | None) -> None:
-        call, request = link.call, link.request
-        assert call is not None
+        """Serve a slice of the request as pvemu's server does (through the
+        hypervisor service); an INTERNAL reply is a crash."""
+        work, request = link.work, link.request
+        assert work is not None
         assert request is not None
-        link.slices += 1
-        try:
-            finished = call.step(budget)
-        except Exception as exc:
-            link.call = link.request = None
-            self.finish(link, request, self.classify(exc, request))
-            return
-        if not finished:
+        if not work.step(budget):
             self.stats["preempted slices"] += 1
             return
-        link.call = link.request = None
-        assert call.result is not None
-        self.check_result(request, call.result.rc, call.result.done, call.result.results)
-        self.finish(link, request, _reply_for(request, call.result))
+        link.work = link.request = None
+        reply = work.reply
+        assert reply is not None
+        if work.error is not None:
+            raise _escaped(
+                f"INTERNAL: {type(request).__name__}", work.error, f"{request!r}\n{self.context()}"
+            ) from work.error
+        if isinstance(reply, ErrorReply):
+            self.stats[f"{reply.code} replies"] += 1
+        elif isinstance(reply, Result):
+            assert isinstance(request, Hypercall)
+            self.check_result(request, reply.rc, reply.done, ())
+        elif isinstance(reply, MulticallResult):
+            assert isinstance(request, Hypercall)
+            self.check_result(request, reply.rc, 0, reply.results)
+        self.finish(link, request, reply)
 
     def check_result(
         self, request: Hypercall, rc: int, done: int, results: tuple[int, ...]
@@ -1914,7 +1872,7 @@ class HypercallRun:
         e = self.e
         while self.requests < count:
             link = self.links[e.below(4)]
-            if link.call is not None:
+            if link.work is not None:
                 self.step(link, e.pick(BUDGETS))
             else:
                 self.issue(link)
@@ -1924,11 +1882,11 @@ class HypercallRun:
         order = [0, 2] if not e.flag() else [2, 0]
         for first in order:
             for link in self.links[first : first + 2]:
-                if link.call is not None and e.flag():
-                    link.call.abandon()
-                    link.call = link.request = None
+                if link.work is not None and e.flag():
+                    link.work.abandon()
+                    link.work = link.request = None
                     self.stats["abandoned"] += 1
-                while link.call is not None:
+                while link.work is not None:
                     self.step(link, None)
             self.hv.destroy_domain(self.links[first].me.domid)
             self.check_machine(f"after destroying dom{self.links[first].me.domid}")

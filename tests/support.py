@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pvemu.hypervisor import HypercallResult, Hypervisor
-from pvemu.shared import abi
+from pvemu.shared import abi, wire
 from pvemu.shared.x86 import (
     _PAGE_PRESENT,
     _PAGE_RW,
@@ -22,6 +23,21 @@ if TYPE_CHECKING:
 USER_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 USER_RO = _PAGE_PRESENT | _PAGE_USER
 TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
+
+
+def core_call(op: int, args: Sequence[Any]) -> wire.Call:
+    """The typed call for hypercall ``op`` with its arguments in the tests'
+    tuple form: ``mmu_update`` records flat (ptr0, val0, ...), multicall
+    entries as ``(op, *args)``."""
+    if op == abi.HYPERVISOR_mmu_update:
+        reqs, *rest = args
+        words = list(reqs)
+        return wire.make_call(op, list(zip(words[0::2], words[1::2], strict=True)), *rest)
+    if op == abi.HYPERVISOR_multicall:
+        (calls,) = args
+        entries = tuple(core_call(entry[0], entry[1:]) for entry in calls)
+        return wire.Call(op, wire.MulticallArgs(entries))
+    return wire.make_call(op, *args)
 
 
 def flat(*pairs: tuple[int, int]) -> list[int]:
@@ -56,16 +72,20 @@ class Guest:
     def mmu(
         self, *pairs: tuple[int, int], vcpu: int = 0, fd: int = abi.DOMID_SELF
     ) -> HypercallResult:
-        return self.hv.hypercall(self.domid, vcpu, abi.HYPERVISOR_mmu_update, (flat(*pairs), fd))
+        return self.hv.hypercall(
+            self.domid, vcpu, core_call(abi.HYPERVISOR_mmu_update, (flat(*pairs), fd))
+        )
 
     def ext(
         self, *ops: tuple[int, int, int], vcpu: int = 0, fd: int = abi.DOMID_SELF
     ) -> HypercallResult:
-        return self.hv.hypercall(self.domid, vcpu, abi.HYPERVISOR_mmuext_op, (list(ops), fd))
+        return self.hv.hypercall(
+            self.domid, vcpu, core_call(abi.HYPERVISOR_mmuext_op, (list(ops), fd))
+        )
 
     def uvm(self, va: int, val: int, flags: int, vcpu: int = 0) -> int:
         return self.hv.hypercall(
-            self.domid, vcpu, abi.HYPERVISOR_update_va_mapping, (va, val, flags)
+            self.domid, vcpu, core_call(abi.HYPERVISOR_update_va_mapping, (va, val, flags))
         ).rc
 
     def read(self, maddr: int) -> int:

@@ -27,7 +27,7 @@ from pvemu.shared.x86 import (
     maddr_of_entry,
     make_pte,
 )
-from tests.support import boot, flat
+from tests.support import boot, core_call, flat
 
 FLAG_CHOICES = [
     0,
@@ -80,7 +80,7 @@ class HypervisorMachine(RuleBasedStateMachine):
         reqs = flat(*(self._entry(data, domid) for _ in range(n)))
         vcpu = data.draw(st.integers(0, 1))
         call = self.hv.start_hypercall(
-            domid, vcpu, abi.HYPERVISOR_mmu_update, (reqs, abi.DOMID_SELF)
+            domid, vcpu, core_call(abi.HYPERVISOR_mmu_update, (reqs, abi.DOMID_SELF))
         )
         while not call.step(budget):
             pass
@@ -107,7 +107,9 @@ class HypervisorMachine(RuleBasedStateMachine):
         )
         mfn = self._frames(data, domid)
         vcpu = data.draw(st.integers(0, 1))
-        self.hv.hypercall(domid, vcpu, abi.HYPERVISOR_mmuext_op, ([(cmd, mfn, 0)], abi.DOMID_SELF))
+        self.hv.hypercall(
+            domid, vcpu, core_call(abi.HYPERVISOR_mmuext_op, ([(cmd, mfn, 0)], abi.DOMID_SELF))
+        )
 
     @rule(data=st.data())
     def update_va_mapping(self, data: st.DataObject) -> None:
@@ -115,7 +117,7 @@ class HypervisorMachine(RuleBasedStateMachine):
         va = data.draw(st.integers(0, 15)) * 4096
         val = make_pte(self._frames(data, domid), data.draw(st.sampled_from(FLAG_CHOICES)))
         flags = data.draw(st.sampled_from([0, 1, 2, 5, 6]))
-        self.hv.hypercall(domid, 0, abi.HYPERVISOR_update_va_mapping, (va, val, flags))
+        self.hv.hypercall(domid, 0, core_call(abi.HYPERVISOR_update_va_mapping, (va, val, flags)))
 
     @rule(data=st.data())
     def ptwr(self, data: st.DataObject) -> None:
@@ -133,7 +135,7 @@ class HypervisorMachine(RuleBasedStateMachine):
         calls.append(
             (abi.HYPERVISOR_mmuext_op, [(abi.MMUEXT_TLB_FLUSH_LOCAL, 0, 0)], abi.DOMID_SELF)
         )
-        call = self.hv.start_hypercall(domid, 0, abi.HYPERVISOR_multicall, (calls,))
+        call = self.hv.start_hypercall(domid, 0, core_call(abi.HYPERVISOR_multicall, (calls,)))
         while not call.step(data.draw(st.integers(1, 3))):
             pass
         assert call.result is not None
@@ -207,7 +209,9 @@ def test_preempted_batch_equals_uninterrupted(seed: int, n: int, budget: int) ->
             (abi.HYPERVISOR_mmu_update, reqs[: n // 2 * 2], abi.DOMID_SELF),
             (abi.HYPERVISOR_mmu_update, reqs[n // 2 * 2 :], abi.DOMID_SELF),
         ]
-        call: PendingCall = hv.start_hypercall(guest.domid, 0, abi.HYPERVISOR_multicall, (calls,))
+        call: PendingCall = hv.start_hypercall(
+            guest.domid, 0, core_call(abi.HYPERVISOR_multicall, (calls,))
+        )
         slices = 1
         while not call.step(slice_size):
             slices += 1
@@ -224,7 +228,7 @@ def test_slice_boundaries_are_exact() -> None:
     guest = boot(mapped=0)
     pairs = [(guest.l1e(i), make_pte(guest.spare[i], 5)) for i in range(10)]
     call = guest.hv.start_hypercall(
-        guest.domid, 0, abi.HYPERVISOR_mmu_update, (flat(*pairs), abi.DOMID_SELF)
+        guest.domid, 0, core_call(abi.HYPERVISOR_mmu_update, (flat(*pairs), abi.DOMID_SELF))
     )
     applied = []
     while not call.step(3):
@@ -238,7 +242,7 @@ def test_abandoned_call_keeps_applied_entries() -> None:
     guest = boot(mapped=0)
     pairs = [(guest.l1e(i), make_pte(guest.spare[i], 5)) for i in range(10)]
     call = guest.hv.start_hypercall(
-        guest.domid, 0, abi.HYPERVISOR_mmu_update, (flat(*pairs), abi.DOMID_SELF)
+        guest.domid, 0, core_call(abi.HYPERVISOR_mmu_update, (flat(*pairs), abi.DOMID_SELF))
     )
     assert not call.step(4)
     call.abandon()

@@ -17,7 +17,7 @@ from pvemu.shared import abi, wire
 from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
 from tests import fuzzers
 from tests.fuzzers import FUZZERS, HYPERCALL, KNOWN_BUGS, KNOWN_HITS, STATS, WIRE, FuzzFailure
-from tests.support import boot
+from tests.support import boot, core_call
 
 
 def quick(max_examples: int) -> settings:
@@ -170,8 +170,8 @@ def test_stats_fit_the_wire_after_many_hypercall_numbers(where: str) -> None:
     ops = range(1000, 1000 + wire.MAX_MAP_LEN + 1)
     if where == "multicall":
         calls = tuple((op,) for op in ops)
-        hv.hypercall(guest.domid, 0, abi.HYPERVISOR_multicall, (calls,))
+        hv.hypercall(guest.domid, 0, core_call(abi.HYPERVISOR_multicall, (calls,)))
     else:
         for op in ops:
-            hv.hypercall(guest.domid, 0, op, ())
+            hv.hypercall(guest.domid, 0, core_call(op, ()))
     wire.StatsResult(1, hv.stats(guest.domid))

@@ -1158,7 +1158,7 @@ FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
 def memfd(dom: Domain) -> int:
     """The domain's memory fd as the guest received it (SCM_RIGHTS)."""
-    return dom._channels[0].fds[0]
+    return dom.memory_fd
 
 
 def denied(call: Callable[[], object]) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pvemu.hypervisor import Hypervisor
-from pvemu.shared import abi
+from pvemu.hypervisor import HypercallResult, Hypervisor
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import LocalProtocolError
 from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_PAT, _PAGE_RW, maddr_of_entry, make_pte
-from tests.support import TABLE, USER_RO, USER_RW, Guest, boot, flat
+from tests.support import TABLE, USER_RO, USER_RW, Guest, boot, core_call, flat
 
 
 @pytest.fixture
@@ -224,7 +225,7 @@ def test_multicall_results_and_no_stop_on_failure(guest: Guest) -> None:
         (abi.HYPERVISOR_mmuext_op, [(abi.MMUEXT_TLB_FLUSH_LOCAL, 0, 0)], abi.DOMID_SELF),
         (abi.HYPERVISOR_update_va_mapping, 52 * 4096, make_pte(guest.data[1], USER_RO), 0),
     ]
-    result = guest.hv.hypercall(guest.domid, 0, abi.HYPERVISOR_multicall, (calls,))
+    result = guest.hv.hypercall(guest.domid, 0, core_call(abi.HYPERVISOR_multicall, (calls,)))
     assert result.rc == 0
     assert result.results == (0, -abi.EBUSY, -abi.EINVAL, -abi.ENOSYS, 0, 0)
     assert guest.read(guest.l1e(50)) != 0
@@ -239,7 +240,7 @@ def test_multicall_results_and_no_stop_on_failure(guest: Guest) -> None:
 def test_multicall_is_one_trap(guest: Guest) -> None:
     before = guest.dom.counters[0].traps
     calls = [(abi.HYPERVISOR_mmuext_op, [(abi.MMUEXT_TLB_FLUSH_LOCAL, 0, 0)], abi.DOMID_SELF)] * 32
-    guest.hv.hypercall(guest.domid, 0, abi.HYPERVISOR_multicall, (calls,))
+    guest.hv.hypercall(guest.domid, 0, core_call(abi.HYPERVISOR_multicall, (calls,)))
     assert guest.dom.counters[0].traps == before + 1
 
 
@@ -262,7 +263,7 @@ def test_update_va_mapping_bad_address_is_einval(guest: Guest, va: int) -> None:
 def test_update_va_mapping_without_cr3_is_einval() -> None:
     hv = Hypervisor(16)
     dom = hv.create_domain(1, 1)
-    rc = hv.hypercall(dom.domid, 0, abi.HYPERVISOR_update_va_mapping, (0, 0, 0)).rc
+    rc = hv.hypercall(dom.domid, 0, core_call(abi.HYPERVISOR_update_va_mapping, (0, 0, 0))).rc
     assert rc == -abi.EINVAL
 
 
@@ -302,7 +303,7 @@ def test_update_va_mapping_flush_flags(guest: Guest, flags: int, flushed_vcpus: 
 
 def uvm_other(guest: Guest, va: int, val: int, flags: int, domid: int, vcpu: int = 0) -> int:
     op = abi.HYPERVISOR_update_va_mapping_otherdomain
-    return guest.hv.hypercall(guest.domid, vcpu, op, (va, val, flags, domid)).rc
+    return guest.hv.hypercall(guest.domid, vcpu, core_call(op, (va, val, flags, domid))).rc
 
 
 def test_otherdomain_self_is_update_va_mapping(guest: Guest) -> None:
@@ -364,11 +365,16 @@ def test_otherdomain_foreign_owner_is_eperm(guest: Guest, which: str) -> None:
 
 
 def test_otherdomain_domid_is_a_domid_t(guest: Guest) -> None:
-    """Xen's parameter is a domid_t: bits above 15 of the register are gone."""
+    """Xen's parameter is a domid_t: only bits 0-15 of the register count.
+    The typed argument holds exactly those 16 bits (a wider value cannot be
+    built, and the wire refuses it as bad_type), so what reaches the core is
+    the truncated domid."""
     val = make_pte(guest.data[3], USER_RO)
-    assert uvm_other(guest, 70 * 4096, val, 0, 1 << 16 | abi.DOMID_SELF) == 0
+    with pytest.raises(LocalProtocolError):
+        wire.UpdateVaMappingOtherdomainArgs(70 * 4096, val, 0, 1 << 16 | abi.DOMID_SELF)
+    assert uvm_other(guest, 70 * 4096, val, 0, (1 << 16 | abi.DOMID_SELF) & 0xFFFF) == 0
     assert guest.pte_for(70 * 4096) >> 12 == guest.data[3]
-    assert uvm_other(guest, 70 * 4096, 0, 0, 1 << 16 | guest.domid) == -abi.ESRCH
+    assert uvm_other(guest, 70 * 4096, 0, 0, (1 << 16 | guest.domid) & 0xFFFF) == -abi.ESRCH
 
 
 def test_otherdomain_in_a_multicall(guest: Guest) -> None:
@@ -380,7 +386,7 @@ def test_otherdomain_in_a_multicall(guest: Guest) -> None:
         (op, 82 * 4096, val, 0, boot(guest.hv).domid),
         (op, 83 * 4096, val, 0, abi.DOMID_SELF),
     ]
-    result = guest.hv.hypercall(guest.domid, 0, abi.HYPERVISOR_multicall, (calls,))
+    result = guest.hv.hypercall(guest.domid, 0, core_call(abi.HYPERVISOR_multicall, (calls,)))
     assert (result.rc, result.results) == (0, (0, -abi.ESRCH, -abi.EPERM, 0))
     assert [guest.pte_for(i * 4096) >> 12 for i in (80, 81, 82, 83)] == [
         guest.data[1],
@@ -396,7 +402,9 @@ def test_otherdomain_in_a_multicall(guest: Guest) -> None:
 
 
 def test_vm_assist(guest: Guest) -> None:
-    call = guest.hv.hypercall
+    def call(domid: int, vcpu: int, op: int, args: tuple[int, ...]) -> HypercallResult:
+        return guest.hv.hypercall(domid, vcpu, core_call(op, args))
+
     assert call(guest.domid, 0, abi.HYPERVISOR_vm_assist, (1, 2)).rc == 0
     assert not guest.dom.writable_pagetables
     assert call(guest.domid, 0, abi.HYPERVISOR_vm_assist, (0, 2)).rc == 0
@@ -406,7 +414,7 @@ def test_vm_assist(guest: Guest) -> None:
 
 
 def test_unknown_hypercall_is_enosys(guest: Guest) -> None:
-    assert guest.hv.hypercall(guest.domid, 0, 12, ()).rc == -abi.ENOSYS
+    assert guest.hv.hypercall(guest.domid, 0, core_call(12, ())).rc == -abi.ENOSYS
     assert guest.dom.counters[0].hypercalls[12] == 1
 
 

@@ -111,7 +111,7 @@ async def test_domains_are_isolated(hvp: HypervisorProcess) -> None:
 
 async def test_guest_mapping_is_read_only_and_sealed(hvp: HypervisorProcess) -> None:
     async with connect(hvp.socket_path, memory_mib=2) as dom:
-        fd = dom._channels[0].fds[0]
+        fd = dom.memory_fd
         with pytest.raises(TypeError):
             dom._memory[0:1] = b"x"  # the guest's mapping is PROT_READ
         with pytest.raises(PermissionError):

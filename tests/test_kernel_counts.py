@@ -23,10 +23,10 @@ import mmap
 import pytest
 
 from pvemu.guest.kernel import Kernel, boot, kernel_for
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 from pvemu.guest.workload import run_mprotect_workload
 from pvemu.hypervisor import Hypervisor
-from pvemu.scripts.inprocess import LocalDomain
+from tests.loopback import loopback_domain
 
 SIZES = [1, 10, 33, 34, 512, 513, 4096]
 
@@ -51,12 +51,12 @@ def expected_traps(mode: str, n: int, phase: str) -> int:
 
 async def local_kernel(mode: str, memory_mib: int = 48) -> tuple[Kernel, Hypervisor]:
     hv = Hypervisor(memory_mib + 8)
-    domain = await LocalDomain.booted(hv, memory_mib=memory_mib, vcpus=2)
+    domain = await loopback_domain(hv, memory_mib=memory_mib, vcpus=2)
     return kernel_for(domain, mode), hv
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 async def test_exact_trap_counts(mode: str, n: int) -> None:
     if mode == "native":
         async with boot(mode="native", memory_mib=48) as kernel:
@@ -110,7 +110,7 @@ async def test_xen_buffer_parameters_change_the_count(
     params: dict[str, int], hypercalls: int
 ) -> None:
     hv = Hypervisor(64)
-    domain = await LocalDomain.booted(hv, memory_mib=16, vcpus=2)
+    domain = await loopback_domain(hv, memory_mib=16, vcpus=2)
     kernel = kernel_for(domain, "xen", **params)
     addr = kernel.mmap(512 * 4096, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, addr=0x4000_0000)
     await kernel.run_user(1, [(addr + i * 4096, "w", b"x") for i in range(512)])

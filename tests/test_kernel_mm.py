@@ -13,10 +13,10 @@ import pytest
 
 from pvemu.guest.kernel import Kernel, SegmentationFault, boot, kernel_for
 from pvemu.guest.lazy import KernelBug
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 from pvemu.hypervisor import Hypervisor
-from pvemu.scripts.inprocess import LocalDomain
 from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW
+from tests.loopback import loopback_domain
 
 RW = mmap.PROT_READ | mmap.PROT_WRITE
 PROT_NONE = 0
@@ -30,11 +30,11 @@ async def make_kernel(mode: str) -> AsyncIterator[Kernel]:
             yield kernel
         return
     hv = Hypervisor(32)
-    domain = await LocalDomain.booted(hv, memory_mib=16, vcpus=2)
+    domain = await loopback_domain(hv, memory_mib=16, vcpus=2)
     yield kernel_for(domain, mode)
 
 
-@pytest.fixture(params=MODES)
+@pytest.fixture(params=MODE_NAMES)
 async def kernel(request: pytest.FixtureRequest) -> AsyncIterator[Kernel]:
     async for k in make_kernel(request.param):
         yield k

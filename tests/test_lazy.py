@@ -1,5 +1,6 @@
-"""Tests for guest/lazy.py: Linux's multicall buffer, whole-page batching and the
-lazy-MMU rules (reference linux-lazy-mmu.md §2, §3.5)."""
+"""Tests for guest/multicall.py and guest/lazy.py: Linux's multicall buffer,
+whole-page batching and the lazy-MMU rules (reference linux-lazy-mmu.md §2,
+§3.5)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvemu.guest.lazy import (
+from pvemu.guest.lazy import LazyMmu, pte_page_of
+from pvemu.guest.modes import lazy_for_mode
+from pvemu.guest.multicall import (
     FLUSH_CONTEXT_SWITCH,
     FLUSH_EXPLICIT,
     FLUSH_FULL_ARGS,
@@ -26,14 +30,9 @@ from pvemu.guest.lazy import (
     MMU_UPDATE_BYTES,
     MMUEXT_OP_BYTES,
     Batch,
-    Call,
     KernelBug,
-    LazyMmu,
     McBuffer,
     WholePageBatcher,
-    flat_to_pairs,
-    lazy_for_mode,
-    pte_page_of,
     records_per_flush,
 )
 from pvemu.shared import abi, wire
@@ -51,6 +50,36 @@ PTE_RO = 0x65
 #: Linux's single-page flush ceiling (reference §1.2).
 FLUSH_CEILING = 33
 
+Call = tuple[object, ...]
+
+
+def legacy(call: wire.Call) -> Call:
+    """A typed call in the tuple form these tests were written in:
+    ``(op, [ptr0, val0, ...], foreigndom)`` for mmu_update, ``(op, [ops],
+    foreigndom)`` for mmuext_op, ``(op, *args)`` otherwise."""
+    args = call.args
+    if isinstance(args, wire.MmuUpdateArgs):
+        return (call.op, list(args.records()), args.foreigndom)
+    if isinstance(args, wire.MmuextOpArgs):
+        return (call.op, list(args.ops), args.foreigndom)
+    if isinstance(args, wire.MulticallArgs):
+        return (call.op, [legacy(c) for c in args.calls])
+    return (call.op, *args.to_wire())
+
+
+def legacy_hypercall(call: wire.Call) -> tuple[object, Call]:
+    """``(op, args)`` of a batch's hypercall in the tuple form."""
+    op, *args = legacy(call)
+    return op, tuple(args)
+
+
+def calls_of(batch: Batch) -> tuple[Call, ...]:
+    return tuple(legacy(c) for c in batch.calls)
+
+
+def flat_to_pairs(reqs: Sequence[int]) -> list[tuple[int, int]]:
+    return list(zip(reqs[0::2], reqs[1::2], strict=True))
+
 
 class Recorder:
     """A sink that records every batch; entries succeed unless ``fail`` says
@@ -64,12 +93,12 @@ class Recorder:
         self.batches.append(batch)
         if self.fail is None:
             return [0] * len(batch.calls)
-        return [self.fail(c) for c in batch.calls]
+        return [self.fail(c) for c in calls_of(batch)]
 
     def records(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         for b in self.batches:
-            for call in b.calls:
+            for call in calls_of(b):
                 if call[0] == MMU:
                     reqs = call[1]
                     assert isinstance(reqs, list)
@@ -146,7 +175,7 @@ def test_xen_mode_n_records_one_section(n: int) -> None:
     assert [b.reason for b in rec.batches] == [FLUSH_FULL_ARGS] * (k - 1) + [FLUSH_LAZY_LEAVE]
     for b in rec.batches:
         assert not b.multicall
-        op, args = b.hypercall()
+        op, args = legacy_hypercall(b.hypercall())
         assert op == MMU
         assert args[1] == SELF
         assert b.arg_bytes == 16 * b.records
@@ -215,14 +244,14 @@ def test_mmuext_op_breaks_coalescing() -> None:
     assert len(rec.batches) == 1
     (b,) = rec.batches
     assert b.multicall
-    assert [c[0] for c in b.calls] == [MMU, EXT, MMU]
-    assert b.calls[1] == (EXT, [(INVLPG, 0x4000, 0)], SELF)
+    assert [c[0] for c in calls_of(b)] == [MMU, EXT, MMU]
+    assert calls_of(b)[1] == (EXT, [(INVLPG, 0x4000, 0)], SELF)
     assert b.records == 10
     assert b.mmuext_ops == 1
     assert b.arg_bytes == 16 * 5 + 24 + 16 * 5
-    op, args = b.hypercall()
+    op, args = legacy_hypercall(b.hypercall())
     assert op == abi.HYPERVISOR_multicall
-    assert args == (list(b.calls),)
+    assert args == (list(calls_of(b)),)
     assert lazy.buffer.stats.multicalls == 1
 
 
@@ -240,7 +269,7 @@ def test_extend_mmuext_and_foreigndom() -> None:
     buf.queue_mmu_update(32, 4, foreigndom=0)  # after another op: new entry
     buf.flush()
     (b,) = rec.batches
-    assert b.calls == (
+    assert calls_of(b) == (
         (EXT, [(abi.MMUEXT_PIN_L1_TABLE, 1, 0), (abi.MMUEXT_PIN_L1_TABLE, 2, 0)], SELF),
         (EXT, [(INVLPG, 3, 0), (abi.MMUEXT_UNPIN_TABLE, 4, 0)], SELF),
         (MMU, [8, 1], SELF),
@@ -259,19 +288,22 @@ def test_one_entry_is_a_direct_hypercall() -> None:
     batch = buf.flush()
     assert batch is not None
     assert not batch.multicall
-    assert batch.hypercall() == (MMU, ([0x5008 | PRESERVE_AD, 0x1065], SELF))
+    assert legacy_hypercall(batch.hypercall()) == (MMU, ([0x5008 | PRESERVE_AD, 0x1065], SELF))
     assert (buf.stats.direct_calls, buf.stats.multicalls) == (1, 0)
     buf.queue_update_va_mapping(0x2000, 0, 0)
     batch = buf.flush()
     assert batch is not None
-    assert batch.hypercall() == (UVM, (0x2000, 0, 0))
+    assert legacy_hypercall(batch.hypercall()) == (UVM, (0x2000, 0, 0))
     # bypass off: a one-entry multicall
     off = McBuffer(rec, single_direct=False)
     off.queue_mmu_update(8, 1)
     batch = off.flush()
     assert batch is not None
     assert batch.multicall
-    assert batch.hypercall() == (abi.HYPERVISOR_multicall, ([(MMU, [8, 1], SELF)],))
+    assert legacy_hypercall(batch.hypercall()) == (
+        abi.HYPERVISOR_multicall,
+        ([(MMU, [8, 1], SELF)],),
+    )
 
 
 def test_empty_flush_sends_nothing() -> None:
@@ -491,8 +523,8 @@ def test_batched_one_multicall_per_section_with_tlb_folded(n: int) -> None:
     assert b.multicall
     assert b.reason == FLUSH_LAZY_LEAVE
     assert len(b.calls) == 2
-    assert b.calls[0][0] == MMU
-    assert b.calls[1] == (EXT, [(TLB_FLUSH, 0, 0)], SELF)
+    assert calls_of(b)[0][0] == MMU
+    assert calls_of(b)[1] == (EXT, [(TLB_FLUSH, 0, 0)], SELF)
     assert b.records == n
     assert rec.records() == [(ptep(8, i) | PRESERVE_AD, PTE_RO | (i << 12)) for i in range(n)]
     assert lazy.buffer.stats.hypercalls == 1
@@ -534,7 +566,8 @@ def test_failing_direct_entry_is_a_kernel_bug() -> None:
         lazy.leave()
     assert info.value.errno == abi.EINVAL
     assert info.value.index == 0
-    assert info.value.entry == (MMU, [ptep(1, 0) | PRESERVE_AD, PTE_RO], SELF)
+    assert info.value.entry is not None
+    assert legacy(info.value.entry) == (MMU, [ptep(1, 0) | PRESERVE_AD, PTE_RO], SELF)
     assert "-EINVAL" in str(info.value)
     assert not lazy.active
     assert lazy.buffer is not None
@@ -551,7 +584,8 @@ def test_failing_multicall_entry_is_a_kernel_bug() -> None:
     with pytest.raises(KernelBug) as info:
         buf.flush()
     assert (info.value.index, info.value.errno) == (1, abi.EFAULT)
-    assert info.value.entry == (EXT, [(INVLPG, 0, 0)], SELF)
+    assert info.value.entry is not None
+    assert legacy(info.value.entry) == (EXT, [(INVLPG, 0, 0)], SELF)
     assert ran == [1]  # callbacks run before the results are checked, as in Linux
 
 
@@ -842,7 +876,8 @@ op_strategy = st.one_of(
 )
 
 
-def units_of(call: Call) -> list[Unit]:
+def units_of(typed: wire.Call) -> list[Unit]:
+    call = legacy(typed)
     op = call[0]
     if op == MMU:
         reqs = call[1]
@@ -937,7 +972,7 @@ def test_everything_queued_is_sent_in_order_within_limits(
         if cap is not None:
             assert b.records <= cap
         # coalescing is maximal: never two adjacent mmu_update entries for one domain
-        for prev, nxt in zip(b.calls, b.calls[1:], strict=False):
+        for prev, nxt in zip(calls_of(b), calls_of(b)[1:], strict=False):
             assert not (prev[0] == nxt[0] == MMU and prev[2] == nxt[2])
     s = buf.stats
     assert s.hypercalls == len(batches) == s.multicalls + s.direct_calls
@@ -961,8 +996,9 @@ def test_legal_mprotect_never_bugs_and_counts_match(pages: list[int], max_arg_by
     assert len(rec.records()) == sum(pages)
 
 
-def test_client_calls_are_wire_encodable() -> None:
-    """The raw client wants (ptr, val) pairs; client_calls() gives them."""
+def test_a_batch_is_the_hypercall_the_wire_carries() -> None:
+    """The buffer builds the typed call itself: its records are one packed
+    blob that goes on the wire as it is and decodes to the same call."""
     rec = Recorder()
     buf = McBuffer(rec)
     buf.queue_mmu_update(0x5008 | PRESERVE_AD, 0x1065)
@@ -970,8 +1006,11 @@ def test_client_calls_are_wire_encodable() -> None:
     buf.queue_mmuext(INVLPG, 0x4000)
     batch = buf.flush()
     assert batch is not None
-    calls = batch.client_calls()
-    assert calls[0] == (MMU, [(0x5008 | PRESERVE_AD, 0x1065), (0x5010 | PRESERVE_AD, 0x2065)], SELF)
-    assert calls[1] == batch.calls[1]
-    call = wire.make_call(abi.HYPERVISOR_multicall, calls)
+    first = batch.calls[0].args
+    assert isinstance(first, wire.MmuUpdateArgs)
+    assert first.pairs() == [(0x5008 | PRESERVE_AD, 0x1065), (0x5010 | PRESERVE_AD, 0x2065)]
+    call = batch.hypercall()
     assert call.op == abi.HYPERVISOR_multicall
+    encoded = msgpack.packb(call.args.to_wire(), use_bin_type=True)
+    decoded = msgpack.unpackb(encoded, use_list=False)
+    assert wire.args_from_wire(call.op, decoded) == call.args

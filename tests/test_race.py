@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 from pvemu.shared import abi
 from pvemu.shared.oracle import RaceOracle
 from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW, maddr_of_entry, make_pte
@@ -123,7 +123,7 @@ def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
             "--iterations",
             str(RACE_ITERATIONS),
             "--modes",
-            ",".join(MODES),
+            ",".join(MODE_NAMES),
             "--pages",
             "48",
         ],
@@ -136,7 +136,7 @@ def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
     doc = json.loads(done.stdout)
     assert doc["schema"] == 1
     by_mode = {r["mode"]: r for r in doc["results"]}
-    assert set(by_mode) == set(MODES)
+    assert set(by_mode) == set(MODE_NAMES)
     for mode, r in by_mode.items():
         for key in (
             "iterations",

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from pvemu.guest.pvops import MODES
+from pvemu.guest.modes import MODE_NAMES
 from tests.hvproc import hypervisor_process
 from tests.test_kernel_counts import expected_traps
 
@@ -24,7 +24,7 @@ def test_pvemu_run_json_all_modes() -> None:
             str(pages),
             "--json",
             "--modes",
-            ",".join(MODES),
+            ",".join(MODE_NAMES),
         ],
         capture_output=True,
         text=True,
@@ -35,7 +35,7 @@ def test_pvemu_run_json_all_modes() -> None:
     doc = json.loads(done.stdout)
     assert doc["schema"] == 1
     assert doc["pages"] == pages
-    assert [r["mode"] for r in doc["results"]] == list(MODES)
+    assert [r["mode"] for r in doc["results"]] == list(MODE_NAMES)
     for result in doc["results"]:
         assert result["counts_agree"] is True
         assert result["audit_clean"] is True

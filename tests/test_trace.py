@@ -52,7 +52,7 @@ from pvemu.guest.trace import (
 from pvemu.guest.trace import MAP_NAMES as TRACE_MAP_NAMES
 from pvemu.hypervisor import Hypervisor
 from pvemu.scripts import trace_cmd
-from pvemu.scripts.inprocess import LocalDomain
+from tests.loopback import loopback_domain
 
 TRACES = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
 SHIPPED = sorted(TRACES.glob("*.json"))
@@ -75,7 +75,7 @@ async def native_kernel() -> Kernel:
 
 async def local_kernel(mode: str, memory_mib: int = 18) -> Kernel:
     hv = Hypervisor(memory_mib + 8)
-    domain = await LocalDomain.booted(hv, memory_mib=memory_mib, vcpus=2)
+    domain = await loopback_domain(hv, memory_mib=memory_mib, vcpus=2)
     return kernel_for(domain, mode)
 
 

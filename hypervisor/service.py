@@ -1,0 +1,297 @@
+"""The hypervisor as a service, sans I/O: a request in, a reply out.
+
+Everything the server does for a guest's request except sockets, descriptor
+passing and the CPU gate lives here: the handshakes (a Hello creates a
+domain, a Join attaches a vCPU with the domain's secret), hypercalls run in
+slices (:class:`Work`), trapped page-table writes, user runs, stats, audit,
+the canonical log line per hypercall, and errors by blame. The trio server,
+the in-process loopback transport of the tests and the fuzzers all serve
+requests through :meth:`HypervisorService.begin`.
+
+Errors by blame: a request the guest got wrong is refused with its typed
+code (``out_of_range`` for a domain that cannot be made or a vCPU that is
+not free, ``too_large`` for an over-limit batch, ...). An unexpected
+exception inside the hypervisor is a hypervisor bug: it is logged with its
+traceback and the guest gets ``internal``; the other domains are unaffected.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import WireErrorCode
+
+from .core import DomainError, Hypervisor, PendingCall
+from .hypercalls import HypercallResult
+from .limits import ServerLimits
+
+log = structlog.get_logger("pvemu.hypervisor")
+
+#: What the Welcome announces (Xen's feature flags a PV guest checks).
+FEATURES: Final = (abi.XENFEAT_mmu_pt_update_preserve_ad,)
+#: Longest error text sent back.
+MAX_ERROR_TEXT: Final = 1000
+
+
+@dataclass(eq=False)
+class Session:
+    """What one connection is: which vCPU of which domain (hashed by
+    identity: the scheduler's key)."""
+
+    domid: int | None = None
+    vcpu: int = 0
+    peer_pid: int = 0
+
+
+@dataclass
+class _Membership:
+    vcpus: set[int] = field(default_factory=set)
+
+
+class Work:
+    """A request being served: :meth:`step` it until it returns True, then
+    send :attr:`reply` (with :attr:`fd` as SCM_RIGHTS when it is set).
+
+    Only hypercalls take more than one step; anything else is done at once.
+    """
+
+    __slots__ = ("error", "fd", "reply", "slices")
+
+    def __init__(self, reply: wire.Reply | None = None, fd: int | None = None) -> None:
+        self.reply = reply
+        self.fd = fd
+        self.slices = 1
+        #: The unexpected exception behind an ``internal`` reply, for whoever
+        #: drives the service (the fuzzers report it with its traceback).
+        self.error: Exception | None = None
+
+    def step(self, budget: int | None = None) -> bool:
+        """Process at most ``budget`` more entries (all, when None); True once
+        :attr:`reply` is ready."""
+        return True
+
+    def abandon(self) -> None:
+        """The guest hung up: stop here (entries already applied stay)."""
+
+
+class _HypercallWork(Work):
+    """A hypercall in progress: Xen's continuation, plus the log line and
+    the reply once it ends."""
+
+    __slots__ = ("_call", "_pending", "_request", "_started")
+
+    def __init__(self, request: wire.Hypercall, pending: PendingCall) -> None:
+        super().__init__()
+        self._request = request
+        self._pending = pending
+        self._started = time.perf_counter()
+        self.slices = 0
+
+    def step(self, budget: int | None = None) -> bool:
+        if self.reply is not None:
+            return True
+        self.slices += 1
+        try:
+            if not self._pending.step(budget):
+                return False
+        except Exception as exc:
+            self.reply, self.error = _internal(self._request, exc), exc
+            return True
+        result = self._pending.result
+        assert result is not None
+        self._log(result)
+        self.reply = _reply_for(self._request, result)
+        return True
+
+    def abandon(self) -> None:
+        self._pending.abandon()
+        log.info("hypercall_abandoned", op=self._request.op, slices=self.slices)
+
+    def _log(self, result: HypercallResult) -> None:
+        request = self._request
+        log.info(
+            abi.HYPERCALL_NAMES.get(request.op, f"hypercall_{request.op}"),
+            op=request.op,
+            records=request.args.record_count,
+            rc=result.rc,
+            done=result.done,
+            slices=self.slices,
+            duration_us=round((time.perf_counter() - self._started) * 1e6, 1),
+        )
+
+
+def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
+    if isinstance(request.args, wire.MulticallArgs):
+        return wire.MulticallResult(request.id, result.rc, result.results)
+    return wire.Result(request.id, result.rc, result.done)
+
+
+def _refused(request: wire.Request, code: str, message: str) -> Work:
+    return Work(wire.ErrorReply(request.id, code, message[:MAX_ERROR_TEXT]))
+
+
+def _internal(request: wire.Request, exc: Exception) -> wire.ErrorReply:
+    """A hypervisor bug: logged with its traceback, reported as ``internal``."""
+    log.error("internal_error", request=request.TYPE, exc_info=exc)
+    return wire.ErrorReply(request.id, WireErrorCode.INTERNAL, repr(exc)[:MAX_ERROR_TEXT])
+
+
+class HypervisorService:
+    """Serves requests for the domains of one :class:`Hypervisor`."""
+
+    def __init__(self, hv: Hypervisor, limits: ServerLimits | None = None) -> None:
+        self.hv = hv
+        self.limits = limits or ServerLimits()
+        self._members: dict[int, _Membership] = {}
+
+    def begin(self, session: Session, request: wire.Request) -> Work:
+        """Start serving ``request`` on ``session`` (a connection past the
+        wire's own checks: the handshake came first)."""
+        try:
+            return self._begin(session, request)
+        except DomainError as exc:
+            return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
+        except Exception as exc:
+            work = Work(_internal(request, exc))
+            work.error = exc
+            return work
+
+    def serve(self, session: Session, request: wire.Request) -> tuple[wire.Reply, int | None]:
+        """Serve ``request`` to the end in one go (no slicing, no yielding)."""
+        work = self.begin(session, request)
+        work.step(None)
+        assert work.reply is not None
+        return work.reply, work.fd
+
+    def leave(self, session: Session) -> None:
+        """The connection is gone: its vCPU is free; the domain dies with its
+        last vCPU."""
+        if session.domid is None:
+            return
+        membership = self._members.get(session.domid)
+        if membership is None:
+            return
+        membership.vcpus.discard(session.vcpu)
+        if not membership.vcpus:
+            self.destroy(session.domid, reason="last connection closed")
+
+    def destroy(self, domid: int, *, reason: str) -> None:
+        self._members.pop(domid, None)
+        if domid in self.hv.domains:
+            self.hv.destroy_domain(domid)
+            log.info("domain_destroyed", domid=domid, reason=reason)
+
+    def shutdown(self) -> None:
+        """Destroy every domain (the hypervisor is stopping)."""
+        for domid in list(self.hv.domains):
+            self.destroy(domid, reason="shutdown")
+
+    # --- one request ------------------------------------------------------------------
+
+    def _begin(self, session: Session, request: wire.Request) -> Work:
+        match request:
+            case wire.Hello():
+                return self._hello(request, session)
+            case wire.Join():
+                return self._join(request, session)
+            case wire.Bye():
+                return Work(wire.Goodbye(request.id))
+        domid = session.domid
+        assert domid is not None  # the Connection enforces the handshake
+        hv = self.hv
+        match request:
+            case wire.Hypercall():
+                return self._hypercall(request, session, domid)
+            case wire.Ptwr():
+                rc, old = hv.ptwr_write(
+                    domid, session.vcpu, request.maddr, request.val, exchange=request.exchange
+                )
+                return Work(wire.PtwrResult(request.id, rc, old))
+            case wire.RunUser():
+                outcome = hv.run_user(domid, session.vcpu, request.accesses)
+                fault = None
+                if outcome.fault is not None:
+                    fault = wire.Fault(outcome.fault.va, outcome.fault.error_code)
+                reads = tuple(outcome.reads)
+                return Work(wire.UserResult(request.id, outcome.executed, reads, fault))
+            case wire.Stats():
+                hv.domain(domid).counters[session.vcpu].queries += 1
+                return Work(wire.StatsResult(request.id, hv.stats(domid)))
+            case wire.Audit():
+                hv.domain(domid).counters[session.vcpu].queries += 1
+                violations = hv.audit()[: wire.MAX_VIOLATIONS]
+                texts = tuple(v[: wire.MAX_TEXT_LEN] for v in violations)
+                return Work(wire.AuditResult(request.id, texts))
+        return _refused(request, WireErrorCode.NOT_SUPPORTED, request.TYPE)
+
+    def _hypercall(self, request: wire.Hypercall, session: Session, domid: int) -> Work:
+        batch = request.args.largest_batch
+        if batch > self.limits.max_batch:
+            return _refused(
+                request,
+                WireErrorCode.TOO_LARGE,
+                f"mmu_update of {batch} records: the limit is {self.limits.max_batch}",
+            )
+        call = wire.Call(request.op, request.args)
+        return _HypercallWork(request, self.hv.start_hypercall(domid, session.vcpu, call))
+
+    # --- handshakes -------------------------------------------------------------------
+
+    def _hello(self, hello: wire.Hello, session: Session) -> Work:
+        if len(self._members) >= self.limits.max_domains:
+            return _refused(
+                hello, WireErrorCode.NOT_SUPPORTED, f"at most {self.limits.max_domains} domains"
+            )
+        domain = self.hv.create_domain(hello.memory_mib, hello.vcpus, hello.name)
+        self._members[domain.domid] = _Membership({0})
+        session.domid, session.vcpu = domain.domid, 0
+        structlog.contextvars.bind_contextvars(domid=domain.domid, vcpu=0)
+        log.info("domain_created", name=domain.name, memory_mib=hello.memory_mib, vcpus=hello.vcpus)
+        return Work(self._welcome(hello.id, session), domain.memory.fd)
+
+    def _join(self, join: wire.Join, session: Session) -> Work:
+        membership = self._members.get(join.domid)
+        domain = self.hv.domains.get(join.domid)
+        if membership is None or domain is None:
+            return _refused(join, WireErrorCode.NO_SUCH_DOMAIN, f"no domain {join.domid}")
+        if not hmac.compare_digest(join.secret, domain.secret):
+            log.warning("join_refused", domid=join.domid, reason="bad secret")
+            return _refused(join, WireErrorCode.BAD_SECRET, "wrong secret")
+        if not 0 <= join.vcpu < domain.nr_vcpus or join.vcpu in membership.vcpus:
+            return _refused(join, WireErrorCode.OUT_OF_RANGE, f"vCPU {join.vcpu} is not free")
+        membership.vcpus.add(join.vcpu)
+        session.domid, session.vcpu = join.domid, join.vcpu
+        structlog.contextvars.bind_contextvars(domid=join.domid, vcpu=join.vcpu)
+        log.info("vcpu_joined")
+        return Work(self._welcome(join.id, session), domain.memory.fd)
+
+    def _welcome(self, rid: int, session: Session) -> wire.Welcome:
+        assert session.domid is not None
+        domain = self.hv.domain(session.domid)
+        limits = {
+            "quantum": self.limits.quantum,
+            "max_mmu_updates": self.limits.max_batch,
+            "max_message_size": self.limits.message_size,
+            "max_mmuext_ops": wire.MAX_MMUEXT_OPS,
+            "max_multicall_calls": wire.MAX_MULTICALL_CALLS,
+            "max_user_accesses": wire.MAX_USER_ACCESSES,
+            "vcpus": domain.nr_vcpus,
+        }
+        return wire.Welcome(
+            rid,
+            domain.domid,
+            session.vcpu,
+            wire.pack_u64s(domain.p2m),
+            domain.secret,
+            limits,
+            FEATURES,
+        )
+
+
+__all__ = ["FEATURES", "HypervisorService", "Session", "Work"]

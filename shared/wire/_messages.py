@@ -1,0 +1,498 @@
+"""The messages: frozen, slotted dataclasses validated on construction and on
+decode, one class per ``"t"`` value.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar
+
+from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError
+
+from ._args import HypercallArgs, args_from_wire, check_op_args, make_call
+from ._blob import unpack_u64s
+from ._checks import (
+    _BAD_TYPE,
+    _MALFORMED,
+    _OUT_OF_RANGE,
+    _S64_MAX,
+    _S64_MIN,
+    _U16,
+    _U32,
+    _U64,
+    _bytes,
+    _dict,
+    _fail,
+    _int,
+    _length,
+    _request_id,
+    _shape,
+    _stats,
+    _str,
+    _tname,
+    _tuple,
+    _Validated,
+)
+from ._limits import (
+    MAX_ACCESS_LEN,
+    MAX_FEATURES,
+    MAX_LIMITS,
+    MAX_MEMORY_MIB,
+    MAX_MULTICALL_CALLS,
+    MAX_NAME_LEN,
+    MAX_P2M_ENTRIES,
+    MAX_TEXT_LEN,
+    MAX_USER_ACCESSES,
+    MAX_VCPUS,
+    MAX_VIOLATIONS,
+    SECRET_LEN,
+)
+
+
+class Message(_Validated):
+    """Base of every message. ``TYPE`` is the ``"t"`` value on the wire."""
+
+    __slots__ = ()
+
+    TYPE: ClassVar[str]
+    #: File descriptors sent as SCM_RIGHTS ancillary data with this message.
+    ANCILLARY_FDS: ClassVar[int] = 0
+    _FIELDS: ClassVar[tuple[str, ...]]
+    _KEYS: ClassVar[frozenset[str]]
+
+    id: Any  # narrowed by each subclass (int, or int | None for ErrorReply)
+
+    def to_wire(self) -> dict[str, object]:
+        """The msgpack map for this message (``"t"`` first)."""
+        out: dict[str, object] = {"t": self.TYPE}
+        for name in self._FIELDS:
+            out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def _convert(cls, kwargs: dict[str, Any]) -> None:
+        """Hook: turn decoded wire values into field values in place."""
+
+    @classmethod
+    def from_wire(cls, data: dict[Any, Any]) -> Self:
+        """Validate a decoded msgpack map and build the message.
+
+        Raises:
+            LocalProtocolError: missing or extra keys, or invalid values (the
+                connection reports these as non-fatal RemoteProtocolError).
+        """
+        if data.keys() != cls._KEYS:
+            missing = sorted(cls._KEYS.difference(k for k in data if isinstance(k, str)))
+            extra = sorted(repr(k) for k in data if k not in cls._KEYS)
+            _fail(
+                _MALFORMED,
+                f"{cls.TYPE}: missing fields {missing}, unexpected fields {extra}",
+            )
+        kwargs = {name: data[name] for name in cls._FIELDS}
+        cls._convert(kwargs)
+        return cls(**kwargs)
+
+
+class Request(Message):
+    """A message from guest to hypervisor."""
+
+    __slots__ = ()
+
+
+class Reply(Message):
+    """A message from hypervisor to guest."""
+
+    __slots__ = ()
+
+
+REQUEST_TYPES: Final[dict[str, type[Request]]] = {}
+REPLY_TYPES: Final[dict[str, type[Reply]]] = {}
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _register(cls: type[_M]) -> type[_M]:
+    dataclass_type: Any = cls  # fields() wants a dataclass; _register runs after @dataclass
+    cls._FIELDS = tuple(f.name for f in fields(dataclass_type))
+    cls._KEYS = frozenset(("t", *cls._FIELDS))
+    table: dict[str, Any] = REQUEST_TYPES if issubclass(cls, Request) else REPLY_TYPES
+    assert cls.TYPE not in REQUEST_TYPES
+    assert cls.TYPE not in REPLY_TYPES
+    table[cls.TYPE] = cls
+    return cls
+
+
+class Access(NamedTuple):
+    """One user access for run_user: ``(va, kind, data)``.
+
+    ``kind`` ``"r"`` (data: int length to read), ``"w"`` (data: the bytes to
+    write) or ``"x"`` (data: int number of instruction bytes to fetch).
+    """
+
+    va: int
+    kind: str
+    data: bytes | int
+
+
+class Fault(NamedTuple):
+    """The page fault that stopped a run_user: ``(va, error_code)``."""
+
+    va: int
+    error_code: int
+
+
+_ACCESS_KINDS: Final = frozenset({"r", "w", "x"})
+
+# ---- requests ----
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Hello(Request):
+    """Create a domain. Answered by Welcome (plus the memory fd) or ErrorReply."""
+
+    TYPE: ClassVar[str] = "hello"
+    id: int
+    version: int
+    memory_mib: int
+    vcpus: int
+    name: str = ""
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.version, "version", 0, _U32)
+        _int(self.memory_mib, "memory_mib", 1, MAX_MEMORY_MIB, _OUT_OF_RANGE)
+        _int(self.vcpus, "vcpus", 1, MAX_VCPUS, _OUT_OF_RANGE)
+        _str(self.name, "name", MAX_NAME_LEN)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Join(Request):
+    """Attach this connection as vCPU ``vcpu`` of an existing domain."""
+
+    TYPE: ClassVar[str] = "join"
+    id: int
+    version: int
+    domid: int
+    secret: bytes
+    vcpu: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.version, "version", 0, _U32)
+        _int(self.domid, "domid", 0, _U16)
+        if len(_bytes(self.secret, "secret", SECRET_LEN)) != SECRET_LEN:
+            _fail(_BAD_TYPE, f"secret must be exactly {SECRET_LEN} bytes")
+        _int(self.vcpu, "vcpu", 0, MAX_VCPUS - 1, _OUT_OF_RANGE)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Hypercall(Request):
+    """A hypercall: number and typed arguments (see :data:`HypercallArgs`).
+
+    Answered by :class:`MulticallResult` for a multicall, :class:`Result`
+    otherwise (unknown ops: ``Result(rc=-ENOSYS)``).
+    """
+
+    TYPE: ClassVar[str] = "hypercall"
+    id: int
+    op: int
+    args: HypercallArgs
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        check_op_args(self.op, self.args)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"t": self.TYPE, "id": self.id, "op": self.op, "args": self.args.to_wire()}
+
+    @classmethod
+    def _convert(cls, kwargs: dict[str, Any]) -> None:
+        op = _int(kwargs["op"], "op", 0, _U32)
+        raw = kwargs["args"]
+        if type(raw) is not tuple:
+            _fail(_BAD_TYPE, f"args must be a tuple (msgpack array), not {_tname(raw)}")
+        kwargs["args"] = args_from_wire(op, raw, 0)
+
+    @classmethod
+    def make(cls, id: int, op: int, *args: object) -> Hypercall:
+        """Build from the raw-client form, like :func:`make_call`."""
+        call = make_call(op, *args)
+        return cls(id, call.op, call.args)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Ptwr(Request):
+    """A trapped direct 8-byte write of ``val`` at machine address ``maddr``.
+
+    ``exchange``: an atomic exchange (``xchg``/``cmpxchg``) rather than a store.
+    """
+
+    TYPE: ClassVar[str] = "ptwr"
+    id: int
+    maddr: int
+    val: int
+    exchange: bool = False
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.maddr, "maddr", 0, _U64)
+        _int(self.val, "val", 0, _U64)
+        if type(self.exchange) is not bool:
+            _fail(_BAD_TYPE, f"exchange must be a bool, not {_tname(self.exchange)}")
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class RunUser(Request):
+    """User accesses for this connection's vCPU; stops at the first fault."""
+
+    TYPE: ClassVar[str] = "run_user"
+    id: int
+    accesses: tuple[Access, ...]
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        plain = False
+        for access in _tuple(self.accesses, "accesses", MAX_USER_ACCESSES):
+            va, kind, data = _shape(access, "access", 3)
+            _int(va, "access va", 0, _U64)
+            if type(kind) is not str or kind not in _ACCESS_KINDS:
+                _fail(_BAD_TYPE, f"access kind must be 'r', 'w' or 'x', not {kind!r}")
+            if kind == "w":
+                if not _bytes(data, "write data", MAX_ACCESS_LEN):
+                    _fail(_OUT_OF_RANGE, "write data must not be empty")
+            else:
+                _length(data, f"{kind!r} access length", MAX_ACCESS_LEN)
+            plain = plain or type(access) is not Access
+        if plain:  # plain (va, kind, data) tuples, e.g. decoded: name them
+            object.__setattr__(self, "accesses", tuple(Access(*a) for a in self.accesses))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Stats(Request):
+    """Ask for the counters (guest- and hypervisor-side)."""
+
+    TYPE: ClassVar[str] = "stats"
+    id: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Audit(Request):
+    """Ask for a whole-machine invariant check."""
+
+    TYPE: ClassVar[str] = "audit"
+    id: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Bye(Request):
+    """Close this connection cleanly; answered by Goodbye, then EOF only."""
+
+    TYPE: ClassVar[str] = "bye"
+    id: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+
+
+# ---- replies ----
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Welcome(Reply):
+    """The answer to Hello/Join. The domain's memory fd (a sealed memfd) is
+    sent as SCM_RIGHTS ancillary data on the same ``sendmsg`` as these bytes.
+
+    ``p2m`` is a blob of little-endian u64 MFNs, index = PFN
+    (:meth:`p2m_mfns`, :func:`pack_u64s`).
+    """
+
+    TYPE: ClassVar[str] = "welcome"
+    ANCILLARY_FDS: ClassVar[int] = 1
+    id: int
+    domid: int
+    vcpu: int
+    p2m: bytes
+    secret: bytes
+    limits: dict[str, int]
+    features: tuple[int, ...]
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.domid, "domid", 0, _U16)
+        _int(self.vcpu, "vcpu", 0, MAX_VCPUS - 1, _OUT_OF_RANGE)
+        _bytes(self.p2m, "p2m", MAX_P2M_ENTRIES * 8, multiple=8)
+        if len(_bytes(self.secret, "secret", SECRET_LEN)) != SECRET_LEN:
+            _fail(_BAD_TYPE, f"secret must be exactly {SECRET_LEN} bytes")
+        for key, value in _dict(self.limits, "limits", MAX_LIMITS).items():
+            _str(key, "limits key", MAX_NAME_LEN, min_len=1)
+            _int(value, f"limits[{key!r}]", 0, _U64)
+        for feature in _tuple(self.features, "features", MAX_FEATURES):
+            _int(feature, "feature", 0, _U32)
+
+    def p2m_mfns(self) -> array[int]:
+        """The p2m as an ``array('Q')`` of MFNs, index = PFN."""
+        return unpack_u64s(self.p2m)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Result(Reply):
+    """Result of every hypercall but multicall (unknown ones included).
+
+    ``rc`` is 0 or a negated Xen errno; ``done`` counts records/ops completed
+    (0 where meaningless).
+    """
+
+    TYPE: ClassVar[str] = "result"
+    id: int
+    rc: int
+    done: int = 0
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
+        _int(self.done, "done", 0, _U64)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class MulticallResult(Reply):
+    """Result of a multicall: its own rc, then one result per call."""
+
+    TYPE: ClassVar[str] = "multicall_result"
+    id: int
+    rc: int
+    results: tuple[int, ...]
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
+        for value in _tuple(self.results, "results", MAX_MULTICALL_CALLS):
+            _int(value, "result", _S64_MIN, _S64_MAX)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class PtwrResult(Reply):
+    """Result of a trapped write: rc and the entry's previous value."""
+
+    TYPE: ClassVar[str] = "ptwr_result"
+    id: int
+    rc: int
+    old: int = 0
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
+        _int(self.old, "old", 0, _U64)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class UserResult(Reply):
+    """Outcome of run_user: accesses executed, bytes read (one entry per
+    executed ``"r"`` access, in order), and the fault that stopped it."""
+
+    TYPE: ClassVar[str] = "user_result"
+    id: int
+    executed: int
+    reads: tuple[bytes, ...] = ()
+    fault: Fault | None = None
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.executed, "executed", 0, MAX_USER_ACCESSES, _OUT_OF_RANGE)
+        for data in _tuple(self.reads, "reads", MAX_USER_ACCESSES):
+            _bytes(data, "read data", MAX_ACCESS_LEN)
+        if self.fault is not None:
+            raw_va, raw_code = _shape(self.fault, "fault", 2)
+            va = _int(raw_va, "fault va", 0, _U64)
+            error_code = _int(raw_code, "fault error_code", 0, _U32)
+            if type(self.fault) is not Fault:  # a plain pair, e.g. decoded
+                object.__setattr__(self, "fault", Fault(va, error_code))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class StatsResult(Reply):
+    """Counters: nested str-keyed maps (depth <= MAX_STATS_DEPTH) of ints."""
+
+    TYPE: ClassVar[str] = "stats_result"
+    id: int
+    stats: dict[str, Any]
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _stats(self.stats, "stats", 1)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class AuditResult(Reply):
+    """Invariant violations across the machine; empty when healthy."""
+
+    TYPE: ClassVar[str] = "audit_result"
+    id: int
+    violations: tuple[str, ...] = ()
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        for text in _tuple(self.violations, "violations", MAX_VIOLATIONS):
+            _str(text, "violation", MAX_TEXT_LEN)
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Reply):
+    """A typed error. ``id`` is None when the request's id could not be read."""
+
+    TYPE: ClassVar[str] = "error"
+    id: int | None
+    code: str
+    message: str = ""
+
+    def _validate(self) -> None:
+        if self.id is not None:
+            _request_id(self.id)
+        _str(self.code, "code", MAX_NAME_LEN, min_len=1)
+        _str(self.message, "message", MAX_TEXT_LEN)
+
+    @classmethod
+    def from_exception(
+        cls, exc: LocalProtocolError | RemoteProtocolError, request_id: int | None = None
+    ) -> ErrorReply:
+        """The reply for a protocol error (message truncated to MAX_TEXT_LEN).
+
+        ``request_id`` defaults to the error's own ``request_id``.
+        """
+        if request_id is None and isinstance(exc, RemoteProtocolError):
+            request_id = exc.request_id
+        return cls(request_id, exc.code[:MAX_NAME_LEN], exc.message[:MAX_TEXT_LEN])
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Goodbye(Reply):
+    """The answer to Bye; the hypervisor closes the connection after it."""
+
+    TYPE: ClassVar[str] = "goodbye"
+    id: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
