@@ -132,7 +132,7 @@ def strace_version(strace: str) -> str:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from pvemu.guest.trace import parse_strace
+    from pvemu.scripts.strace import parse_strace
     from pvemu.shared.trace import save_trace
 
     cmd = list(args.cmd)

@@ -21,13 +21,13 @@ from pvemu.guest.trace import (
     AddressMap,
     Run,
     TraceResult,
-    parse_strace,
     replay_trace,
     run_trace_workload,
 )
 from pvemu.hypervisor import Hypervisor
 from pvemu.scripts import trace_cmd
 from pvemu.scripts.inprocess import LocalDomain
+from pvemu.scripts.strace import parse_strace
 from pvemu.shared.trace import (
     MAP_ANONYMOUS,
     MAP_FIXED,
