@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from pvemu.shared.trace import (
@@ -206,6 +206,62 @@ def _parse_memory(c: _Call, stats: Counter[str]) -> Event | None:
     raise AssertionError(name)
 
 
+def _clone_parents(calls: list[_Call]) -> dict[int, tuple[int, bool]]:
+    """Each child pid -> (its parent, whether it shares the parent's address
+    space: CLONE_VM or vfork). Read before any event is kept, since a
+    child's first lines may come before its parent's clone returns."""
+    parent: dict[int, tuple[int, bool]] = {}
+    for c in calls:
+        if c.name in ("clone", "clone2", "clone3", "fork", "vfork") and not c.failed:
+            if c.ret is None or c.ret <= 0:
+                continue
+            shared_vm = c.name == "vfork" or _CLONE_VM.search(",".join(c.args)) is not None
+            parent[c.ret] = (c.pid, shared_vm)
+    return parent
+
+
+@dataclass
+class _MainAddressSpace:
+    """Which pids run in the first process's (``root``'s) address space:
+    threads of it, transitively, until they exec (``left``)."""
+
+    root: int
+    parent: dict[int, tuple[int, bool]]
+    left: set[int] = field(default_factory=set)
+
+    def has(self, pid: int) -> bool:
+        seen: set[int] = set()
+        while pid != self.root:
+            if pid in self.left or pid in seen:
+                return False
+            seen.add(pid)
+            link = self.parent.get(pid)
+            if link is None:
+                return True  # no process lines: assume a thread
+            if not link[1]:
+                return False
+            pid = link[0]
+        return self.root not in self.left
+
+
+def _memory_event(c: _Call, stats: Counter[str]) -> Event | None:
+    """The event of a successful memory call; None if it is not one a trace
+    keeps (a non-discard madvise) or malformed (counted in ``stats``)."""
+    try:
+        event = _parse_memory(c, stats)
+    except (ValueError, IndexError):
+        stats["malformed_calls"] += 1
+        return None
+    if event is None:
+        return None
+    try:
+        check_event(event, c.name)
+    except TraceError:
+        stats["malformed_calls"] += 1
+        return None
+    return event
+
+
 def parse_strace(text: str, *, command: Sequence[str] = (), recorded_with: str = "strace") -> Trace:
     """Parse ``strace -f -e trace=memory`` output (any of ``-o``'s pid
     column, ``[pid N]`` prefixes, ``-t``/``-tt``/``-ttt`` timestamps, ``-T``
@@ -221,32 +277,8 @@ def parse_strace(text: str, *, command: Sequence[str] = (), recorded_with: str =
     """
     stats: Counter[str] = Counter()
     calls = list(_calls(text, stats))
-    # Pass 1: who shares whose address space (a child's first lines may come
-    # before its parent's clone returns).
-    parent: dict[int, tuple[int, bool]] = {}
-    for c in calls:
-        if c.name in ("clone", "clone2", "clone3", "fork", "vfork") and not c.failed:
-            if c.ret is None or c.ret <= 0:
-                continue
-            shared_vm = c.name == "vfork" or _CLONE_VM.search(",".join(c.args)) is not None
-            parent[c.ret] = (c.pid, shared_vm)
     root = calls[0].pid if calls else 0
-    left: set[int] = set()
-
-    def in_main(pid: int) -> bool:
-        seen: set[int] = set()
-        while pid != root:
-            if pid in left or pid in seen:
-                return False
-            seen.add(pid)
-            link = parent.get(pid)
-            if link is None:
-                return True  # no process lines: assume a thread
-            if not link[1]:
-                return False
-            pid = link[0]
-        return root not in left
-
+    main = _MainAddressSpace(root, _clone_parents(calls))
     events: list[Event] = []
     for c in calls:
         if c.name not in _MEMORY_CALLS and c.name not in _PROCESS_CALLS:
@@ -256,28 +288,18 @@ def parse_strace(text: str, *, command: Sequence[str] = (), recorded_with: str =
             stats["failed" if c.failed else "no_result"] += 1
             continue
         if c.name in _PROCESS_CALLS:
-            if c.name == "execve" and in_main(c.pid):
+            if c.name == "execve" and main.has(c.pid):
                 if c.pid == root:
                     path = c.args[0].strip('"') if c.args else ""
                     events.append(Exec(c.pid, path))
                 else:
-                    left.add(c.pid)  # a vfork child or thread leaving for a new program
+                    main.left.add(c.pid)  # a vfork child or thread leaving for a new program
             continue
-        if not in_main(c.pid):
+        if not main.has(c.pid):
             stats["other_address_space"] += 1
             continue
-        try:
-            event = _parse_memory(c, stats)
-        except (ValueError, IndexError):
-            stats["malformed_calls"] += 1
-            continue
-        if event is None:
-            continue
-        try:
-            check_event(event, c.name)
-        except TraceError:
-            stats["malformed_calls"] += 1
-            continue
-        events.append(event)
+        event = _memory_event(c, stats)
+        if event is not None:
+            events.append(event)
     stats["events"] = len(events)
     return Trace(list(command), recorded_with, events, {k: v for k, v in stats.items() if v})
