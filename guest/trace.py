@@ -34,12 +34,13 @@ import errno
 import os
 import tempfile
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Final
 
+from pvemu.shared.addrmap import AddressMap
 from pvemu.shared.trace import (
     EVENT_TYPES,
     MAP_ANONYMOUS,
@@ -73,9 +74,6 @@ __all__ = [
     "RELOCATIONS",
     "DEFAULT_TOUCH_LIMIT",
     "DEFAULT_MAX_RESIDENT",
-    "AddressMap",
-    "Segment",
-    "Run",
     "TraceResult",
     "replay_trace",
     "run_trace_workload",
@@ -94,128 +92,6 @@ DEFAULT_TOUCH_LIMIT: Final = 64
 #: Pages the replay keeps populated at once, at most (frames are finite).
 DEFAULT_MAX_RESIDENT: Final = 2048
 _PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
-
-
-# --- relocation: the program's addresses to the guest's ---------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """Original ``[start, end)`` lives at guest ``guest`` (same length)."""
-
-    start: int
-    end: int
-    guest: int
-    stack: bool = False  # MAP_STACK/MAP_GROWSDOWN: used from the top
-
-    def to_guest(self, addr: int) -> int:
-        return self.guest + (addr - self.start)
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """A guest range that one original range translates to contiguously."""
-
-    start: int
-    end: int
-    stack: bool = False
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-
-class AddressMap:
-    """Original address ranges -> guest ranges, piecewise linear.
-
-    Each range the trace maps becomes a :class:`Segment` when the guest
-    places it; unmapping removes (splits) segments. Translating a range
-    gives guest :class:`Run` s (consecutive pieces merged when they are also
-    consecutive in the guest) and the number of bytes no segment covers
-    (memory the trace never mapped: the executable, ld.so, the stack).
-    """
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._segs: list[Segment] = []
-
-    def __len__(self) -> int:
-        return len(self._segs)
-
-    def segments(self) -> list[Segment]:
-        return list(self._segs)
-
-    def find(self, addr: int) -> Segment | None:
-        i = bisect_right(self._starts, addr) - 1
-        if i >= 0 and self._segs[i].end > addr:
-            return self._segs[i]
-        return None
-
-    def translate(self, addr: int) -> int | None:
-        seg = self.find(addr)
-        return None if seg is None else seg.to_guest(addr)
-
-    def pieces(self, start: int, end: int) -> list[tuple[int, int, Segment | None]]:
-        """``[start, end)`` cut at segment edges, holes as ``None``."""
-        out: list[tuple[int, int, Segment | None]] = []
-        i = max(0, bisect_right(self._starts, start) - 1)
-        at = start
-        while at < end:
-            while i < len(self._segs) and self._segs[i].end <= at:
-                i += 1
-            if i < len(self._segs) and self._segs[i].start <= at:
-                seg = self._segs[i]
-                stop = min(end, seg.end)
-                out.append((at, stop, seg))
-            else:
-                stop = min(end, self._segs[i].start) if i < len(self._segs) else end
-                out.append((at, stop, None))
-            at = stop
-        return out
-
-    def runs(self, start: int, end: int) -> tuple[list[Run], int]:
-        runs: list[Run] = []
-        uncovered = 0
-        for lo, hi, seg in self.pieces(start, end):
-            if seg is None:
-                uncovered += hi - lo
-                continue
-            g = seg.to_guest(lo)
-            if runs and runs[-1].end == g and runs[-1].stack == seg.stack:
-                runs[-1] = Run(runs[-1].start, g + (hi - lo), seg.stack)
-            else:
-                runs.append(Run(g, g + (hi - lo), seg.stack))
-        return runs, uncovered
-
-    def insert(self, start: int, end: int, guest: int, *, stack: bool = False) -> None:
-        if not start < end:
-            raise ValueError(f"empty range {start:#x}-{end:#x}")
-        i = bisect_left(self._starts, start)
-        if (i > 0 and self._segs[i - 1].end > start) or (
-            i < len(self._segs) and self._segs[i].start < end
-        ):
-            raise ValueError(f"{start:#x}-{end:#x} overlaps a mapped range")
-        self._starts.insert(i, start)
-        self._segs.insert(i, Segment(start, end, guest, stack))
-
-    def remove(self, start: int, end: int) -> None:
-        lo = max(0, bisect_right(self._starts, start) - 1)
-        hi = bisect_left(self._starts, end)
-        keep: list[Segment] = []
-        for seg in self._segs[lo:hi]:
-            if seg.end <= start or seg.start >= end:
-                keep.append(seg)
-                continue
-            if seg.start < start:
-                keep.append(Segment(seg.start, start, seg.guest, seg.stack))
-            if seg.end > end:
-                keep.append(Segment(end, seg.end, seg.to_guest(end), seg.stack))
-        self._segs[lo:hi] = keep
-        self._starts[lo:hi] = [s.start for s in keep]
-
-    def clear(self) -> None:
-        self._starts.clear()
-        self._segs.clear()
 
 
 # --- replay -------------------------------------------------------------------------------

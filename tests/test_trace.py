@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel, boot, kernel_for
 from pvemu.guest.trace import (
-    AddressMap,
-    Run,
     TraceResult,
     replay_trace,
     run_trace_workload,
@@ -28,6 +26,7 @@ from pvemu.hypervisor import Hypervisor
 from pvemu.scripts import trace_cmd
 from pvemu.scripts.inprocess import LocalDomain
 from pvemu.scripts.strace import parse_strace
+from pvemu.shared.addrmap import AddressMap, Run
 from pvemu.shared.trace import (
     MAP_ANONYMOUS,
     MAP_FIXED,
