@@ -17,11 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel, boot, kernel_for
-from pvemu.guest.trace import (
-    TraceResult,
-    replay_trace,
-    run_trace_workload,
-)
+from pvemu.guest.replay import replay_trace, run_trace_workload
+from pvemu.guest.replay_result import TraceResult
 from pvemu.hypervisor import Hypervisor
 from pvemu.scripts import trace_cmd
 from pvemu.scripts.inprocess import LocalDomain

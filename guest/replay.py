@@ -1,31 +1,17 @@
-"""Real programs' memory syscalls: a replay in the guest kernel measured like
-the mprotect workload (the trace format is :mod:`pvemu.shared.trace`, the
-strace parser :mod:`pvemu.scripts.strace`).
+"""Replay a trace in the guest kernel, measured like the mprotect workload.
 
-A trace is what ``strace -f -e trace=memory,...`` saw a program do to its
-address space (mmap, mprotect, munmap, mremap, brk, madvise that discards
-pages, and execve, which starts a new address space), normalised into
-versioned JSON (``docs/traces.md`` is the reference)::
+A trace (:mod:`pvemu.shared.trace`, made from strace's output by
+:mod:`pvemu.scripts.strace`) keeps the program's own addresses. The replay
+relocates them into the guest (:class:`~pvemu.shared.addrmap.AddressMap`:
+each original range the trace maps is placed by the guest's ``mmap`` and
+remembered; later calls are translated through that map, split where a range
+crosses placements) and populates pages by the *touch-on-grant* policy: user
+writes (or reads, for read-only memory) to the first pages of every range
+that becomes accessible. Both policies, and what cannot be reproduced, are in
+``docs/traces.md``.
 
-    {"schema": 1, "command": ["node", "-e", "..."], "recorded_with": "strace ...",
-     "stats": {...parser counts...},
-     "events": [
-       {"op": "mmap", "pid": 7, "addr": "0x7f3a00000000", "length": 8192,
-        "prot": "PROT_READ|PROT_WRITE", "flags": "MAP_PRIVATE|MAP_ANONYMOUS"},
-       {"op": "mprotect", "pid": 7, "addr": "0x7f3a00000000", "length": 4096,
-        "prot": "PROT_READ"}, ...]}
-
-Every event keeps the program's own addresses. The replay relocates them
-into the guest (:class:`AddressMap`: each original range the trace maps is
-placed by the guest's ``mmap`` and remembered; later calls are translated
-through that map, split where a range crosses placements) and populates
-pages by the *touch-on-grant* policy: user writes (or reads, for read-only
-memory) to the first pages of every range that becomes accessible. Both
-policies, and what cannot be reproduced, are in ``docs/traces.md``.
-
-Pure code (parsing, the format, the address map) has no I/O besides
-:func:`load_trace`/:func:`save_trace`; the replay only talks to
-:class:`guest.kernel.Kernel`.
+The replay only talks to :class:`guest.kernel.Kernel`; what it measures and
+reports is :mod:`pvemu.guest.replay_result`.
 """
 
 from __future__ import annotations
@@ -33,12 +19,10 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-import time
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any, Final
+from typing import Final
 
 from pvemu.shared.addrmap import AddressMap
 from pvemu.shared.trace import (
@@ -66,23 +50,18 @@ from pvemu.shared.trace import (
 )
 
 from .kernel import Kernel, SegmentationFault
+from .replay_result import PhaseMeter, TraceResult
 from .vma import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE, page_align
-from .workload import PHASE_FIELDS, PhaseResult, WorkloadError, WorkloadResult, _snapshot
+from .workload import WorkloadError, WorkloadResult
 
 __all__ = [
-    "REPLAY_PHASES",
     "RELOCATIONS",
     "DEFAULT_TOUCH_LIMIT",
     "DEFAULT_MAX_RESIDENT",
-    "TraceResult",
     "replay_trace",
     "run_trace_workload",
 ]
 
-#: Phases of a replay, in report order. Each accumulates every event of its
-#: kind; ``touch`` is the user accesses of the population policy (and the
-#: data copy of a moved mremap).
-REPLAY_PHASES: Final = ("mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "touch")
 #: ``preserve``: place each range at the program's own address when free
 #: (same page-table layout as the original); ``compact``: let the guest's
 #: top-down allocator choose (next to the range's neighbour when possible).
@@ -94,90 +73,10 @@ DEFAULT_MAX_RESIDENT: Final = 2048
 _PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
 
 
-# --- replay -------------------------------------------------------------------------------
-
-
-@dataclass
-class TraceResult(WorkloadResult):
-    """A :class:`WorkloadResult` plus what the replay did and could not do.
-
-    ``pages`` is the number of pages the population policy touched.
-    ``errors`` counts guest syscalls that failed although the program saw
-    them succeed (the first ones are kept in ``error_samples``); a clean
-    replay has none.
-    """
-
-    trace: str = ""
-    command: list[str] = field(default_factory=list)
-    replayed: dict[str, int] = field(default_factory=dict)
-    untracked: dict[str, int] = field(default_factory=dict)
-    relocated: int = 0
-    errors: int = 0
-    error_samples: list[dict[str, Any]] = field(default_factory=list)
-    peak_resident: int = 0
-    budget_exhausted: int = 0
-    policy: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def replay_clean(self) -> bool:
-        return self.errors == 0
-
-    def as_dict(self) -> dict[str, Any]:
-        out = super().as_dict()
-        out["workload"] = "trace"
-        out["trace"] = {
-            "file": self.trace,
-            "command": self.command,
-            "replayed": self.replayed,
-            "untracked": self.untracked,
-            "relocated": self.relocated,
-            "touched_pages": self.pages,
-            "peak_resident": self.peak_resident,
-            "budget_exhausted": self.budget_exhausted,
-            "errors": self.errors,
-            "error_samples": self.error_samples,
-            "replay_clean": self.replay_clean,
-            "policy": self.policy,
-        }
-        return out
-
-
-class _Meter:
-    """Per-phase counts and wall time; a phase is measured from when the
-    replay enters it until it enters another, and accumulates."""
-
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        self.current: str | None = None
-        self.before: tuple[dict[str, int], int] = ({}, 0)
-        self.started = 0.0
-        self.phases = {
-            name: PhaseResult(dict.fromkeys(PHASE_FIELDS, 0), 0, 0.0) for name in REPLAY_PHASES
-        }
-
-    async def enter(self, phase: str) -> None:
-        if phase == self.current:
-            return
-        await self.close()
-        self.before = _snapshot(await self.kernel.stats())
-        self.current = phase
-        self.started = time.perf_counter()
-
-    async def close(self) -> None:
-        if self.current is None:
-            return
-        wall = time.perf_counter() - self.started
-        after, guest_after = _snapshot(await self.kernel.stats())
-        before, guest_before = self.before
-        phase = self.phases[self.current]
-        for k in PHASE_FIELDS:
-            phase.counts[k] += after[k] - before[k]
-        phase.guest_traps += guest_after - guest_before
-        phase.wall_s += wall
-        self.current = None
-
-
 class _Replay:
+    """One replay: the address map, the populated pages and the break of the
+    trace's current program, and one handler per event kind (``on_*``)."""
+
     def __init__(
         self,
         kernel: Kernel,
@@ -197,7 +96,7 @@ class _Replay:
         self.relocation = relocation
         self.scratch = scratch
         self.map = AddressMap()
-        self.meter = _Meter(kernel)
+        self.meter = PhaseMeter(kernel)
         self.vcpu = min(1, kernel.machine.nr_vcpus - 1)
         #: guest page -> the byte it holds (written or read by the policy)
         self.touched: dict[int, int] = {}
@@ -634,7 +533,7 @@ async def replay_trace(
     relocation: str = "preserve",
     name: str = "",
 ) -> TraceResult:
-    """Replay ``trace`` in ``kernel``, phase by phase (:data:`REPLAY_PHASES`),
+    """Replay ``trace`` in ``kernel``, phase by phase (``REPLAY_PHASES``),
     then read back every populated page and run ``audit()``.
 
     Raises WorkloadError if a page reads back wrong (a broken kernel);
