@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return outcome.as_dict()
             if args.workload.startswith("trace:"):
-                from pvemu.guest.trace import run_trace_workload
+                from pvemu.guest.replay import run_trace_workload
 
                 result = await run_trace_workload(kernel, args.workload[len("trace:") :])
             else:

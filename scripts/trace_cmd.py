@@ -132,7 +132,8 @@ def strace_version(strace: str) -> str:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from pvemu.guest.trace import parse_strace, save_trace
+    from pvemu.scripts.strace import parse_strace
+    from pvemu.shared.trace import save_trace
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -196,7 +197,7 @@ def print_summary(summary: dict[str, Any], out: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from pvemu.guest.trace import TraceError, load_trace
+    from pvemu.shared.trace import TraceError, load_trace
 
     try:
         trace = load_trace(args.file)
@@ -234,7 +235,7 @@ def _valid(result: dict[str, Any]) -> bool:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from pvemu.guest.trace import TraceError, load_trace
+    from pvemu.shared.trace import TraceError, load_trace
 
     try:
         load_trace(args.file)  # fail early, with a clear message

@@ -17,7 +17,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel, boot, kernel_for
-from pvemu.guest.trace import (
+from pvemu.guest.replay import replay_trace, run_trace_workload
+from pvemu.guest.replay_result import TraceResult
+from pvemu.hypervisor import Hypervisor
+from pvemu.scripts import trace_cmd
+from pvemu.scripts.strace import parse_strace
+from pvemu.shared.addrmap import AddressMap, Run
+from pvemu.shared.trace import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
@@ -26,7 +32,6 @@ from pvemu.guest.trace import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
-    AddressMap,
     Brk,
     Exec,
     Madvise,
@@ -34,24 +39,17 @@ from pvemu.guest.trace import (
     Mprotect,
     Mremap,
     Munmap,
-    Run,
     Trace,
     TraceError,
-    TraceResult,
     dump_trace,
     format_map_flags,
     format_prot,
     load_trace,
-    parse_strace,
     parse_symbols,
-    replay_trace,
-    run_trace_workload,
     save_trace,
     trace_from_json,
 )
-from pvemu.guest.trace import MAP_NAMES as TRACE_MAP_NAMES
-from pvemu.hypervisor import Hypervisor
-from pvemu.scripts import trace_cmd
+from pvemu.shared.trace import MAP_NAMES as TRACE_MAP_NAMES
 from tests.loopback import loopback_domain
 
 TRACES = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
@@ -220,13 +218,13 @@ def test_only_the_first_address_space_is_kept() -> None:
     ],
 )
 def test_prot_symbols(text: str, value: int) -> None:
-    from pvemu.guest.trace import PROT_NAMES
+    from pvemu.shared.trace import PROT_NAMES
 
     assert parse_symbols(text, PROT_NAMES) == value
 
 
 def test_unknown_symbol_is_an_error_in_a_trace_file() -> None:
-    from pvemu.guest.trace import PROT_NAMES
+    from pvemu.shared.trace import PROT_NAMES
 
     with pytest.raises(TraceError, match="PROT_BOGUS"):
         parse_symbols("PROT_READ|PROT_BOGUS", PROT_NAMES)
@@ -238,7 +236,7 @@ def test_unknown_symbol_is_an_error_in_a_trace_file() -> None:
     st.sampled_from([0, 16, 21, 30]),
 )
 def test_map_flags_round_trip(mtype: int, bits: set[int], huge: int) -> None:
-    from pvemu.guest.trace import _ALL_MAP_NAMES
+    from pvemu.shared.trace import ALL_MAP_NAMES as _ALL_MAP_NAMES
 
     flags = mtype | sum(bits) | (huge << 26)
     assert parse_symbols(format_map_flags(flags), _ALL_MAP_NAMES) == flags
@@ -246,7 +244,7 @@ def test_map_flags_round_trip(mtype: int, bits: set[int], huge: int) -> None:
 
 @given(st.integers(min_value=0, max_value=(1 << 26) - 1))
 def test_prot_round_trip(prot: int) -> None:
-    from pvemu.guest.trace import PROT_NAMES
+    from pvemu.shared.trace import PROT_NAMES
 
     assert parse_symbols(format_prot(prot), PROT_NAMES) == prot
 

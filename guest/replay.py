@@ -1,0 +1,594 @@
+"""Replay a trace in the guest kernel, measured like the mprotect workload.
+
+A trace (:mod:`pvemu.shared.trace`, made from strace's output by
+:mod:`pvemu.scripts.strace`) keeps the program's own addresses. The replay
+relocates them into the guest (:class:`~pvemu.shared.addrmap.AddressMap`:
+each original range the trace maps is placed by the guest's ``mmap`` and
+remembered; later calls are translated through that map, split where a range
+crosses placements) and populates pages by the *touch-on-grant* policy: user
+writes (or reads, for read-only memory) to the first pages of every range
+that becomes accessible. Both policies, and what cannot be reproduced, are in
+``docs/traces.md``.
+
+The replay only talks to :class:`guest.kernel.Kernel`; what it measures and
+reports is :mod:`pvemu.guest.replay_result`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from bisect import bisect_right
+from collections import Counter
+from itertools import pairwise
+from typing import Final
+
+from pvemu.shared.addrmap import AddressMap
+from pvemu.shared.trace import (
+    EVENT_TYPES,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_GROWSDOWN,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MAP_STACK,
+    MREMAP_DONTUNMAP,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    Brk,
+    Event,
+    Exec,
+    Madvise,
+    Mmap,
+    Mprotect,
+    Mremap,
+    Munmap,
+    Trace,
+    load_trace,
+)
+
+from .kernel import Kernel, SegmentationFault
+from .replay_result import PhaseMeter, TraceResult
+from .vma import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE, page_align
+from .workload import WorkloadError, WorkloadResult
+
+__all__ = [
+    "RELOCATIONS",
+    "DEFAULT_TOUCH_LIMIT",
+    "DEFAULT_MAX_RESIDENT",
+    "replay_trace",
+    "run_trace_workload",
+]
+
+#: ``preserve``: place each range at the program's own address when free
+#: (same page-table layout as the original); ``compact``: let the guest's
+#: top-down allocator choose (next to the range's neighbour when possible).
+RELOCATIONS: Final = ("preserve", "compact")
+#: Pages touched, at most, per range that becomes accessible.
+DEFAULT_TOUCH_LIMIT: Final = 64
+#: Pages the replay keeps populated at once, at most (frames are finite).
+DEFAULT_MAX_RESIDENT: Final = 2048
+_PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
+
+
+class _Replay:
+    """One replay: the address map, the populated pages and the break of the
+    trace's current program, and one handler per event kind (``on_*``)."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        trace: Trace,
+        result: TraceResult,
+        *,
+        touch_limit: int,
+        max_resident: int,
+        relocation: str,
+        scratch: str,
+    ) -> None:
+        self.kernel = kernel
+        self.trace = trace
+        self.result = result
+        self.touch_limit = touch_limit
+        self.max_resident = max_resident
+        self.relocation = relocation
+        self.scratch = scratch
+        self.map = AddressMap()
+        self.meter = PhaseMeter(kernel)
+        self.vcpu = min(1, kernel.machine.nr_vcpus - 1)
+        #: guest page -> the byte it holds (written or read by the policy)
+        self.touched: dict[int, int] = {}
+        self.brk_start: int | None = None
+        self.brk_cur = 0
+        self.files: dict[str, str] = {}
+        self.out_of_memory = False
+        self.index = 0
+        self._byte = 0
+
+    # --- bookkeeping --------------------------------------------------------------------
+
+    def _error(self, event: Event, what: str, exc: BaseException) -> None:
+        self.result.errors += 1
+        if len(self.result.error_samples) < 20:
+            code = getattr(exc, "errno", None)
+            self.result.error_samples.append(
+                {
+                    "event": self.index,
+                    "op": event.OP,
+                    "call": what,
+                    "errno": errno.errorcode.get(code, str(code)) if code else None,
+                    "message": str(exc),
+                }
+            )
+
+    def _untracked(self, op: str) -> None:
+        self.result.untracked[op] = self.result.untracked.get(op, 0) + 1
+
+    def _forget(self, start: int, end: int) -> None:
+        touched = self.touched
+        if (end - start) // PAGE_SIZE <= len(touched):
+            for va in range(start, end, PAGE_SIZE):
+                touched.pop(va, None)
+        else:
+            for va in [va for va in touched if start <= va < end]:
+                del touched[va]
+
+    def _vma_list(self) -> list[tuple[int, int, int, int]]:
+        return self.kernel.vmas()
+
+    def _guest_free(self, start: int, end: int, vmas: list[tuple[int, int, int, int]]) -> bool:
+        if start < MMAP_MIN_ADDR or end > TASK_SIZE or start % PAGE_SIZE:
+            return False
+        i = bisect_right([v[0] for v in vmas], start) - 1
+        if i >= 0 and vmas[i][1] > start:
+            return False
+        return i + 1 >= len(vmas) or vmas[i + 1][0] >= end
+
+    def _vma_pieces(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """(start, end, prot, flags) of the VMAs in ``[start, end)``, clipped."""
+        out = []
+        for vs, ve, prot, flags in self._vma_list():
+            if ve > start and vs < end:
+                out.append((max(vs, start), min(ve, end), prot, flags))
+        return out
+
+    # --- guest system calls (errors recorded, never swallowed silently) ----------------------
+
+    def _mmap(
+        self,
+        event: Event,
+        length: int,
+        prot: int,
+        flags: int,
+        *,
+        addr: int | None,
+        path: str | None = None,
+        offset: int = 0,
+    ) -> int | None:
+        try:
+            return self.kernel.mmap(length, prot, flags, addr=addr, path=path, offset=offset)
+        except OSError as exc:
+            self._error(event, "mmap", exc)
+            return None
+
+    async def _munmap(self, event: Event, start: int, end: int) -> bool:
+        try:
+            await self.kernel.munmap(start, end - start)
+        except OSError as exc:
+            self._error(event, "munmap", exc)
+            return False
+        self._forget(start, end)
+        return True
+
+    async def _mprotect(self, event: Event, start: int, end: int, prot: int) -> bool:
+        try:
+            await self.kernel.mprotect(start, end - start, prot)
+        except OSError as exc:
+            self._error(event, "mprotect", exc)
+            return False
+        return True
+
+    # --- placement ---------------------------------------------------------------------
+
+    def _guest_flags(self, event: Mmap) -> tuple[int, str | None, int]:
+        """Guest mmap flags, file and offset for an original mapping: a
+        private file mapping becomes anonymous (its cost is the same: the
+        page is filled from a file of zeros); a shared one maps a scratch
+        file of zeros, so write-notify and writeback stay as Linux has them."""
+        if event.shared and not event.anonymous:
+            key = event.path or f"fd{event.fd}"
+            scratch = self.files.get(key)
+            if scratch is None:
+                scratch = os.path.join(self.scratch, f"file{len(self.files)}")
+                self.files[key] = scratch
+                with open(scratch, "wb"):
+                    pass
+            size = event.offset + page_align(event.length)
+            if os.path.getsize(scratch) < size:
+                os.truncate(scratch, size)
+            return MAP_SHARED, scratch, event.offset
+        mtype = MAP_SHARED if event.shared else MAP_PRIVATE
+        return mtype | MAP_ANONYMOUS, None, 0
+
+    async def _place(
+        self,
+        event: Event,
+        start: int,
+        end: int,
+        prot: int,
+        flags: int,
+        *,
+        path: str | None = None,
+        offset: int = 0,
+        stack: bool = False,
+    ) -> int | None:
+        """Map the original ``[start, end)`` somewhere free in the guest and
+        remember where. Candidates, first free one wins: the original address
+        (policy ``preserve``), right after the guest image of the original
+        left neighbour, right before that of the right neighbour; else the
+        guest's own top-down choice."""
+        length = end - start
+        overlap, _ = self.map.runs(start, end)
+        for run in overlap:  # only if the map went stale: keep it consistent
+            await self._munmap(event, run.start, run.end)
+        self.map.remove(start, end)
+        candidates: list[int] = []
+        if self.relocation == "preserve":
+            candidates.append(start)
+        left = self.map.translate(start - 1) if start else None
+        if left is not None:
+            candidates.append(left + 1)
+        right = self.map.translate(end)
+        if right is not None:
+            candidates.append(right - length)
+        vmas = self._vma_list()
+        hint = next((c for c in candidates if self._guest_free(c, c + length, vmas)), None)
+        guest = self._mmap(
+            event, length, prot & _PROT_ACCESS, flags, addr=hint, path=path, offset=offset
+        )
+        if guest is None:
+            return None
+        if guest != start:
+            self.result.relocated += 1
+        self.map.insert(start, end, guest, stack=stack)
+        return guest
+
+    # --- population ------------------------------------------------------------------------
+
+    async def _grant(self, start: int, end: int, prot: int, stack: bool) -> None:
+        """Touch-on-grant: up to ``touch_limit`` untouched pages of a range
+        that just became accessible (from the top for stacks), while fewer
+        than ``max_resident`` pages are populated."""
+        if not prot & _PROT_ACCESS or self.out_of_memory or start >= end:
+            return
+        budget = min(self.touch_limit, self.max_resident - len(self.touched))
+        if budget <= 0:
+            if self.touch_limit > 0:
+                self.result.budget_exhausted += 1
+            return
+        pages = range(start, end, PAGE_SIZE)
+        chosen: list[int] = []
+        for va in reversed(pages) if stack else pages:
+            if va not in self.touched:
+                chosen.append(va)
+                if len(chosen) == budget:
+                    break
+        if not chosen:
+            return
+        await self.meter.enter("touch")
+        accesses: list[tuple[int, str, bytes | int]] = []
+        written: dict[int, int] = {}
+        for va in chosen:
+            if prot & PROT_WRITE:
+                self._byte = self._byte % 255 + 1
+                written[va] = self._byte
+                accesses.append((va, "w", bytes([self._byte])))
+            else:
+                accesses.append((va, "r", 1))
+        await self._user(accesses, written)
+
+    async def _user(
+        self, accesses: list[tuple[int, str, bytes | int]], written: dict[int, int]
+    ) -> None:
+        """Run the accesses; record what each page now holds. ``pages``
+        counts the pages populated for the first time (not a copy's sources)."""
+        event = self.trace.events[self.index]
+        fresh = {va for va, _, _ in accesses if va not in self.touched}
+        try:
+            reads = await self.kernel.run_user(self.vcpu, accesses)
+        except SegmentationFault as exc:
+            self._error(event, "user access", exc)
+            return
+        except MemoryError as exc:  # the guest ran out of frames: stop populating
+            self.out_of_memory = True
+            self._error(event, "user access", exc)
+            return
+        it = iter(reads)
+        for va, kind, _ in accesses:
+            if kind == "r":
+                self.touched[va] = next(it)[0]
+            elif va in written:
+                self.touched[va] = written[va]
+        self.result.pages += len(fresh)
+        self.result.peak_resident = max(self.result.peak_resident, len(self.touched))
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def on_mmap(self, e: Mmap) -> None:
+        start, end = e.addr, e.addr + page_align(e.length)
+        flags, path, offset = self._guest_flags(e)
+        stack = bool(e.flags & (MAP_STACK | MAP_GROWSDOWN))
+        await self.meter.enter("mmap")
+        guest: int | None = None
+        if e.flags & MAP_FIXED:
+            runs, uncovered = self.map.runs(start, end)
+            if runs and not uncovered and all(a.end == b.start for a, b in pairwise(runs)):
+                # MAP_FIXED over the program's own mappings: Linux unmaps them
+                # first (zap + flush) and maps in their place; so do we.
+                target = runs[0].start
+                if await self._munmap(e, target, target + (end - start)):
+                    self.map.remove(start, end)
+                    prot = e.prot & _PROT_ACCESS
+                    fixed = flags | MAP_FIXED
+                    guest = self._mmap(
+                        e, end - start, prot, fixed, addr=target, path=path, offset=offset
+                    )
+                    if guest is None:
+                        return
+                    self.map.insert(start, end, guest, stack=stack)
+        if guest is None:
+            guest = await self._place(
+                e, start, end, e.prot, flags, path=path, offset=offset, stack=stack
+            )
+        if guest is not None:
+            await self._grant(guest, guest + (end - start), e.prot, stack)
+
+    async def on_mprotect(self, e: Mprotect) -> None:
+        start, end = e.addr, e.addr + page_align(e.length)
+        runs, uncovered = self.map.runs(start, end)
+        if uncovered:
+            self._untracked("mprotect")
+        if not runs:
+            return
+        await self.meter.enter("mprotect")
+        prot = e.prot & _PROT_ACCESS
+        grants: list[tuple[int, int, bool]] = []
+        for run in runs:
+            before = self._vma_pieces(run.start, run.end)
+            if await self._mprotect(e, run.start, run.end, prot) and prot:
+                grants += [(s, t, run.stack) for s, t, p, _ in before if not p & _PROT_ACCESS]
+        for s, t, stack in grants:
+            await self._grant(s, t, prot, stack)
+
+    async def on_munmap(self, e: Munmap) -> None:
+        start, end = e.addr, e.addr + page_align(e.length)
+        runs, uncovered = self.map.runs(start, end)
+        if uncovered:
+            self._untracked("munmap")
+        if runs:
+            await self.meter.enter("munmap")
+            for run in runs:
+                await self._munmap(e, run.start, run.end)
+        self.map.remove(start, end)
+
+    async def on_brk(self, e: Brk) -> None:
+        if self.brk_start is None:
+            self.brk_start = self.brk_cur = e.result
+            return
+        old, new = page_align(self.brk_cur), page_align(e.result)
+        self.brk_cur = e.result
+        if new > old:
+            await self.meter.enter("brk")
+            rw = PROT_READ | PROT_WRITE
+            guest = await self._place(e, old, new, rw, MAP_PRIVATE | MAP_ANONYMOUS)
+            if guest is not None:
+                await self._grant(guest, guest + (new - old), rw, False)
+        elif new < old:
+            runs, _ = self.map.runs(new, old)
+            if runs:
+                await self.meter.enter("brk")
+                for run in runs:
+                    await self._munmap(e, run.start, run.end)
+            self.map.remove(new, old)
+
+    async def _discard(self, e: Event, start: int, end: int) -> None:
+        """Drop the pages of private anonymous memory, as MADV_DONTNEED does:
+        unmap and map again with the same protection (the VMA merges back)."""
+        for s, t, prot, flags in self._vma_pieces(start, end):
+            if flags & MAP_SHARED or not flags & MAP_ANONYMOUS:
+                self._untracked("madvise_shared")
+                continue
+            if await self._munmap(e, s, t):
+                self._mmap(e, t - s, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, addr=s)
+
+    async def on_madvise(self, e: Madvise) -> None:
+        runs, uncovered = self.map.runs(e.addr, e.addr + page_align(e.length))
+        if uncovered:
+            self._untracked("madvise")
+        if runs:
+            await self.meter.enter("madvise")
+            for run in runs:
+                await self._discard(e, run.start, run.end)
+
+    async def on_mremap(self, e: Mremap) -> None:
+        old_start = e.addr
+        old_end = old_start + page_align(e.old_length)
+        new_len = page_align(e.length)
+        runs, _ = self.map.runs(old_start, max(old_end, old_start + PAGE_SIZE))
+        if not runs:
+            self._untracked("mremap")
+            return
+        await self.meter.enter("mremap")
+        pieces = self._vma_pieces(runs[0].start, runs[0].start + PAGE_SIZE)
+        if not pieces:
+            self._untracked("mremap")
+            return
+        _, _, prot, vflags = pieces[0]
+        flags = (MAP_SHARED if vflags & MAP_SHARED else MAP_PRIVATE) | MAP_ANONYMOUS
+        stack = runs[0].stack
+        if e.old_length and e.new_addr == old_start:  # resized in place
+            if new_len < old_end - old_start:
+                tail, _ = self.map.runs(old_start + new_len, old_end)
+                for run in tail:
+                    await self._munmap(e, run.start, run.end)
+                self.map.remove(old_start + new_len, old_end)
+            elif old_start + new_len > old_end:
+                grown = await self._place(e, old_end, old_start + new_len, prot, flags, stack=stack)
+                if grown is not None:
+                    await self._grant(grown, grown + (old_start + new_len - old_end), prot, stack)
+            return
+        # Moved (or, with old_length 0, duplicated): a new mapping, the data
+        # copied page by page (user accesses), then the old range unmapped.
+        new_start = e.new_addr
+        guest = await self._place(e, new_start, new_start + new_len, prot, flags, stack=stack)
+        if guest is None:
+            return
+        copy = min(old_end - old_start, new_len)
+        accesses: list[tuple[int, str, bytes | int]] = []
+        written: dict[int, int] = {}
+        for off in range(0, copy if prot & _PROT_ACCESS else 0, PAGE_SIZE):
+            src = self.map.translate(old_start + off)
+            if src is None or src not in self.touched:
+                continue
+            if prot & PROT_WRITE:  # the copy a realloc would make
+                byte = self.touched[src]
+                accesses += [(src, "r", 1), (guest + off, "w", bytes([byte]))]
+                written[guest + off] = byte
+            else:  # read-only memory cannot be copied into: just populate it
+                accesses.append((guest + off, "r", 1))
+        if accesses:
+            await self.meter.enter("touch")
+            await self._user(accesses, written)
+            await self.meter.enter("mremap")
+        if e.old_length:
+            if e.flags & MREMAP_DONTUNMAP:
+                for run in runs:
+                    await self._discard(e, run.start, run.end)
+            else:
+                for run in runs:
+                    await self._munmap(e, run.start, run.end)
+                self.map.remove(old_start, old_end)
+        if new_len > copy:
+            await self._grant(guest + copy, guest + new_len, prot, stack)
+
+    async def on_exec(self, e: Exec) -> None:
+        """A new program: its address space starts empty."""
+        if len(self.map):
+            await self.meter.enter("munmap")
+            for seg in self.map.segments():
+                await self._munmap(e, seg.guest, seg.guest + (seg.end - seg.start))
+            self.map.clear()
+        self.brk_start = None
+        self.brk_cur = 0
+
+    async def run(self) -> None:
+        replayed: Counter[str] = Counter()
+        for index, event in enumerate(self.trace.events):
+            self.index = index
+            match event:
+                case Mmap():
+                    await self.on_mmap(event)
+                case Mprotect():
+                    await self.on_mprotect(event)
+                case Munmap():
+                    await self.on_munmap(event)
+                case Mremap():
+                    await self.on_mremap(event)
+                case Brk():
+                    await self.on_brk(event)
+                case Madvise():
+                    await self.on_madvise(event)
+                case Exec():
+                    await self.on_exec(event)
+            replayed[event.OP] += 1
+        await self.meter.close()
+        self.result.replayed = {op: replayed.get(op, 0) for op in EVENT_TYPES}
+        self.result.phases = dict(self.meter.phases)
+
+    async def verify(self) -> None:
+        """Read back every populated page that is still readable."""
+        vmas = self._vma_list()
+        starts = [v[0] for v in vmas]
+        pages = []
+        for va in sorted(self.touched):
+            i = bisect_right(starts, va) - 1
+            if i >= 0 and vmas[i][1] > va and vmas[i][2] & _PROT_ACCESS:
+                pages.append(va)
+        reads = await self.kernel.run_user(self.vcpu, [(va, "r", 1) for va in pages])
+        for va, data in zip(pages, reads, strict=True):
+            if data[0] != self.touched[va]:
+                raise WorkloadError(
+                    f"page {va:#x} read back {data[0]:#x}, expected {self.touched[va]:#x}"
+                )
+
+
+async def replay_trace(
+    kernel: Kernel,
+    trace: Trace,
+    *,
+    touch_limit: int = DEFAULT_TOUCH_LIMIT,
+    max_resident: int = DEFAULT_MAX_RESIDENT,
+    relocation: str = "preserve",
+    name: str = "",
+) -> TraceResult:
+    """Replay ``trace`` in ``kernel``, phase by phase (``REPLAY_PHASES``),
+    then read back every populated page and run ``audit()``.
+
+    Raises WorkloadError if a page reads back wrong (a broken kernel);
+    syscalls that fail are counted in ``TraceResult.errors``.
+    """
+    if touch_limit < 0 or max_resident < 0:
+        raise ValueError("touch_limit and max_resident must be >= 0")
+    if relocation not in RELOCATIONS:
+        raise ValueError(f"relocation must be one of {RELOCATIONS}, not {relocation!r}")
+    result = TraceResult(
+        kernel.mode,
+        0,
+        unsafe=kernel.backend.unsafe,
+        trace=name,
+        command=list(trace.command),
+        policy={
+            "touch_limit": touch_limit,
+            "max_resident": max_resident,
+            "relocation": relocation,
+        },
+    )
+    with tempfile.TemporaryDirectory(prefix="pvemu-trace-") as scratch:
+        replay = _Replay(
+            kernel,
+            trace,
+            result,
+            touch_limit=touch_limit,
+            max_resident=max_resident,
+            relocation=relocation,
+            scratch=scratch,
+        )
+        await replay.run()
+        await replay.verify()
+    result.audit = await kernel.audit()
+    return result
+
+
+async def run_trace_workload(
+    kernel: Kernel,
+    path: str | os.PathLike[str],
+    *,
+    touch_limit: int = DEFAULT_TOUCH_LIMIT,
+    max_resident: int = DEFAULT_MAX_RESIDENT,
+    relocation: str = "preserve",
+) -> WorkloadResult:
+    """``pvemu guest --workload trace:FILE``: load the trace and replay it.
+
+    Returns a :class:`TraceResult` (typed as its base class, so callers can
+    keep one variable for every workload)."""
+    trace = load_trace(path)
+    return await replay_trace(
+        kernel,
+        trace,
+        touch_limit=touch_limit,
+        max_resident=max_resident,
+        relocation=relocation,
+        name=os.fspath(path),
+    )

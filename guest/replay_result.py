@@ -1,0 +1,103 @@
+"""What a trace replay measures and reports: its phases, the meter that
+counts each phase's traps, and :class:`TraceResult`.
+
+The counts are the ``PHASE_FIELDS`` of the mprotect workload
+(:mod:`pvemu.guest.workload`), so a replay reads like ``pvemu run``'s
+phases; the replay itself is :mod:`pvemu.guest.replay`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .kernel import Kernel
+from .workload import PHASE_FIELDS, PhaseResult, WorkloadResult, _snapshot
+
+__all__ = ["REPLAY_PHASES", "TraceResult", "PhaseMeter"]
+
+#: Phases of a replay, in report order. Each accumulates every event of its
+#: kind; ``touch`` is the user accesses of the population policy (and the
+#: data copy of a moved mremap).
+REPLAY_PHASES: Final = ("mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "touch")
+
+
+@dataclass
+class TraceResult(WorkloadResult):
+    """A :class:`WorkloadResult` plus what the replay did and could not do.
+
+    ``pages`` is the number of pages the population policy touched.
+    ``errors`` counts guest syscalls that failed although the program saw
+    them succeed (the first ones are kept in ``error_samples``); a clean
+    replay has none.
+    """
+
+    trace: str = ""
+    command: list[str] = field(default_factory=list)
+    replayed: dict[str, int] = field(default_factory=dict)
+    untracked: dict[str, int] = field(default_factory=dict)
+    relocated: int = 0
+    errors: int = 0
+    error_samples: list[dict[str, Any]] = field(default_factory=list)
+    peak_resident: int = 0
+    budget_exhausted: int = 0
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def replay_clean(self) -> bool:
+        return self.errors == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = super().as_dict()
+        out["workload"] = "trace"
+        out["trace"] = {
+            "file": self.trace,
+            "command": self.command,
+            "replayed": self.replayed,
+            "untracked": self.untracked,
+            "relocated": self.relocated,
+            "touched_pages": self.pages,
+            "peak_resident": self.peak_resident,
+            "budget_exhausted": self.budget_exhausted,
+            "errors": self.errors,
+            "error_samples": self.error_samples,
+            "replay_clean": self.replay_clean,
+            "policy": self.policy,
+        }
+        return out
+
+
+class PhaseMeter:
+    """Per-phase counts and wall time; a phase is measured from when the
+    replay enters it until it enters another, and accumulates."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.current: str | None = None
+        self.before: tuple[dict[str, int], int] = ({}, 0)
+        self.started = 0.0
+        self.phases = {
+            name: PhaseResult(dict.fromkeys(PHASE_FIELDS, 0), 0, 0.0) for name in REPLAY_PHASES
+        }
+
+    async def enter(self, phase: str) -> None:
+        if phase == self.current:
+            return
+        await self.close()
+        self.before = _snapshot(await self.kernel.stats())
+        self.current = phase
+        self.started = time.perf_counter()
+
+    async def close(self) -> None:
+        if self.current is None:
+            return
+        wall = time.perf_counter() - self.started
+        after, guest_after = _snapshot(await self.kernel.stats())
+        before, guest_before = self.before
+        phase = self.phases[self.current]
+        for k in PHASE_FIELDS:
+            phase.counts[k] += after[k] - before[k]
+        phase.guest_traps += guest_after - guest_before
+        phase.wall_s += wall
+        self.current = None
