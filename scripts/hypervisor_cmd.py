@@ -6,8 +6,12 @@ import argparse
 import gc
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pvemu.scripts.argtypes import positive_float, positive_int
+
+if TYPE_CHECKING:
+    from pvemu.hypervisor.server import ServerLimits
 
 DEFAULT_SOCKET = "/tmp/pvemu.sock"
 
@@ -38,12 +42,19 @@ def batch_size(text: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from pvemu.hypervisor.scheduler import POLICIES
     from pvemu.hypervisor.server import ServerLimits
 
     defaults = ServerLimits()
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_machine_options(parser)
+    _add_limit_options(parser, defaults)
+    _add_scheduling_options(parser, defaults)
+    _add_logging_options(parser)
+
+
+def _add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """Where the hypervisor listens and how much memory it has."""
     parser.add_argument(
         "--socket",
         default=DEFAULT_SOCKET,
@@ -57,6 +68,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="machine memory shared by all domains, in MiB (default 1024)",
     )
+
+
+def _add_limit_options(parser: argparse.ArgumentParser, defaults: ServerLimits) -> None:
+    """What a guest can make the hypervisor hold or wait for."""
     parser.add_argument(
         "--max-domains",
         type=positive_int,
@@ -97,6 +112,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="drop a connection whose guest leaves a reply unread this long "
         f"(default {defaults.send_timeout:g})",
     )
+
+
+def _add_scheduling_options(parser: argparse.ArgumentParser, defaults: ServerLimits) -> None:
+    """How domains share the hypervisor, and where their frames land."""
+    from pvemu.hypervisor.scheduler import POLICIES
+
     parser.add_argument(
         "--quantum",
         type=positive_int,
@@ -119,6 +140,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="seed of the MFN shuffle that scatters each domain's frames (default 0)",
     )
+
+
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),

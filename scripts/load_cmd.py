@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.hypervisor.scheduler import POLICIES
 from pvemu.scripts.argtypes import positive_float, positive_int
 from pvemu.scripts.load_worker import PRIORITIES
 from pvemu.scripts.results import percentile
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
@@ -190,86 +193,65 @@ class LoadError(Exception):
     """A worker failed or the run could not proceed."""
 
 
-async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> dict[str, Any]:
-    """Drive the phases; return the report document."""
-    import trio
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+def worker_commands(args: argparse.Namespace, socket_path: str) -> list[tuple[str, list[str]]]:
+    """(name, command line) of every worker: the load guests, the big batch
+    and the probe, in the order they start."""
     base = [sys.executable, "-m", "pvemu.scripts.load_worker"]
     common = ["--socket", socket_path]
-    specs = [
-        (
-            f"load{i}",
-            [
-                *base,
-                "mprotect",
-                *common,
-                "--mode",
-                args.mode,
-                "--pages",
-                str(args.pages),
-                "--priority",
-                args.guest_priority,
-            ],
-        )
-        for i in range(args.guests)
-    ]
+    load = ["mprotect", *common, "--mode", args.mode, "--pages", str(args.pages)]
+    load += ["--priority", args.guest_priority]
+    specs = [(f"load{i}", [*base, *load]) for i in range(args.guests)]
     specs.append(("bigbatch", [*base, "bigbatch", *common, "--records", str(args.records)]))
     specs.append(("probe", [*base, "probe", *common, "--interval-ms", str(args.interval_ms)]))
-    before_guests = memory_kib(hv_pid)
-    peak_rss_kib = 0
-    progress = Progress(
+    return specs
+
+
+@dataclass
+class MemorySampler:
+    """The hypervisor's peak RSS, sampled every 0.1 s while the run lasts."""
+
+    pid: int
+    peak_rss_kib: int = 0
+
+    async def run(self) -> None:
+        import trio
+
+        while True:
+            self.peak_rss_kib = max(self.peak_rss_kib, memory_kib(self.pid).get("VmRSS", 0))
+            await trio.sleep(0.1)
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    """A spinner on a terminal's stderr; none with --json or in a pipe."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
         transient=True,
         disable=args.json or not sys.stderr.isatty(),
     )
+
+
+async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> dict[str, Any]:
+    """Drive the phases; return the report document."""
+    import trio
+
+    before_guests = memory_kib(hv_pid)
+    sampler = MemorySampler(hv_pid)
     async with trio.open_nursery() as nursery:
         workers: list[Worker] = []
-        for name, cmd in specs:
+        for name, cmd in worker_commands(args, socket_path):
             proc = await trio.lowlevel.open_process(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
             worker = Worker(name, proc)
             workers.append(worker)
             nursery.start_soon(worker.read_events)
-
-        async def sample_memory() -> None:
-            nonlocal peak_rss_kib
-            while True:
-                peak_rss_kib = max(peak_rss_kib, memory_kib(hv_pid).get("VmRSS", 0))
-                await trio.sleep(0.1)
-
-        nursery.start_soon(sample_memory)
-        by_name = {w.name: w for w in workers}
-        probe, big = by_name["probe"], by_name["bigbatch"]
-        loads = [w for w in workers if w.name.startswith("load")]
+        nursery.start_soon(sampler.run)
         try:
-            with progress:
-                task = progress.add_task(f"booting {len(workers)} guests", total=None)
-                await _wait_for(
-                    lambda: all(w.event("ready") for w in workers),
-                    workers,
-                    600,
-                    "the guests to boot",
-                )
-                progress.update(task, description=f"probing under load ({args.baseline:g} s)")
-                await probe.tell("go")
-                await trio.sleep(args.baseline)
-                progress.update(task, description=f"big batch of {args.records:,} records")
-                await big.tell("go")
-                await _wait_for(lambda: big.event("result") is not None, workers, 900, "the batch")
-                await trio.sleep(min(1.0, args.baseline))
-                progress.update(task, description="stopping guests")
-                for worker in workers:
-                    await worker.tell("stop")
-                await _wait_for(
-                    lambda: all(w.event("result") for w in workers if w is not big),
-                    workers,
-                    120,
-                    "the guests' results",
-                )
+            await _drive_phases(args, workers)
             with trio.fail_after(60):
                 for worker in workers:
                     await worker.proc.wait()
@@ -280,11 +262,46 @@ async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> d
         nursery.cancel_scope.cancel()
     memory = {
         "before_guests": before_guests,
-        "peak_rss_kib": peak_rss_kib,
+        "peak_rss_kib": sampler.peak_rss_kib,
         "end": memory_kib(hv_pid),
     }
     failed = [f"{w.name} exited {w.proc.returncode}" for w in workers if w.proc.returncode]
-    return report(args, probe, big, loads, memory, failed)
+    by_name = {w.name: w for w in workers}
+    loads = [w for w in workers if w.name.startswith("load")]
+    return report(args, by_name["probe"], by_name["bigbatch"], loads, memory, failed)
+
+
+async def _drive_phases(args: argparse.Namespace, workers: list[Worker]) -> None:
+    """Boot, probe under load, the big batch, stop: each phase waits for the
+    workers' events and fails early if one dies."""
+    import trio
+
+    by_name = {w.name: w for w in workers}
+    probe, big = by_name["probe"], by_name["bigbatch"]
+    with _progress(args) as progress:
+        task = progress.add_task(f"booting {len(workers)} guests", total=None)
+        await _wait_for(
+            lambda: all(w.event("ready") for w in workers),
+            workers,
+            600,
+            "the guests to boot",
+        )
+        progress.update(task, description=f"probing under load ({args.baseline:g} s)")
+        await probe.tell("go")
+        await trio.sleep(args.baseline)
+        progress.update(task, description=f"big batch of {args.records:,} records")
+        await big.tell("go")
+        await _wait_for(lambda: big.event("result") is not None, workers, 900, "the batch")
+        await trio.sleep(min(1.0, args.baseline))
+        progress.update(task, description="stopping guests")
+        for worker in workers:
+            await worker.tell("stop")
+        await _wait_for(
+            lambda: all(w.event("result") for w in workers if w is not big),
+            workers,
+            120,
+            "the guests' results",
+        )
 
 
 def report(
@@ -419,10 +436,7 @@ def run(args: argparse.Namespace) -> int:
             hypervisor_process(Path(tmp), memory_mib, quantum=args.quantum, extra=extra) as hv,
         ):
             doc = trio.run(run_load, args, hv.socket_path, hv.proc.pid)
-    except HypervisorStartError as exc:
-        print(f"pvemu load: {exc}", file=sys.stderr)
-        return 1
-    except LoadError as exc:
+    except (HypervisorStartError, LoadError) as exc:
         print(f"pvemu load: {exc}", file=sys.stderr)
         return 1
     doc["wall_s"] = round(time.monotonic() - started, 1)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pvemu.guest.modes import MODE_NAMES
-from pvemu.scripts.results import Point, Run, Timing
+from pvemu.scripts.results import Point, Run, Timing, param_words
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,6 +40,8 @@ PARAM_LABELS: Final = {
     "mc_bytes": "multicall argument bytes per buffer",
     "mc_records": "mmu_update records per flush (cap)",
 }
+#: One value of a series: (region size in pages, y).
+_V = TypeVar("_V", bound=tuple[int, Any])
 
 
 def _mprotect_points(run: Run) -> list[Point]:
@@ -64,8 +66,7 @@ def time_per_pte_us(point: Point) -> Timing | None:
 
 
 def _series_label(point: Point) -> str:
-    params = " ".join(f"{k}={v}" for k, v in sorted(point.params.items()))
-    return f"{point.mode} {params}".strip()
+    return " ".join([point.mode, *param_words(point.params)])
 
 
 def _label_order(label: str) -> tuple[int, tuple[tuple[str, int], ...]]:
@@ -73,6 +74,24 @@ def _label_order(label: str) -> tuple[int, tuple[tuple[str, int], ...]]:
     mode, *params = label.split()
     rank = MODE_NAMES.index(mode) if mode in MODE_NAMES else len(MODE_NAMES)
     return rank, tuple((k, int(v)) for k, _, v in (p.partition("=") for p in params))
+
+
+def _in_legend_order(series: dict[str, list[_V]]) -> list[tuple[str, list[_V]]]:
+    """The series by :func:`_label_order`, each one's values sorted by x."""
+    ordered = sorted(series.items(), key=lambda item: _label_order(item[0]))
+    for _label, values in ordered:
+        values.sort(key=lambda v: v[0])
+    return ordered
+
+
+def _log_log(ax: Axes, ylabel: str, title: str) -> None:
+    """Log-log axes over the region size, labelled and gridded."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("region size (pages = PTEs)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _style(i: int, n: int) -> dict[str, Any]:
@@ -124,18 +143,12 @@ def plot_traps_vs_pages(run: Run, out: Path) -> tuple[list[Path], list[str]]:
     if not series:
         return [], ["traps_vs_pages: no mprotect point with traps to plot"]
     fig, ((ax,),) = _new_figure()
-    ordered = sorted(series.items(), key=lambda item: _label_order(item[0]))
+    ordered = _in_legend_order(series)
     for i, (label, values) in enumerate(ordered):
-        values.sort()
         ax.plot(
             [v[0] for v in values], [v[1] for v in values], label=label, **_style(i, len(ordered))
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("region size (pages = PTEs)")
-    ax.set_ylabel("traps (mprotect RO + RW)")
-    ax.set_title(f"Traps per mprotect pair\n{_subtitle(run)}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    _log_log(ax, "traps (mprotect RO + RW)", f"Traps per mprotect pair\n{_subtitle(run)}")
     legend_title = f"0 traps, not on log axis: {', '.join(sorted(zero))}" if zero else None
     ax.legend(title=legend_title, fontsize=8, title_fontsize=8)
     return _save(fig, out, "traps_vs_pages"), []
@@ -150,9 +163,8 @@ def plot_time_per_pte(run: Run, out: Path) -> tuple[list[Path], list[str]]:
     if not series:
         return [], ["time_per_pte_vs_pages: no timings to plot"]
     fig, ((ax,),) = _new_figure()
-    ordered = sorted(series.items(), key=lambda item: _label_order(item[0]))
+    ordered = _in_legend_order(series)
     for i, (label, values) in enumerate(ordered):
-        values.sort(key=lambda v: v[0])
         xs = [v[0] for v in values]
         (line,) = ax.plot(xs, [v[1].median for v in values], label=label, **_style(i, len(ordered)))
         ax.fill_between(
@@ -163,12 +175,11 @@ def plot_time_per_pte(run: Run, out: Path) -> tuple[list[Path], list[str]]:
             alpha=0.2,
             linewidth=0,
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("region size (pages = PTEs)")
-    ax.set_ylabel("wall time per PTE changed (µs, pvemu)")
-    ax.set_title(f"Emulator time per PTE (median, p10-p90 band)\n{_subtitle(run)}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    _log_log(
+        ax,
+        "wall time per PTE changed (µs, pvemu)",
+        f"Emulator time per PTE (median, p10-p90 band)\n{_subtitle(run)}",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out, "time_per_pte_vs_pages"), []
 
@@ -190,7 +201,7 @@ def plot_buffer_sweep(run: Run, out: Path) -> tuple[list[Path], list[str]]:
         for point in xen:
             if name not in point.params:
                 continue
-            others = " ".join(f"{k}={v}" for k, v in sorted(point.params.items()) if k != name)
+            others = " ".join(param_words({k: v for k, v in point.params.items() if k != name}))
             lines[(point.pages, others)].append(point)
         traps_ax, time_ax = grid[row]
         for (pages, others), points in sorted(lines.items()):

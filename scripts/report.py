@@ -51,8 +51,14 @@ def comparison_table(pages: int, results: list[dict[str, Any]]) -> Table:
     return table
 
 
-def print_table(pages: int, results: list[dict[str, Any]]) -> None:
+def wide_console(width: int) -> Console:
+    """A console on stdout; on a log or a pipe ``width`` columns wide (rather
+    than squeezed into 80)."""
     console = Console()
     if not console.is_terminal:
-        console = Console(width=120)  # logs and pipes: do not squeeze into 80 columns
-    console.print(comparison_table(pages, results))
+        console = Console(width=width)
+    return console
+
+
+def print_table(pages: int, results: list[dict[str, Any]]) -> None:
+    wide_console(120).print(comparison_table(pages, results))

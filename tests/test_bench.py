@@ -1,4 +1,4 @@
-"""``pvemu bench`` (scripts/bench_cmd.py), its plots and its cost model:
+"""``pvemu bench`` (scripts/bench_cmd.py, scripts/bench/), its plots and its cost model:
 argument handling, compare exit codes, a real sweep in real processes, the
 CI gate (it passes on the current code and bites on a de-batched guest)."""
 
@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 
 from pvemu.scripts import bench_cmd, costmodel, results
-from pvemu.scripts.bench_cmd import Sweep, UsageError
+from pvemu.scripts.bench import documents, provenance
+from pvemu.scripts.bench.options import sweep_from_args
+from pvemu.scripts.bench.render import print_run
+from pvemu.scripts.bench.runner import DEFAULT_REPEAT, guest_command, record_repeat
+from pvemu.scripts.bench.store import ResultStore
+from pvemu.scripts.bench.sweep import DEFAULT_MODES, Sweep, UsageError
 from pvemu.scripts.results import Point, Run
 from tests.test_kernel_counts import expected_traps, pte_pages
 from tests.test_results import counts, make_point, make_run
@@ -75,7 +80,7 @@ def test_run_is_the_default_action(argv: list[str], action: str | None, pages: A
     args = pvemu_parser().parse_args(argv)
     assert args.bench_action == action
     assert args.pages == pages
-    assert args.repeat == bench_cmd.DEFAULT_REPEAT
+    assert args.repeat == DEFAULT_REPEAT
 
 
 def test_the_cli_row() -> None:
@@ -127,9 +132,9 @@ def test_sweep_plan_applies_buffer_limits_to_xen_only() -> None:
 
 def test_sweep_options_are_checked() -> None:
     def sweep_of(*argv: str) -> Sweep:
-        return bench_cmd.sweep_from_args(pvemu_parser().parse_args(["bench", *argv]))
+        return sweep_from_args(pvemu_parser().parse_args(["bench", *argv]))
 
-    assert sweep_of().modes == bench_cmd.DEFAULT_MODES
+    assert sweep_of().modes == DEFAULT_MODES
     assert sweep_of("--workload", "mprotect,mprotect").workloads == ("mprotect", "mprotect")
     assert sweep_of("--mc-bytes", "default,256").mc_bytes == (None, 256)
     with pytest.raises(UsageError, match="xen only"):
@@ -145,14 +150,14 @@ def test_sweep_options_are_checked() -> None:
 
 def test_guest_command_line() -> None:
     point = Point("mprotect", "xen", 600, {"mc_bytes": 256, "mc_records": 8})
-    cmd = bench_cmd.guest_command(
+    cmd = guest_command(
         point, socket_path="/tmp/s", vcpus=2, memory_pages=4096, extra=["--mc-records", "1"]
     )
     assert cmd[1:4] == ["-m", "pvemu.scripts", "guest"]
     text = " ".join(cmd[4:])
     assert "--mode xen --pages 600 --vcpus 2 --workload mprotect --json" in text
     assert text.endswith("--socket /tmp/s --mc-bytes 256 --mc-records 8 --mc-records 1")
-    native = bench_cmd.guest_command(
+    native = guest_command(
         Point("trace:t.json", "native", 0), socket_path=None, vcpus=1, memory_pages=4096
     )
     assert "--socket" not in native
@@ -174,12 +179,12 @@ def guest_doc(traps: int = 21, *, agree: bool = True, audit: list[str] | None = 
 
 def test_repeats_must_agree_and_cross_checks_must_hold() -> None:
     point = Point("mprotect", "xen", 600)
-    bench_cmd.record_repeat(point, guest_doc(), "")
-    bench_cmd.record_repeat(point, guest_doc(), "")
+    record_repeat(point, guest_doc(), "")
+    record_repeat(point, guest_doc(), "")
     assert point.valid
     assert point.samples == {"protect_ro": [0.01, 0.01]}
     assert "wall_s" not in point.counts["protect_ro"]
-    bench_cmd.record_repeat(point, guest_doc(22), "")
+    record_repeat(point, guest_doc(22), "")
     assert (point.valid, point.reason) == (
         False,
         "counts differ between repeats (phase protect_ro)",
@@ -191,7 +196,7 @@ def test_repeats_must_agree_and_cross_checks_must_hold() -> None:
         (None, "guest exit 1: boom"),
     ):
         point = Point("mprotect", "xen", 600)
-        bench_cmd.record_repeat(point, doc, "guest exit 1: boom")
+        record_repeat(point, doc, "guest exit 1: boom")
         assert not point.valid
         assert why in point.reason
 
@@ -201,10 +206,10 @@ def test_git_head_is_read_from_the_git_directory(tmp_path: Path) -> None:
     (tmp_path / ".git" / "refs" / "heads").mkdir(parents=True)
     (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (tmp_path / ".git" / "packed-refs").write_text(f"# pack-refs\n{sha} refs/heads/main\n")
-    assert bench_cmd._git_head(tmp_path) == sha
+    assert provenance._git_head(tmp_path) == sha
     (tmp_path / ".git" / "refs" / "heads" / "main").write_text(sha[::-1] + "\n")
-    assert bench_cmd._git_head(tmp_path) == sha[::-1]
-    assert bench_cmd._git_head(tmp_path / "nowhere") is None
+    assert provenance._git_head(tmp_path) == sha[::-1]
+    assert provenance._git_head(tmp_path / "nowhere") is None
 
 
 # --- output ------------------------------------------------------------------------
@@ -213,19 +218,19 @@ def test_git_head_is_read_from_the_git_directory(tmp_path: Path) -> None:
 def test_table_markdown_and_json_outputs(capsys: pytest.CaptureFixture[str]) -> None:
     run = make_run(make_point(samples=[0.01, 0.012, 0.011], mc_bytes=256), make_point("native"))
     run.points[1].counts = {"protect_ro": dict.fromkeys(results.COUNT_FIELDS, 0)}
-    bench_cmd.print_run(run, costmodel.DEFAULT, "table")
+    print_run(run, costmodel.DEFAULT, "table")
     table = capsys.readouterr().out
     assert "xen 600 mc_bytes=256" in table
     assert "est. real µs*" in table
     assert "ESTIMATE, not a measurement" in table
-    bench_cmd.print_run(run, None, "markdown")
+    print_run(run, None, "markdown")
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| point | phase | traps | /PTE |")
     assert "est. real" not in md[0]
     assert md[2].startswith("| xen 600 mc_bytes=256 | populate | 1206 | 2.010 |")
-    bench_cmd.print_run(run, costmodel.DEFAULT, "json")
+    print_run(run, costmodel.DEFAULT, "json")
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == results.RUN_SCHEMA
+    assert doc["schema"] == documents.RUN_SCHEMA
     assert doc["cost_model"]["name"] == "default"
     ro = doc["points"][0]["phases"]["protect_ro"]
     assert ro["estimate_us"] == pytest.approx(
@@ -244,11 +249,11 @@ def compare(*argv: str) -> int:
 def test_compare_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = write_json(
         tmp_path / "baseline.json",
-        results.baseline_to_json(make_run(make_point(), make_point("trap", 64, 129)), {}),
+        documents.baseline_to_json(make_run(make_point(), make_point("trap", 64, 129)), {}),
     )
 
     def against(*points: Point) -> str:
-        return str(write_json(tmp_path / "run.json", results.run_to_json(make_run(*points))))
+        return str(write_json(tmp_path / "run.json", documents.run_to_json(make_run(*points))))
 
     same = against(make_point(), make_point("trap", 64, 129))
     assert compare("--baseline", str(base), "--against", same) == 0
@@ -285,7 +290,7 @@ def test_compare_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_compare_against_stored_runs_and_tags(tmp_path: Path) -> None:
     db = tmp_path / "r.db"
-    with results.ResultStore(db) as store:
+    with ResultStore(db) as store:
         first = store.save_run(make_run(make_point(traps=21)))
         store.tag("main", first)
         store.save_run(make_run(make_point(traps=23)))
@@ -297,21 +302,21 @@ def test_compare_against_stored_runs_and_tags(tmp_path: Path) -> None:
 def test_update_baseline_on_purpose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "benchmarks" / "baseline.json"
     run = make_run(make_point(traps=21), make_point("trap", 64, 129))
-    source = write_json(tmp_path / "run.json", results.run_to_json(run))
+    source = write_json(tmp_path / "run.json", documents.run_to_json(run))
     argv = ["--baseline", str(target), "--against", str(source), "--update-baseline"]
     assert compare(*argv) == 0
     written = json.loads(target.read_text())
-    assert written["schema"] == results.BASELINE_SCHEMA
+    assert written["schema"] == documents.BASELINE_SCHEMA
     assert written["sweep"] == run.config["sweep"]
     assert written["points"]["mprotect xen pages=600"]["counts"]["protect_ro"]["traps"] == 21
     assert compare("--baseline", str(target), "--against", str(source)) == 0
 
     run.points[0].invalidate("audit() not clean")
-    write_json(source, results.run_to_json(run))
+    write_json(source, documents.run_to_json(run))
     assert compare(*argv) == 3
     run = make_run(make_point())
     run.config["inject"] = {"xen": ["--mc-records", "1"]}
-    write_json(source, results.run_to_json(run))
+    write_json(source, documents.run_to_json(run))
     assert compare(*argv) == 2
     assert "injected" in capsys.readouterr().err
     assert json.loads(target.read_text()) == written  # untouched by the refusals
@@ -435,7 +440,7 @@ def test_plots_are_written_and_reproducible(tmp_path: Path) -> None:
 
 def test_plot_action_reads_a_stored_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "r.db"
-    with results.ResultStore(db) as store:
+    with ResultStore(db) as store:
         store.save_run(plot_run())
     out = tmp_path / "plots"
     assert bench_cmd.main(["plot", "--db", str(db), "--out", str(out)]) == 0
@@ -469,7 +474,7 @@ def test_a_real_sweep_stores_and_prints_json(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    assert doc["schema"] == results.RUN_SCHEMA
+    assert doc["schema"] == documents.RUN_SCHEMA
     assert doc["valid"] is True
     meta = doc["run"]
     assert meta["id"] == 1
@@ -494,7 +499,7 @@ def test_a_real_sweep_stores_and_prints_json(tmp_path: Path) -> None:
     xen256 = doc["points"][2]["phases"]["protect_ro"]["counts"]
     assert xen256["traps"] == math.ceil(40 / 15) + 1
     assert "stored as run #1" in done.stderr
-    with results.ResultStore(db) as store:
+    with ResultStore(db) as store:
         stored = store.load_run(store.resolve("smoke"))
     assert [p.key for p in stored.points] == [p["key"] for p in doc["points"]]
     assert stored.points[1].counts["protect_ro"]["traps"] == expected_traps("xen", 40, "protect_ro")
@@ -524,7 +529,7 @@ def formula(mode: str, pages: int, params: dict[str, int], phase: str) -> int:
 
 def test_the_baseline_matches_the_trap_formulas() -> None:
     doc = json.loads(BASELINE.read_text())
-    assert doc["schema"] == results.BASELINE_SCHEMA
+    assert doc["schema"] == documents.BASELINE_SCHEMA
     sweep = Sweep.from_json(doc["sweep"])
     assert sorted(p.key for p in sweep.plan()) == sorted(doc["points"])
     for key, point in doc["points"].items():

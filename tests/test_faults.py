@@ -591,17 +591,17 @@ BENCH_ENV: Final = {**os.environ, "PVEMU_BENCH_NO_GIT": "1"}
 PAUSED_IN_STORE: Final = textwrap.dedent(
     """
     import sys, time
-    from pvemu.scripts import results
+    from pvemu.scripts.bench import store
     from pvemu.scripts.cli import main
 
-    insert_point = results.ResultStore._insert_point
+    insert_point = store.ResultStore._insert_point
 
     def paused(self, run_id, point):
         insert_point(self, run_id, point)
         print("one point written, transaction open", flush=True)
         time.sleep(600)
 
-    results.ResultStore._insert_point = paused
+    store.ResultStore._insert_point = paused
     raise SystemExit(main(["bench", *sys.argv[1:]]))
     """
 )
@@ -710,7 +710,7 @@ def test_bench_database_survives_sigkill_mid_sweep_and_mid_store(tmp_path: Path)
     k from a seed) and one SIGKILLed inside its store transaction: the
     database checks ok, holds exactly the first run, which loads as it was
     printed, and the next bench stores run #2."""
-    from pvemu.scripts.results import ResultStore
+    from pvemu.scripts.bench.store import ResultStore
 
     db = tmp_path / "results.db"
     first = run_bench(*bench_args(db, "native,xen", "16"), "--json", "--tag", "first")

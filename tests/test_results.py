@@ -1,4 +1,5 @@
-"""The results store and comparisons (scripts/results.py): round trips,
+"""The results model, store and comparisons (scripts/results.py,
+scripts/bench/store.py, scripts/bench/comparison.py): round trips,
 migrations, one transaction per run, and the count/time comparison rules."""
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import pytest
 
 from pvemu.guest.workload import PHASE_FIELDS
 from pvemu.scripts import results
+from pvemu.scripts.bench import comparison, documents
+from pvemu.scripts.bench.comparison import TimeRatio, compare_runs
+from pvemu.scripts.bench.store import MIGRATIONS, ResultStore
 from pvemu.scripts.results import (
     GATED_COUNTS,
-    MIGRATIONS,
     Point,
     ResultsError,
-    ResultStore,
     Run,
-    TimeRatio,
     Timing,
-    compare_runs,
     summarize,
 )
 
@@ -231,7 +231,7 @@ def test_an_error_inside_the_transaction_stores_nothing(
 
 KILLED_WRITER = """
 import sys, time
-from pvemu.scripts.results import ResultStore
+from pvemu.scripts.bench.store import ResultStore
 from tests.test_results import make_point, make_run
 
 db = sys.argv[1]
@@ -280,11 +280,11 @@ def test_a_run_killed_mid_write_leaves_the_database_consistent(tmp_path: Path) -
 def test_run_json_round_trip() -> None:
     run = make_run(make_point(samples=[0.01, 0.02, 0.03], mc_bytes=256), make_point("trap", 64))
     run.id = 7
-    doc = json.loads(json.dumps(results.run_to_json(run)))
-    assert doc["schema"] == results.RUN_SCHEMA
+    doc = json.loads(json.dumps(documents.run_to_json(run)))
+    assert doc["schema"] == documents.RUN_SCHEMA
     assert doc["run"]["id"] == 7
     assert doc["points"][0]["phases"]["protect_ro"]["time"]["n"] == 3
-    back = results.run_from_json(doc, origin="x.json")
+    back = documents.run_from_json(doc, origin="x.json")
     assert [(p.key, p.counts, p.samples) for p in back.points] == [
         (p.key, p.counts, p.samples) for p in run.points
     ]
@@ -293,11 +293,11 @@ def test_run_json_round_trip() -> None:
 
 def test_baseline_json_keeps_gated_counts_only() -> None:
     run = make_run(make_point(), make_point("trap", 64, 129))
-    doc = results.baseline_to_json(run, {"modes": ["xen", "trap"], "pages": [64, 600]})
+    doc = documents.baseline_to_json(run, {"modes": ["xen", "trap"], "pages": [64, 600]})
     assert list(doc["points"]) == sorted(doc["points"])
     entry = doc["points"]["mprotect xen pages=600"]
     assert "guest_traps" not in entry["counts"]["protect_ro"]
-    back = results.run_from_json(json.loads(json.dumps(doc)), origin="b.json")
+    back = documents.run_from_json(json.loads(json.dumps(doc)), origin="b.json")
     assert back.config["sweep"]["pages"] == [64, 600]
     assert back.by_key()["mprotect trap pages=64"].counts["protect_ro"]["traps"] == 129
     assert not back.by_key()["mprotect trap pages=64"].samples
@@ -308,13 +308,13 @@ def test_baseline_json_keeps_gated_counts_only() -> None:
     [
         [],
         {"schema": "pvemu-bench/99", "points": []},
-        {"schema": results.RUN_SCHEMA, "run": {}, "points": [{"mode": "xen"}]},
-        {"schema": results.BASELINE_SCHEMA, "points": {"wrong key": make_point().__dict__}},
+        {"schema": documents.RUN_SCHEMA, "run": {}, "points": [{"mode": "xen"}]},
+        {"schema": documents.BASELINE_SCHEMA, "points": {"wrong key": make_point().__dict__}},
     ],
 )
 def test_malformed_documents_are_refused(doc: object) -> None:
     with pytest.raises(ResultsError):
-        results.run_from_json(doc, origin="bad.json")
+        documents.run_from_json(doc, origin="bad.json")
 
 
 # --- comparison rules --------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_identical_counts_compare_clean() -> None:
 
 def test_any_count_increase_is_a_regression_and_a_decrease_is_not() -> None:
     up = compare_runs(make_run(make_point(traps=21)), make_run(make_point(traps=22)))
-    assert up.status == results.EXIT_REGRESSION
+    assert up.status == comparison.EXIT_REGRESSION
     assert [c.metric for c in up.regressions] == ["traps", "hypercalls"]
     change = up.regressions[0]
     assert (change.phase, change.metric, change.baseline, change.new, change.delta) == (
@@ -351,11 +351,11 @@ def test_missing_points_and_invalid_runs() -> None:
     partial = compare_runs(baseline, make_run(make_point(), make_point("batched")))
     assert partial.missing == ["mprotect trap pages=64"]
     assert partial.new_points == ["mprotect batched pages=600"]
-    assert partial.status == results.EXIT_USAGE
+    assert partial.status == comparison.EXIT_USAGE
     bad = make_point(traps=22)
     bad.invalidate("audit() not clean: frame 7")
     invalid = compare_runs(make_run(make_point()), make_run(bad))
-    assert invalid.status == results.EXIT_INVALID  # invalid wins over the regression
+    assert invalid.status == comparison.EXIT_INVALID  # invalid wins over the regression
     assert "audit() not clean" in invalid.invalid[0]
 
 
@@ -383,5 +383,5 @@ def test_timings_never_change_the_status() -> None:
     assert {t.phase for t in slow.times} == {"populate", "protect_ro"}
     assert all(t.significant for t in slow.times)
     doc = slow.as_json()
-    assert doc["schema"] == results.COMPARE_SCHEMA
+    assert doc["schema"] == comparison.COMPARE_SCHEMA
     assert doc["timings"][0]["note"].endswith("(significant)")

@@ -1,0 +1,209 @@
+"""The JSON forms of benchmark results: the ``pvemu bench --json`` run
+document and the checked-in baseline file (``benchmarks/baseline.json``),
+written and read back. ``docs/benchmarks.md`` documents both schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final
+
+from pvemu.scripts.results import GATED_COUNTS, Point, ResultsError, Run, Timing
+
+#: Version of the bench-run JSON document (``pvemu bench --json``).
+RUN_SCHEMA: Final = "pvemu-bench/1"
+#: Version of the checked-in baseline file (``benchmarks/baseline.json``).
+BASELINE_SCHEMA: Final = "pvemu-baseline/1"
+
+
+def timing_json(timing: Timing) -> dict[str, float | int]:
+    return {
+        "median_s": round(timing.median, 9),
+        "p10_s": round(timing.p10, 9),
+        "p90_s": round(timing.p90, 9),
+        "n": timing.n,
+    }
+
+
+def _point_fields(point: Point) -> dict[str, Any]:
+    """What names a point, in both documents: the fields of its key."""
+    return {
+        "workload": point.workload,
+        "mode": point.mode,
+        "pages": point.pages,
+        "params": dict(sorted(point.params.items())),
+    }
+
+
+def point_to_json(point: Point) -> dict[str, Any]:
+    phases: dict[str, Any] = {}
+    for phase in dict.fromkeys([*point.counts, *point.samples]):
+        entry: dict[str, Any] = {"counts": dict(point.counts.get(phase, {}))}
+        timing = point.timing(phase)
+        if timing is not None:
+            entry["time"] = timing_json(timing)
+            entry["samples_s"] = [round(s, 9) for s in point.samples[phase]]
+        phases[phase] = entry
+    return {
+        "key": point.key,
+        **_point_fields(point),
+        "unsafe": point.unsafe,
+        "valid": point.valid,
+        "reason": point.reason,
+        "phases": phases,
+    }
+
+
+def run_to_json(run: Run) -> dict[str, Any]:
+    """The ``pvemu bench --json`` document (schema :data:`RUN_SCHEMA`)."""
+    return {
+        "schema": RUN_SCHEMA,
+        "run": {
+            "id": run.id,
+            "created_utc": run.created_utc,
+            "git_sha": run.git_sha,
+            "git_dirty": run.git_dirty,
+            "host": run.host,
+            "python": run.python,
+            "packages": run.packages,
+            "config": run.config,
+        },
+        "valid": run.valid,
+        "points": [point_to_json(p) for p in run.points],
+    }
+
+
+def _int_counts(doc: Any, where: str) -> dict[str, int]:
+    if not isinstance(doc, dict):
+        raise ResultsError(f"{where}: counts must be an object")
+    out: dict[str, int] = {}
+    for name, value in doc.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ResultsError(f"{where}: count {name} must be an integer")
+        out[str(name)] = value
+    return out
+
+
+def _point_from_json(doc: Any, where: str) -> Point:
+    if not isinstance(doc, dict):
+        raise ResultsError(f"{where}: a point must be an object")
+    try:
+        point = Point(
+            workload=str(doc["workload"]),
+            mode=str(doc["mode"]),
+            pages=int(doc["pages"]),
+            params={str(k): int(v) for k, v in doc.get("params", {}).items()},
+            valid=bool(doc.get("valid", True)),
+            reason=str(doc.get("reason", "")),
+            unsafe=bool(doc.get("unsafe", False)),
+        )
+        phases = doc["phases"]
+        if not isinstance(phases, dict):
+            raise ResultsError(f"{where}: phases must be an object")
+        for phase, entry in phases.items():
+            here = f"{where} {point.key} {phase}"
+            if "counts" in entry:
+                point.counts[phase] = _int_counts(entry["counts"], here)
+            if "samples_s" in entry:
+                point.samples[phase] = [float(s) for s in entry["samples_s"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ResultsError(f"{where}: malformed point ({exc!r})") from exc
+    return point
+
+
+def run_from_json(doc: Any, origin: str = "") -> Run:
+    """Read a bench-run document or a baseline document (counts only)."""
+    if not isinstance(doc, dict):
+        raise ResultsError(f"{origin}: not a JSON object")
+    schema = doc.get("schema")
+    if schema == BASELINE_SCHEMA:
+        return _baseline_from_json(doc, origin)
+    if schema != RUN_SCHEMA:
+        raise ResultsError(
+            f"{origin}: unknown schema {schema!r} (expected {RUN_SCHEMA} or {BASELINE_SCHEMA})"
+        )
+    meta = doc.get("run", {})
+    if not isinstance(meta, dict) or not isinstance(doc.get("points"), list):
+        raise ResultsError(f"{origin}: malformed run document")
+    return Run(
+        created_utc=str(meta.get("created_utc", "")),
+        git_sha=meta.get("git_sha"),
+        git_dirty=meta.get("git_dirty"),
+        host=str(meta.get("host", "")),
+        python=str(meta.get("python", "")),
+        packages=dict(meta.get("packages", {})),
+        config=dict(meta.get("config", {})),
+        points=[_point_from_json(p, origin) for p in doc["points"]],
+        id=meta.get("id"),
+        origin=origin,
+    )
+
+
+def baseline_to_json(run: Run, sweep: dict[str, Any]) -> dict[str, Any]:
+    """The checked-in baseline: the exact gated counts of every point of a
+    valid run, and the sweep that reproduces them. Keys sorted for diffs."""
+    points: dict[str, Any] = {}
+    for point in sorted(run.points, key=lambda p: p.key):
+        points[point.key] = {
+            **_point_fields(point),
+            "counts": {
+                phase: {name: counts[name] for name in GATED_COUNTS if name in counts}
+                for phase, counts in point.counts.items()
+            },
+        }
+    return {
+        "schema": BASELINE_SCHEMA,
+        "note": (
+            "Exact counts of the CI sweep (make bench-ci). Any increase fails the gate; "
+            "rewrite on purpose with: pvemu bench compare --against RUN --update-baseline"
+        ),
+        "sweep": sweep,
+        "points": points,
+    }
+
+
+def _baseline_from_json(doc: dict[str, Any], origin: str) -> Run:
+    points_doc = doc.get("points")
+    if not isinstance(points_doc, dict):
+        raise ResultsError(f"{origin}: baseline points must be an object")
+    points: list[Point] = []
+    for key, entry in points_doc.items():
+        point = _point_from_json({**entry, "phases": {}}, origin)
+        if point.key != key:
+            raise ResultsError(f"{origin}: point {key!r} does not match its fields ({point.key})")
+        counts = entry.get("counts", {})
+        if not isinstance(counts, dict):
+            raise ResultsError(f"{origin}: {key}: counts must be an object")
+        point.counts = {phase: _int_counts(c, f"{origin} {key}") for phase, c in counts.items()}
+        points.append(point)
+    sweep = doc.get("sweep", {})
+    return Run(
+        created_utc="",
+        git_sha=None,
+        git_dirty=None,
+        host="",
+        python="",
+        config={"sweep": sweep} if isinstance(sweep, dict) else {},
+        points=points,
+        origin=origin,
+    )
+
+
+def load_json_file(path: str | Path) -> Run:
+    """A run or baseline from a JSON file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ResultsError(f"cannot read {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path} is not JSON: {exc}") from exc
+    return run_from_json(doc, origin=str(path))
+
+
+def baseline_sweep(path: str | Path) -> dict[str, Any]:
+    """The sweep configuration recorded in a baseline file."""
+    run = load_json_file(path)
+    sweep = run.config.get("sweep")
+    if not isinstance(sweep, dict) or not sweep:
+        raise ResultsError(f"{path} records no sweep")
+    return sweep

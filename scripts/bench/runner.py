@@ -1,0 +1,186 @@
+"""Running a sweep: one hypervisor process for the whole sweep, one
+``pvemu guest`` process per point per repeat (rounds interleaved), each
+guest's JSON document folded into its point."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from pvemu.scripts.bench.sweep import Sweep
+from pvemu.scripts.procs import HypervisorProcess, hypervisor_process
+from pvemu.scripts.results import BUFFER_PARAMS, Point
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+DEFAULT_REPEAT: Final = 3
+DEFAULT_TIMEOUT_S: Final = 3600.0
+
+
+def guest_command(
+    point: Point,
+    *,
+    socket_path: str | None,
+    vcpus: int,
+    memory_pages: int,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``pvemu guest`` command line of one point."""
+    pages = point.pages or memory_pages
+    cmd = [
+        sys.executable,
+        "-m",
+        "pvemu.scripts",
+        "guest",
+        "--mode",
+        point.mode,
+        "--pages",
+        str(pages),
+    ]
+    cmd += ["--vcpus", str(vcpus), "--workload", point.workload, "--json"]
+    if point.mode != "native":
+        assert socket_path is not None
+        cmd += ["--socket", socket_path]
+    for name, value in sorted(point.params.items()):
+        cmd += [BUFFER_PARAMS[name], str(value)]
+    return [*cmd, *extra]
+
+
+def run_guest(cmd: Sequence[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Run one guest process: (its JSON document, "") or (None, why it failed)."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"guest timed out after {timeout:g} s"
+    if done.returncode in (0, 3) and done.stdout.strip():
+        try:
+            doc = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            return None, "guest printed malformed JSON"
+        if isinstance(doc, dict) and isinstance(doc.get("phases"), dict):
+            return doc, ""
+        return None, "guest printed an unexpected JSON document"
+    lines = done.stderr.strip().splitlines()
+    return None, f"guest exit {done.returncode}: {lines[-1] if lines else 'no output'}"
+
+
+def record_repeat(point: Point, doc: dict[str, Any] | None, error: str) -> None:
+    """Fold one repeat's guest document into ``point`` (or invalidate it)."""
+    if doc is None:
+        point.invalidate(error)
+        return
+    _cross_check(point, doc)
+    counts: dict[str, dict[str, int]] = {}
+    for phase, values in doc["phases"].items():
+        counts[phase] = {
+            k: v
+            for k, v in values.items()
+            if k != "wall_s" and isinstance(v, int) and not isinstance(v, bool)
+        }
+        wall = values.get("wall_s")
+        if isinstance(wall, int | float):
+            point.samples.setdefault(phase, []).append(float(wall))
+    if not point.counts:
+        point.counts = counts
+        point.unsafe = bool(doc.get("unsafe", False))
+    elif counts != point.counts:
+        point.invalidate(f"counts differ between repeats (phase {_changed_phase(point, counts)})")
+
+
+def _cross_check(point: Point, doc: dict[str, Any]) -> None:
+    """Invalidate ``point`` unless the guest's own checks held."""
+    if not doc.get("counts_agree"):
+        point.invalidate("guest- and hypervisor-side counts disagree")
+    if not doc.get("audit_clean"):
+        audit = doc.get("audit") or ["?"]
+        point.invalidate(f"audit() not clean: {audit[0]}")
+    trace = doc.get("trace")
+    if isinstance(trace, dict) and not trace.get("replay_clean", True):
+        point.invalidate(f"trace replay hit {trace.get('errors', '?')} syscall error(s)")
+
+
+def _changed_phase(point: Point, counts: dict[str, dict[str, int]]) -> str:
+    """The first phase whose counts differ from the point's first repeat."""
+    phases = dict.fromkeys([*counts, *point.counts])
+    return next((p for p in phases if counts.get(p) != point.counts.get(p)), "?")
+
+
+@dataclass
+class SweepOptions:
+    repeat: int = DEFAULT_REPEAT
+    timeout: float = DEFAULT_TIMEOUT_S
+    #: mode -> extra guest arguments that do not change the point key.
+    inject: dict[str, list[str]] = field(default_factory=dict)
+    progress: bool = True
+
+
+def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
+    """Run every point ``options.repeat`` times, in interleaved rounds."""
+    from pvemu.scripts.guest_cmd import memory_for
+
+    points = sweep.plan()
+    max_pages = max(sweep.pages)
+    progress = _progress_bar(enabled=options.progress)
+    with contextlib.ExitStack() as stack:
+        tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-bench-", dir="/tmp"))
+        hv: HypervisorProcess | None = None
+        if sweep.needs_hypervisor:
+            memory = memory_for(max_pages) * 2 + 64
+            hv = stack.enter_context(hypervisor_process(Path(tmpdir), memory))
+        with progress:
+            task = progress.add_task("sweep", total=len(points) * options.repeat)
+            for round_ in range(options.repeat):
+                for point in points:
+                    progress.update(
+                        task, description=f"{point.key} [{round_ + 1}/{options.repeat}]"
+                    )
+                    if point.valid:
+                        _measure(point, hv, sweep, max_pages, options)
+                    progress.advance(task)
+            progress.update(task, description="sweep done")
+    return points
+
+
+def _progress_bar(*, enabled: bool) -> Progress:
+    """The sweep's progress bar, on stderr (stdout is for the results)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _measure(
+    point: Point, hv: HypervisorProcess | None, sweep: Sweep, max_pages: int, options: SweepOptions
+) -> None:
+    cmd = guest_command(
+        point,
+        socket_path=hv.socket_path if hv is not None else None,
+        vcpus=sweep.vcpus,
+        memory_pages=max_pages,
+        extra=options.inject.get(point.mode, []),
+    )
+    doc, error = run_guest(cmd, options.timeout)
+    if doc is None and hv is not None and not hv.alive():
+        error = f"{error}; the hypervisor exited ({hv.log_tail() or 'no log'})"
+    record_repeat(point, doc, error)
