@@ -38,15 +38,59 @@ the other flags that do not change placement or protection (they are
 accepted and ignored, as Linux ignores unknown legacy flags).  ``MAP_32BIT``,
 ``MAP_GROWSDOWN`` and ``MAP_HUGETLB`` on anonymous memory raise
 ``NotImplementedError``.
+
+The data model and the sorted VMA tree are in :mod:`.vma_tree`; this module
+re-exports every public name of it, so ``pvemu.guest.vma`` stays the one
+import for users of the VMA layer.
 """
 
 from __future__ import annotations
 
 import errno
-import mmap as _mmap
 import os
-from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field, replace
+
+from .vma_tree import (
+    _PAGE_OFFSET_MASK,
+    _PROT_ACCESS,
+    _U64,
+    MAP_32BIT,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
+    MAP_HUGETLB,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MAP_SHARED_VALIDATE,
+    MAP_TYPE,
+    MMAP_MIN_ADDR,
+    MMAP_STACK_GAP,
+    MS_ASYNC,
+    MS_INVALIDATE,
+    MS_SYNC,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_GROWSDOWN,
+    PROT_GROWSUP,
+    PROT_NONE,
+    PROT_READ,
+    PROT_SEM,
+    PROT_WRITE,
+    TASK_SIZE,
+    FileBacking,
+    MmapResult,
+    MprotectError,
+    MsyncResult,
+    ProtChange,
+    Vma,
+    VmaTree,
+    _err,
+    _merged,
+    page_align,
+    prot_string,
+    vmas_mergeable,
+)
 
 __all__ = [
     "PAGE_SHIFT",
@@ -86,39 +130,8 @@ __all__ = [
     "AddressSpace",
 ]
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-_PAGE_OFFSET_MASK = PAGE_SIZE - 1
-_U64 = (1 << 64) - 1
-
-#: x86-64 TASK_SIZE_MAX with 4-level paging: the top user page is a guard page.
-TASK_SIZE = (1 << 47) - PAGE_SIZE
-#: Lowest address a hint may name / MAP_FIXED may use (vm.mmap_min_addr, LSM default).
-MMAP_MIN_ADDR = 0x10000
-#: Linux's minimum gap between mmap_base and TASK_SIZE (room for the stack).
-MMAP_STACK_GAP = 128 << 20
 #: Largest file size / offset of a regular file (MAX_LFS_FILESIZE on 64-bit).
 _MAX_LFS_FILESIZE = (1 << 63) - 1
-
-PROT_NONE = 0
-PROT_READ: int = _mmap.PROT_READ
-PROT_WRITE: int = _mmap.PROT_WRITE
-PROT_EXEC: int = _mmap.PROT_EXEC
-PROT_SEM = 0x8
-PROT_GROWSDOWN = 0x01000000
-PROT_GROWSUP = 0x02000000
-_PROT_ACCESS = PROT_READ | PROT_WRITE | PROT_EXEC
-
-MAP_SHARED: int = _mmap.MAP_SHARED
-MAP_PRIVATE: int = _mmap.MAP_PRIVATE
-MAP_SHARED_VALIDATE = 0x03
-MAP_TYPE = 0x0F
-MAP_FIXED = 0x10
-MAP_ANONYMOUS: int = _mmap.MAP_ANONYMOUS
-MAP_32BIT = 0x40
-MAP_GROWSDOWN = 0x100
-MAP_HUGETLB = 0x40000
-MAP_FIXED_NOREPLACE = 0x100000
 
 # Flags MAP_SHARED_VALIDATE accepts for a regular file (measured on Linux 6.18:
 # the legacy flags, MAP_32BIT, MAP_ABOVE4G and MAP_UNINITIALIZED / huge-size
@@ -141,241 +154,13 @@ _SHARED_VALIDATE_OK = (
     | 0x7C000000  # MAP_UNINITIALIZED and the MAP_HUGE_* size bits
 )
 
-MS_ASYNC = 1
-MS_INVALIDATE = 2
-MS_SYNC = 4
-
-
-def page_align(n: int) -> int:
-    """Round ``n`` up to a page multiple, wrapping at 2**64 like ``PAGE_ALIGN``."""
-    return (n + _PAGE_OFFSET_MASK) & ~_PAGE_OFFSET_MASK & _U64
-
-
-def prot_string(prot: int) -> str:
-    """``rwx`` letters as in /proc/self/maps (``-`` for a missing bit)."""
-    return (
-        ("r" if prot & PROT_READ else "-")
-        + ("w" if prot & PROT_WRITE else "-")
-        + ("x" if prot & PROT_EXEC else "-")
-    )
-
-
-def _err(code: int, what: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {what}")
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class FileBacking:
-    """One *open file* (Linux's ``struct file``) that mappings can refer to.
-
-    Compared by identity: two mappings merge only if they map the same
-    ``FileBacking`` object, as Linux merges only VMAs with the same
-    ``vm_file``.  Open the file once and reuse the object to get the merging
-    Linux gives for several mmaps of one file descriptor.
-
-    Args:
-        path: the file on disk.
-        writable: opened with write access (O_RDWR); decides VM_MAYWRITE of
-            shared mappings.
-        readable: opened with read access; every mapping needs it (EACCES).
-    """
-
-    path: str
-    writable: bool
-    readable: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Vma:
-    """One virtual memory area ``[start, end)``; immutable.
-
-    ``prot`` holds ``PROT_READ | PROT_WRITE | PROT_EXEC`` bits.  ``flags`` is
-    ``MAP_PRIVATE`` or ``MAP_SHARED``, plus ``MAP_ANONYMOUS`` for anonymous
-    memory.  ``pgoff`` is the offset, in pages, of ``start`` in the backing
-    object: the file for file mappings, the shmem object for shared anonymous
-    memory, and ``start >> PAGE_SHIFT`` for private anonymous memory (as in
-    Linux).  ``shmem_id`` identifies the shmem object behind a
-    ``MAP_SHARED | MAP_ANONYMOUS`` mapping (Linux's "/dev/zero (deleted)"),
-    unique per mmap call; ``None`` otherwise.
-    """
-
-    start: int
-    end: int
-    prot: int
-    flags: int
-    file: FileBacking | None = None
-    pgoff: int = 0
-    shmem_id: int | None = None
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    @property
-    def npages(self) -> int:
-        return (self.end - self.start) >> PAGE_SHIFT
-
-    @property
-    def is_shared(self) -> bool:
-        return bool(self.flags & MAP_SHARED)
-
-    @property
-    def is_private(self) -> bool:
-        return not self.flags & MAP_SHARED
-
-    @property
-    def is_anonymous(self) -> bool:
-        """MAP_ANONYMOUS memory, private or shared (no file on disk)."""
-        return self.file is None
-
-    @property
-    def readable(self) -> bool:
-        return bool(self.prot & PROT_READ)
-
-    @property
-    def writable(self) -> bool:
-        return bool(self.prot & PROT_WRITE)
-
-    @property
-    def executable(self) -> bool:
-        return bool(self.prot & PROT_EXEC)
-
-    @property
-    def may_write(self) -> bool:
-        """VM_MAYWRITE: private mappings, shared anonymous memory, shared
-        mappings of a file opened for writing."""
-        if self.is_private or self.file is None:
-            return True
-        return self.file.writable
-
-    @property
-    def wants_writenotify(self) -> bool:
-        """Linux's ``vma_wants_writenotify`` for this model: a shared, writable
-        mapping of a file with dirty accounting (writeback).  Its PTEs are
-        installed read-only until the first write so the page gets marked
-        dirty; shmem (shared anonymous memory) has no writeback, so no."""
-        return self.is_shared and self.writable and self.file is not None
-
-    @property
-    def dirty_accountable(self) -> bool:
-        """2.6.26's ``dirty_accountable`` in ``change_protection``: the same
-        predicate as :attr:`wants_writenotify`."""
-        return self.wants_writenotify
-
-    def contains(self, addr: int) -> bool:
-        return self.start <= addr < self.end
-
-    def pgoff_at(self, addr: int) -> int:
-        """Page offset in the backing object of the page holding ``addr``."""
-        return self.pgoff + ((addr - self.start) >> PAGE_SHIFT)
-
-    def file_offset(self, addr: int) -> int:
-        """Byte offset in the backing object of ``addr``."""
-        return (self.pgoff << PAGE_SHIFT) + (addr - self.start)
-
-    def piece(self, start: int, end: int) -> Vma:
-        """The sub-range ``[start, end)`` with its ``pgoff`` adjusted."""
-        if not (self.start <= start < end <= self.end):
-            raise ValueError(f"{start:#x}-{end:#x} is not inside {self}")
-        return replace(self, start=start, end=end, pgoff=self.pgoff_at(start))
-
-    def with_prot(self, prot: int) -> Vma:
-        return replace(self, prot=prot)
-
-    def maps_line(self) -> str:
-        """A /proc/self/maps style line."""
-        kind = "s" if self.is_shared else "p"
-        if self.file is not None:
-            name = self.file.path
-        elif self.shmem_id is not None:
-            name = "/dev/zero (deleted)"
-        else:
-            name = ""
-        head = f"{self.start:08x}-{self.end:08x} {prot_string(self.prot)}{kind}"
-        offset = self.pgoff << PAGE_SHIFT if not self.is_anonymous or self.is_shared else 0
-        return f"{head} {offset:08x} {name}".rstrip()
-
-    def __str__(self) -> str:
-        return self.maps_line()
-
-
-def vmas_mergeable(a: Vma, b: Vma) -> bool:
-    """Whether ``b`` directly follows ``a`` and Linux would merge the two."""
-    return (
-        a.end == b.start
-        and a.prot == b.prot
-        and a.flags == b.flags
-        and a.file is b.file
-        and a.shmem_id == b.shmem_id
-        and b.pgoff == a.pgoff + a.npages
-    )
-
-
-def _merged(a: Vma, b: Vma) -> Vma:
-    return replace(a, end=b.end)
-
-
-@dataclass(frozen=True, slots=True)
-class ProtChange:
-    """One ``change_protection`` call the kernel must make.
-
-    ``vma`` describes exactly ``[start, end)`` after the change (new ``prot``,
-    ``pgoff`` of ``start``), so the kernel can ask it ``wants_writenotify``,
-    ``is_anonymous`` and so on.  One per original VMA piece whose protection
-    really changed (Linux's ``mprotect_fixup`` skips VMAs already at the new
-    protection).
-    """
-
-    start: int
-    end: int
-    old_prot: int
-    new_prot: int
-    vma: Vma
-
-
-@dataclass(frozen=True, slots=True)
-class MmapResult:
-    """What ``do_mmap`` did: the address and, for MAP_FIXED, the pieces of
-    earlier mappings it replaced (the kernel must zap and write them back as
-    for munmap)."""
-
-    addr: int
-    unmapped: list[Vma] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class MsyncResult:
-    """What ``msync`` must do: write back ``ranges`` (pieces of shared,
-    writable file mappings, only for MS_SYNC) and then fail with ``errno``
-    if it is non-zero (ENOMEM when the range had unmapped holes: Linux syncs
-    what is mapped and reports the hole at the end)."""
-
-    ranges: list[Vma]
-    errno: int = 0
-
-    def raise_if_error(self) -> None:
-        if self.errno:
-            raise _err(self.errno, "msync range has unmapped holes")
-
-
-class MprotectError(OSError):
-    """An mprotect failure.  ``changes`` lists the protection changes already
-    applied to the VMAs before the failing one (Linux does not roll them
-    back); the kernel must still run change_protection on them."""
-
-    changes: list[ProtChange]
-
-    def __init__(self, code: int, message: str, changes: list[ProtChange] | None = None) -> None:
-        super().__init__(code, message)
-        self.changes = [] if changes is None else changes
-
 
 def _mprotect_error(code: int, what: str, changes: list[ProtChange] | None = None) -> MprotectError:
     return MprotectError(code, f"{os.strerror(code)}: {what}", changes)
 
 
-class AddressSpace:
-    """The VMAs of one process, kept sorted (two parallel lists + bisect).
+class AddressSpace(VmaTree):
+    """The VMAs of one process, with Linux's mm syscalls on them.
 
     Args:
         task_size: end of the user address space.
@@ -404,42 +189,12 @@ class AddressSpace:
             legacy_base = page_align(task_size // 3)
         if not 0 <= mmap_min_addr < task_size or not 0 < mmap_base <= task_size:
             raise ValueError("mmap_min_addr/mmap_base outside the address space")
+        super().__init__()
         self.task_size = task_size
         self.mmap_min_addr = mmap_min_addr
         self.mmap_base = mmap_base
         self.legacy_base = legacy_base
-        self._starts: list[int] = []
-        self._vmas: list[Vma] = []
         self._next_shmem_id = 1
-
-    # ------------------------------------------------------------------ queries
-
-    def __len__(self) -> int:
-        return len(self._vmas)
-
-    def vmas(self) -> list[Vma]:
-        """All VMAs in address order (like /proc/self/maps)."""
-        return list(self._vmas)
-
-    def find(self, addr: int) -> Vma | None:
-        """The VMA containing ``addr``, if any."""
-        i = bisect_right(self._starts, addr) - 1
-        if i >= 0 and self._vmas[i].end > addr:
-            return self._vmas[i]
-        return None
-
-    def intersecting(self, start: int, end: int) -> list[Vma]:
-        """The VMAs overlapping ``[start, end)``, whole, in address order."""
-        out: list[Vma] = []
-        i = self._index_after(start)
-        while i < len(self._vmas) and self._vmas[i].start < end:
-            out.append(self._vmas[i])
-            i += 1
-        return out
-
-    def maps(self) -> str:
-        """The whole map as /proc/self/maps text."""
-        return "".join(v.maps_line() + "\n" for v in self._vmas)
 
     # ------------------------------------------------------------------ mmap
 
@@ -496,6 +251,31 @@ class AddressSpace:
         offset &= _U64
         if fixed:
             flags |= MAP_FIXED
+        file = self._mmap_backing(flags, file, offset)
+        pgoff = offset >> PAGE_SHIFT
+
+        # do_mmap()
+        if length == 0:
+            raise _err(errno.EINVAL, "mmap of length 0")
+        if flags & MAP_FIXED_NOREPLACE:
+            flags |= MAP_FIXED
+        start, end = self._mmap_range(hint, length, flags)
+        shmem_id: int | None = None
+        if file is not None:
+            vflags = self._file_vm_flags(file, prot, flags, end - start, pgoff, offset)
+        else:
+            vflags, pgoff, shmem_id = self._anonymous_vm_flags(flags, start)
+
+        # mmap_region()
+        unmapped = self._unmap_range(start, end) if flags & MAP_FIXED else []
+        self._insert_merged(Vma(start, end, prot & _PROT_ACCESS, vflags, file, pgoff, shmem_id))
+        return MmapResult(start, unmapped)
+
+    @staticmethod
+    def _mmap_backing(flags: int, file: FileBacking | None, offset: int) -> FileBacking | None:
+        """The checks before ``do_mmap`` proper (ksys_mmap_pgoff): the offset's
+        alignment, the file (ignored for MAP_ANONYMOUS, required otherwise)
+        and MAP_HUGETLB.  Returns the file the mapping will map, if any."""
         if offset & _PAGE_OFFSET_MASK:
             raise _err(errno.EINVAL, f"mmap offset {offset:#x} is not page aligned")
         anonymous = bool(flags & MAP_ANONYMOUS)
@@ -507,13 +287,12 @@ class AddressSpace:
             if file is not None:
                 raise _err(errno.EINVAL, "MAP_HUGETLB on a file outside hugetlbfs")
             raise NotImplementedError("MAP_HUGETLB is not modelled")
-        pgoff = offset >> PAGE_SHIFT
+        return file
 
-        # do_mmap()
-        if length == 0:
-            raise _err(errno.EINVAL, "mmap of length 0")
-        if flags & MAP_FIXED_NOREPLACE:
-            flags |= MAP_FIXED
+    def _mmap_range(self, hint: int, length: int, flags: int) -> tuple[int, int]:
+        """Where the mapping goes, ``[start, end)``: the hint raised to
+        ``mmap_min_addr``, the length page-aligned (ENOMEM if that overflows),
+        then placement; MAP_FIXED_NOREPLACE over a mapping is EEXIST."""
         if not flags & MAP_FIXED:
             hint = self._round_hint_to_min(hint)
         length = page_align(length)
@@ -523,50 +302,54 @@ class AddressSpace:
         end = start + length
         if flags & MAP_FIXED_NOREPLACE and not self._range_free(start, end):
             raise _err(errno.EEXIST, f"MAP_FIXED_NOREPLACE over a mapping at {start:#x}")
+        return start, end
 
+    @staticmethod
+    def _file_vm_flags(
+        file: FileBacking, prot: int, flags: int, length: int, pgoff: int, offset: int
+    ) -> int:
+        """The VMA flags of a file mapping, after its checks: the file range
+        (EOVERFLOW), the mapping type (EINVAL), MAP_SHARED_VALIDATE's flags
+        (EOPNOTSUPP), the file's access mode (EACCES), MAP_GROWSDOWN (EINVAL)."""
+        if (
+            length > _MAX_LFS_FILESIZE
+            or pgoff > _MAX_LFS_FILESIZE >> PAGE_SHIFT
+            or _MAX_LFS_FILESIZE - length < pgoff << PAGE_SHIFT
+        ):
+            raise _err(errno.EOVERFLOW, f"file offset {offset:#x} + length too large")
         mtype = flags & MAP_TYPE
-        shmem_id: int | None = None
-        if file is not None:
-            if (
-                length > _MAX_LFS_FILESIZE
-                or pgoff > _MAX_LFS_FILESIZE >> PAGE_SHIFT
-                or _MAX_LFS_FILESIZE - length < pgoff << PAGE_SHIFT
-            ):
-                raise _err(errno.EOVERFLOW, f"file offset {offset:#x} + length too large")
-            if mtype in (MAP_SHARED, MAP_SHARED_VALIDATE):
-                if mtype == MAP_SHARED_VALIDATE and flags & ~_SHARED_VALIDATE_OK:
-                    raise _err(errno.EOPNOTSUPP, f"MAP_SHARED_VALIDATE with flags {flags:#x}")
-                if prot & PROT_WRITE and not file.writable:
-                    raise _err(errno.EACCES, f"PROT_WRITE shared mapping of read-only {file.path}")
-                vflags = MAP_SHARED
-            elif mtype == MAP_PRIVATE:
-                vflags = MAP_PRIVATE
-            else:
-                raise _err(errno.EINVAL, f"mmap type {mtype:#x}")
-            if not file.readable:
-                raise _err(errno.EACCES, f"{file.path} is not open for reading")
-            if flags & MAP_GROWSDOWN:
-                raise _err(errno.EINVAL, "MAP_GROWSDOWN on a file mapping")
+        if mtype in (MAP_SHARED, MAP_SHARED_VALIDATE):
+            if mtype == MAP_SHARED_VALIDATE and flags & ~_SHARED_VALIDATE_OK:
+                raise _err(errno.EOPNOTSUPP, f"MAP_SHARED_VALIDATE with flags {flags:#x}")
+            if prot & PROT_WRITE and not file.writable:
+                raise _err(errno.EACCES, f"PROT_WRITE shared mapping of read-only {file.path}")
+            vflags = MAP_SHARED
+        elif mtype == MAP_PRIVATE:
+            vflags = MAP_PRIVATE
         else:
-            if mtype == MAP_SHARED:
-                if flags & MAP_GROWSDOWN:
-                    raise _err(errno.EINVAL, "MAP_GROWSDOWN on shared anonymous memory")
-                pgoff = 0
-                shmem_id = self._next_shmem_id
-                self._next_shmem_id += 1
-                vflags = MAP_SHARED | MAP_ANONYMOUS
-            elif mtype == MAP_PRIVATE:
-                if flags & MAP_GROWSDOWN:
-                    raise NotImplementedError("MAP_GROWSDOWN is not modelled")
-                pgoff = start >> PAGE_SHIFT
-                vflags = MAP_PRIVATE | MAP_ANONYMOUS
-            else:
-                raise _err(errno.EINVAL, f"mmap type {mtype:#x} for anonymous memory")
+            raise _err(errno.EINVAL, f"mmap type {mtype:#x}")
+        if not file.readable:
+            raise _err(errno.EACCES, f"{file.path} is not open for reading")
+        if flags & MAP_GROWSDOWN:
+            raise _err(errno.EINVAL, "MAP_GROWSDOWN on a file mapping")
+        return vflags
 
-        # mmap_region()
-        unmapped = self._unmap_range(start, end) if flags & MAP_FIXED else []
-        self._insert_merged(Vma(start, end, prot & _PROT_ACCESS, vflags, file, pgoff, shmem_id))
-        return MmapResult(start, unmapped)
+    def _anonymous_vm_flags(self, flags: int, start: int) -> tuple[int, int, int | None]:
+        """The VMA flags, ``pgoff`` and shmem object of anonymous memory at
+        ``start``: a new shmem object for MAP_SHARED (pgoff 0), ``start``'s page
+        number for MAP_PRIVATE; any other type is EINVAL."""
+        mtype = flags & MAP_TYPE
+        if mtype == MAP_SHARED:
+            if flags & MAP_GROWSDOWN:
+                raise _err(errno.EINVAL, "MAP_GROWSDOWN on shared anonymous memory")
+            shmem_id = self._next_shmem_id
+            self._next_shmem_id += 1
+            return MAP_SHARED | MAP_ANONYMOUS, 0, shmem_id
+        if mtype == MAP_PRIVATE:
+            if flags & MAP_GROWSDOWN:
+                raise NotImplementedError("MAP_GROWSDOWN is not modelled")
+            return MAP_PRIVATE | MAP_ANONYMOUS, start >> PAGE_SHIFT, None
+        raise _err(errno.EINVAL, f"mmap type {mtype:#x} for anonymous memory")
 
     def _round_hint_to_min(self, hint: int) -> int:
         hint &= ~_PAGE_OFFSET_MASK
@@ -604,39 +387,6 @@ class AddressSpace:
         if found is None:
             raise _err(errno.ENOMEM, f"no free range of {length:#x} bytes")
         return found
-
-    def _gap_topdown(self, length: int, low: int, high: int) -> int | None:
-        """Highest ``addr`` with ``[addr, addr+length)`` free inside ``[low, high)``."""
-        vmas = self._vmas
-        j = bisect_left(self._starts, high) - 1
-        gap_end = high
-        if j >= 0 and vmas[j].end > high:  # a VMA straddles high
-            gap_end = vmas[j].start
-            j -= 1
-        while gap_end - low >= length:
-            gap_start = max(vmas[j].end if j >= 0 else 0, low)
-            if gap_end - gap_start >= length:
-                return gap_end - length
-            if j < 0:
-                return None
-            gap_end = vmas[j].start
-            j -= 1
-        return None
-
-    def _gap_bottomup(self, length: int, low: int, high: int) -> int | None:
-        """Lowest ``addr`` with ``[addr, addr+length)`` free inside ``[low, high)``."""
-        vmas = self._vmas
-        i = self._index_after(low)
-        gap_start = low
-        while high - gap_start >= length:
-            gap_end = min(vmas[i].start, high) if i < len(vmas) else high
-            if gap_end - gap_start >= length:
-                return gap_start
-            if i >= len(vmas):
-                return None
-            gap_start = max(vmas[i].end, low)
-            i += 1
-        return None
 
     # ------------------------------------------------------------------ mprotect
 
@@ -797,49 +547,3 @@ class AddressSpace:
             if start >= end:
                 return MsyncResult(ranges, unmapped_error)
             i += 1
-
-    # ------------------------------------------------------------------ internals
-
-    def _index_after(self, addr: int) -> int:
-        """Index of the first VMA with ``end > addr``."""
-        i = bisect_right(self._starts, addr) - 1
-        if i >= 0 and self._vmas[i].end > addr:
-            return i
-        return i + 1
-
-    def _range_free(self, start: int, end: int) -> bool:
-        i = self._index_after(start)
-        return i == len(self._vmas) or self._vmas[i].start >= end
-
-    def _splice(self, lo: int, hi: int, new: list[Vma]) -> None:
-        self._vmas[lo:hi] = new
-        self._starts[lo:hi] = [v.start for v in new]
-
-    def _unmap_range(self, start: int, end: int) -> list[Vma]:
-        vmas = self._vmas
-        lo = self._index_after(start)
-        hi = lo
-        while hi < len(vmas) and vmas[hi].start < end:
-            hi += 1
-        if lo == hi:
-            return []
-        removed = [v.piece(max(v.start, start), min(v.end, end)) for v in vmas[lo:hi]]
-        keep: list[Vma] = []
-        if vmas[lo].start < start:
-            keep.append(vmas[lo].piece(vmas[lo].start, start))
-        if vmas[hi - 1].end > end:
-            keep.append(vmas[hi - 1].piece(end, vmas[hi - 1].end))
-        self._splice(lo, hi, keep)
-        return removed
-
-    def _insert_merged(self, vma: Vma) -> None:
-        """Insert ``vma`` (its range must be free), merging with neighbours."""
-        vmas = self._vmas
-        lo = hi = bisect_left(self._starts, vma.start)
-        if lo > 0 and vmas_mergeable(vmas[lo - 1], vma):
-            lo -= 1
-            vma = _merged(vmas[lo], vma)
-        if hi < len(vmas) and vmas_mergeable(vma, vmas[hi]):
-            vma = _merged(vma, vmas[hi])
-            hi += 1
-        self._splice(lo, hi, [vma])

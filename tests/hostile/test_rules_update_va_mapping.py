@@ -1,0 +1,100 @@
+"""Hostile guests: the rejection rules of ``update_va_mapping`` (§5).
+
+Addresses no L2 covers, and ``update_va_mapping_otherdomain`` naming a bad or
+a foreign domain. The mod_l1_entry errors it shares with ``mmu_update`` are
+in the L1 rows of :mod:`tests.hostile.test_rules_mmu_update`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pytest
+
+from pvemu.shared import abi
+from pvemu.shared.x86 import PAGE_SIZE
+from pvemu.shared.x86 import make_pte as pte
+from tests.hostile.rejection import (
+    CALL,
+    UVM,
+    Offence,
+    Rule,
+    check_rejection,
+    ro_data1,
+    rule_cases,
+    rules,
+)
+from tests.hostile.scene import UNKNOWN_DOMID, USER_RW
+from tests.hvproc import HypervisorProcess
+
+RULES: Final[tuple[Rule, ...]] = (
+    # --- update_va_mapping (§5; its mod_l1_entry errors are the L1 rows above)
+    *rules(
+        abi.EINVAL,
+        "§5 step 2: va not a guest address, or no (non-superpage) L2 covers it",
+        UVM,
+        *(
+            (f"uvm_{name}", lambda s, v=va: Offence(va=v, val=ro_data1(s)))
+            for name, va in (
+                ("va_in_xen_range", abi.HYPERVISOR_VIRT_START + PAGE_SIZE),
+                ("va_non_canonical", 1 << 47),
+                ("no_l4_entry", 1 << 39),
+                ("no_l3_entry", 1 << 30),
+                ("no_l2_entry", 2 << 21),
+            )
+        ),
+    ),
+    *rules(
+        abi.ESRCH,
+        "§6.7 update_va_mapping: -ESRCH (_otherdomain with a bad domid: unknown, or the "
+        "caller's own numeric one, as for FD in §2.2 step 5)",
+        CALL,
+        (
+            "uvm_otherdomain_unknown_domid",
+            lambda s: Offence(
+                call=(
+                    abi.HYPERVISOR_update_va_mapping_otherdomain,
+                    5 * PAGE_SIZE,
+                    ro_data1(s),
+                    abi.UVMF_INVLPG,
+                    UNKNOWN_DOMID,
+                )
+            ),
+        ),
+        (
+            "uvm_otherdomain_own_numeric_domid",
+            lambda s: Offence(
+                call=(
+                    abi.HYPERVISOR_update_va_mapping_otherdomain,
+                    5 * PAGE_SIZE,
+                    ro_data1(s),
+                    abi.UVMF_INVLPG,
+                    s.a.dom.domid,
+                )
+            ),
+        ),
+    ),
+    *rules(
+        abi.EPERM,
+        "§5 step 1 / §6.7 update_va_mapping: XSM denies a foreign owner (_otherdomain)",
+        CALL,
+        (
+            "uvm_otherdomain_victim_frame",
+            lambda s: Offence(
+                call=(
+                    abi.HYPERVISOR_update_va_mapping_otherdomain,
+                    5 * PAGE_SIZE,
+                    pte(s.v.data[0], USER_RW),
+                    abi.UVMF_INVLPG,
+                    s.v.dom.domid,
+                )
+            ),
+        ),
+    ),
+)
+
+
+@pytest.mark.parametrize(("rule", "path"), rule_cases(RULES))
+async def test_rejection_rule(hvp: HypervisorProcess, rule: Rule, path: str) -> None:
+    """The rule's errno and ``done``; nothing else moved; no leaked ref or type."""
+    await check_rejection(hvp, rule, path)
