@@ -93,8 +93,6 @@ def mmu_update(
     pg_owner = _foreign_owner(m, dom, foreigndom & 0xFFFF)
     if pg_owner is None:
         return HypercallResult(-abi.ESRCH)
-    ft = m.frames
-    types = m.types
     flush_all = False
     done = 0
     rc = 0
@@ -107,52 +105,11 @@ def mmu_update(
         cmd = ptr & abi.MMU_CMD_MASK
         if pt_owner != dom.domid or pg_owner != dom.domid:
             rc = -abi.EPERM  # XSM: an unprivileged domain acts only on itself
-        elif cmd in (
-            abi.MMU_NORMAL_PT_UPDATE,
-            abi.MMU_PT_UPDATE_PRESERVE_AD,
-            abi.MMU_PT_UPDATE_NO_TRANSLATE,
-        ):
-            maddr = ptr - cmd
-            mfn = maddr >> PAGE_SHIFT
-            preserve = cmd == abi.MMU_PT_UPDATE_PRESERVE_AD
-            if not ft.valid(mfn) or ft.owner[mfn] != pt_owner:
-                rc = -abi.EINVAL
-            elif ft.type_count[mfn] and ft.flags[mfn] & VALIDATED:
-                page_type = ft.type[mfn]
-                if page_type == abi.PGT_l1_page_table:
-                    rc = types.mod_l1_entry(maddr, val, preserve, pg_owner)
-                elif page_type in (
-                    abi.PGT_l2_page_table,
-                    abi.PGT_l3_page_table,
-                    abi.PGT_l4_page_table,
-                ):
-                    if pg_owner != pt_owner:
-                        rc = -abi.EINVAL
-                    else:
-                        rc = types.mod_upper_entry(maddr, val, page_type, preserve)
-                        flush_all = flush_all or rc == 0
-                elif page_type == abi.PGT_writable_page:
-                    m.memory.write_u64(maddr, val)
-                    rc = 0
-                else:
-                    rc = -abi.EINVAL
-            elif ft.type_count[mfn]:
-                rc = -abi.EINVAL  # typed but mid-validation
-            else:
-                # Unused frame: take a transient writable type, store as data.
-                rc = types.get_page_type(mfn, abi.PGT_writable_page)
-                if rc == 0:
-                    m.memory.write_u64(maddr, val)
-                    types.put_page_type(mfn)
-                else:
-                    rc = -abi.EINVAL
+        elif cmd in _PT_UPDATE_CMDS:
+            rc, upper = _pt_update(m, ptr - cmd, val, cmd, pt_owner, pg_owner)
+            flush_all = flush_all or upper
         elif cmd == abi.MMU_MACHPHYS_UPDATE:
-            mfn = ptr >> PAGE_SHIFT
-            if not ft.valid(mfn) or ft.owner[mfn] != pg_owner:
-                rc = -abi.EINVAL
-            else:
-                ft.m2p[mfn] = val
-                rc = 0
+            rc = _machphys_update(m, ptr >> PAGE_SHIFT, val, pg_owner)
         else:
             rc = -abi.ENOSYS
         if rc:
@@ -162,6 +119,57 @@ def mmu_update(
         m.domains[pt_owner].hw.flush_tlb_all()
         m.domains[pt_owner].oracle.flushed_all()
     return HypercallResult(rc, done)
+
+
+_PT_UPDATE_CMDS: Final = frozenset(
+    {abi.MMU_NORMAL_PT_UPDATE, abi.MMU_PT_UPDATE_PRESERVE_AD, abi.MMU_PT_UPDATE_NO_TRANSLATE}
+)
+_UPPER_TYPES: Final = frozenset(
+    {abi.PGT_l2_page_table, abi.PGT_l3_page_table, abi.PGT_l4_page_table}
+)
+
+
+def _pt_update(
+    m: MachineState, maddr: int, val: int, cmd: int, pt_owner: int, pg_owner: int
+) -> tuple[int, bool]:
+    """One page-table write request (§2.2-§2.6): the entry's rule by the
+    type of the frame it is in. Returns (rc, an upper-level entry changed)."""
+    ft = m.frames
+    types = m.types
+    mfn = maddr >> PAGE_SHIFT
+    preserve = cmd == abi.MMU_PT_UPDATE_PRESERVE_AD
+    if not ft.valid(mfn) or ft.owner[mfn] != pt_owner:
+        return -abi.EINVAL, False
+    if ft.type_count[mfn] and ft.flags[mfn] & VALIDATED:
+        page_type = ft.type[mfn]
+        if page_type == abi.PGT_l1_page_table:
+            return types.mod_l1_entry(maddr, val, preserve, pg_owner), False
+        if page_type in _UPPER_TYPES:
+            if pg_owner != pt_owner:
+                return -abi.EINVAL, False
+            rc = types.mod_upper_entry(maddr, val, page_type, preserve)
+            return rc, rc == 0
+        if page_type == abi.PGT_writable_page:
+            m.memory.write_u64(maddr, val)
+            return 0, False
+        return -abi.EINVAL, False
+    if ft.type_count[mfn]:
+        return -abi.EINVAL, False  # typed but mid-validation
+    # Unused frame: take a transient writable type, store as data.
+    if types.get_page_type(mfn, abi.PGT_writable_page):
+        return -abi.EINVAL, False
+    m.memory.write_u64(maddr, val)
+    types.put_page_type(mfn)
+    return 0, False
+
+
+def _machphys_update(m: MachineState, mfn: int, val: int, pg_owner: int) -> int:
+    """``MMU_MACHPHYS_UPDATE``: set the guest-visible M2P entry of ``mfn``."""
+    ft = m.frames
+    if not ft.valid(mfn) or ft.owner[mfn] != pg_owner:
+        return -abi.EINVAL
+    ft.m2p[mfn] = val
+    return 0
 
 
 # --- mmuext_op -----------------------------------------------------------------------
