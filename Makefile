@@ -54,10 +54,10 @@ bench-ci: $(STAMP)
 bench-rtt: $(STAMP)
 	$(BIN)/python -m pvemu.scripts.rtt
 
-# The wire-decoder and hypercall-argument fuzzers (tests/fuzzers.py), long: at
+# The wire-decoder and hypercall-argument fuzzers (tests/fuzz/), long: at
 # least a million messages / requests each; exit 1 if any crash was found.
 fuzz: $(STAMP)
-	$(BIN)/python -m tests.fuzzers --min-count 1000000
+	$(BIN)/python -m tests.fuzz --min-count 1000000
 
 # 32 guest processes, a latency probe and a 1,000,000-record batch against one
 # hypervisor (docs/robustness.md); reports records/s, probe latency, memory.

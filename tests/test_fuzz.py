@@ -1,4 +1,4 @@
-"""The fuzzers of ``tests/fuzzers.py`` run small here (``make fuzz`` runs them
+"""The fuzzers of ``tests/fuzz/`` run small here (``make fuzz`` runs them
 long); they can fail (each property is broken on purpose once and must be
 reported); and the bugs they found stay as regression tests."""
 
@@ -15,15 +15,15 @@ from pvemu.hypervisor import Hypervisor
 from pvemu.hypervisor.pagetypes import PageTypes
 from pvemu.shared import abi, wire
 from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
-from tests import fuzzers
-from tests.fuzzers import FUZZERS, HYPERCALL, KNOWN_BUGS, KNOWN_HITS, STATS, WIRE, FuzzFailure
+from tests import fuzz
+from tests.fuzz import FUZZERS, HYPERCALL, KNOWN_BUGS, KNOWN_HITS, STATS, WIRE, FuzzFailure
 from tests.support import boot, core_call
 
 
 def quick(max_examples: int) -> settings:
     """A fixed-seed run without shrinking: these runs are meant to fail fast."""
     return settings(
-        settings.get_profile(fuzzers.SUITE_PROFILE),
+        settings.get_profile(fuzz.SUITE_PROFILE),
         max_examples=max_examples,
         phases=[Phase.generate],
         report_multiple_bugs=False,
@@ -32,16 +32,16 @@ def quick(max_examples: int) -> settings:
 
 def stats_delta(name: str, run: Any) -> tuple[int, Counter[str]]:
     """Inputs processed and outcomes counted while ``run()`` ran."""
-    count, before = fuzzers.COUNTS[name], Counter(STATS[name])
+    count, before = fuzz.COUNTS[name], Counter(STATS[name])
     run()
-    return fuzzers.COUNTS[name] - count, STATS[name] - before
+    return fuzz.COUNTS[name] - count, STATS[name] - before
 
 
 # --- small runs ----------------------------------------------------------------------
 
 
 def test_wire_fuzzer_small() -> None:
-    processed, seen = stats_delta(WIRE, FUZZERS[WIRE][0](fuzzers.SUITE_PROFILE))
+    processed, seen = stats_delta(WIRE, FUZZERS[WIRE][0](fuzz.SUITE_PROFILE))
     assert processed >= 1000
     # It reached every kind of outcome, not just one easy path.
     for outcome in ("accepted", "rejected", "fatal", "code bad_type", "code too_large"):
@@ -50,7 +50,7 @@ def test_wire_fuzzer_small() -> None:
 
 
 def test_hypercall_fuzzer_small() -> None:
-    processed, seen = stats_delta(HYPERCALL, FUZZERS[HYPERCALL][0](fuzzers.SUITE_PROFILE))
+    processed, seen = stats_delta(HYPERCALL, FUZZERS[HYPERCALL][0](fuzz.SUITE_PROFILE))
     assert processed >= 1000
     for outcome in ("rc=0", "rc=-EINVAL", "preempted slices", "refused at construction"):
         assert seen[outcome] > 0, outcome
@@ -58,10 +58,10 @@ def test_hypercall_fuzzer_small() -> None:
 
 
 def test_entropy_runs_past_its_blob_and_maps_zero_to_the_plainest_choice() -> None:
-    e = fuzzers.Entropy(b"\x00\x00")
+    e = fuzz.Entropy(b"\x00\x00")
     assert e.pick("abc") == "a"
     assert e.u64() == 0
-    assert len({fuzzers.Entropy(b"").bits(64) for _ in range(3)}) == 1  # deterministic
+    assert len({fuzz.Entropy(b"").bits(64) for _ in range(3)}) == 1  # deterministic
     assert len({e.bits(64) for _ in range(8)}) > 1  # not stuck on zeros
 
 
@@ -125,7 +125,7 @@ def test_runner_counts_distinct_crashes(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(PageTypes, "mod_l1_entry", broken)
     reports: list[str] = []
-    campaign = fuzzers.run_campaign(
+    campaign = fuzz.run_campaign(
         HYPERCALL, 300, seed=1, shrink=False, max_seconds=120, report=reports.append
     )
     assert campaign.processed >= 300
@@ -136,10 +136,10 @@ def test_runner_counts_distinct_crashes(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_runner_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        fuzzers.main(["--help"])
+        fuzz.main(["--help"])
     assert done.value.code == 0
     assert "--min-count" in capsys.readouterr().out
-    status = fuzzers.main(["--min-count", "300", "--fuzzers", WIRE, "--seed", "3", "--no-shrink"])
+    status = fuzz.main(["--min-count", "300", "--fuzzers", WIRE, "--seed", "3", "--no-shrink"])
     out = capsys.readouterr().out
     assert "pvemu fuzzing (seed 3)" in out
     assert "messages" in out
