@@ -45,7 +45,8 @@ from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
 from .pvops import PvOps
-from .vma import AddressSpace, FileBacking, MprotectError, ProtChange, Vma
+from .vma import AddressSpace
+from .vma_tree import FileBacking, MprotectError, ProtChange, Vma
 
 #: Linux reuses the Global bit as PROTNONE in a non-present PTE.
 _PAGE_PROTNONE: Final = _PAGE_GLOBAL

@@ -51,7 +51,7 @@ from pvemu.shared.trace import (
 
 from .kernel import Kernel, SegmentationFault
 from .replay_result import PhaseMeter, TraceResult
-from .vma import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE, page_align
+from .vma_tree import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE, page_align
 from .workload import WorkloadError, WorkloadResult
 
 __all__ = [

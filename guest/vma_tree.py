@@ -7,8 +7,7 @@ return (:class:`ProtChange`, :class:`MmapResult`, :class:`MsyncResult`,
 VMAs kept sorted, with the lookups, splicing, unmapping, merged insertion and
 free-gap searches the syscalls are built from.  The syscalls themselves,
 Linux's ``mmap``/``mprotect``/``munmap``/``msync`` semantics, are
-:class:`~pvemu.guest.vma.AddressSpace` in :mod:`.vma`, which also re-exports
-every public name here.
+:class:`~pvemu.guest.vma.AddressSpace` in :mod:`.vma`.
 """
 
 from __future__ import annotations

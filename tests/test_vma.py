@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pvemu.guest.vma import (
+from pvemu.guest.vma import AddressSpace
+from pvemu.guest.vma_tree import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -38,7 +39,6 @@ from pvemu.guest.vma import (
     PROT_SEM,
     PROT_WRITE,
     TASK_SIZE,
-    AddressSpace,
     FileBacking,
     MprotectError,
     ProtChange,
