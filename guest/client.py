@@ -37,6 +37,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from pvemu.shared import abi, wire
+from pvemu.shared.counts import trap_count
 from pvemu.shared.errors import RemoteProtocolError
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
@@ -80,7 +81,7 @@ class GuestCounters:
 
     @property
     def traps(self) -> int:
-        return sum(self.hypercalls.values()) + self.ptwr + self.page_faults
+        return trap_count(sum(self.hypercalls.values()), self.ptwr, self.page_faults)
 
     @classmethod
     def sum(cls, parts: list[GuestCounters]) -> GuestCounters:

@@ -1,8 +1,8 @@
 """What a trace replay measures and reports: its phases, the meter that
 counts each phase's traps, and :class:`TraceResult`.
 
-The counts are the ``PHASE_FIELDS`` of the mprotect workload
-(:mod:`pvemu.guest.workload`), so a replay reads like ``pvemu run``'s
+The counts are the :class:`~pvemu.shared.counts.PhaseCounts` of the mprotect
+workload (:mod:`pvemu.guest.workload`), so a replay reads like ``pvemu run``'s
 phases; the replay itself is :mod:`pvemu.guest.replay`.
 """
 
@@ -12,8 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pvemu.shared.counts import PhaseCounts
+
 from .kernel import Kernel
-from .workload import PHASE_FIELDS, PhaseResult, WorkloadResult, _snapshot
+from .workload import PhaseResult, WorkloadResult, _snapshot
 
 __all__ = ["REPLAY_PHASES", "TraceResult", "PhaseMeter"]
 
@@ -75,11 +77,9 @@ class PhaseMeter:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.current: str | None = None
-        self.before: tuple[dict[str, int], int] = ({}, 0)
+        self.before: tuple[PhaseCounts, int] = (PhaseCounts(), 0)
         self.started = 0.0
-        self.phases = {
-            name: PhaseResult(dict.fromkeys(PHASE_FIELDS, 0), 0, 0.0) for name in REPLAY_PHASES
-        }
+        self.phases = {name: PhaseResult(PhaseCounts(), 0, 0.0) for name in REPLAY_PHASES}
 
     async def enter(self, phase: str) -> None:
         if phase == self.current:
@@ -96,8 +96,7 @@ class PhaseMeter:
         after, guest_after = _snapshot(await self.kernel.stats())
         before, guest_before = self.before
         phase = self.phases[self.current]
-        for k in PHASE_FIELDS:
-            phase.counts[k] += after[k] - before[k]
+        phase.counts += after - before
         phase.guest_traps += guest_after - guest_before
         phase.wall_s += wall
         self.current = None

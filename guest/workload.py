@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pvemu.shared.counts import PhaseCounts
 from pvemu.shared.x86 import PAGE_SIZE
 
 from .kernel import Kernel
@@ -22,16 +23,6 @@ from .kernel import Kernel
 PHASES: Final = ("populate", "protect_ro", "protect_rw")
 #: 1 GiB: 2 MiB aligned, away from the boot tables' first 2 MiB.
 REGION_ADDR: Final = 0x4000_0000
-#: The counters reported per phase (hypervisor side), in table order.
-PHASE_FIELDS: Final = (
-    "traps",
-    "hypercalls",
-    "multicall_entries",
-    "records",
-    "ptwr",
-    "page_faults",
-    "flush_ops",
-)
 
 
 class WorkloadError(Exception):
@@ -40,7 +31,7 @@ class WorkloadError(Exception):
 
 @dataclass
 class PhaseResult:
-    counts: dict[str, int]
+    counts: PhaseCounts
     guest_traps: int
     wall_s: float
 
@@ -58,7 +49,7 @@ class WorkloadResult:
 
     @property
     def counts_agree(self) -> bool:
-        return all(p.counts["traps"] == p.guest_traps for p in self.phases.values())
+        return all(p.counts.traps == p.guest_traps for p in self.phases.values())
 
     @property
     def audit_clean(self) -> bool:
@@ -76,17 +67,19 @@ class WorkloadResult:
         }
 
 
-def _snapshot(stats: dict[str, Any]) -> tuple[dict[str, int], int]:
+def _snapshot(stats: dict[str, Any]) -> tuple[PhaseCounts, int]:
+    """The running totals of a ``stats`` reply, named as a phase reports them,
+    and the guest's own trap count."""
     hyp = stats["hypervisor"]["total"]
-    counts = {
-        "traps": hyp.get("traps", 0),
-        "hypercalls": hyp.get("hypercalls", 0),
-        "multicall_entries": hyp.get("multicall_entries", 0),
-        "records": hyp.get("mmu_update_records", 0),
-        "ptwr": hyp.get("ptwr", 0),
-        "page_faults": stats["kernel"]["page_faults"],
-        "flush_ops": hyp.get("tlb_flush_ops", 0),
-    }
+    counts = PhaseCounts(
+        traps=hyp.get("traps", 0),
+        hypercalls=hyp.get("hypercalls", 0),
+        multicall_entries=hyp.get("multicall_entries", 0),
+        records=hyp.get("mmu_update_records", 0),
+        ptwr=hyp.get("ptwr", 0),
+        page_faults=stats["kernel"]["page_faults"],
+        flush_ops=hyp.get("tlb_flush_ops", 0),
+    )
     return counts, stats["guest"]["total"].get("traps", 0)
 
 
@@ -123,8 +116,7 @@ async def run_mprotect_workload(kernel: Kernel, pages: int, *, vcpu: int = 1) ->
         await action()
         wall = time.perf_counter() - started
         after, guest_after = _snapshot(await kernel.stats())
-        counts = {k: after[k] - before[k] for k in PHASE_FIELDS}
-        result.phases[name] = PhaseResult(counts, guest_after - guest_before, wall)
+        result.phases[name] = PhaseResult(after - before, guest_after - guest_before, wall)
 
     reads = await kernel.run_user(vcpu, [(va, "r", 1) for va, _, _ in pattern])
     expected = [data for _, _, data in pattern]

@@ -2,7 +2,8 @@
 
 A trap is every guest -> hypervisor transition: each top-level hypercall (a
 multicall is one, whatever it carries), each emulated page-table write and each
-page fault reflected to the guest. What only drives the emulation (user
+page fault reflected to the guest (``shared.counts.trap_count``, the formula the
+guest's own count uses too). What only drives the emulation (user
 accesses, stats, audit) is counted apart and is not a trap.
 """
 
@@ -12,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pvemu.shared.abi import HYPERCALL_NAMES
+from pvemu.shared.counts import trap_count
 
 
 @dataclass(slots=True)
@@ -31,7 +33,7 @@ class VcpuCounters:
 
     @property
     def traps(self) -> int:
-        return sum(self.hypercalls.values()) + self.ptwr + self.page_faults
+        return trap_count(sum(self.hypercalls.values()), self.ptwr, self.page_faults)
 
     def as_dict(self) -> dict[str, int | dict[str, int]]:
         return {

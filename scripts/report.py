@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pvemu.guest.workload import PHASE_FIELDS
+from pvemu.shared.counts import PHASE_FIELDS
 
 #: Short headers so the table fits a terminal; ``pvemu run --help`` spells them out.
 HEADERS = {

@@ -18,17 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-#: Counts the gate compares (the per-phase counters of ``pvemu guest --json``;
-#: equal to ``guest.workload.PHASE_FIELDS``, which a test checks).
-GATED_COUNTS: Final = (
-    "traps",
-    "hypercalls",
-    "multicall_entries",
-    "records",
-    "ptwr",
-    "page_faults",
-    "flush_ops",
-)
+from pvemu.shared.counts import PHASE_FIELDS
+
+#: Counts the gate compares: the per-phase counters of ``pvemu guest --json``,
+#: the fields of ``shared.counts.PhaseCounts`` (the same tuple as ``PHASE_FIELDS``).
+GATED_COUNTS: Final = PHASE_FIELDS
 #: Every count kept per phase: the gated ones and the guest's own trap count.
 COUNT_FIELDS: Final = (*GATED_COUNTS, "guest_traps")
 #: Multicall-buffer parameters, named as the point keys and JSON name them,

@@ -271,8 +271,8 @@ def print_replay_table(name: str, results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pvemu.guest.workload import PHASE_FIELDS
     from pvemu.scripts.report import HEADERS
+    from pvemu.shared.counts import PHASE_FIELDS
 
     table = Table(title=f"trace {name} (traps per phase; lower is better)")
     table.add_column("mode")

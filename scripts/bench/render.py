@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pvemu.scripts.bench.comparison import Comparison
 from pvemu.scripts.bench.documents import run_to_json
 from pvemu.scripts.bench.sweep import MPROTECT
-from pvemu.scripts.results import Point, Run, param_words
+from pvemu.scripts.results import GATED_COUNTS, Point, Run, param_words
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -19,16 +19,19 @@ if TYPE_CHECKING:
 
     from pvemu.scripts.costmodel import CostModel
 
-#: The count columns of the run table, with their short headers.
-TABLE_COUNTS: Final = (
-    ("traps", "traps"),
-    ("hypercalls", "hcalls"),
-    ("multicall_entries", "mc.ent"),
-    ("records", "records"),
-    ("ptwr", "ptwr"),
-    ("page_faults", "faults"),
-    ("flush_ops", "flush"),
-)
+#: Short headers of the run table's count columns.
+SHORT_HEADERS: Final = {
+    "traps": "traps",
+    "hypercalls": "hcalls",
+    "multicall_entries": "mc.ent",
+    "records": "records",
+    "ptwr": "ptwr",
+    "page_faults": "faults",
+    "flush_ops": "flush",
+}
+#: The count columns of the run table (the phase counts, in table order),
+#: with their short headers.
+TABLE_COUNTS: Final = tuple((name, SHORT_HEADERS[name]) for name in GATED_COUNTS)
 ESTIMATE_HEADER: Final = "est. real µs*"
 ESTIMATE_NOTE: Final = (
     "* ESTIMATE, not a measurement: counts x per-event costs of cost model '{name}' "
