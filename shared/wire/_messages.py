@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar
 
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError
+from pvemu.shared.mmu import AccessKind
 
 from ._args import HypercallArgs, args_from_wire, check_op_args, make_call
 from ._blob import unpack_u64s
@@ -142,7 +143,8 @@ class Fault(NamedTuple):
     error_code: int
 
 
-_ACCESS_KINDS: Final = frozenset({"r", "w", "x"})
+#: The spellings of the hardware model's access kinds (``AccessKind`` values).
+_ACCESS_KINDS: Final = frozenset(kind.value for kind in AccessKind)
 
 # ---- requests ----
 
