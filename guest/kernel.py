@@ -157,6 +157,11 @@ class Kernel:
     def mode(self) -> str:
         return self.backend.name
 
+    @property
+    def unsafe(self) -> bool:
+        """The mode loses hardware-set A/D bits by design (the registry says)."""
+        return _mode(self.mode).unsafe
+
     # --- system calls -------------------------------------------------------------
 
     def mmap(

@@ -54,7 +54,6 @@ class PvOps:
     batching; the hooks every backend must provide raise here."""
 
     name = "?"
-    unsafe = False
     folds_tlb_flush = False
 
     def __init__(self, vcpu: int = 0) -> None:
@@ -274,7 +273,6 @@ class NaiveOps(BatchedOps):
     hardware set since the plain-read start. Exists to show the race."""
 
     name = "naive"
-    unsafe = True
 
 
 class NativeOps(PvOps):

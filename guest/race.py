@@ -183,7 +183,7 @@ async def run_race(
         raise ValueError(f"need 1..{kernel.machine.nr_vcpus - 2} writers for this guest")
     if pages < writers:
         raise ValueError("need at least one page per writer")
-    result = RaceResult(kernel.mode, pages, writers, iterations, seed, unsafe=kernel.backend.unsafe)
+    result = RaceResult(kernel.mode, pages, writers, iterations, seed, unsafe=kernel.unsafe)
     fd, path = tempfile.mkstemp(prefix="pvemu-race-", suffix=".bin", dir=directory)
     try:
         os.ftruncate(fd, pages * PAGE_SIZE)

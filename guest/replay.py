@@ -546,7 +546,7 @@ async def replay_trace(
     result = TraceResult(
         kernel.mode,
         0,
-        unsafe=kernel.backend.unsafe,
+        unsafe=kernel.unsafe,
         trace=name,
         command=list(trace.command),
         policy={

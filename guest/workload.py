@@ -94,7 +94,7 @@ async def run_mprotect_workload(kernel: Kernel, pages: int, *, vcpu: int = 1) ->
     addr = kernel.mmap(length, rw, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, addr=REGION_ADDR)
     if addr != REGION_ADDR:
         raise WorkloadError(f"region landed at {addr:#x}, not {REGION_ADDR:#x}")
-    result = WorkloadResult(kernel.mode, pages, unsafe=kernel.backend.unsafe)
+    result = WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe)
     pattern = [(addr + i * PAGE_SIZE, "w", bytes([(i * 7 + 1) & 0xFF])) for i in range(pages)]
 
     async def populate() -> None:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import pytest
 
 from pvemu.hypervisor import Hypervisor
-from pvemu.hypervisor.core import Hypervisor as CoreHypervisor
 from pvemu.hypervisor.limits import ServerLimits
 from pvemu.hypervisor.service import HypervisorService, Session
 from pvemu.shared import abi, wire
@@ -57,7 +56,7 @@ def test_a_hypervisor_bug_is_internal_not_the_guests_fault(
     def broken(*args: object, **kwargs: object) -> object:
         raise ValueError("planted")
 
-    monkeypatch.setattr(CoreHypervisor, "run_user", broken)
+    monkeypatch.setattr(Hypervisor, "run_user", broken)
     work = service.begin(victim, wire.RunUser(5, (wire.Access(0, "r", 8),)))
     assert work.step()
     assert isinstance(work.reply, wire.ErrorReply)

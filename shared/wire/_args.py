@@ -8,8 +8,10 @@ around it ask of it, so no layer switches on the hypercall number:
 * ``largest_batch``: records of the biggest ``mmu_update`` inside (what the
   server's ``max_batch`` bounds);
 * ``mmu_update_records`` / ``multicall_entries``: what the guest counts;
-* ``from_wire`` / ``to_wire``: the strict wire form; ``from_client``: the
-  lenient raw-client form (:func:`make_call`).
+* ``from_wire`` / ``to_wire``: the strict wire form (``from_wire`` only
+  unpacks the shape: every field is checked once, by the constructor's
+  ``_validate``); ``from_client``: the lenient raw-client form
+  (:func:`make_call`).
 
 ``mmu_update`` records are one ``bytes`` blob in Xen's ``struct
 mmu_update[]`` layout from the moment the guest packs them;
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, cast
 
 from pvemu.shared.abi import (
     DOMID_SELF,
@@ -168,9 +170,7 @@ class MmuUpdateArgs(_Args):
     @classmethod
     def from_wire(cls, raw: tuple[object, ...], depth: int) -> Self:
         reqs, dom = _shape(raw, "mmu_update args", 2)
-        mmu_max = MAX_MMU_UPDATES * MMU_UPDATE_SIZE
-        blob = _bytes(reqs, "mmu_update reqs", mmu_max, multiple=MMU_UPDATE_SIZE)
-        return cls(blob, _int(dom, "foreigndom", 0, _U32))
+        return cls(cast(bytes, reqs), cast(int, dom))  # checked once, by _validate
 
     @classmethod
     def from_client(cls, *args: object) -> Self:
@@ -220,17 +220,7 @@ class MmuextOpArgs(_Args):
     @classmethod
     def from_wire(cls, raw: tuple[object, ...], depth: int) -> Self:
         ops, dom = _shape(raw, "mmuext_op args", 2)
-        checked: list[tuple[int, int, int]] = []
-        for op in _tuple(ops, "mmuext ops", MAX_MMUEXT_OPS):
-            cmd, arg1, arg2 = _shape(op, "mmuext op", 3)
-            checked.append(
-                (
-                    _int(cmd, "mmuext cmd", 0, _U32),
-                    _int(arg1, "mmuext arg1", 0, _U64),
-                    _int(arg2, "mmuext arg2", 0, _U64),
-                )
-            )
-        return cls(tuple(checked), _int(dom, "foreigndom", 0, _U32))
+        return cls(cast("tuple[tuple[int, int, int], ...]", ops), cast(int, dom))
 
     @classmethod
     def from_client(cls, *args: object) -> Self:
@@ -269,9 +259,7 @@ class UpdateVaMappingArgs(_Args):
     @classmethod
     def from_wire(cls, raw: tuple[object, ...], depth: int) -> Self:
         va, val, flags = _shape(raw, "update_va_mapping args", 3)
-        return cls(
-            _int(va, "va", 0, _U64), _int(val, "val", 0, _U64), _int(flags, "flags", 0, _U64)
-        )
+        return cls(cast(int, va), cast(int, val), cast(int, flags))
 
     @classmethod
     def from_client(cls, *args: object) -> Self:
@@ -305,12 +293,7 @@ class UpdateVaMappingOtherdomainArgs(_Args):
     @classmethod
     def from_wire(cls, raw: tuple[object, ...], depth: int) -> Self:
         va, val, flags, domid = _shape(raw, "update_va_mapping_otherdomain args", 4)
-        return cls(
-            _int(va, "va", 0, _U64),
-            _int(val, "val", 0, _U64),
-            _int(flags, "flags", 0, _U64),
-            _int(domid, "domid", 0, _U16),
-        )
+        return cls(cast(int, va), cast(int, val), cast(int, flags), cast(int, domid))
 
     @classmethod
     def from_client(cls, *args: object) -> Self:
@@ -336,7 +319,7 @@ class VmAssistArgs(_Args):
     @classmethod
     def from_wire(cls, raw: tuple[object, ...], depth: int) -> Self:
         cmd, typ = _shape(raw, "vm_assist args", 2)
-        return cls(_int(cmd, "vm_assist cmd", 0, _U32), _int(typ, "vm_assist type", 0, _U32))
+        return cls(cast(int, cmd), cast(int, typ))
 
     @classmethod
     def from_client(cls, *args: object) -> Self:
@@ -433,8 +416,7 @@ class RawArgs(_Args):
 
     @classmethod
     def from_wire(cls, raw: tuple[object, ...], depth: int) -> Self:
-        items = _tuple(raw, "hypercall args", MAX_HYPERCALL_ARGS)
-        return cls(tuple(_int(arg, "hypercall arg", 0, _U64) for arg in items))
+        return cls(cast("tuple[int, ...]", raw))
 
     @classmethod
     def from_client(cls, *args: object) -> Self:
