@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+import numpy as np
 import trio
 
 from pvemu.shared import abi, wire
@@ -245,14 +246,24 @@ class Domain:
     def __init__(self, welcome: wire.Welcome, memory_fd: int, channels: Sequence[Channel]) -> None:
         """Takes ``memory_fd`` (the domain's sealed memfd): mapped read-only
         here and closed with the domain, or when the domain is collected."""
-        size = len(welcome.p2m) // 8 * PAGE_SIZE
+        size = welcome.memfd_size
+        if os.fstat(memory_fd).st_size < size:
+            raise HypervisorError("malformed", "the memory fd is smaller than the welcome says")
         memory = mmap.mmap(memory_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         #: The domain's memory as the hypervisor passed it (read-only to us).
         self.memory_fd = memory_fd
         self._close_fd = weakref.finalize(self, os.close, memory_fd)
         self.domid = welcome.domid
-        self.p2m: list[int] = list(welcome.p2m_mfns())
-        self.m2p: dict[int, int] = {mfn: pfn for pfn, mfn in enumerate(self.p2m)}
+        nr_frames = welcome.nr_frames
+        p2m = np.frombuffer(memory, dtype="<u8", count=nr_frames, offset=wire.p2m_offset(nr_frames))
+        #: PFN -> MFN, read from the memfd's tail (a copy: the mapping must close).
+        self.p2m = array.array("Q", p2m.astype(np.uint64).tobytes())
+        #: MFN -> PFN, -1 where the frame is not ours: a C array, not a dict,
+        #: because a 16 GiB domain has four million frames.
+        m2p = np.full(int(p2m.max()) + 1, -1, dtype=np.int32)
+        m2p[p2m] = np.arange(nr_frames, dtype=np.int32)
+        self._m2p = array.array("i", m2p.tobytes())
+        del p2m, m2p  # no view of the mapping may outlive it
         self.secret = welcome.secret
         self.limits = dict(welcome.limits)
         self.features = tuple(welcome.features)
@@ -261,7 +272,7 @@ class Domain:
         self._words = memoryview(memory).cast("Q")
         self._channels = list(channels)
         self._counters = [GuestCounters() for _ in channels]
-        self._free_pfns = list(range(len(self.p2m) - 1, -1, -1))
+        self._free_pfns = array.array("I", np.arange(nr_frames - 1, -1, -1, dtype=np.uint32))
 
     @property
     def nr_vcpus(self) -> int:
@@ -286,13 +297,21 @@ class Domain:
     def free_frames(self) -> int:
         return len(self._free_pfns)
 
+    def pfn_of(self, mfn: int) -> int:
+        """This domain's PFN of ``mfn``; KeyError if the frame is not ours."""
+        m2p = self._m2p
+        pfn = m2p[mfn] if 0 <= mfn < len(m2p) else -1
+        if pfn < 0:
+            raise KeyError(f"mfn {mfn:#x} is not a frame of domain {self.domid}")
+        return pfn
+
     def read_u64(self, maddr: int) -> int:
         """Read 8 bytes of this domain's memory by machine address (no trap)."""
-        pfn = self.m2p[maddr >> PAGE_SHIFT]
+        pfn = self.pfn_of(maddr >> PAGE_SHIFT)
         return int(self._words[(pfn << 9) | ((maddr & (PAGE_SIZE - 1)) >> 3)])
 
     def read_bytes(self, maddr: int, length: int) -> bytes:
-        pfn = self.m2p[maddr >> PAGE_SHIFT]
+        pfn = self.pfn_of(maddr >> PAGE_SHIFT)
         start = (pfn << PAGE_SHIFT) | (maddr & (PAGE_SIZE - 1))
         return bytes(self._memory[start : start + length])
 

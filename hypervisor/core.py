@@ -154,9 +154,8 @@ class Hypervisor:
                 if base is not None:
                     bases[vcpu] = None
                     types.put_page_and_type(base)
-        for mfn in domain.p2m:
-            if self.state.frames.pinned(mfn):
-                types.unpin(mfn, domid)
+        for mfn in self.state.memory.pinned_frames(domain.p2m):
+            types.unpin(mfn, domid)
         del self.state.domains[domid]
         self.state.memory.release(domid, domain.p2m)
 

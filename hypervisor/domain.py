@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from pvemu.shared.oracle import RaceOracle
 
 if TYPE_CHECKING:
+    from array import array
+
     from pvemu.shared.mmu import HardwareModel
 
     from .counters import VcpuCounters
@@ -22,7 +24,8 @@ class Domain:
 
     domid: int
     name: str
-    p2m: list[int]
+    #: PFN -> MFN, one C array (a 16 GiB domain has four million frames).
+    p2m: array[int]
     memory: DomainMemory
     hw: HardwareModel
     counters: list[VcpuCounters]

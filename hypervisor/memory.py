@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import mmap
 import os
-import random
 import weakref
+from array import array
 from typing import Final
 
+import numpy as np
+
+from pvemu.shared import wire
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
-from .frametable import NO_OWNER, FrameTable
+from .frametable import NO_OWNER, PINNED, FrameTable
 
 WORDS_PER_FRAME: Final = PAGE_SIZE // 8
 _ZERO_FRAME: Final = memoryview(bytes(PAGE_SIZE)).cast("Q")
@@ -30,21 +33,37 @@ class OutOfMemory(Exception):
     """The machine has too few free frames for the request."""
 
 
+def _view(table: array[int]) -> np.ndarray:
+    """A numpy view (no copy) of one frame-table column."""
+    return np.frombuffer(table, dtype=np.dtype(table.typecode))
+
+
 class DomainMemory:
-    """One domain's frames: a memfd mapped read-write by the hypervisor."""
+    """One domain's frames: a memfd mapped read-write by the hypervisor.
+
+    After the frames comes the p2m (``wire.p2m_offset``): the guest maps the
+    whole memfd read-only and reads its PFN -> MFN list from there, so the
+    list never has to fit in a message, whatever the domain's size.
+    """
 
     __slots__ = ("__weakref__", "_close_fd", "fd", "map", "nr_frames", "words")
 
-    def __init__(self, name: str, nr_frames: int) -> None:
+    def __init__(self, name: str, p2m: array[int]) -> None:
+        nr_frames = len(p2m)
         self.nr_frames = nr_frames
+        size = wire.p2m_offset(nr_frames) + wire.p2m_bytes(nr_frames)
         self.fd = os.memfd_create(f"pvemu-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(self.fd, nr_frames * PAGE_SIZE)
-            self.map = mmap.mmap(self.fd, nr_frames * PAGE_SIZE, mmap.MAP_SHARED)
+            os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
         except BaseException:
             os.close(self.fd)
             raise
-        self.words = memoryview(self.map).cast("Q")
+        start = wire.p2m_offset(nr_frames)
+        tail = np.frombuffer(self.map, dtype="<u8", count=nr_frames, offset=start)
+        tail[:] = np.frombuffer(p2m, dtype=np.dtype(p2m.typecode))
+        del tail  # an exported buffer would keep the mapping from closing
+        self.words = memoryview(self.map).cast("Q")[: nr_frames * WORDS_PER_FRAME]
         # The mapping frees itself with the object; the descriptor would not:
         # a dropped Hypervisor (tests, fuzzers) must not leak one per domain.
         self._close_fd = weakref.finalize(self, os.close, self.fd)
@@ -71,46 +90,58 @@ class MachineMemory:
 
     def __init__(self, frames: FrameTable, *, seed: int = 0) -> None:
         self.frames = frames
-        pool = list(range(1, frames.nr_frames))
-        random.Random(seed).shuffle(pool)
+        shuffled = np.random.default_rng(seed).permutation(np.arange(1, frames.nr_frames))
         # MFN 0 goes first (to Xen's own frame) so it never names a guest frame:
         # Xen's NEW_USER_BASEPTR uses mfn 0 for "none".
-        pool.append(0)
-        self._free = pool
+        self._free = array("I", shuffled.astype(np.uint32).tobytes())
+        self._free.append(0)
         self._memories: dict[int, DomainMemory] = {}
 
     @property
     def free_frames(self) -> int:
         return len(self._free)
 
-    def allocate(self, owner: int, nr_frames: int, name: str) -> tuple[DomainMemory, list[int]]:
-        """Give ``owner`` ``nr_frames`` zeroed frames; returns (memory, p2m)."""
+    def allocate(self, owner: int, nr_frames: int, name: str) -> tuple[DomainMemory, array[int]]:
+        """Give ``owner`` ``nr_frames`` zeroed frames; returns (memory, p2m).
+
+        The frame table is filled with array stores: a 16 GiB domain is four
+        million frames, too many for a Python loop per frame.
+        """
         if nr_frames <= 0:
             raise ValueError("a domain needs at least one frame")
         if owner in self._memories:
             raise ValueError(f"owner {owner} already has memory")
         if nr_frames > len(self._free):
             raise OutOfMemory(f"{nr_frames} frames requested, {len(self._free)} free")
-        memory = DomainMemory(name, nr_frames)
         p2m = self._free[-nr_frames:]
+        memory = DomainMemory(name, p2m)
         del self._free[-nr_frames:]
         ft = self.frames
-        for pfn, mfn in enumerate(p2m):
-            ft.owner[mfn] = owner
-            ft.slot[mfn] = pfn
-            ft.count[mfn] = 1  # PGC_allocated: the owner's own reference
-            ft.m2p[mfn] = pfn
+        mfns = np.frombuffer(p2m, dtype=np.uint32)
+        pfns = np.arange(nr_frames)
+        _view(ft.owner)[mfns] = owner
+        _view(ft.slot)[mfns] = pfns
+        _view(ft.count)[mfns] = 1  # PGC_allocated: the owner's own reference
+        _view(ft.m2p)[mfns] = pfns
         self._memories[owner] = memory
         return memory, p2m
 
-    def release(self, owner: int, p2m: list[int]) -> None:
+    def release(self, owner: int, p2m: array[int]) -> None:
         """Return an owner's frames to the pool and close its memfd."""
         ft = self.frames
-        for mfn in p2m:
-            ft.reset(mfn)
+        mfns = np.frombuffer(p2m, dtype=np.dtype(p2m.typecode))
+        for column in (ft.slot, ft.count, ft.type, ft.type_count, ft.flags, ft.m2p):
+            _view(column)[mfns] = 0
+        _view(ft.owner)[mfns] = NO_OWNER
         self._free.extend(p2m)
         memory = self._memories.pop(owner)
         memory.close()
+
+    def pinned_frames(self, mfns: array[int]) -> list[int]:
+        """The pinned frames among ``mfns``, in their order (one array pass)."""
+        frames = np.frombuffer(mfns, dtype=np.dtype(mfns.typecode))
+        pinned = (_view(self.frames.flags)[frames] & PINNED) != 0
+        return [int(mfn) for mfn in frames[pinned]]
 
     def _locate(self, maddr: int) -> tuple[memoryview, int]:
         mfn = maddr >> PAGE_SHIFT

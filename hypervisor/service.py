@@ -287,7 +287,7 @@ class HypervisorService:
             rid,
             domain.domid,
             session.vcpu,
-            wire.pack_u64s(domain.p2m),
+            len(domain.p2m),
             domain.secret,
             limits,
             FEATURES,

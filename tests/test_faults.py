@@ -495,7 +495,7 @@ class FakePeer:
         """Answer the client's hello (no memory fd: the channel never maps it)."""
         hello = await self.receive_request()
         assert isinstance(hello, wire.Hello)
-        welcome = wire.Welcome(hello.id, 1, 0, bytes(8), bytes(16), {}, ())
+        welcome = wire.Welcome(hello.id, 1, 0, 1, bytes(16), {}, ())
         await self.sock.send(self.conn.send(welcome))
 
 

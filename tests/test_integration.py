@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from pvemu.guest.client import Domain, connect
-from pvemu.shared import abi
+from pvemu.shared import abi, wire
 from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW, PTE_MFN_MASK, maddr_of_entry, make_pte
 from tests.hvproc import HypervisorProcess, hypervisor_process
 
@@ -154,7 +154,7 @@ async def test_join_with_wrong_secret_and_second_hello(hvp: HypervisorProcess) -
         bad = {
             "t": "join",
             "id": 1,
-            "version": 1,
+            "version": wire.PROTOCOL_VERSION,
             "domid": dom.domid,
             "secret": b"x" * 16,
             "vcpu": 1,
@@ -165,7 +165,14 @@ async def test_join_with_wrong_secret_and_second_hello(hvp: HypervisorProcess) -
         # a second hello on a connection that already has a domain: bad_state
         raw = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await raw.connect(hvp.socket_path)
-        hello = {"t": "hello", "id": 1, "version": 1, "memory_mib": 1, "vcpus": 1, "name": "x"}
+        hello = {
+            "t": "hello",
+            "id": 1,
+            "version": wire.PROTOCOL_VERSION,
+            "memory_mib": 1,
+            "vcpus": 1,
+            "name": "x",
+        }
         await raw.send(msgpack.packb(hello))
         unpacker = msgpack.Unpacker()
         while True:
@@ -232,3 +239,22 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: object) -> None
         restart.send_signal(signal.SIGTERM)
         assert restart.wait(timeout=10) == 0
         restart.stdout.close()
+
+
+async def test_a_16_gib_domain_boots_over_the_socket() -> None:
+    """The p2m of a 16 GiB domain (4 Mi frames, 32 MiB) reaches the guest
+    through the memfd's read-only tail, not a message; the guest maps a frame
+    at the top of its memory and the hypervisor's audit is clean."""
+    with hypervisor_process(memory_mib=wire.MAX_MEMORY_MIB + 64, tag="big") as big:
+        async with connect(big.socket_path, memory_mib=wire.MAX_MEMORY_MIB, vcpus=2) as dom:
+            assert len(dom.p2m) == wire.MAX_DOMAIN_FRAMES
+            assert len(set(dom.p2m)) == wire.MAX_DOMAIN_FRAMES
+            top = dom.p2m[-1]
+            assert dom.pfn_of(top) == wire.MAX_DOMAIN_FRAMES - 1
+            l1 = first_l1(dom)
+            pte = make_pte(top, USER_RW)
+            assert await dom.mmu_update([(maddr_of_entry(l1, 3), pte)]) == (0, 1)
+            outcome = await dom.run_user(1, [(3 * 4096, "w", b"top"), (3 * 4096, "r", 3)])
+            assert outcome["reads"] == [b"top"]
+            assert dom.read_bytes(top << 12, 3) == b"top"
+            assert await dom.audit() == []

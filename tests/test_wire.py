@@ -76,7 +76,7 @@ WELCOME = Welcome(
     0,
     domid=1,
     vcpu=0,
-    p2m=pack_u64s([100, 101, 102, 103]),
+    nr_frames=4,
     secret=SECRET,
     limits={"max_mmu_updates": wire.MAX_MMU_UPDATES, "quantum": 64},
     features=(abi.XENFEAT_mmu_pt_update_preserve_ad,),
@@ -195,7 +195,9 @@ def drain(conn: Connection) -> list[Message]:
 # --- round trips --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("message", [HELLO, WELCOME, Join(2, 1, 7, SECRET, 3), *REQUESTS, *REPLIES])
+@pytest.mark.parametrize(
+    "message", [HELLO, WELCOME, Join(2, wire.PROTOCOL_VERSION, 7, SECRET, 3), *REQUESTS, *REPLIES]
+)
 def test_codec_round_trip(message: Message) -> None:
     assert codec_round_trip(message) == message
 
@@ -222,7 +224,7 @@ def test_join_handshake() -> None:
     client, server = Connection("client"), Connection("server")
     join = Join(5, PROTOCOL_VERSION, 1, SECRET, 1)
     assert feed_one(server, client.send(join)) == join
-    welcome = Welcome(5, 1, 1, WELCOME.p2m, SECRET, {}, ())
+    welcome = Welcome(5, 1, 1, WELCOME.nr_frames, SECRET, {}, ())
     assert feed_one(client, server.send(welcome)) == welcome
     assert state_of(client) is state_of(server) is State.READY
 
@@ -293,8 +295,14 @@ def test_user_result_fault_decodes_as_named_tuple() -> None:
     assert result.fault.error_code == 6
 
 
-def test_welcome_p2m_and_fd_flag() -> None:
-    assert list(WELCOME.p2m_mfns()) == [100, 101, 102, 103]
+def test_welcome_memfd_layout_and_fd_flag() -> None:
+    # Four frames, then the p2m (4 x 8 bytes) padded to a whole page.
+    assert wire.p2m_offset(4) == 4 * 4096
+    assert WELCOME.memfd_size == 5 * 4096
+    assert wire.p2m_bytes(512) == 4096
+    assert wire.p2m_bytes(513) == 8192
+    # 16 GiB: the p2m (32 MiB) is far beyond any message, and need not be one.
+    assert wire.p2m_bytes(wire.MAX_DOMAIN_FRAMES) == wire.MAX_DOMAIN_FRAMES * 8
     assert Welcome.ANCILLARY_FDS == 1
     assert all(cls.ANCILLARY_FDS == 0 for cls in (*REQUESTS, *REPLIES))
 
@@ -452,8 +460,7 @@ def test_default_limits_admit_the_largest_legal_messages() -> None:
     reqs = pack_mmu_updates([(8 * i, i) for i in range(wire.MAX_MMU_UPDATES)])
     big = Hypercall(1, abi.HYPERVISOR_mmu_update, MmuUpdateArgs(reqs))
     assert feed_one(server, client.send(big)) == big
-    p2m = pack_u64s(range(wire.MAX_P2M_ENTRIES))
-    welcome = Welcome(0, 1, 0, p2m, SECRET, {}, ())
+    welcome = Welcome(0, 1, 0, wire.MAX_DOMAIN_FRAMES, SECRET, {}, ())
     fresh = Connection("client")
     fresh.send(HELLO)
     assert feed_one(fresh, packb(welcome.to_wire())) == welcome
@@ -528,19 +535,27 @@ def test_secret_length_codes(length: int, code: str) -> None:
     when built and when decoded (non-fatally) by either end."""
     secret = bytes(length)
     local_error(code, Join, 1, 1, 1, secret, 0)
-    local_error(code, Welcome, 1, 1, 0, b"", secret, {}, ())
+    local_error(code, Welcome, 1, 1, 0, 1, secret, {}, ())
     server = ready_server()
-    error = rejected(server, packb(with_field(Join(9, 1, 1, SECRET, 1), secret=secret)))
+    error = rejected(
+        server, packb(with_field(Join(9, wire.PROTOCOL_VERSION, 1, SECRET, 1), secret=secret))
+    )
     assert (error.code, error.fatal, error.request_id) == (code, False, 9)
     client = client_awaiting(Hello(5, PROTOCOL_VERSION, 1, 1))
-    error = rejected(
-        client, packb(with_field(Welcome(5, 1, 0, b"", SECRET, {}, ()), secret=secret))
-    )
+    error = rejected(client, packb(with_field(Welcome(5, 1, 0, 1, SECRET, {}, ()), secret=secret)))
     assert (error.code, error.fatal) == (code, False)
 
 
 def test_field_limits() -> None:
-    ok(Hello(wire.MAX_REQUEST_ID, 1, wire.MAX_MEMORY_MIB, wire.MAX_VCPUS, "n" * wire.MAX_NAME_LEN))
+    ok(
+        Hello(
+            wire.MAX_REQUEST_ID,
+            wire.PROTOCOL_VERSION,
+            wire.MAX_MEMORY_MIB,
+            wire.MAX_VCPUS,
+            "n" * wire.MAX_NAME_LEN,
+        )
+    )
     local_error("bad_type", Hello, wire.MAX_REQUEST_ID + 1, 1, 1, 1)
     local_error("bad_type", Hello, -1, 1, 1, 1)
     local_error("out_of_range", Hello, 1, 1, wire.MAX_MEMORY_MIB + 1, 1)
@@ -600,14 +615,13 @@ def test_field_limits() -> None:
     local_error("out_of_range", RunUser, 1, (Access(0, "r", 0),))
     local_error("out_of_range", RunUser, 1, (Access(0, "w", b""),))
     # welcome
-    local_error(
-        "too_large", Welcome, 0, 1, 0, b"\0" * 8 * (wire.MAX_P2M_ENTRIES + 1), SECRET, {}, ()
-    )
-    local_error("bad_type", Welcome, 0, 1, 0, b"\0" * 12, SECRET, {}, ())
+    local_error("out_of_range", Welcome, 0, 1, 0, wire.MAX_DOMAIN_FRAMES + 1, SECRET, {}, ())
+    local_error("out_of_range", Welcome, 0, 1, 0, 0, SECRET, {}, ())
+    local_error("bad_type", Welcome, 0, 1, 0, b"\0" * 8, SECRET, {}, ())
     limits = {f"k{i}": i for i in range(wire.MAX_LIMITS)}
-    ok(Welcome(0, 1, 0, b"", SECRET, limits, tuple(range(wire.MAX_FEATURES))))
-    local_error("too_large", Welcome, 0, 1, 0, b"", SECRET, {**limits, "x": 1}, ())
-    local_error("too_large", Welcome, 0, 1, 0, b"", SECRET, {}, (0,) * (wire.MAX_FEATURES + 1))
+    ok(Welcome(0, 1, 0, 1, SECRET, limits, tuple(range(wire.MAX_FEATURES))))
+    local_error("too_large", Welcome, 0, 1, 0, 1, SECRET, {**limits, "x": 1}, ())
+    local_error("too_large", Welcome, 0, 1, 0, 1, SECRET, {}, (0,) * (wire.MAX_FEATURES + 1))
     # replies
     ok(MulticallResult(1, 0, (-1,) * wire.MAX_MULTICALL_CALLS))
     local_error("too_large", MulticallResult, 1, 0, (0,) * (wire.MAX_MULTICALL_CALLS + 1))
@@ -748,7 +762,7 @@ BAD_REPLIES = [
     pytest.param(Stats(1), {"t": "result", "id": 1, "rc": 0, "done": 0}, "bad_state"),
     pytest.param(
         HELLO,
-        dict(WELCOME.to_wire(), p2m=[1, 2]),
+        dict(WELCOME.to_wire(), nr_frames=b"\x01"),
         "bad_type",
     ),
     pytest.param(HELLO, dict(WELCOME.to_wire(), limits={"a": -1}), "bad_type"),
@@ -834,9 +848,9 @@ def test_server_requires_hello_first() -> None:
 
 def test_second_hello_or_join_is_bad_state() -> None:
     server = ready_server()
-    error = rejected(server, packb(Hello(5, 1, 16, 1).to_wire()))
+    error = rejected(server, packb(Hello(5, wire.PROTOCOL_VERSION, 16, 1).to_wire()))
     assert (error.code, error.fatal, error.request_id) == ("bad_state", False, 5)
-    error = rejected(server, packb(Join(6, 1, 1, SECRET, 1).to_wire()))
+    error = rejected(server, packb(Join(6, wire.PROTOCOL_VERSION, 1, SECRET, 1).to_wire()))
     assert error.code == "bad_state"
     assert state_of(server) is State.READY
 
@@ -861,7 +875,7 @@ def test_wrong_version(cls: type[Hello] | type[Join]) -> None:
 
 
 def test_version_is_checked_before_other_fields() -> None:
-    obj = {"t": "hello", "id": 1, "version": 2, "future": "field"}
+    obj = {"t": "hello", "id": 1, "version": wire.PROTOCOL_VERSION + 1, "future": "field"}
     error = rejected(Connection("server"), packb(obj))
     assert error.code == "version"
 
@@ -874,7 +888,7 @@ def test_handshake_error_returns_to_idle_and_retry_works() -> None:
     assert feed_one(client, server.send(reply)) == reply
     assert state_of(client) is state_of(server) is State.IDLE
     feed_one(server, client.send(Hello(2, PROTOCOL_VERSION, 16, 1)))
-    feed_one(client, server.send(Welcome(2, 2, 0, b"", SECRET, {}, ())))
+    feed_one(client, server.send(Welcome(2, 2, 0, 1, SECRET, {}, ())))
     assert state_of(client) is state_of(server) is State.READY
 
 
@@ -933,7 +947,7 @@ def test_server_send_errors() -> None:
     with pytest.raises(LocalProtocolError, match="stats_result"):
         server.send(Result(1, 0))
     with pytest.raises(LocalProtocolError, match="no request"):
-        server.send(Welcome(9, 1, 0, b"", SECRET, {}, ()))
+        server.send(Welcome(9, 1, 0, 1, SECRET, {}, ()))
     server.send(StatsResult(1, {}))
     with pytest.raises(LocalProtocolError):
         server.send(StatsResult(1, {}))  # already answered
@@ -958,7 +972,7 @@ def test_client_send_errors() -> None:
         client.send(Bye(1))
     client, _server = ready_pair()
     with pytest.raises(LocalProtocolError, match="state READY"):
-        client.send(Hello(1, 1, 16, 1))
+        client.send(Hello(1, wire.PROTOCOL_VERSION, 16, 1))
 
 
 def test_client_checks_reply_ids_and_types() -> None:
@@ -1010,7 +1024,7 @@ def test_constructor_arguments() -> None:
         (RunUser, (1, ((0, "r", True),))),
         (UserResult, (1, 0, (), (1, 2, 3))),
         (UserResult, (1, 0, (bytearray(b"x"),), None)),
-        (Welcome, (0, 1, 0, b"", SECRET, {"": 1}, ())),
+        (Welcome, (0, 1, 0, 1, SECRET, {"": 1}, ())),
         (ErrorReply, (1, None, "")),
     ],
 )
@@ -1157,7 +1171,7 @@ replies = st.one_of(
         ids,
         st.integers(0, 0xFFFF),
         st.integers(0, 63),
-        st.lists(u64s, max_size=16).map(pack_u64s),
+        st.integers(1, wire.MAX_DOMAIN_FRAMES),
         st.binary(min_size=16, max_size=16),
         st.dictionaries(st.text(min_size=1, max_size=8), u64s, max_size=4),
         st.lists(st.integers(0, 0xFFFF_FFFF), max_size=4).map(tuple),
@@ -1217,7 +1231,7 @@ def pump(conn: Connection, chunks: list[bytes], *, eof: bool) -> list[Message]:
 
 def server_answer(request: Message) -> Reply:
     if isinstance(request, Hello | Join):
-        return Welcome(request.id, 1, 0, b"", SECRET, {}, ())
+        return Welcome(request.id, 1, 0, 1, SECRET, {}, ())
     if isinstance(request, Bye):
         return Goodbye(request.id)
     return ErrorReply(request.id, WireErrorCode.INTERNAL, "test")

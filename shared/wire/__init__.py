@@ -15,9 +15,10 @@ every message, field, limit and error; this module is the executable form.
   and ``fatal``); API misuse raises :class:`~shared.errors.LocalProtocolError`.
   Nothing else escapes for any input bytes.
 
-``mmu_update`` batches and the p2m list travel as ONE ``bin`` blob of
-little-endian u64s (``struct mmu_update[]`` layout for the former), packed and
-parsed with :mod:`array`, never per record.
+``mmu_update`` batches travel as ONE ``bin`` blob of little-endian u64s
+(``struct mmu_update[]`` layout), packed and parsed as arrays, never per
+record. The p2m does not travel at all: it is the read-only tail of the
+domain's memfd (:func:`p2m_offset`), so a 16 GiB domain needs no 32 MiB message.
 
 This module is the public face (h11's habit); the pieces each do one job:
 ``_limits`` (every bound), ``_checks`` (field validators), ``_blob`` (u64
@@ -56,6 +57,7 @@ from ._limits import (
     MAX_ACCESS_LEN,
     MAX_ARRAY_LEN,
     MAX_BIN_LEN,
+    MAX_DOMAIN_FRAMES,
     MAX_EXT_LEN,
     MAX_FEATURES,
     MAX_HYPERCALL_ARGS,
@@ -68,7 +70,6 @@ from ._limits import (
     MAX_MULTICALL_CALLS,
     MAX_MULTICALL_DEPTH,
     MAX_NAME_LEN,
-    MAX_P2M_ENTRIES,
     MAX_REQUEST_ID,
     MAX_STATS_DEPTH,
     MAX_STR_LEN,
@@ -105,6 +106,8 @@ from ._messages import (
     StatsResult,
     UserResult,
     Welcome,
+    p2m_bytes,
+    p2m_offset,
 )
 from ._state import CONNECTION_CLOSED, NEED_DATA, Sentinel, State
 
@@ -122,7 +125,7 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_TEXT_LEN",
     "MAX_MEMORY_MIB",
-    "MAX_P2M_ENTRIES",
+    "MAX_DOMAIN_FRAMES",
     "MAX_VCPUS",
     "SECRET_LEN",
     "MAX_MMU_UPDATES",
@@ -173,6 +176,8 @@ __all__ = [
     "Audit",
     "Bye",
     "Welcome",
+    "p2m_bytes",
+    "p2m_offset",
     "Result",
     "MulticallResult",
     "PtwrResult",

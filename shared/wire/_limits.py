@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 #: Sent in Hello/Join; any other value is answered with a "version" error.
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 #: Bytes per mmu_update record: two little-endian u64s (ptr, val).
 MMU_UPDATE_SIZE: Final = 16
@@ -41,10 +41,11 @@ MAX_REQUEST_ID: Final = (1 << 63) - 1
 MAX_NAME_LEN: Final = 64
 #: Error messages and audit violations: at most this many characters.
 MAX_TEXT_LEN: Final = 1024
-#: Hello.memory_mib is 1 .. MAX_MEMORY_MIB.
-MAX_MEMORY_MIB: Final = 1024
-#: 4 KiB frames in MAX_MEMORY_MIB: the p2m blob is at most 8 x this (2 MiB).
-MAX_P2M_ENTRIES: Final = MAX_MEMORY_MIB * 256
+#: Hello.memory_mib is 1 .. MAX_MEMORY_MIB (16 GiB).
+MAX_MEMORY_MIB: Final = 16384
+#: 4 KiB frames in MAX_MEMORY_MIB: Welcome.nr_frames is 1 .. this. The p2m
+#: does not travel in a message; it is the tail of the domain's memfd.
+MAX_DOMAIN_FRAMES: Final = MAX_MEMORY_MIB * 256
 #: Hello.vcpus is 1 .. MAX_VCPUS; vCPU indexes are 0 .. MAX_VCPUS - 1.
 MAX_VCPUS: Final = 64
 #: The domain secret (Welcome, Join) is exactly this many bytes.

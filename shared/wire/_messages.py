@@ -4,15 +4,14 @@ decode, one class per ``"t"`` value.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar
 
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError
 from pvemu.shared.mmu import AccessKind
+from pvemu.shared.x86 import PAGE_SIZE
 
 from ._args import HypercallArgs, args_from_wire, check_op_args, make_call
-from ._blob import unpack_u64s
 from ._checks import (
     _BAD_TYPE,
     _MALFORMED,
@@ -37,12 +36,12 @@ from ._checks import (
 )
 from ._limits import (
     MAX_ACCESS_LEN,
+    MAX_DOMAIN_FRAMES,
     MAX_FEATURES,
     MAX_LIMITS,
     MAX_MEMORY_MIB,
     MAX_MULTICALL_CALLS,
     MAX_NAME_LEN,
-    MAX_P2M_ENTRIES,
     MAX_TEXT_LEN,
     MAX_USER_ACCESSES,
     MAX_VCPUS,
@@ -320,8 +319,10 @@ class Welcome(Reply):
     """The answer to Hello/Join. The domain's memory fd (a sealed memfd) is
     sent as SCM_RIGHTS ancillary data on the same ``sendmsg`` as these bytes.
 
-    ``p2m`` is a blob of little-endian u64 MFNs, index = PFN
-    (:meth:`p2m_mfns`, :func:`pack_u64s`).
+    ``nr_frames`` is the domain's size in frames. The memfd holds those
+    frames (PFN x 4096) and, from :func:`p2m_offset`, the p2m: ``nr_frames``
+    little-endian u64 MFNs, index = PFN, as Xen's domain builder leaves the
+    mfn_list in memory the guest can read rather than in a message.
     """
 
     TYPE: ClassVar[str] = "welcome"
@@ -329,7 +330,7 @@ class Welcome(Reply):
     id: int
     domid: int
     vcpu: int
-    p2m: bytes
+    nr_frames: int
     secret: bytes
     limits: dict[str, int]
     features: tuple[int, ...]
@@ -338,7 +339,7 @@ class Welcome(Reply):
         _request_id(self.id)
         _int(self.domid, "domid", 0, _U16)
         _int(self.vcpu, "vcpu", 0, MAX_VCPUS - 1, _OUT_OF_RANGE)
-        _bytes(self.p2m, "p2m", MAX_P2M_ENTRIES * 8, multiple=8)
+        _int(self.nr_frames, "nr_frames", 1, MAX_DOMAIN_FRAMES, _OUT_OF_RANGE)
         if len(_bytes(self.secret, "secret", SECRET_LEN)) != SECRET_LEN:
             _fail(_BAD_TYPE, f"secret must be exactly {SECRET_LEN} bytes")
         for key, value in _dict(self.limits, "limits", MAX_LIMITS).items():
@@ -347,9 +348,20 @@ class Welcome(Reply):
         for feature in _tuple(self.features, "features", MAX_FEATURES):
             _int(feature, "feature", 0, _U32)
 
-    def p2m_mfns(self) -> array[int]:
-        """The p2m as an ``array('Q')`` of MFNs, index = PFN."""
-        return unpack_u64s(self.p2m)
+    @property
+    def memfd_size(self) -> int:
+        """Bytes of the memfd: the frames, then the page-aligned p2m."""
+        return p2m_offset(self.nr_frames) + p2m_bytes(self.nr_frames)
+
+
+def p2m_offset(nr_frames: int) -> int:
+    """Where the p2m starts in a domain's memfd: right after its frames."""
+    return nr_frames * PAGE_SIZE
+
+
+def p2m_bytes(nr_frames: int) -> int:
+    """The p2m's length in the memfd, rounded up to whole pages."""
+    return -(-nr_frames * 8 // PAGE_SIZE) * PAGE_SIZE
 
 
 @_register

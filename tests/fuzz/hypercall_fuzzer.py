@@ -19,7 +19,7 @@ from pvemu.hypervisor import Hypervisor
 from pvemu.hypervisor.frametable import NO_OWNER
 from pvemu.hypervisor.limits import ServerLimits
 from pvemu.hypervisor.service import FEATURES, HypervisorService, Session
-from pvemu.shared import abi, wire
+from pvemu.shared import abi
 from pvemu.shared.errors import LocalProtocolError
 from pvemu.shared.wire import (
     NEED_DATA,
@@ -126,7 +126,7 @@ class HypercallRun:
         )
         server.receive_data(client.send(hello))
         server.next_event()
-        welcome = Welcome(0, dom.domid, vcpu, wire.pack_u64s(dom.p2m), dom.secret, {}, FEATURES)
+        welcome = Welcome(0, dom.domid, vcpu, len(dom.p2m), dom.secret, {}, FEATURES)
         client.receive_data(server.send(welcome))
         assert client.next_event() == welcome
         return VcpuLink(me, other, vcpu, client, server, Session(dom.domid, vcpu))

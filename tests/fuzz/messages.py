@@ -186,14 +186,13 @@ def build_reply(e: Entropy, cls: type[Reply], rid: int | None) -> Reply:
         n = e.pick((0, 1, 2))
         return AuditResult(rid, tuple(e.text(wire.MAX_TEXT_LEN) for _ in range(n)))
     if cls is Welcome:
-        n = e.pick((4, 0, 1, 16, 512))
         limits = {e.text(wire.MAX_NAME_LEN, 1): e.u64() for _ in range(e.below(4))}
         features = tuple(e.u32() for _ in range(e.pick((1, 0, 2, wire.MAX_FEATURES))))
         return Welcome(
             rid,
             e.int_range(0, U16),
             e.int_range(0, wire.MAX_VCPUS - 1),
-            wire.pack_u64s([e.u64()] * n),
+            e.int_range(1, wire.MAX_DOMAIN_FRAMES),
             e.take(wire.SECRET_LEN),
             limits,
             features,

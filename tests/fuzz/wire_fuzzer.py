@@ -238,7 +238,7 @@ class WireSession:
         if how == 4 and self.server and isinstance(message, Hello | Join) and e.flag():
             obj = {}
             obj.update(message.to_wire().items())
-            obj["version"] = e.pick((0, 2, U32))
+            obj["version"] = e.pick((0, wire.PROTOCOL_VERSION - 1, wire.PROTOCOL_VERSION + 1, U32))
             codes = frozenset({WireErrorCode.VERSION})
         data = packb(obj)
         label = f"{message.TYPE} wrong field ({sorted(codes)})"

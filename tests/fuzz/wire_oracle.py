@@ -97,7 +97,7 @@ class ReplyChecker:
             client, server = Connection("client"), Connection("server")
             server.receive_data(client.send(Hello(0, PROTOCOL_VERSION, 1, 1)))
             server.next_event()
-            client.receive_data(server.send(Welcome(0, 1, 0, b"", bytes(16), {}, ())))
+            client.receive_data(server.send(Welcome(0, 1, 0, 1, bytes(16), {}, ())))
             client.next_event()
             self._ready = client
         return self._ready

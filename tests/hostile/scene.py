@@ -202,7 +202,7 @@ def assert_unchanged(
     words = memoryview(after.a_mem).cast("Q")
 
     def word(maddr: int) -> int:
-        return int(words[dom.m2p[maddr >> 12] * 512 + (maddr & 0xFFF) // 8])
+        return int(words[dom.pfn_of(maddr >> 12) * 512 + (maddr & 0xFFF) // 8])
 
     for index in mapped:
         entry = word(s.a.l1be(index))

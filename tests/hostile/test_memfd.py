@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from pvemu.guest.client import Domain
+from pvemu.shared import wire
 from pvemu.shared.x86 import PAGE_SIZE
 from pvemu.shared.x86 import make_pte as pte
 from tests.hostile.scene import (
@@ -84,10 +85,15 @@ async def calm(s: Scene, before: Snapshot) -> None:
 
 
 async def test_memfd_is_sealed(hvp: HypervisorProcess) -> None:
-    """The guest's fd is exactly its own memory, sealed against writes and resizing."""
+    """The guest's fd is exactly its own memory and then its p2m, sealed
+    against writes and resizing."""
     async with scene(hvp) as s:
         fd = memfd(s.a.dom)
-        assert os.fstat(fd).st_size == DOMAIN_FRAMES * PAGE_SIZE
+        p2m_start = wire.p2m_offset(DOMAIN_FRAMES)
+        assert os.fstat(fd).st_size == p2m_start + wire.p2m_bytes(DOMAIN_FRAMES)
+        tail = os.pread(fd, DOMAIN_FRAMES * 8, p2m_start)
+        assert tail == wire.pack_u64s(s.a.dom.p2m)
+        assert denied(lambda: os.pwrite(fd, b"\0" * 8, p2m_start)) == errno.EPERM
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         wanted = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
         assert seals & wanted == wanted
@@ -100,7 +106,7 @@ async def test_memfd_write_syscalls_are_refused(hvp: HypervisorProcess) -> None:
     async with scene(hvp) as s:
         fd = memfd(s.a.dom)
         size = os.fstat(fd).st_size
-        l1_offset = s.a.dom.m2p[s.a.l1] * PAGE_SIZE
+        l1_offset = s.a.dom.pfn_of(s.a.l1) * PAGE_SIZE
         before = await snapshot(s)
         rpipe, wpipe = os.pipe()
         source = os.open(__file__, os.O_RDONLY)
@@ -165,7 +171,7 @@ async def test_memfd_private_writable_mapping_is_a_private_copy(hvp: HypervisorP
         before = await snapshot(s)
         private = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
-            offset = s.a.dom.m2p[s.a.l1] * PAGE_SIZE + 5 * 8
+            offset = s.a.dom.pfn_of(s.a.l1) * PAGE_SIZE + 5 * 8
             forged = pte(s.v.data[0], USER_RW).to_bytes(8, "little")
             private[offset : offset + 8] = forged
             assert private[offset : offset + 8] == forged
@@ -220,7 +226,7 @@ async def test_memfd_store_through_read_only_mapping_faults(hvp: HypervisorProce
         fd = memfd(s.a.dom)
         size = os.fstat(fd).st_size
         before = await snapshot(s)
-        offset = s.a.dom.m2p[s.a.l1] * PAGE_SIZE
+        offset = s.a.dom.pfn_of(s.a.l1) * PAGE_SIZE
         done = await fault_child(fd, size, offset, "write")
         assert (done.returncode, done.stdout) == (-signal.SIGSEGV, b"mapped\n"), done.stderr
         await calm(s, before)
@@ -249,7 +255,9 @@ async def test_memfd_never_shows_another_domains_memory(hvp: HypervisorProcess) 
         before = await snapshot(s)
         everything = os.pread(fd, size + (1 << 20), 0)  # ask for more than there is
         assert len(everything) == size
-        assert everything == before.a_mem
+        frames = wire.p2m_offset(len(s.a.dom.p2m))
+        assert everything[:frames] == before.a_mem
+        assert everything[frames:] == wire.pack_u64s(s.a.dom.p2m).ljust(size - frames, b"\0")
         assert s.a.needle in everything  # the search can find a needle ...
         assert s.v.needle in before.v_mem  # ... and the victim's is real,
         for word in range(0, len(s.v.needle), 8):  # but no word of it is here

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import trio
 
-from pvemu.shared import abi
+from pvemu.shared import abi, wire
 from tests.hostile.scene import (
     COUNTERS,
     DOMAIN_FRAMES,
@@ -82,11 +82,25 @@ async def raw(path: str) -> AsyncIterator[Raw]:
 
 
 def hello(rid: int, vcpus: int = 1) -> dict[str, Any]:
-    return {"t": "hello", "id": rid, "version": 1, "memory_mib": 1, "vcpus": vcpus, "name": "raw"}
+    return {
+        "t": "hello",
+        "id": rid,
+        "version": wire.PROTOCOL_VERSION,
+        "memory_mib": 1,
+        "vcpus": vcpus,
+        "name": "raw",
+    }
 
 
 def join(rid: int, domid: int, secret: bytes, vcpu: int) -> dict[str, Any]:
-    return {"t": "join", "id": rid, "version": 1, "domid": domid, "secret": secret, "vcpu": vcpu}
+    return {
+        "t": "join",
+        "id": rid,
+        "version": wire.PROTOCOL_VERSION,
+        "domid": domid,
+        "secret": secret,
+        "vcpu": vcpu,
+    }
 
 
 def error(reply: dict[str, Any]) -> tuple[str, Any, str]:
@@ -208,7 +222,7 @@ async def test_replies_sent_to_the_server_are_unknown_messages(hvp: HypervisorPr
                 "t": "welcome",
                 "domid": v.domid,
                 "vcpu": 0,
-                "p2m": b"",
+                "nr_frames": 1,
                 "secret": v.secret,
                 "limits": {},
                 "features": [],
@@ -237,7 +251,8 @@ async def test_reused_request_ids_are_each_answered(hvp: HypervisorProcess) -> N
     the id is never pending twice and each request gets its own answer, in order."""
     async with scene(hvp) as s, raw(hvp.socket_path) as conn:
         welcome = await conn.ask(hello(1))
-        mfns = array.array("Q", welcome["p2m"])
+        frames = welcome["nr_frames"]  # the p2m is the tail of the memfd
+        mfns = array.array("Q", os.pread(conn.fds[-1], frames * 8, wire.p2m_offset(frames)))
         words = array.array("Q")
         for i in range(3000):  # plain data into the new domain's own untyped frames
             words.extend([(mfns[i % 200] << 12) + 8 * (i // 200), i])
