@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import errno
 import mmap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from pvemu.shared.x86 import _PAGE_DIRTY, _PAGE_RW
 from tests.loopback import loopback_domain
 
 RW = mmap.PROT_READ | mmap.PROT_WRITE
+Access = tuple[int, str, bytes | int]
 PROT_NONE = 0
 ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 PAGE = 4096
@@ -245,3 +247,30 @@ async def test_fault_rechecks_the_vma_under_the_pte_lock(xen: Kernel) -> None:
     assert len(outcome) == 1
     ptep = (l1 << 12) | ((addr >> 12) & 511) * 8
     assert not xen.machine.read_u64(ptep) & _PAGE_RW
+
+
+async def test_first_touch_sends_small_run_user_batches() -> None:
+    """Populating a region faults on every access; after a fault the kernel
+    sends a batch about twice what got through, not 256 accesses the next
+    fault throws away (that resend made populate quadratic in request bytes).
+    Every access still runs exactly once, in order."""
+    async with boot(mode="native", memory_mib=16) as kernel:
+        sent: list[int] = []
+        run_user = kernel.machine.run_user
+
+        async def counting(
+            vcpu: int, batch: Sequence[tuple[int, str, bytes | int]]
+        ) -> dict[str, Any]:
+            sent.append(len(batch))
+            return await run_user(vcpu, batch)
+
+        kernel.machine.run_user = counting  # type: ignore[method-assign]
+        pages = 300
+        addr = kernel.mmap(pages * 4096, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        await kernel.run_user(1, [(addr + i * 4096, "w", bytes([i & 0xFF])) for i in range(pages)])
+        assert kernel.counters.page_faults == pages
+        assert max(sent[1:]) <= 4  # one executed, one faulted, and slack
+        assert sum(sent) <= 256 + 4 * pages  # it was 256 per page
+        reads = await kernel.run_user(1, [(addr + i * 4096, "r", 1) for i in range(pages)])
+        assert reads == [bytes([i & 0xFF]) for i in range(pages)]
+        assert sent[-2:] == [256, pages - 256]  # no faults: whole batches again
