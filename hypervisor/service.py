@@ -18,6 +18,7 @@ traceback and the guest gets ``internal``; the other domains are unaffected.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +27,7 @@ import structlog
 
 from pvemu.shared import abi, wire
 from pvemu.shared.errors import WireErrorCode
+from pvemu.shared.logs import enabled
 
 from .core import DomainError, Hypervisor, PendingCall
 from .hypercalls import HypercallResult
@@ -82,15 +84,17 @@ class Work:
 
 class _HypercallWork(Work):
     """A hypercall in progress: Xen's continuation, plus the log line and
-    the reply once it ends."""
+    the reply once it ends. The log line is built only when info lines are
+    written (``pvemu run`` and the benchmarks filter them out)."""
 
-    __slots__ = ("_call", "_pending", "_request", "_started")
+    __slots__ = ("_logged", "_pending", "_request", "_started")
 
     def __init__(self, request: wire.Hypercall, pending: PendingCall) -> None:
         super().__init__()
         self._request = request
         self._pending = pending
-        self._started = time.perf_counter()
+        self._logged = enabled(logging.INFO)
+        self._started = time.perf_counter() if self._logged else 0.0
         self.slices = 0
 
     def step(self, budget: int | None = None) -> bool:
@@ -105,7 +109,8 @@ class _HypercallWork(Work):
             return True
         result = self._pending.result
         assert result is not None
-        self._log(result)
+        if self._logged:
+            self._log(result)
         self.reply = _reply_for(self._request, result)
         return True
 
