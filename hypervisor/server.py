@@ -166,7 +166,20 @@ class HypervisorServer:
         session: Session,
         poller: select.poll,
     ) -> None:
+        """Serve one connection's requests in order.
+
+        Past the handshake the socket is read and written directly
+        (:func:`_receive`, :func:`_send_now`): trio's stream adds a scheduler
+        pass to every send and a cancel scope to every wait. Every request
+        still passes one checkpoint (the wait for its bytes, or an explicit
+        one when they were already there), so a guest that pipelines cannot
+        keep the other connections from running, and cancellation (shutdown)
+        is seen at once.
+        """
         handshake_deadline = trio.current_time() + self.limits.handshake_timeout
+        fd = stream.socket.fileno()
+        cpu, service, quantum = self._cpu, self.service, self.limits.quantum
+        waited = False  # this request has passed a checkpoint
         while True:
             try:
                 event = conn.next_event()
@@ -177,8 +190,12 @@ class HypervisorServer:
                     return
                 continue
             if event is wire.NEED_DATA:
-                deadline = handshake_deadline if session.domid is None else math.inf
-                with trio.move_on_at(deadline):
+                if session.domid is not None:
+                    data, blocked = await _receive(fd)
+                    conn.receive_data(data)
+                    waited = waited or blocked
+                    continue
+                with trio.move_on_at(handshake_deadline):
                     conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
                     continue
                 log.warning("handshake_timeout", seconds=self.limits.handshake_timeout)
@@ -192,14 +209,34 @@ class HypervisorServer:
             if event is wire.CONNECTION_CLOSED:
                 return
             assert isinstance(event, wire.Request)
-            async with self._cpu.running(session):
-                work = await self._serve_request(event, session, poller)
-            assert work.reply is not None
-            await self._send(stream, conn.send(work.reply), work.fd)
-            if isinstance(work.reply, wire.Goodbye):
+            if not cpu.try_acquire(session):
+                await cpu.acquire_queued(session)
+                waited = True
+            try:
+                work = service.begin(session, event)
+                if not work.step(quantum):
+                    await self._finish(work, session, poller)
+                    waited = True
+            finally:
+                cpu.release(session)
+            reply = work.reply
+            assert reply is not None
+            data = conn.send(reply)
+            if work.fd is not None:
+                await self._send(stream, data, work.fd)
+            else:
+                sent = _send_now(fd, data)
+                if sent < len(data):
+                    await self._send(stream, memoryview(data)[sent:])
+                elif not waited:
+                    await trio.lowlevel.checkpoint()
+            if type(reply) is wire.Goodbye:
                 return
+            waited = False
 
-    async def _send(self, stream: trio.SocketStream, data: bytes, fd: int | None = None) -> None:
+    async def _send(
+        self, stream: trio.SocketStream, data: bytes | memoryview, fd: int | None = None
+    ) -> None:
         """Send a reply; a guest that leaves it unread for ``send_timeout``
         seconds is treated as gone, so it cannot pin the server's memory."""
         with trio.move_on_after(self.limits.send_timeout):
@@ -211,22 +248,45 @@ class HypervisorServer:
         log.warning("send_timeout", seconds=self.limits.send_timeout, bytes=len(data))
         raise _PeerGone
 
-    async def _serve_request(
-        self, request: wire.Request, session: Session, poller: select.poll
-    ) -> Work:
-        """Serve one request, a long hypercall in slices of ``quantum``
-        entries with the CPU yielded in between (Xen's continuation); a
-        guest that hangs up mid-batch has its call abandoned there."""
-        work = self.service.begin(session, request)
-        while not work.step(self.limits.quantum):
+    async def _finish(self, work: Work, session: Session, poller: select.poll) -> None:
+        """The rest of a long hypercall, in slices of ``quantum`` entries
+        with the CPU yielded in between (Xen's continuation); a guest that
+        hangs up mid-batch has its call abandoned there."""
+        while True:
             if poller.poll(0):
                 work.abandon()
                 raise _PeerGone
             await self._cpu.preempt(session)
-        return work
+            if work.step(self.limits.quantum):
+                return
 
 
-async def _send_with_fd(stream: trio.SocketStream, data: bytes, fd: int) -> None:
+async def _receive(fd: int) -> tuple[bytes, bool]:
+    """Read what the guest has sent, waiting for it if need be; also says
+    whether it waited (a checkpoint). EOF is ``b""``."""
+    blocked = False
+    while True:
+        try:
+            return os.read(fd, RECEIVE_SIZE), blocked
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        await trio.lowlevel.wait_readable(fd)
+        blocked = True
+
+
+def _send_now(fd: int, data: bytes) -> int:
+    """Send as much of ``data`` as the socket takes without blocking."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+async def _send_with_fd(stream: trio.SocketStream, data: bytes | memoryview, fd: int) -> None:
     """Send ``data`` with ``fd`` attached (SCM_RIGHTS) to its first byte."""
     fds = array.array("i", [fd])
     try:
