@@ -306,7 +306,7 @@ class Domain:
         counters.hypercalls[call.op] += 1
         counters.mmu_update_records += call.args.mmu_update_records
         counters.multicall_entries += call.args.multicall_entries
-        reply = await channel.request(wire.Hypercall(channel.next_id(), call.op, call.args))
+        reply = await channel.request(wire.Hypercall.for_call(channel.next_id(), call))
         assert isinstance(reply, wire.Result | wire.MulticallResult)
         return reply
 

@@ -200,6 +200,9 @@ class HypervisorService:
     # --- one request ------------------------------------------------------------------
 
     def _begin(self, session: Session, request: wire.Request) -> Work:
+        if type(request) is wire.Hypercall:  # the common case first
+            assert session.domid is not None  # the Connection enforces the handshake
+            return self._hypercall(request, session, session.domid)
         match request:
             case wire.Hello():
                 return self._hello(request, session)
@@ -211,8 +214,6 @@ class HypervisorService:
         assert domid is not None  # the Connection enforces the handshake
         hv = self.hv
         match request:
-            case wire.Hypercall():
-                return self._hypercall(request, session, domid)
             case wire.Ptwr():
                 rc, old = hv.ptwr_write(
                     domid, session.vcpu, request.maddr, request.val, exchange=request.exchange
@@ -243,8 +244,8 @@ class HypervisorService:
                 WireErrorCode.TOO_LARGE,
                 f"mmu_update of {batch} records: the limit is {self.limits.max_batch}",
             )
-        call = wire.Call(request.op, request.args)
-        return _HypercallWork(request, self.hv.start_hypercall(domid, session.vcpu, call))
+        pending = self.hv.start_hypercall(domid, session.vcpu, request.as_call())
+        return _HypercallWork(request, pending)
 
     # --- handshakes -------------------------------------------------------------------
 

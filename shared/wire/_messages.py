@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError
 from pvemu.shared.mmu import AccessKind
 
-from ._args import HypercallArgs, args_from_wire, check_op_args, make_call
+from ._args import Call, HypercallArgs, args_from_wire, check_op_args, make_call
 from ._blob import unpack_u64s
 from ._checks import (
     _BAD_TYPE,
@@ -50,6 +50,9 @@ from ._limits import (
     SECRET_LEN,
 )
 
+_new = object.__new__
+_set = object.__setattr__
+
 
 class Message(_Validated):
     """Base of every message. ``TYPE`` is the ``"t"`` value on the wire."""
@@ -65,7 +68,8 @@ class Message(_Validated):
     id: Any  # narrowed by each subclass (int, or int | None for ErrorReply)
 
     def to_wire(self) -> dict[str, object]:
-        """The msgpack map for this message (``"t"`` first)."""
+        """The msgpack map for this message (``"t"`` first). The messages of
+        every trap spell theirs out (no loop over the fields)."""
         out: dict[str, object] = {"t": self.TYPE}
         for name in self._FIELDS:
             out[name] = getattr(self, name)
@@ -209,7 +213,27 @@ class Hypercall(Request):
         check_op_args(self.op, self.args)
 
     def to_wire(self) -> dict[str, object]:
-        return {"t": self.TYPE, "id": self.id, "op": self.op, "args": self.args.to_wire()}
+        return {"t": "hypercall", "id": self.id, "op": self.op, "args": self.args.to_wire()}
+
+    @classmethod
+    def for_call(cls, id: int, call: Call) -> Hypercall:
+        """The request that carries ``call``. A :class:`Call` was validated
+        when it was built (op and args agree, every field in range), so only
+        the id is checked: the guest's per-trap path does not check twice."""
+        _request_id(id)
+        hypercall = _new(cls)
+        _set(hypercall, "id", id)
+        _set(hypercall, "op", call.op)
+        _set(hypercall, "args", call.args)
+        return hypercall
+
+    def as_call(self) -> Call:
+        """The hypercall as a :class:`Call`, without validating again what
+        the request's own validation checked (op and args agree)."""
+        call = _new(Call)
+        _set(call, "op", self.op)
+        _set(call, "args", self.args)
+        return call
 
     @classmethod
     def _convert(cls, kwargs: dict[str, Any]) -> None:
@@ -246,6 +270,15 @@ class Ptwr(Request):
         _int(self.val, "val", 0, _U64)
         if type(self.exchange) is not bool:
             _fail(_BAD_TYPE, f"exchange must be a bool, not {_tname(self.exchange)}")
+
+    def to_wire(self) -> dict[str, object]:
+        return {
+            "t": "ptwr",
+            "id": self.id,
+            "maddr": self.maddr,
+            "val": self.val,
+            "exchange": self.exchange,
+        }
 
 
 @_register
@@ -371,6 +404,9 @@ class Result(Reply):
         _int(self.rc, "rc", _S64_MIN, _S64_MAX)
         _int(self.done, "done", 0, _U64)
 
+    def to_wire(self) -> dict[str, object]:
+        return {"t": "result", "id": self.id, "rc": self.rc, "done": self.done}
+
 
 @_register
 @dataclass(frozen=True, slots=True)
@@ -403,6 +439,9 @@ class PtwrResult(Reply):
         _request_id(self.id)
         _int(self.rc, "rc", _S64_MIN, _S64_MAX)
         _int(self.old, "old", 0, _U64)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"t": "ptwr_result", "id": self.id, "rc": self.rc, "old": self.old}
 
 
 @_register
