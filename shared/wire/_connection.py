@@ -160,6 +160,10 @@ class Connection:
                 code=self._dead.code,
                 fatal=True,
             )
+        if self._fed == self._msg_start and not self._backlog:
+            # Every byte fed so far is decoded: what unpack() would say by
+            # raising OutOfData, without the exception (once per message).
+            return CONNECTION_CLOSED if self._eof else NEED_DATA
         unpacker = self._unpacker
         assert unpacker is not None
         while True:

@@ -43,6 +43,7 @@ from ._limits import (
     MAX_MULTICALL_CALLS,
     MAX_NAME_LEN,
     MAX_P2M_ENTRIES,
+    MAX_REQUEST_ID,
     MAX_TEXT_LEN,
     MAX_USER_ACCESSES,
     MAX_VCPUS,
@@ -400,9 +401,19 @@ class Result(Reply):
     done: int = 0
 
     def _validate(self) -> None:
-        _request_id(self.id)
-        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
-        _int(self.done, "done", 0, _U64)
+        rid, rc, done = self.id, self.rc, self.done
+        if (  # the reply to every trap: one test when all is well
+            type(rid) is int
+            and 0 <= rid <= MAX_REQUEST_ID
+            and type(rc) is int
+            and _S64_MIN <= rc <= _S64_MAX
+            and type(done) is int
+            and 0 <= done <= _U64
+        ):
+            return
+        _request_id(rid)
+        _int(rc, "rc", _S64_MIN, _S64_MAX)
+        _int(done, "done", 0, _U64)
 
     def to_wire(self) -> dict[str, object]:
         return {"t": "result", "id": self.id, "rc": self.rc, "done": self.done}
@@ -436,9 +447,19 @@ class PtwrResult(Reply):
     old: int = 0
 
     def _validate(self) -> None:
-        _request_id(self.id)
-        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
-        _int(self.old, "old", 0, _U64)
+        rid, rc, old = self.id, self.rc, self.old
+        if (  # the reply to every trapped write: one test when all is well
+            type(rid) is int
+            and 0 <= rid <= MAX_REQUEST_ID
+            and type(rc) is int
+            and _S64_MIN <= rc <= _S64_MAX
+            and type(old) is int
+            and 0 <= old <= _U64
+        ):
+            return
+        _request_id(rid)
+        _int(rc, "rc", _S64_MIN, _S64_MAX)
+        _int(old, "old", 0, _U64)
 
     def to_wire(self) -> dict[str, object]:
         return {"t": "ptwr_result", "id": self.id, "rc": self.rc, "old": self.old}
