@@ -45,9 +45,10 @@ class Cpu:
         waits: the common case (one runnable vCPU) costs no task switch and
         no allocation beyond the policy's bookkeeping. False: call
         :meth:`acquire_queued`."""
-        self.policy.wake(key)
-        if self._holder is None and not self.policy.waiting:
-            self._take(key)
+        policy = self.policy
+        policy.wake(key)
+        if self._holder is None and not policy.waiting:
+            self._holder, self._since = key, self._clock()
             return True
         return False
 
@@ -87,9 +88,12 @@ class Cpu:
         """The slice is done: charge it and hand the CPU to the next waiter."""
         if self._holder != key:
             return
-        self._charge(key)
+        now = self._clock()
+        self.policy.charge(key, now - self._since)
+        self._since = now
         self._holder = None
-        self._hand_over()
+        if self.policy.waiting:
+            self._hand_over()
 
     def _hand_over(self) -> None:
         nxt = self.policy.pop()

@@ -39,6 +39,7 @@ log = structlog.get_logger("pvemu.hypervisor")
 FEATURES: Final = (abi.XENFEAT_mmu_pt_update_preserve_ad,)
 #: Longest error text sent back.
 MAX_ERROR_TEXT: Final = 1000
+_INFO: Final = logging.INFO
 
 
 @dataclass(eq=False)
@@ -90,12 +91,14 @@ class _HypercallWork(Work):
     __slots__ = ("_logged", "_pending", "_request", "_started")
 
     def __init__(self, request: wire.Hypercall, pending: PendingCall) -> None:
-        super().__init__()
+        self.reply: wire.Reply | None = None
+        self.fd: int | None = None
+        self.error: Exception | None = None
+        self.slices = 0
         self._request = request
         self._pending = pending
-        self._logged = enabled(logging.INFO)
+        self._logged = enabled(_INFO)
         self._started = time.perf_counter() if self._logged else 0.0
-        self.slices = 0
 
     def step(self, budget: int | None = None) -> bool:
         if self.reply is not None:
@@ -132,7 +135,7 @@ class _HypercallWork(Work):
 
 
 def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
-    if isinstance(request.args, wire.MulticallArgs):
+    if type(request.args) is wire.MulticallArgs:
         return wire.MulticallResult(request.id, result.rc, result.results)
     return wire.Result(request.id, result.rc, result.done)
 
@@ -159,6 +162,8 @@ class HypervisorService:
         """Start serving ``request`` on ``session`` (a connection past the
         wire's own checks: the handshake came first)."""
         try:
+            if type(request) is wire.Hypercall:  # the common case first
+                return self._hypercall(request, session)
             return self._begin(session, request)
         except DomainError as exc:
             return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
@@ -200,9 +205,6 @@ class HypervisorService:
     # --- one request ------------------------------------------------------------------
 
     def _begin(self, session: Session, request: wire.Request) -> Work:
-        if type(request) is wire.Hypercall:  # the common case first
-            assert session.domid is not None  # the Connection enforces the handshake
-            return self._hypercall(request, session, session.domid)
         match request:
             case wire.Hello():
                 return self._hello(request, session)
@@ -236,7 +238,9 @@ class HypervisorService:
                 return Work(wire.AuditResult(request.id, texts))
         return _refused(request, WireErrorCode.NOT_SUPPORTED, request.TYPE)
 
-    def _hypercall(self, request: wire.Hypercall, session: Session, domid: int) -> Work:
+    def _hypercall(self, request: wire.Hypercall, session: Session) -> Work:
+        domid = session.domid
+        assert domid is not None  # the Connection enforces the handshake
         batch = request.args.largest_batch
         if batch > self.limits.max_batch:
             return _refused(
