@@ -47,6 +47,8 @@ RECEIVE_SIZE: Final = 256 * 1024
 #: The longest a lone vCPU blocks in ``poll`` for a reply before waiting in
 #: trio instead (a long batch, or a hypervisor that stopped answering).
 ALONE_WAIT_S: Final = 0.05
+#: Requests of this process waiting for their replies, over every channel.
+_in_flight = 0
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * 4)
 #: Errnos of a send or receive that mean the peer is gone.
 _PEER_GONE_ERRNOS: Final = frozenset(
@@ -175,6 +177,14 @@ class VcpuChannel:
     async def _request(self, message: wire.Request) -> wire.Reply:
         if self._gone is not None:
             raise HypervisorGone(self.socket_path, self._gone)
+        global _in_flight
+        _in_flight += 1
+        try:
+            return await self._exchange(message)
+        finally:
+            _in_flight -= 1
+
+    async def _exchange(self, message: wire.Request) -> wire.Reply:
         await self._send(self._conn.send(message))
         # Only a Welcome carries a descriptor: until then read with recvmsg.
         with_fds = type(message) is wire.Hello or type(message) is wire.Join
@@ -220,16 +230,17 @@ class VcpuChannel:
             rest = rest[sent:]
 
     async def _receive(self) -> bytes:
-        """The next bytes of the reply (``b""`` at EOF)."""
+        """The next bytes of the reply (``b""`` at EOF). The wait comes
+        first: right after the request the reply is never there yet."""
         while True:
+            if not _wait_alone(self._poller):
+                await trio.lowlevel.wait_readable(self._fd)
             try:
                 return os.read(self._fd, RECEIVE_SIZE)
             except BlockingIOError:
-                pass
+                continue
             except OSError as exc:
                 raise self._vanished(exc, "waiting for the reply") from exc
-            if not _wait_alone(self._poller):
-                await trio.lowlevel.wait_readable(self._fd)
 
     async def _receive_with_fds(self) -> bytes:
         """The next bytes, and any descriptor passed with them (the Welcome's)."""
@@ -270,16 +281,24 @@ class VcpuChannel:
 
 def _wait_alone(poller: select.poll) -> bool:
     """Block in ``poll`` until the reply is readable, if nothing else in this
-    trio run could proceed meanwhile: no task runnable, no callback queued,
-    nobody but trio's own wakeup reader waiting on I/O, and no deadline
-    before the wait would end (it ends after at most :data:`ALONE_WAIT_S`).
-    True once readable; False when the caller must wait the trio way (and
-    let the scheduler deliver deadlines, cancellations and thread results).
+    trio run could proceed meanwhile: no other request in flight, no task
+    runnable, no callback queued, nobody but trio's own wakeup reader
+    waiting on I/O, and no deadline before the wait would end (it ends
+    after at most :data:`ALONE_WAIT_S`). True once readable; False when the
+    caller must wait the trio way (and let the scheduler deliver deadlines,
+    cancellations and thread results). A task woken in the same scheduler
+    batch as this one is invisible to these statistics: it waits for this
+    reply (at most :data:`ALONE_WAIT_S`), as it would behind any blocking
+    call.
 
     Waiting in trio costs a pass of its scheduler (an epoll registration,
     ``epoll_wait``, a reschedule) for a wait nobody else can use; a blocking
     client loop is what a lone vCPU's trap is.
     """
+    if _in_flight > 1:
+        # Another vCPU's task waits for its reply: it may have been woken in
+        # the same batch as this one, which trio's statistics do not show.
+        return False
     stats = trio.lowlevel.current_statistics()
     if stats.tasks_runnable or stats.run_sync_soon_queue_size:
         return False
