@@ -175,11 +175,12 @@ class HypervisorServer:
 
         Past the handshake the socket is read and written directly
         (:func:`_receive`, :func:`_send_now`): trio's stream adds a scheduler
-        pass to every send and a cancel scope to every wait. Every request
-        still passes one checkpoint (the wait for its bytes, or an explicit
-        one when it came in the same read as the one before), so a guest
-        that pipelines cannot keep the other connections from running, and
-        cancellation (shutdown) is seen at once.
+        pass to every send and a cancel scope to every wait. Unless this
+        connection is all there is to run (:meth:`_wait_alone`), every
+        request passes one checkpoint (the wait for its bytes, or an
+        explicit one when it came in the same read as the one before), so a
+        guest that pipelines cannot keep the other connections from running,
+        and cancellation (shutdown) is seen at once.
         """
         handshake_deadline = trio.current_time() + self.limits.handshake_timeout
         fd = stream.socket.fileno()
