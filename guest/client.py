@@ -24,8 +24,10 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import math
 import mmap
 import os
+import select
 import socket
 import weakref
 from collections import Counter
@@ -43,6 +45,11 @@ from pvemu.shared.errors import RemoteProtocolError
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 RECEIVE_SIZE: Final = 256 * 1024
+#: The longest a lone vCPU blocks in ``poll`` for a reply before waiting in
+#: trio instead (a long batch, or a hypervisor that stopped answering).
+ALONE_WAIT_S: Final = 0.05
+#: Requests of this process waiting for their replies, over every channel.
+_in_flight = 0
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * 4)
 #: Errnos of a send or receive that mean the peer is gone.
 _PEER_GONE_ERRNOS: Final = frozenset(
@@ -129,10 +136,21 @@ class Transport(Protocol):
 
 
 class VcpuChannel:
-    """One vCPU's Unix-socket connection: strictly one request in flight at a time."""
+    """One vCPU's Unix-socket connection: strictly one request in flight at a time.
+
+    A trap is synchronous for the vCPU that takes it, so the common case is
+    served without trio's machinery: the request is written straight to the
+    socket, and when nothing else in this process could run meanwhile (see
+    :func:`_wait_alone`) the reply is awaited in a blocking ``poll``, as a
+    blocking client would. Otherwise the wait is trio's ``wait_readable``, and
+    the other tasks (other vCPUs, writers, a flusher) run while it lasts.
+    """
 
     def __init__(self, sock: trio.socket.SocketType, socket_path: str = "") -> None:
         self._sock = sock
+        self._fd = sock.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
         self.socket_path = socket_path
         #: How the hypervisor went away, once it has: later requests fail at once.
         self._gone: str | None = None
@@ -147,43 +165,92 @@ class VcpuChannel:
         return rid
 
     async def request(self, message: wire.Request) -> wire.Reply:
-        async with self._lock:
-            if self._gone is not None:
-                raise HypervisorGone(self.socket_path, self._gone)
-            # A view, not slices: slicing a 16 MiB batch after every partial
-            # send copied the rest each time (quadratic in the message size).
-            data = memoryview(self._conn.send(message))
-            while data:
-                try:
-                    sent = await self._sock.send(data)
-                except OSError as exc:
-                    raise self._vanished(exc, "sending") from exc
-                data = data[sent:]
-            eof = False
-            while True:
-                try:
-                    event = self._conn.next_event()
-                except RemoteProtocolError as exc:
-                    if eof:  # the stream ended inside a reply
-                        raise self._lost("closed the connection in the middle of a reply") from exc
-                    raise HypervisorError(exc.code, exc.message) from exc
-                if event is wire.NEED_DATA:
-                    try:
-                        chunk, ancdata, _flags, _addr = await self._sock.recvmsg(
-                            RECEIVE_SIZE, _FD_SPACE
-                        )
-                    except OSError as exc:
-                        raise self._vanished(exc, "waiting for the reply") from exc
-                    self._take_fds(ancdata)
-                    eof = not chunk
-                    self._conn.receive_data(chunk)
-                    continue
-                if event is wire.CONNECTION_CLOSED:
-                    raise self._lost("closed the connection before replying")
-                assert isinstance(event, wire.Reply)
-                if isinstance(event, wire.ErrorReply):
-                    raise HypervisorError(event.code, event.message)
-                return event
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # free: no checkpoint, no task switch
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            return await self._request(message)
+        finally:
+            lock.release()
+
+    async def _request(self, message: wire.Request) -> wire.Reply:
+        if self._gone is not None:
+            raise HypervisorGone(self.socket_path, self._gone)
+        global _in_flight
+        _in_flight += 1
+        try:
+            return await self._exchange(message)
+        finally:
+            _in_flight -= 1
+
+    async def _exchange(self, message: wire.Request) -> wire.Reply:
+        await self._send(self._conn.send(message))
+        # Only a Welcome carries a descriptor: until then read with recvmsg.
+        with_fds = type(message) is wire.Hello or type(message) is wire.Join
+        eof = False
+        while True:
+            try:
+                event = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                if eof:  # the stream ended inside a reply
+                    raise self._lost("closed the connection in the middle of a reply") from exc
+                raise HypervisorError(exc.code, exc.message) from exc
+            if event is wire.NEED_DATA:
+                chunk = await (self._receive_with_fds() if with_fds else self._receive())
+                eof = not chunk
+                self._conn.receive_data(chunk)
+                continue
+            if event is wire.CONNECTION_CLOSED:
+                raise self._lost("closed the connection before replying")
+            assert isinstance(event, wire.Reply)
+            if type(event) is wire.ErrorReply:
+                raise HypervisorError(event.code, event.message)
+            return event
+
+    async def _send(self, data: bytes) -> None:
+        """Write ``data``: straight to the socket, trio's send for whatever it
+        did not take at once."""
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise self._vanished(exc, "sending") from exc
+        if sent == len(data):
+            return
+        # A view, not slices: slicing a 16 MiB batch after every partial
+        # send copied the rest each time (quadratic in the message size).
+        rest = memoryview(data)[sent:]
+        while rest:
+            try:
+                sent = await self._sock.send(rest)
+            except OSError as exc:
+                raise self._vanished(exc, "sending") from exc
+            rest = rest[sent:]
+
+    async def _receive(self) -> bytes:
+        """The next bytes of the reply (``b""`` at EOF). The wait comes
+        first: right after the request the reply is never there yet."""
+        while True:
+            if not _wait_alone(self._poller):
+                await trio.lowlevel.wait_readable(self._fd)
+            try:
+                return os.read(self._fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise self._vanished(exc, "waiting for the reply") from exc
+
+    async def _receive_with_fds(self) -> bytes:
+        """The next bytes, and any descriptor passed with them (the Welcome's)."""
+        try:
+            chunk, ancdata, _flags, _addr = await self._sock.recvmsg(RECEIVE_SIZE, _FD_SPACE)
+        except OSError as exc:
+            raise self._vanished(exc, "waiting for the reply") from exc
+        self._take_fds(ancdata)
+        return chunk
 
     def _lost(self, what: str) -> HypervisorGone:
         """The hypervisor is gone: every later request fails the same way."""
@@ -211,6 +278,38 @@ class VcpuChannel:
         for fd in self.take_fds():
             os.close(fd)
         self._sock.close()
+
+
+def _wait_alone(poller: select.poll) -> bool:
+    """Block in ``poll`` until the reply is readable, if nothing else in this
+    trio run could proceed meanwhile: no other request in flight, no task
+    runnable, no callback queued, nobody but trio's own wakeup reader
+    waiting on I/O, and no deadline before the wait would end (it ends
+    after at most :data:`ALONE_WAIT_S`). True once readable; False when the
+    caller must wait the trio way (and let the scheduler deliver deadlines,
+    cancellations and thread results). A task woken in the same scheduler
+    batch as this one is invisible to these statistics: it waits for this
+    reply (at most :data:`ALONE_WAIT_S`), as it would behind any blocking
+    call.
+
+    Waiting in trio costs a pass of its scheduler (an epoll registration,
+    ``epoll_wait``, a reschedule) for a wait nobody else can use; a blocking
+    client loop is what a lone vCPU's trap is.
+    """
+    if _in_flight > 1:
+        # Another vCPU's task waits for its reply: it may have been woken in
+        # the same batch as this one, which trio's statistics do not show.
+        return False
+    stats = trio.lowlevel.current_statistics()
+    if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+        return False
+    io: Any = stats.io_statistics
+    if getattr(io, "tasks_waiting_read", 2) > 1 or getattr(io, "tasks_waiting_write", 1):
+        return False
+    timeout = min(stats.seconds_to_next_deadline, ALONE_WAIT_S)
+    if timeout <= 0:
+        return False
+    return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
 class SocketTransport:
@@ -325,7 +424,7 @@ class Domain:
         counters.hypercalls[call.op] += 1
         counters.mmu_update_records += call.args.mmu_update_records
         counters.multicall_entries += call.args.multicall_entries
-        reply = await channel.request(wire.Hypercall(channel.next_id(), call.op, call.args))
+        reply = await channel.request(wire.Hypercall.for_call(channel.next_id(), call))
         assert isinstance(reply, wire.Result | wire.MulticallResult)
         return reply
 

@@ -33,18 +33,31 @@ class Cpu:
     @contextlib.asynccontextmanager
     async def running(self, key: object) -> AsyncIterator[None]:
         """Hold the CPU for one request (a waking vCPU: see FairShare.wake)."""
-        self.policy.wake(key)
-        if self._holder is None and not self.policy.waiting:
-            self._take(key)
-        else:
-            event = self._queue(key)
-            if self._holder is None:
-                self._hand_over()
-            await self._wait(event, key)
+        if not self.try_acquire(key):
+            await self.acquire_queued(key)
         try:
             yield
         finally:
-            self._release(key)
+            self.release(key)
+
+    def try_acquire(self, key: object) -> bool:
+        """A waking vCPU takes the CPU at once if it is free and nobody
+        waits: the common case (one runnable vCPU) costs no task switch and
+        no allocation beyond the policy's bookkeeping. False: call
+        :meth:`acquire_queued`."""
+        policy = self.policy
+        policy.wake(key)
+        if self._holder is None and not policy.waiting:
+            self._holder, self._since = key, self._clock()
+            return True
+        return False
+
+    async def acquire_queued(self, key: object) -> None:
+        """Wait for the CPU after :meth:`try_acquire` said no."""
+        event = self._queue(key)
+        if self._holder is None:
+            self._hand_over()
+        await self._wait(event, key)
 
     async def preempt(self, key: object) -> None:
         """Between two slices of a long hypercall: let new requests arrive,
@@ -71,12 +84,16 @@ class Cpu:
         self.policy.charge(key, now - self._since)
         self._since = now
 
-    def _release(self, key: object) -> None:
+    def release(self, key: object) -> None:
+        """The slice is done: charge it and hand the CPU to the next waiter."""
         if self._holder != key:
             return
-        self._charge(key)
+        now = self._clock()
+        self.policy.charge(key, now - self._since)
+        self._since = now
         self._holder = None
-        self._hand_over()
+        if self.policy.waiting:
+            self._hand_over()
 
     def _hand_over(self) -> None:
         nxt = self.policy.pop()
@@ -91,7 +108,7 @@ class Cpu:
             await event.wait()
         except BaseException:
             if self._holder == key:  # handed to us as we were cancelled: pass it on
-                self._release(key)
+                self.release(key)
             else:
                 self.policy.remove(key)
                 self._events.pop(key, None)

@@ -58,11 +58,14 @@ class FairShare:
     def wake(self, key: Hashable) -> None:
         """A new request after idle: no credit for the time slept beyond the bonus."""
         floor = self.min_vruntime - self.wake_bonus
-        self._vruntime[key] = max(self._vruntime.get(key, floor), floor)
+        current = self._vruntime.get(key)
+        if current is None or current < floor:
+            self._vruntime[key] = floor
 
     def charge(self, key: Hashable, seconds: float) -> None:
         """``seconds`` of hypervisor work were done for ``key``."""
-        self._vruntime[key] = self.vruntime(key) + max(0.0, seconds)
+        runtime = self._vruntime.get(key, self.min_vruntime)
+        self._vruntime[key] = runtime + seconds if seconds > 0.0 else runtime
 
     def enqueue(self, key: Hashable) -> None:
         if key in self._waiting:

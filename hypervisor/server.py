@@ -21,7 +21,7 @@ import select
 import socket
 import stat
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import structlog
 import trio
@@ -38,6 +38,9 @@ from .service import HypervisorService, Session, Work
 log = structlog.get_logger("pvemu.hypervisor")
 
 RECEIVE_SIZE: Final = 256 * 1024
+#: The longest the server blocks in ``poll`` for its only guest's next
+#: request before waiting in trio instead (so timers and signals run).
+ALONE_WAIT_S: Final = 0.05
 
 
 class ServerError(Exception):
@@ -80,6 +83,7 @@ class HypervisorServer:
         self._connections = 0
         self._refused = 0  # refusals not logged yet
         self._last_refusal_log = -math.inf
+        self._listener_fd = -1  # the listening socket, once serving
 
     async def serve(
         self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
@@ -97,6 +101,7 @@ class HypervisorServer:
             sock.close()
             raise
         listener = trio.SocketListener(sock)
+        self._listener_fd = sock.fileno()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self._handle, [listener])
@@ -166,7 +171,25 @@ class HypervisorServer:
         session: Session,
         poller: select.poll,
     ) -> None:
+        """Serve one connection's requests in order.
+
+        Past the handshake the socket is read and written directly
+        (:func:`_receive`, :func:`_send_now`): trio's stream adds a scheduler
+        pass to every send and a cancel scope to every wait. Unless this
+        connection is all there is to run (:meth:`_wait_alone`), every
+        request passes one checkpoint (the wait for its bytes, or an
+        explicit one when it came in the same read as the one before), so a
+        guest that pipelines cannot keep the other connections from running,
+        and cancellation (shutdown) is seen at once.
+        """
         handshake_deadline = trio.current_time() + self.limits.handshake_timeout
+        fd = stream.socket.fileno()
+        # What a lone connection's wait watches: its guest and the listener.
+        watch = select.poll()
+        watch.register(fd, select.POLLIN)
+        watch.register(self._listener_fd, select.POLLIN)
+        cpu, service, quantum = self._cpu, self.service, self.limits.quantum
+        waited = False  # this request has passed a checkpoint
         while True:
             try:
                 event = conn.next_event()
@@ -177,8 +200,11 @@ class HypervisorServer:
                     return
                 continue
             if event is wire.NEED_DATA:
-                deadline = handshake_deadline if session.domid is None else math.inf
-                with trio.move_on_at(deadline):
+                if session.domid is not None:
+                    conn.receive_data(await self._receive(fd, watch))
+                    waited = True
+                    continue
+                with trio.move_on_at(handshake_deadline):
                     conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
                     continue
                 log.warning("handshake_timeout", seconds=self.limits.handshake_timeout)
@@ -192,14 +218,34 @@ class HypervisorServer:
             if event is wire.CONNECTION_CLOSED:
                 return
             assert isinstance(event, wire.Request)
-            async with self._cpu.running(session):
-                work = await self._serve_request(event, session, poller)
-            assert work.reply is not None
-            await self._send(stream, conn.send(work.reply), work.fd)
-            if isinstance(work.reply, wire.Goodbye):
+            if not cpu.try_acquire(session):
+                await cpu.acquire_queued(session)
+                waited = True
+            try:
+                work = service.begin(session, event)
+                if not work.step(quantum):
+                    await self._finish(work, session, poller)
+                    waited = True
+            finally:
+                cpu.release(session)
+            reply = work.reply
+            assert reply is not None
+            data = conn.send(reply)
+            if work.fd is not None:
+                await self._send(stream, data, work.fd)
+            else:
+                sent = _send_now(fd, data)
+                if sent < len(data):
+                    await self._send(stream, memoryview(data)[sent:])
+                elif not waited:
+                    await trio.lowlevel.checkpoint()
+            if type(reply) is wire.Goodbye:
                 return
+            waited = False
 
-    async def _send(self, stream: trio.SocketStream, data: bytes, fd: int | None = None) -> None:
+    async def _send(
+        self, stream: trio.SocketStream, data: bytes | memoryview, fd: int | None = None
+    ) -> None:
         """Send a reply; a guest that leaves it unread for ``send_timeout``
         seconds is treated as gone, so it cannot pin the server's memory."""
         with trio.move_on_after(self.limits.send_timeout):
@@ -211,22 +257,78 @@ class HypervisorServer:
         log.warning("send_timeout", seconds=self.limits.send_timeout, bytes=len(data))
         raise _PeerGone
 
-    async def _serve_request(
-        self, request: wire.Request, session: Session, poller: select.poll
-    ) -> Work:
-        """Serve one request, a long hypercall in slices of ``quantum``
-        entries with the CPU yielded in between (Xen's continuation); a
-        guest that hangs up mid-batch has its call abandoned there."""
-        work = self.service.begin(session, request)
-        while not work.step(self.limits.quantum):
+    async def _receive(self, fd: int, watch: select.poll) -> bytes:
+        """Wait until the guest has sent something and read it (``b""`` at
+        EOF). The wait comes first: right after a reply the next request is
+        almost never there yet, and a failed read costs a syscall and an
+        exception. When this connection is all the server has to serve, the
+        wait is a blocking ``poll`` (:meth:`_wait_alone`), else trio's."""
+        while True:
+            if not self._wait_alone(fd, watch):
+                await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+    def _wait_alone(self, fd: int, watch: select.poll) -> bool:
+        """Block in ``poll`` on this connection and the listening socket
+        (``watch``) when nothing else in the server could proceed meanwhile:
+        this is its only connection, no task runnable, no callback queued
+        (signals arrive as one), nobody waiting on I/O but trio's own wakeup
+        reader and the listener, and no deadline before the wait would end (it ends after at most
+        :data:`ALONE_WAIT_S`, so anything else is delayed by no more). True
+        once the guest's bytes are readable; False when the caller must wait
+        in trio (a new connection, a deadline, a signal, another connection
+        at work).
+
+        One vCPU being served is the common case, and the connection task's
+        round through trio's scheduler (an epoll registration, ``epoll_wait``,
+        a reschedule) per request was then pure overhead.
+        """
+        if self._connections != 1:
+            # Another guest's task may have been woken in the same batch as
+            # this one: trio's statistics do not show it (not in the run
+            # queue any more, its I/O registration already gone).
+            return False
+        stats = trio.lowlevel.current_statistics()
+        if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+            return False
+        io: Any = stats.io_statistics
+        if getattr(io, "tasks_waiting_read", 3) > 2 or getattr(io, "tasks_waiting_write", 1):
+            return False
+        timeout = min(stats.seconds_to_next_deadline, ALONE_WAIT_S)
+        if timeout <= 0:
+            return False
+        ready = watch.poll(math.ceil(timeout * 1000))
+        return len(ready) == 1 and ready[0][0] == fd
+
+    async def _finish(self, work: Work, session: Session, poller: select.poll) -> None:
+        """The rest of a long hypercall, in slices of ``quantum`` entries
+        with the CPU yielded in between (Xen's continuation); a guest that
+        hangs up mid-batch has its call abandoned there."""
+        while True:
             if poller.poll(0):
                 work.abandon()
                 raise _PeerGone
             await self._cpu.preempt(session)
-        return work
+            if work.step(self.limits.quantum):
+                return
 
 
-async def _send_with_fd(stream: trio.SocketStream, data: bytes, fd: int) -> None:
+def _send_now(fd: int, data: bytes) -> int:
+    """Send as much of ``data`` as the socket takes without blocking."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+async def _send_with_fd(stream: trio.SocketStream, data: bytes | memoryview, fd: int) -> None:
     """Send ``data`` with ``fd`` attached (SCM_RIGHTS) to its first byte."""
     fds = array.array("i", [fd])
     try:

@@ -18,6 +18,7 @@ traceback and the guest gets ``internal``; the other domains are unaffected.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +27,7 @@ import structlog
 
 from pvemu.shared import abi, wire
 from pvemu.shared.errors import WireErrorCode
+from pvemu.shared.logs import enabled
 
 from .core import DomainError, Hypervisor, PendingCall
 from .hypercalls import HypercallResult
@@ -37,6 +39,7 @@ log = structlog.get_logger("pvemu.hypervisor")
 FEATURES: Final = (abi.XENFEAT_mmu_pt_update_preserve_ad,)
 #: Longest error text sent back.
 MAX_ERROR_TEXT: Final = 1000
+_INFO: Final = logging.INFO
 
 
 @dataclass(eq=False)
@@ -82,16 +85,20 @@ class Work:
 
 class _HypercallWork(Work):
     """A hypercall in progress: Xen's continuation, plus the log line and
-    the reply once it ends."""
+    the reply once it ends. The log line is built only when info lines are
+    written (``pvemu run`` and the benchmarks filter them out)."""
 
-    __slots__ = ("_call", "_pending", "_request", "_started")
+    __slots__ = ("_logged", "_pending", "_request", "_started")
 
     def __init__(self, request: wire.Hypercall, pending: PendingCall) -> None:
-        super().__init__()
+        self.reply: wire.Reply | None = None
+        self.fd: int | None = None
+        self.error: Exception | None = None
+        self.slices = 0
         self._request = request
         self._pending = pending
-        self._started = time.perf_counter()
-        self.slices = 0
+        self._logged = enabled(_INFO)
+        self._started = time.perf_counter() if self._logged else 0.0
 
     def step(self, budget: int | None = None) -> bool:
         if self.reply is not None:
@@ -105,7 +112,8 @@ class _HypercallWork(Work):
             return True
         result = self._pending.result
         assert result is not None
-        self._log(result)
+        if self._logged:
+            self._log(result)
         self.reply = _reply_for(self._request, result)
         return True
 
@@ -127,7 +135,7 @@ class _HypercallWork(Work):
 
 
 def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
-    if isinstance(request.args, wire.MulticallArgs):
+    if type(request.args) is wire.MulticallArgs:
         return wire.MulticallResult(request.id, result.rc, result.results)
     return wire.Result(request.id, result.rc, result.done)
 
@@ -154,6 +162,8 @@ class HypervisorService:
         """Start serving ``request`` on ``session`` (a connection past the
         wire's own checks: the handshake came first)."""
         try:
+            if type(request) is wire.Hypercall:  # the common case first
+                return self._hypercall(request, session)
             return self._begin(session, request)
         except DomainError as exc:
             return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
@@ -206,8 +216,6 @@ class HypervisorService:
         assert domid is not None  # the Connection enforces the handshake
         hv = self.hv
         match request:
-            case wire.Hypercall():
-                return self._hypercall(request, session, domid)
             case wire.Ptwr():
                 rc, old = hv.ptwr_write(
                     domid, session.vcpu, request.maddr, request.val, exchange=request.exchange
@@ -230,7 +238,9 @@ class HypervisorService:
                 return Work(wire.AuditResult(request.id, texts))
         return _refused(request, WireErrorCode.NOT_SUPPORTED, request.TYPE)
 
-    def _hypercall(self, request: wire.Hypercall, session: Session, domid: int) -> Work:
+    def _hypercall(self, request: wire.Hypercall, session: Session) -> Work:
+        domid = session.domid
+        assert domid is not None  # the Connection enforces the handshake
         batch = request.args.largest_batch
         if batch > self.limits.max_batch:
             return _refused(
@@ -238,8 +248,8 @@ class HypervisorService:
                 WireErrorCode.TOO_LARGE,
                 f"mmu_update of {batch} records: the limit is {self.limits.max_batch}",
             )
-        call = wire.Call(request.op, request.args)
-        return _HypercallWork(request, self.hv.start_hypercall(domid, session.vcpu, call))
+        pending = self.hv.start_hypercall(domid, session.vcpu, request.as_call())
+        return _HypercallWork(request, pending)
 
     # --- handshakes -------------------------------------------------------------------
 

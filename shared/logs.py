@@ -17,11 +17,25 @@ LogFormat = Literal["console", "json", "auto"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
+#: The lowest level :func:`configure_logging` lets through; everything until
+#: it is called (structlog's own default), so tests capture every line.
+_min_level = logging.NOTSET
+
+
+def enabled(level: int) -> bool:
+    """Whether a line at ``level`` would be written. A hot path checks this
+    before building a line: a filtered structlog call is not free (the
+    unconfigured proxy binds a new logger per call, and the line's fields
+    are computed before the filter sees them)."""
+    return level >= _min_level
+
 
 def configure_logging(
     log_format: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
 ) -> None:
     """Configure structlog for this process (logs go to stderr by default)."""
+    global _min_level
+    _min_level = LEVELS[level]
     out = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if out.isatty() else "json"

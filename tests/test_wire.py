@@ -1379,3 +1379,187 @@ async def test_partial_reads_over_a_trickling_stream() -> None:
                 assert isinstance(event, Message)
                 got.append(event)
     assert got == [HELLO]
+
+
+# --- the fast paths decode exactly as the general path does ---------------------------
+
+#: Values around every bound the fast paths check, and every wrong wire type.
+_EDGE_VALUES: list[object] = [
+    *(-(1 << 63), -1, 0, 1, 7, 8, 13, 0xFFFF, U32, U32 + 1),
+    *(wire.MAX_REQUEST_ID, wire.MAX_REQUEST_ID + 1, U64),
+    *(None, True, False, 1.0, "1", b"1", (), (1,), {"a": 1}, bytes(8), bytes(15), bytes(32)),
+]
+_edges = st.sampled_from(_EDGE_VALUES)
+_records = st.lists(st.tuples(u64s, u64s), max_size=3).map(pack_mmu_updates)
+
+
+@st.composite
+def _mutated(draw: Any, valid: dict[str, object]) -> dict[str, object]:
+    """``valid``, or it with one thing wrong: a field (or an mmu_update
+    argument) replaced by an edge value, a field dropped, an extra key."""
+    obj = dict(valid)
+    what = draw(st.sampled_from(["none", "field", "drop", "extra", "arg", "arity"]))
+    if what == "field":
+        obj[draw(st.sampled_from(sorted(obj)))] = draw(_edges)
+    elif what == "drop":
+        del obj[draw(st.sampled_from(sorted(obj)))]
+    elif what == "extra":
+        obj[draw(st.sampled_from(["extra", "T"]))] = 1
+    elif what == "arg" and "args" in obj:
+        args = list(obj["args"])  # type: ignore[call-overload]
+        args[draw(st.integers(0, 1))] = draw(st.one_of(_edges, st.binary(max_size=40)))
+        obj["args"] = tuple(args)
+    elif what == "arity" and "args" in obj:
+        obj["args"] = draw(st.sampled_from([(), (b"",), (b"", 0x7FF0, 0)]))
+    return obj
+
+
+_fast_requests = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "t": st.sampled_from(["hypercall", "hypercalls"]),
+            "id": st.sampled_from([7, 9]) | ids,
+            "op": st.just(abi.HYPERVISOR_mmu_update),
+            "args": st.tuples(_records, st.integers(0, U32)),
+        }
+    ).flatmap(_mutated),
+    st.fixed_dictionaries(
+        {
+            "t": st.sampled_from(["ptwr", "PTWR"]),
+            "id": st.sampled_from([7, 9]) | ids,
+            "maddr": u64s,
+            "val": u64s,
+            "exchange": st.booleans(),
+        }
+    ).flatmap(_mutated),
+)
+_reply_ids = st.sampled_from([7, 8, 9]) | ids
+_fast_replies = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "t": st.sampled_from(["result", "results"]),
+            "id": _reply_ids,
+            "rc": st.integers(-(1 << 63), (1 << 63) - 1),
+            "done": u64s,
+        }
+    ).flatmap(_mutated),
+    st.fixed_dictionaries(
+        {
+            "t": st.just("ptwr_result"),
+            "id": _reply_ids,
+            "rc": st.integers(-(1 << 63), (1 << 63) - 1),
+            "old": u64s,
+        }
+    ).flatmap(_mutated),
+)
+
+
+def _decode(conn: Connection, data: bytes) -> tuple[object, ...]:
+    """What decoding ``data`` does: the message or the error, and the state after."""
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except RemoteProtocolError as exc:
+        outcome: tuple[object, ...] = ("error", exc.code, exc.fatal, exc.request_id, exc.message)
+    else:
+        outcome = ("ok", type(event), event)
+    return (*outcome, conn.state, conn.pending_ids, conn.next_event())
+
+
+def _server_with_pending() -> Connection:
+    server = ready_server()
+    server.receive_data(packb(Stats(7).to_wire()))
+    assert server.next_event() == Stats(7)
+    return server
+
+
+def _client_with_pending() -> Connection:
+    client = ready_pair()[0]
+    client.send(Hypercall.make(7, abi.HYPERVISOR_mmu_update, [(1, 2)]))
+    client.send(Ptwr(8, 0x1000, 5))
+    return client
+
+
+def _general_path_only() -> Any:
+    from unittest import mock
+
+    from pvemu.shared.wire import _connection
+
+    return mock.patch.multiple(
+        _connection, fast_request=lambda obj: None, fast_reply=lambda obj: None
+    )
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=_fast_requests)
+def test_fast_request_path_decodes_as_the_general_path(obj: dict[str, object]) -> None:
+    data = packb(obj)
+    fast = _decode(_server_with_pending(), data)
+    with _general_path_only():
+        general = _decode(_server_with_pending(), data)
+    assert fast == general
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=_fast_replies)
+def test_fast_reply_path_decodes_as_the_general_path(obj: dict[str, object]) -> None:
+    data = packb(obj)
+    fast = _decode(_client_with_pending(), data)
+    with _general_path_only():
+        general = _decode(_client_with_pending(), data)
+    assert fast == general
+
+
+_VALID_FAST_MAPS: list[tuple[str, dict[str, object]]] = [
+    ("server", {"t": "hypercall", "id": 9, "op": 1, "args": (bytes(16), 0x7FF0)}),
+    ("server", {"t": "ptwr", "id": 9, "maddr": 0x1000, "val": 0x2067, "exchange": False}),
+    ("client", {"t": "result", "id": 7, "rc": 0, "done": 1}),
+    ("client", {"t": "ptwr_result", "id": 8, "rc": 0, "old": 0x2067}),
+]
+
+
+def _one_change_each(role: str, valid: dict[str, object]) -> list[dict[str, object]]:
+    """Every map ``valid`` becomes with one field (or mmu_update argument)
+    set to one edge value."""
+    out = []
+    for key in valid:
+        out += [{**valid, key: value} for value in _EDGE_VALUES]
+    if "args" in valid:
+        out += [{**valid, "args": (value, 0x7FF0)} for value in _EDGE_VALUES]
+        out += [{**valid, "args": (bytes(16), value)} for value in _EDGE_VALUES]
+    return out
+
+
+@pytest.mark.parametrize(("role", "valid"), _VALID_FAST_MAPS)
+def test_fast_paths_agree_on_every_edge_of_every_field(role: str, valid: dict[str, object]) -> None:
+    fresh = _server_with_pending if role == "server" else _client_with_pending
+    for obj in [valid, *_one_change_each(role, valid)]:
+        data = packb(obj)
+        fast = _decode(fresh(), data)
+        with _general_path_only():
+            general = _decode(fresh(), data)
+        assert fast == general, obj
+
+
+def test_fast_paths_take_the_common_shapes() -> None:
+    """The shapes every trap carries really go the fast way (and equal the
+    messages the constructors build)."""
+    from pvemu.shared.wire import _fast
+
+    hypercall = Hypercall.make(3, abi.HYPERVISOR_mmu_update, [(0x1008, 0x2067)])
+    ptwr = Ptwr(4, 0x1000, 0x2067, True)
+    for request in (hypercall, ptwr):
+        assert _fast.fast_request(unpackb(packb(request.to_wire()))) == request
+    for reply in (Result(3, -22, 1), PtwrResult(4, 0, 0x2067)):
+        assert _fast.fast_reply(unpackb(packb(reply.to_wire()))) == reply
+    multicall = Hypercall.make(5, abi.HYPERVISOR_multicall, [(abi.HYPERVISOR_mmu_update, [])])
+    assert _fast.fast_request(unpackb(packb(multicall.to_wire()))) is None
+
+
+def test_hypercall_for_call_and_as_call() -> None:
+    call = wire.make_call(abi.HYPERVISOR_mmu_update, [(0x1008, 0x2067)])
+    request = Hypercall.for_call(9, call)
+    assert request == Hypercall(9, call.op, call.args)
+    assert request.as_call() == call
+    with pytest.raises(LocalProtocolError):
+        Hypercall.for_call(-1, call)

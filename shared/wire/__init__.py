@@ -23,7 +23,8 @@ domain's memfd (:func:`p2m_offset`), so a 16 GiB domain needs no 32 MiB message.
 This module is the public face (h11's habit); the pieces each do one job:
 ``_limits`` (every bound), ``_checks`` (field validators), ``_blob`` (u64
 blobs), ``_args`` (typed hypercall arguments), ``_messages`` (the message
-types), ``_state`` (the protocol's state tables) and ``_connection``.
+types), ``_state`` (the protocol's state tables), ``_fast`` (one-pass
+decoding of the messages every trap carries) and ``_connection``.
 """
 
 from __future__ import annotations

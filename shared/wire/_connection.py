@@ -13,6 +13,7 @@ import msgpack
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
 
 from ._checks import _BAD_TYPE, _MALFORMED, _TOO_LARGE, _tname
+from ._fast import fast_reply, fast_request
 from ._limits import (
     MAX_ARRAY_LEN,
     MAX_BIN_LEN,
@@ -37,6 +38,7 @@ from ._state import (
     CONNECTION_CLOSED,
     ERROR_ONLY,
     NEED_DATA,
+    REPLY_TRANSITIONS,
     Sentinel,
     State,
     expected_replies,
@@ -158,6 +160,10 @@ class Connection:
                 code=self._dead.code,
                 fatal=True,
             )
+        if self._fed == self._msg_start and not self._backlog:
+            # Every byte fed so far is decoded: what unpack() would say by
+            # raising OutOfData, without the exception (once per message).
+            return CONNECTION_CLOSED if self._eof else NEED_DATA
         unpacker = self._unpacker
         assert unpacker is not None
         while True:
@@ -210,6 +216,21 @@ class Connection:
         return RemoteProtocolError(message, code=code, fatal=False, request_id=request_id)
 
     def _accept(self, obj: object) -> Message:
+        if type(obj) is dict and self._state is State.READY:
+            # The shapes every trap carries, decoded in one pass (._fast);
+            # anything else, or a duplicate or unexpected id, takes the
+            # general path below, which accepts and refuses exactly the same.
+            pending = self._pending
+            if self._server:
+                request = fast_request(obj)
+                if request is not None and request.id not in pending:
+                    pending[request.id] = expected_replies(request)
+                    return request
+            else:
+                reply = fast_reply(obj)
+                if reply is not None and type(reply) in pending.get(reply.id, ()):
+                    del pending[reply.id]
+                    return reply
         if type(obj) is not dict:
             self._die(_MALFORMED, f"a message must be a msgpack map, not {_tname(obj)}")
         if self._state is State.CLOSED or (self._server and self._state is State.CLOSING):
@@ -284,6 +305,8 @@ class Connection:
 
     def _reply_transition(self, reply: Reply) -> None:
         answers_handshake = reply.id is not None and reply.id == self._handshake_id
+        if not answers_handshake and type(reply) not in REPLY_TRANSITIONS:
+            return  # a result, say: it changes no state
         if answers_handshake:
             self._handshake_id = None
         self._state = reply_transition(self._state, reply, answers_handshake=answers_handshake)

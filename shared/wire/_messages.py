@@ -11,7 +11,7 @@ from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError
 from pvemu.shared.mmu import AccessKind
 from pvemu.shared.x86 import PAGE_SIZE
 
-from ._args import HypercallArgs, args_from_wire, check_op_args, make_call
+from ._args import Call, HypercallArgs, args_from_wire, check_op_args, make_call
 from ._checks import (
     _BAD_TYPE,
     _MALFORMED,
@@ -42,12 +42,16 @@ from ._limits import (
     MAX_MEMORY_MIB,
     MAX_MULTICALL_CALLS,
     MAX_NAME_LEN,
+    MAX_REQUEST_ID,
     MAX_TEXT_LEN,
     MAX_USER_ACCESSES,
     MAX_VCPUS,
     MAX_VIOLATIONS,
     SECRET_LEN,
 )
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 class Message(_Validated):
@@ -64,7 +68,8 @@ class Message(_Validated):
     id: Any  # narrowed by each subclass (int, or int | None for ErrorReply)
 
     def to_wire(self) -> dict[str, object]:
-        """The msgpack map for this message (``"t"`` first)."""
+        """The msgpack map for this message (``"t"`` first). The messages of
+        every trap spell theirs out (no loop over the fields)."""
         out: dict[str, object] = {"t": self.TYPE}
         for name in self._FIELDS:
             out[name] = getattr(self, name)
@@ -208,7 +213,27 @@ class Hypercall(Request):
         check_op_args(self.op, self.args)
 
     def to_wire(self) -> dict[str, object]:
-        return {"t": self.TYPE, "id": self.id, "op": self.op, "args": self.args.to_wire()}
+        return {"t": "hypercall", "id": self.id, "op": self.op, "args": self.args.to_wire()}
+
+    @classmethod
+    def for_call(cls, id: int, call: Call) -> Hypercall:
+        """The request that carries ``call``. A :class:`Call` was validated
+        when it was built (op and args agree, every field in range), so only
+        the id is checked: the guest's per-trap path does not check twice."""
+        _request_id(id)
+        hypercall = _new(cls)
+        _set(hypercall, "id", id)
+        _set(hypercall, "op", call.op)
+        _set(hypercall, "args", call.args)
+        return hypercall
+
+    def as_call(self) -> Call:
+        """The hypercall as a :class:`Call`, without validating again what
+        the request's own validation checked (op and args agree)."""
+        call = _new(Call)
+        _set(call, "op", self.op)
+        _set(call, "args", self.args)
+        return call
 
     @classmethod
     def _convert(cls, kwargs: dict[str, Any]) -> None:
@@ -245,6 +270,15 @@ class Ptwr(Request):
         _int(self.val, "val", 0, _U64)
         if type(self.exchange) is not bool:
             _fail(_BAD_TYPE, f"exchange must be a bool, not {_tname(self.exchange)}")
+
+    def to_wire(self) -> dict[str, object]:
+        return {
+            "t": "ptwr",
+            "id": self.id,
+            "maddr": self.maddr,
+            "val": self.val,
+            "exchange": self.exchange,
+        }
 
 
 @_register
@@ -379,9 +413,22 @@ class Result(Reply):
     done: int = 0
 
     def _validate(self) -> None:
-        _request_id(self.id)
-        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
-        _int(self.done, "done", 0, _U64)
+        rid, rc, done = self.id, self.rc, self.done
+        if (  # the reply to every trap: one test when all is well
+            type(rid) is int
+            and 0 <= rid <= MAX_REQUEST_ID
+            and type(rc) is int
+            and _S64_MIN <= rc <= _S64_MAX
+            and type(done) is int
+            and 0 <= done <= _U64
+        ):
+            return
+        _request_id(rid)
+        _int(rc, "rc", _S64_MIN, _S64_MAX)
+        _int(done, "done", 0, _U64)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"t": "result", "id": self.id, "rc": self.rc, "done": self.done}
 
 
 @_register
@@ -412,9 +459,22 @@ class PtwrResult(Reply):
     old: int = 0
 
     def _validate(self) -> None:
-        _request_id(self.id)
-        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
-        _int(self.old, "old", 0, _U64)
+        rid, rc, old = self.id, self.rc, self.old
+        if (  # the reply to every trapped write: one test when all is well
+            type(rid) is int
+            and 0 <= rid <= MAX_REQUEST_ID
+            and type(rc) is int
+            and _S64_MIN <= rc <= _S64_MAX
+            and type(old) is int
+            and 0 <= old <= _U64
+        ):
+            return
+        _request_id(rid)
+        _int(rc, "rc", _S64_MIN, _S64_MAX)
+        _int(old, "old", 0, _U64)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"t": "ptwr_result", "id": self.id, "rc": self.rc, "old": self.old}
 
 
 @_register
