@@ -10,7 +10,7 @@ PACKAGES := shared hypervisor guest scripts
 # so it reads them through a tree of symlinks with the installed names.
 MYPY_ROOT := $(VENV)/mypy-root
 
-.PHONY: all venv test check run bench bench-ci bench-rtt fuzz load clean
+.PHONY: all venv test check run bench bench-ci bench-rtt bench-goals fuzz load clean
 
 all: check test
 
@@ -44,6 +44,13 @@ CI_BASELINE := benchmarks/baseline.json
 bench: $(STAMP)
 	$(BENCH) --mc-bytes 128,256,512,1024 --cost-model default
 	$(BENCH) plot --out .pvemu/plots
+	$(BIN)/python -m pvemu.scripts.goals
+
+# Issue 12's speed goals side by side in one run: 1 GiB batched mprotect per
+# PTE, trap vs batched on 64 MiB, the trap round trip vs a trio echo, and
+# 'pvemu run --pages 262144' in every mode (several minutes; reported only).
+bench-goals: $(STAMP)
+	$(BIN)/python -m pvemu.scripts.goals
 
 # The CI gate: the baseline's sweep, not stored; exit 1 on any count increase.
 bench-ci: $(STAMP)
