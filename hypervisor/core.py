@@ -108,8 +108,7 @@ class Hypervisor:
                 f"not enough machine memory: {memory_mib} MiB asked, "
                 f"{self.state.memory.free_frames // FRAMES_PER_MIB} MiB free"
             )
-        domid = self._next_domid
-        self._next_domid += 1
+        domid = self._free_domid()
         memory, p2m = self.state.memory.allocate(domid, nr_frames, name or f"dom{domid}")
         # Mapped read-write here already; from now on nobody may map it writable.
         memory.seal()
@@ -133,6 +132,18 @@ class Hypervisor:
         )
         self.state.domains[domid] = domain
         return domain
+
+    def _free_domid(self) -> int:
+        """Xen's rover: the first unused id from the one after the last handed
+        out, wrapping below the reserved ids (so every domid fits the frame
+        table's int16 owner field)."""
+        span = abi.DOMID_FIRST_RESERVED - FIRST_DOMID
+        for step in range(span):
+            domid = FIRST_DOMID + (self._next_domid - FIRST_DOMID + step) % span
+            if domid not in self.state.domains:
+                self._next_domid = domid + 1
+                return domid
+        raise DomainError("every domain id is in use")
 
     def domain(self, domid: int) -> Domain:
         try:

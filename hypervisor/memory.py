@@ -99,7 +99,6 @@ class MachineMemory:
             ft.owner[mfn] = owner
             ft.slot[mfn] = pfn
             ft.count[mfn] = 1  # PGC_allocated: the owner's own reference
-            ft.m2p[mfn] = pfn
         self._memories[owner] = memory
         return memory, p2m
 
