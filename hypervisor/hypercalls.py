@@ -30,6 +30,7 @@ from pvemu.shared.x86 import (
     va_indexes,
 )
 
+from . import mmu_batch
 from .frametable import VALIDATED
 from .pagetypes import frame_of
 
@@ -126,13 +127,31 @@ def mmu_update(
     flush_all = False
     done = 0
     rc = 0
-    for i in range(0, len(reqs), 2):
+    count = len(reqs) // 2
+    batched = mmu_batch.ENABLED and pt_owner == pg_owner == dom.domid
+    recs = mmu_batch.records_array(reqs) if batched else None
+    backoff = skip = 0
+    while done < count:
         while budget.left <= 0:
             yield
+        if recs is not None and not skip:
+            window = min(count - done, budget.left, mmu_batch.MAX_WINDOW)
+            if window >= mmu_batch.MIN_RUN:
+                run = mmu_batch.apply_run(m, dom, recs, done, done + window)
+                budget.spend(run)
+                counters.mmu_update_records += run
+                done += run
+                if run:
+                    backoff = 0
+                    continue  # from the record that stopped the run
+                # Not covered: the per-record path takes it, and a few more.
+                backoff = min(max(2 * backoff, mmu_batch.BACKOFF), mmu_batch.MAX_BACKOFF)
+                skip = backoff
+        skip = max(skip - 1, 0)
         budget.spend(1)
         counters.mmu_update_records += 1
-        ptr = reqs[i]
-        val = reqs[i + 1]
+        ptr = reqs[2 * done]
+        val = reqs[2 * done + 1]
         cmd = ptr & abi.MMU_CMD_MASK
         if pt_owner != dom.domid or pg_owner != dom.domid:
             rc = -abi.EPERM  # XSM: an unprivileged domain acts only on itself

@@ -9,11 +9,15 @@ under Xen.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
 import weakref
 from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
 
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
@@ -31,9 +35,13 @@ class OutOfMemory(Exception):
 
 
 class DomainMemory:
-    """One domain's frames: a memfd mapped read-write by the hypervisor."""
+    """One domain's frames: a memfd mapped read-write by the hypervisor.
 
-    __slots__ = ("__weakref__", "_close_fd", "fd", "map", "nr_frames", "words")
+    ``words`` is the mapping as u64s for the per-record code, ``entries`` the
+    same memory as a (nr_frames, 512) u64 numpy array for the batched path.
+    """
+
+    __slots__ = ("__weakref__", "_close_fd", "entries", "fd", "map", "nr_frames", "words")
 
     def __init__(self, name: str, nr_frames: int) -> None:
         self.nr_frames = nr_frames
@@ -45,6 +53,9 @@ class DomainMemory:
             os.close(self.fd)
             raise
         self.words = memoryview(self.map).cast("Q")
+        self.entries: NDArray[np.uint64] = np.frombuffer(self.map, dtype=np.uint64).reshape(
+            nr_frames, WORDS_PER_FRAME
+        )
         # The mapping frees itself with the object; the descriptor would not:
         # a dropped Hypervisor (tests, fuzzers) must not leak one per domain.
         self._close_fd = weakref.finalize(self, os.close, self.fd)
@@ -58,7 +69,11 @@ class DomainMemory:
 
     def close(self) -> None:
         self.words.release()
-        self.map.close()
+        del self.entries
+        # A numpy view can outlive the call that made it (a stored exception's
+        # traceback holds it): the mapping then goes when that view does.
+        with contextlib.suppress(BufferError):
+            self.map.close()
         self._close_fd()
 
 

@@ -54,35 +54,44 @@ class RaceOracle:
             self._unseen_dirty.discard(pte_maddr)
             self.lost_dirty += 1
 
-    def pte_written_many(self, maddrs: NDArray[np.uint64], values: NDArray[np.uint64]) -> None:
+    def pte_written_many(self, maddrs: NDArray[np.int64], values: NDArray[np.int64]) -> None:
         """``pte_written(maddrs[i], values[i])`` for every i in order, as a few
-        array operations (the hypervisor's batched mmu_update path).
+        array operations (the hypervisor's batched mmu_update path; u64
+        values as int64 bit patterns).
 
         The same effect for any input, repeated addresses included: ticks
         rise with i, so the largest tick an entry gets is its last write's;
         nothing re-marks a D bit between the writes, so a pending D bit is lost
         once if any write leaves D clear.
         """
-        n = len(maddrs)
-        if not n:
-            return
-        ticks = np.arange(self._tick + 1, self._tick + 1 + n, dtype=np.int64)
-        self._tick += n
         frames = maddrs >> PAGE_SHIFT
         index = (maddrs >> 3) & _INDEX_MASK
-        first = int(frames[0])
-        if (frames == first).all():
-            np.maximum.at(self._ticks_of(first), index, ticks)
-        else:
-            for frame in np.unique(frames).tolist():
-                mine = frames == frame
-                np.maximum.at(self._ticks_of(frame), index[mine], ticks[mine])
-        if self._unseen_dirty:
-            clean = (values & _PAGE_DIRTY) == 0
-            if clean.any():
-                lost = self._unseen_dirty.intersection(maddrs[clean].tolist())
-                self._unseen_dirty -= lost
-                self.lost_dirty += len(lost)
+        ticks = np.arange(self._tick + 1, self._tick + 1 + len(maddrs), dtype=np.int64)
+        self._tick += len(maddrs)
+        for frame in np.unique(frames).tolist():
+            mine = frames == frame
+            np.maximum.at(self._ticks_of(frame), index[mine], ticks[mine])
+        self._lose_dirty(maddrs, values)
+
+    def pte_written_in_frame(
+        self, frame: int, index: NDArray[np.int64], values: NDArray[np.int64]
+    ) -> None:
+        """``pte_written_many`` for writes to distinct entries of one frame,
+        given as their indexes in it (one array store)."""
+        n = len(index)
+        self._ticks_of(frame)[index] = np.arange(self._tick + 1, self._tick + 1 + n)
+        self._tick += n
+        if self._unseen_dirty and np.count_nonzero((values & _PAGE_DIRTY) == 0):
+            self._lose_dirty((frame << PAGE_SHIFT) | (index << 3), values)
+
+    def _lose_dirty(self, maddrs: NDArray[np.int64], values: NDArray[np.int64]) -> None:
+        if not self._unseen_dirty:
+            return
+        clean = (values & _PAGE_DIRTY) == 0
+        if np.count_nonzero(clean):
+            lost = self._unseen_dirty.intersection(maddrs[clean].tolist())
+            self._unseen_dirty -= lost
+            self.lost_dirty += len(lost)
 
     def changed_at(self, pte_maddr: int) -> int:
         """The tick of the last software write of the PTE (0: never)."""

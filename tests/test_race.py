@@ -78,8 +78,8 @@ def test_pte_written_many_equals_one_write_at_a_time(
     for maddr, value in writes:
         one.pte_written(maddr, value)
     for part in (writes[:split], writes[split:]):
-        maddrs = np.array([w[0] for w in part], dtype=np.uint64)
-        values = np.array([w[1] for w in part], dtype=np.uint64)
+        maddrs = np.array([w[0] for w in part], dtype=np.int64)
+        values = np.array([w[1] for w in part], dtype=np.int64)
         many.pte_written_many(maddrs, values)
     assert _oracle_state(many) == _oracle_state(one)
     for maddr in range(0x1000, 0x3000, 8):
