@@ -50,7 +50,6 @@ Sans-I/O, like the rest of the core: plain functions over arrays.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -159,14 +158,11 @@ class FrameArrays:
         )
 
 
-_ARRAYS: weakref.WeakKeyDictionary[MachineState, FrameArrays] = weakref.WeakKeyDictionary()
-
-
 def frame_arrays(m: MachineState) -> FrameArrays:
     """The machine's frame-table views, made once (the arrays never resize)."""
-    arrays = _ARRAYS.get(m)
+    arrays = m.arrays
     if arrays is None:
-        arrays = _ARRAYS[m] = FrameArrays.of(m.frames)
+        arrays = m.arrays = FrameArrays.of(m.frames)
     return arrays
 
 
@@ -194,10 +190,13 @@ def apply_run(m: MachineState, dom: Domain, recs: Words, start: int, stop: int) 
         key = ptr & _KEY_MASK
         first = int(key[0])
         same = key == first
-        segment = len(ptr) if np.count_nonzero(same) == len(ptr) else int(np.argmin(same))
-        if segment < len(ptr) and segment < MIN_SEGMENT:
-            return done - start + _general(m, dom, table, ptr, val)
-        applied = _one_frame(m, dom, table, ptr[:segment], val[:segment], first)
+        segment = len(ptr)
+        if np.count_nonzero(same) < segment:
+            segment = int(np.argmin(same))
+            if segment < MIN_SEGMENT:
+                return done - start + _general(m, dom, table, ptr, val)
+            ptr, val = ptr[:segment], val[:segment]
+        applied = _one_frame(m, dom, table, ptr, val, first)
         done += applied
         if applied < segment:
             break
@@ -214,39 +213,62 @@ def _one_frame(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Word
     row = table[ft.slot[mfn]]
     index = (ptr >> 3) & _INDEX_MASK
     old = row[index]
-    adjusted = _adjusted(val)
-    changed = old ^ adjusted
+    # adjust_guest_l1e only sets fast-path bits, so the raw value will do
+    # for every test but the stored value. Whole-window facts come from three
+    # reductions: bits set in any changed entry, in every value, in any value.
+    changed = old ^ val
+    any_changed = int(np.bitwise_or.reduce(changed))
+    every_val = int(np.bitwise_and.reduce(val))
+    any_val = int(np.bitwise_or.reduce(val))
     # Every value present without disallowed bits, every old entry present
     # with the same frame, no address twice: else the general lane decides.
-    unusual = ((val & _P_OR_DISALLOWED) ^ _PAGE_PRESENT) | (changed & _FIXED)
-    if np.count_nonzero(unusual) or np.count_nonzero(index[1:] <= index[:-1]):
+    if (
+        any_changed & _FIXED
+        or not every_val & _PAGE_PRESENT
+        or any_val & L1_DISALLOW_MASK
+        or np.count_nonzero(index[1:] <= index[:-1])
+    ):
         return _general(m, dom, table, ptr, val)
     # Only RW can differ outside the fast-path bits now: get_page and
     # put_page cancel; the writable type is taken or dropped where RW flips.
-    flips = changed & _PAGE_RW
-    lost = flips & old
-    gained = flips ^ lost
-    fa = frame_arrays(m)
-    if np.count_nonzero(gained):
-        frames = _frames_where(val, gained)
-        writable = (fa.type[frames] == abi.PGT_writable_page) & (fa.flags[frames] & VALIDATED)
-        if np.count_nonzero(writable) < len(frames):
-            return _general(m, dom, table, ptr, val)  # a retype: not this lane's
-        np.add.at(fa.type_count, frames, _ONES[: len(frames)])
-    if np.count_nonzero(lost):
-        frames = _frames_where(old, lost)
-        np.subtract.at(fa.type_count, frames, _ONES[: len(frames)])
-    new = adjusted | (old & PAGE_AD) if cmd == abi.MMU_PT_UPDATE_PRESERVE_AD else adjusted
+    if any_changed & _PAGE_RW and not _flip_writable(m, changed, old, val, every_val, any_val):
+        return _general(m, dom, table, ptr, val)  # a retype: not this lane's
+    if every_val & _PAGE_USER and every_val & (_PAGE_GUEST_KERNEL | _PAGE_GLOBAL):
+        new = val  # what the guest read back: adjust_guest_l1e changes nothing
+    else:
+        new = _adjusted(val)
+    if cmd == abi.MMU_PT_UPDATE_PRESERVE_AD:
+        new = new | (old & PAGE_AD)
     row[index] = new
     dom.oracle.pte_written_in_frame(mfn, index, new)
     return len(ptr)
 
 
-def _frames_where(entries: Words, flag: Words) -> Words:
-    """The frame numbers of the entries whose ``flag`` word is non-zero."""
-    if np.count_nonzero(flag) < len(flag):
-        entries = entries[flag != 0]
-    return (entries >> PAGE_SHIFT) & _FRAME_BITS
+def _flip_writable(
+    m: MachineState, changed: Words, old: Words, val: Words, every_val: int, any_val: int
+) -> bool:
+    """Take the writable type of each frame whose entry gains RW, drop it
+    where RW goes; False (nothing done) if a gaining frame is not writable-
+    typed yet (a retype, which the per-record path does)."""
+    fa = frame_arrays(m)
+    if np.bitwise_and.reduce(changed) & _PAGE_RW and (
+        every_val & _PAGE_RW or not any_val & _PAGE_RW
+    ):
+        # Every entry flips the same way (mprotect): no per-entry selection.
+        gained, lost = (val, None) if every_val & _PAGE_RW else (None, old)
+    else:
+        flips = changed & _PAGE_RW
+        gained, lost = val[(flips & val) != 0], old[(flips & old) != 0]
+    if gained is not None and len(gained):
+        frames = (gained >> PAGE_SHIFT) & _FRAME_BITS
+        writable = (fa.type[frames] == abi.PGT_writable_page) & (fa.flags[frames] & VALIDATED)
+        if np.count_nonzero(writable) < len(frames):
+            return False
+        np.add.at(fa.type_count, frames, _ONES[: len(frames)])
+    if lost is not None and len(lost):
+        frames = (lost >> PAGE_SHIFT) & _FRAME_BITS
+        np.subtract.at(fa.type_count, frames, _ONES[: len(frames)])
+    return True
 
 
 def _general(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Words) -> int:

@@ -81,7 +81,7 @@ class RaceOracle:
         n = len(index)
         self._ticks_of(frame)[index] = np.arange(self._tick + 1, self._tick + 1 + n)
         self._tick += n
-        if self._unseen_dirty and np.count_nonzero((values & _PAGE_DIRTY) == 0):
+        if self._unseen_dirty and np.count_nonzero(values & _PAGE_DIRTY) < n:
             self._lose_dirty((frame << PAGE_SHIFT) | (index << 3), values)
 
     def _lose_dirty(self, maddrs: NDArray[np.int64], values: NDArray[np.int64]) -> None:

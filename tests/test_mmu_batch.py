@@ -172,6 +172,8 @@ def records(draw: st.DrawFn, s: Scene) -> list[Record]:
     def odd() -> bool:
         return draw(st.integers(0, 19)) < wild
 
+    if draw(st.integers(0, 2)) == 0:
+        return _sweeps(draw, s)
     out: list[Record] = []
     length = draw(st.integers(1, 48))
     runs: list[tuple[int, int, list[int], Edit]] = []
@@ -211,6 +213,23 @@ def records(draw: st.DrawFn, s: Scene) -> list[Record]:
             else:
                 val = draw(st.integers(0, (1 << 64) - 1))
             out.append((ptr, val))
+    return out
+
+
+def _sweeps(draw: st.DrawFn, s: Scene) -> list[Record]:
+    """The mprotect shape: one change over many entries of one L1, in
+    address order, sometimes twice (the second computed from the same old
+    values, so it depends on the first)."""
+    mem = s.hv.state.memory
+    table = draw(st.sampled_from(s.l1s))
+    cmd = draw(st.sampled_from(PT_CMDS))
+    first, count = draw(st.integers(0, 500)), draw(st.integers(1, 40))
+    out: list[Record] = []
+    for _ in range(draw(st.integers(1, 2))):
+        edit = draw(st.sampled_from(TAME_EDITS))
+        for index in range(first, min(first + count, 512)):
+            maddr = maddr_of_entry(table, index)
+            out.append((maddr | cmd, edit(mem.read_u64(maddr))))
     return out
 
 
@@ -284,7 +303,7 @@ def _run(
 
 
 @settings(
-    max_examples=150,
+    max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
