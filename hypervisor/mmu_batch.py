@@ -34,11 +34,15 @@ applies it exactly as before.
 
 Two lanes do the work. Most windows are runs of records into one L1 (a
 PTE page) that only change flags of present entries (mprotect): the one-frame
-lane checks them with a handful of whole-window tests and applies them with
-scalar frame-table checks, about 40 numpy calls for the window. Anything else
-(records into several frames, clears, new mappings, errors, repeated
-addresses) goes to the general lane, which computes each record's verdict and
-cuts the window at the first record it does not cover.
+lane checks the target frame once and the window with three reductions and
+an order test, about 20 numpy calls whatever the window's size. An entry
+keeping its frame needs no owner or count check there: a present entry of a
+validated L1 already holds a general reference to a frame of the L1's owner,
+and its writable type when it is RW (what ``audit()`` checks); only a frame
+gaining RW is looked up. Anything else (records into several frames, clears,
+new mappings, errors, repeated addresses) goes to the general lane, which
+computes each record's verdict from the frame table and cuts the window at
+the first record it does not cover.
 
 Values are handled as int64 views of the u64 words (a frame index is then an
 ``intp`` with no conversion); every shift is masked, so bit 63 set in a value
