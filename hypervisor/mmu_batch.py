@@ -191,12 +191,10 @@ def apply_run(m: MachineState, dom: Domain, recs: Words, start: int, stop: int) 
     while done < stop:
         ptr = recs[2 * done : 2 * stop : 2]
         val = recs[2 * done + 1 : 2 * stop : 2]
-        key = ptr & _KEY_MASK
-        first = int(key[0])
-        same = key == first
+        first = int(ptr[0]) & _KEY_MASK
         segment = len(ptr)
-        if np.count_nonzero(same) < segment:
-            segment = int(np.argmin(same))
+        if int(np.bitwise_or.reduce(ptr ^ first)) & _KEY_MASK:  # not all one key
+            segment = int(np.argmin((ptr & _KEY_MASK) == first))
             if segment < MIN_SEGMENT:
                 return done - start + _general(m, dom, table, ptr, val)
             ptr, val = ptr[:segment], val[:segment]
@@ -225,12 +223,12 @@ def _one_frame(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Word
     every_val = int(np.bitwise_and.reduce(val))
     any_val = int(np.bitwise_or.reduce(val))
     # Every value present without disallowed bits, every old entry present
-    # with the same frame, no address twice: else the general lane decides.
+    # with the same frame, no entry twice: else the general lane decides.
     if (
         any_changed & _FIXED
         or not every_val & _PAGE_PRESENT
         or any_val & L1_DISALLOW_MASK
-        or np.count_nonzero(index[1:] <= index[:-1])
+        or not _distinct(index)
     ):
         return _general(m, dom, table, ptr, val)
     # Only RW can differ outside the fast-path bits now: get_page and
@@ -328,6 +326,13 @@ def _general(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Words)
     _count_delta(fa.type_count, new_frame[:run], new_rw[:run], old_frame[:run], old_rw[:run])
     dom.oracle.pte_written_many(maddr[:run], new[:run])
     return run
+
+
+def _distinct(index: Words) -> bool:
+    """No entry index twice (the window's writes then commute)."""
+    seen = np.zeros(ENTRIES_PER_TABLE, dtype=np.bool_)
+    seen[index] = True
+    return int(np.count_nonzero(seen)) == len(index)
 
 
 def _adjusted(val: Words) -> Words:

@@ -223,11 +223,19 @@ def _sweeps(draw: st.DrawFn, s: Scene) -> list[Record]:
     mem = s.hv.state.memory
     table = draw(st.sampled_from(s.l1s))
     cmd = draw(st.sampled_from(PT_CMDS))
-    first, count = draw(st.integers(0, 500)), draw(st.integers(1, 40))
+    present = [i for i in range(512) if mem.read_u64(maddr_of_entry(table, i)) & _PAGE_PRESENT]
+    if present and draw(st.integers(0, 3)):  # over present entries, as mprotect
+        start = draw(st.integers(0, len(present) - 1))
+        indexes = present[start : start + draw(st.integers(1, len(present)))]
+    else:
+        first = draw(st.integers(0, 500))
+        indexes = list(range(first, min(first + draw(st.integers(1, 40)), 512)))
     out: list[Record] = []
-    for _ in range(draw(st.integers(1, 2))):
-        edit = draw(st.sampled_from(TAME_EDITS))
-        for index in range(first, min(first + count, 512)):
+    edit = draw(st.sampled_from(TAME_EDITS))
+    for again in range(draw(st.integers(1, 2))):
+        if again and draw(st.booleans()):
+            edit = draw(st.sampled_from(TAME_EDITS))  # else the same change twice
+        for index in indexes:
             maddr = maddr_of_entry(table, index)
             out.append((maddr | cmd, edit(mem.read_u64(maddr))))
     return out
@@ -323,7 +331,7 @@ def test_array_path_equals_the_per_record_path(data: st.DataObject) -> None:
         # some of the very entries the batch rewrites: behind the
         # hypervisor's back, or by a write access it sees.
         raced = data.draw(st.lists(st.tuples(st.sampled_from(reqs), st.sampled_from([A, AD]))))
-        touched = data.draw(st.lists(st.sampled_from(reqs), max_size=6))
+        touched = [data.draw(st.sampled_from(reqs)) for _ in range(data.draw(st.integers(0, 6)))]
         for scene_ in (ref, arr):
             _set_bits(scene_, [(ptr & ~7, bits) for (ptr, _), bits in raced])
             for ptr, _ in touched:
