@@ -266,10 +266,10 @@ def _flip_writable(
         writable = (fa.type[frames] == abi.PGT_writable_page) & (fa.flags[frames] & VALIDATED)
         if np.count_nonzero(writable) < len(frames):
             return False
-        np.add.at(fa.type_count, frames, _ONES[: len(frames)])
+        np.add.at(fa.type_count, frames, _ones(len(frames)))
     if lost is not None and len(lost):
         frames = (lost >> PAGE_SHIFT) & _FRAME_BITS
-        np.subtract.at(fa.type_count, frames, _ONES[: len(frames)])
+        np.subtract.at(fa.type_count, frames, _ones(len(frames)))
     return True
 
 
@@ -328,6 +328,11 @@ def _general(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Words)
     return run
 
 
+def _ones(n: int) -> NDArray[np.uint32]:
+    """``n`` ones for ``np.add.at`` (uint32 like the counts: the fast path)."""
+    return _ONES[:n] if n <= len(_ONES) else np.ones(n, dtype=np.uint32)
+
+
 def _distinct(index: Words) -> bool:
     """No entry index twice (the window's writes then commute)."""
     seen = np.zeros(ENTRIES_PER_TABLE, dtype=np.bool_)
@@ -373,10 +378,10 @@ def _count_delta(
     lose = lose & ~same
     if np.count_nonzero(gain):
         frames = gained[gain]
-        np.add.at(counts, frames, _ONES[: len(frames)])
+        np.add.at(counts, frames, _ones(len(frames)))
     if np.count_nonzero(lose):
         frames = lost[lose]
-        np.subtract.at(counts, frames, _ONES[: len(frames)])
+        np.subtract.at(counts, frames, _ones(len(frames)))
 
 
 __all__ = ["ENABLED", "FrameArrays", "apply_run", "frame_arrays", "records_array"]
