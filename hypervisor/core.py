@@ -18,7 +18,7 @@ from .audit import audit_machine
 from .counters import VcpuCounters, total
 from .domain import Domain, MachineState
 from .frametable import FrameTable
-from .hypercalls import HypercallResult, dispatch, ptwr_write
+from .hypercalls import UNLIMITED, Budget, HypercallResult, dispatch, ptwr_write
 from .memory import MachineMemory
 from .pagetypes import XEN_SLOTS, PageTypes
 
@@ -38,31 +38,39 @@ class DomainError(Exception):
 class PendingCall:
     """A hypercall in progress, runnable in slices (Xen's continuation).
 
-    ``step(budget)`` processes at most ``budget`` entries and returns True when
-    the call has finished; ``result`` is then set. Stepping a call to the end
-    in any slice sizes gives the same result as one uninterrupted run.
+    ``step(budget)`` processes at most ``budget`` entries (at least one; all
+    when None) and returns True when the call has finished; ``result`` is
+    then set. The call spends the slice's :class:`Budget` in runs of entries
+    and parks (yields) when it is used up, so one step may cover many entries
+    with a single resumption. Stepping a call to the end in any slice sizes
+    gives the same result as one uninterrupted run.
     """
 
-    __slots__ = ("_steps", "op", "result")
+    __slots__ = ("_budget", "_steps", "op", "result")
 
-    def __init__(self, op: int, steps: Generator[None, None, HypercallResult]) -> None:
+    def __init__(
+        self, op: int, steps: Generator[None, None, HypercallResult], budget: Budget
+    ) -> None:
         self.op = op
         self._steps = steps
+        self._budget = budget
         self.result: HypercallResult | None = None
+
+    @property
+    def entries(self) -> int:
+        """Entries processed so far, over every slice."""
+        return self._budget.used
 
     def step(self, budget: int | None = None) -> bool:
         if self.result is not None:
             return True
-        entries = 0
+        self._budget.left = UNLIMITED if budget is None else max(budget, 1)
         try:
-            while True:
-                next(self._steps)
-                entries += 1
-                if budget is not None and entries >= budget:
-                    return False
+            next(self._steps)
         except StopIteration as stop:
             self.result = stop.value
             return True
+        return False
 
     def abandon(self) -> None:
         """Drop an unfinished call (its domain died): applied entries stay."""
@@ -108,8 +116,7 @@ class Hypervisor:
                 f"not enough machine memory: {memory_mib} MiB asked, "
                 f"{self.state.memory.free_frames // FRAMES_PER_MIB} MiB free"
             )
-        domid = self._next_domid
-        self._next_domid += 1
+        domid = self._free_domid()
         memory, p2m = self.state.memory.allocate(domid, nr_frames, name or f"dom{domid}")
         # Mapped read-write here already; from now on nobody may map it writable.
         memory.seal()
@@ -133,6 +140,18 @@ class Hypervisor:
         )
         self.state.domains[domid] = domain
         return domain
+
+    def _free_domid(self) -> int:
+        """Xen's rover: the first unused id from the one after the last handed
+        out, wrapping below the reserved ids (so every domid fits the frame
+        table's int16 owner field)."""
+        span = abi.DOMID_FIRST_RESERVED - FIRST_DOMID
+        for step in range(span):
+            domid = FIRST_DOMID + (self._next_domid - FIRST_DOMID + step) % span
+            if domid not in self.state.domains:
+                self._next_domid = domid + 1
+                return domid
+        raise DomainError("every domain id is in use")
 
     def domain(self, domid: int) -> Domain:
         try:
@@ -176,7 +195,8 @@ class Hypervisor:
         """Count the trap and return the call, ready to be stepped."""
         domain = self._vcpu_domain(domid, vcpu)
         domain.counters[vcpu].hypercalls[call.op] += 1
-        return PendingCall(call.op, dispatch(self.state, domain, vcpu, call.args))
+        budget = Budget()
+        return PendingCall(call.op, dispatch(self.state, domain, vcpu, call.args, budget), budget)
 
     def hypercall(self, domid: int, vcpu: int, call: wire.Call) -> HypercallResult:
         """Run a hypercall to completion."""

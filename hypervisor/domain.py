@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .counters import VcpuCounters
     from .frametable import FrameTable
     from .memory import DomainMemory, MachineMemory
+    from .mmu_batch import FrameArrays
     from .pagetypes import PageTypes
 
 
@@ -54,3 +55,6 @@ class MachineState:
     memory: MachineMemory
     types: PageTypes
     domains: dict[int, Domain] = field(default_factory=dict)
+    #: numpy views of ``frames`` for the batched mmu_update path, made on
+    #: first use (``mmu_batch.frame_arrays``).
+    arrays: FrameArrays | None = None

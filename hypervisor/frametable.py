@@ -1,12 +1,13 @@
 """The frame table: per-MFN bookkeeping as flat arrays, not one object per frame.
 
 Xen's ``struct page_info`` reduced to what a 64-bit PV domU needs (reference
-§6.1): owner, general count, type, type count, validated, pinned. Arrays keep
-1 GiB of machine memory (262 144 frames) at about 4 MiB of table.
+§6.1): owner, general count, type, type count, validated, pinned. 16 bytes a
+frame: 1 GiB of machine memory (262 144 frames) costs 4 MiB of table.
 """
 
 from __future__ import annotations
 
+import sys
 from array import array
 from typing import Final
 
@@ -40,12 +41,48 @@ TYPE_NAMES: Final = {
 }
 
 
-class FrameTable:
-    """Parallel arrays indexed by MFN.
+#: Bytes one entry of the M2P override dict costs (a dict slot and two ints),
+#: what ``table_bytes`` charges for it.
+M2P_OVERRIDE_BYTES: Final = 3 * 8 + 2 * 32
 
-    ``slot`` is the frame's index inside its owner's memfd (the PFN it was
-    created as); ``m2p`` is the guest-visible machine-to-phys table that
-    ``MMU_MACHPHYS_UPDATE`` writes.
+
+class M2pTable:
+    """The guest-visible machine-to-phys table, sparse.
+
+    Every frame's M2P entry is the PFN it was created as (its ``slot``) until
+    ``MMU_MACHPHYS_UPDATE`` stores another value; only those overrides are
+    kept, so the common case costs no bytes per frame. A free frame reads 0.
+    """
+
+    __slots__ = ("_slot", "overrides")
+
+    def __init__(self, slot: array[int]) -> None:
+        self._slot = slot
+        self.overrides: dict[int, int] = {}
+
+    def __getitem__(self, mfn: int) -> int:
+        value = self.overrides.get(mfn)
+        return self._slot[mfn] if value is None else value
+
+    def __setitem__(self, mfn: int, value: int) -> None:
+        if value == self._slot[mfn]:
+            self.overrides.pop(mfn, None)
+        else:
+            self.overrides[mfn] = value
+
+    def reset(self, mfn: int) -> None:
+        """The frame went back to the pool: its entry is the default again."""
+        self.overrides.pop(mfn, None)
+
+
+class FrameTable:
+    """Parallel arrays indexed by MFN, 16 bytes a frame.
+
+    ``owner`` is an int16: every domid fits (``NO_OWNER`` is -1, the reserved
+    ids end at ``DOMID_XEN`` = 0x7FF2 < 2**15). ``slot`` is the frame's index
+    inside its owner's memfd (the PFN it was created as); ``m2p`` is the
+    guest-visible machine-to-phys table that ``MMU_MACHPHYS_UPDATE`` writes,
+    sparse over ``slot`` (:class:`M2pTable`).
     """
 
     __slots__ = ("count", "flags", "m2p", "nr_frames", "owner", "slot", "type", "type_count")
@@ -54,13 +91,13 @@ class FrameTable:
         if nr_frames <= 0:
             raise ValueError("a machine needs at least one frame")
         self.nr_frames = nr_frames
-        self.owner = array("i", [NO_OWNER]) * nr_frames
+        self.owner = array("h", [NO_OWNER]) * nr_frames
         self.slot = array("I", [0]) * nr_frames
         self.count = array("I", [0]) * nr_frames
         self.type = array("B", [abi.PGT_none]) * nr_frames
         self.type_count = array("I", [0]) * nr_frames
         self.flags = array("B", [0]) * nr_frames
-        self.m2p = array("Q", [0]) * nr_frames
+        self.m2p = M2pTable(self.slot)
 
     def valid(self, mfn: int) -> bool:
         return 0 <= mfn < self.nr_frames
@@ -79,7 +116,7 @@ class FrameTable:
         self.type[mfn] = abi.PGT_none
         self.type_count[mfn] = 0
         self.flags[mfn] = 0
-        self.m2p[mfn] = 0
+        self.m2p.reset(mfn)
 
     def describe(self, mfn: int) -> str:
         """One-line state of a frame, for audit messages and logs."""
@@ -90,16 +127,9 @@ class FrameTable:
         )
 
     def table_bytes(self) -> int:
-        """Bytes the arrays occupy (the cost per frame the issue bounds)."""
-        return sum(
-            a.itemsize * len(a)
-            for a in (
-                self.owner,
-                self.slot,
-                self.count,
-                self.type,
-                self.type_count,
-                self.flags,
-                self.m2p,
-            )
-        )
+        """Bytes the table occupies: the arrays, plus the M2P overrides (the
+        dict itself and each entry) that guests have written."""
+        arrays = (self.owner, self.slot, self.count, self.type, self.type_count, self.flags)
+        overrides = self.m2p.overrides
+        extra = sys.getsizeof(overrides) + M2P_OVERRIDE_BYTES * len(overrides) if overrides else 0
+        return sum(a.itemsize * len(a) for a in arrays) + extra

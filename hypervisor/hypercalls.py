@@ -2,15 +2,18 @@
 (and its _otherdomain variant), vm_assist and writable page-table emulation
 (reference §2-§5, §7).
 
-Batched calls are generators that ``yield`` before every entry except the
-first: that is Xen's preemption check. The driver (``core.PendingCall``) runs a
-slice of entries and can park the generator there, which is exactly Xen's
-continuation: the resumed call restarts at the first unprocessed entry and the
-guest sees one hypercall.
+Batched calls are generators driven through a :class:`Budget`: the entries
+the running slice may still process. A call spends it as it goes (one entry
+or a whole run of records at once) and, when it is used up and work remains,
+``yield``s: that is Xen's preemption check. The driver (``core.PendingCall``)
+refills the budget for each slice and resumes the parked generator, which is
+exactly Xen's continuation: the call restarts at the first unprocessed entry
+and the guest sees one hypercall.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -27,16 +30,39 @@ from pvemu.shared.x86 import (
     va_indexes,
 )
 
+from . import mmu_batch
 from .frametable import VALIDATED
 from .pagetypes import frame_of
 
 if TYPE_CHECKING:
     from .domain import Domain, MachineState
 
-Steps = Generator[None, None, int]
-
 MAX_LDT_ENTRIES: Final = 8192
 GUEST_LOW_END: Final = 1 << 47
+#: A slice without a bound (a call run to completion in one go).
+UNLIMITED: Final = sys.maxsize
+
+
+class Budget:
+    """The entries a hypercall may still process in the running slice.
+
+    ``left`` is refilled by the driver before each slice; a call takes from
+    it with :meth:`spend` and parks (``yield``) when it is 0 and work remains.
+    ``used`` counts every entry spent since the call started. The unit is the
+    entry Xen's preemption check counts: an ``mmu_update`` record, an
+    ``mmuext_op`` op, or a multicall entry that carries neither (a multicall
+    entry costs its records or ops, at least one).
+    """
+
+    __slots__ = ("left", "used")
+
+    def __init__(self, left: int = UNLIMITED) -> None:
+        self.left = left
+        self.used = 0
+
+    def spend(self, entries: int) -> None:
+        self.left -= entries
+        self.used += entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +101,12 @@ def _foreign_owner(m: MachineState, dom: Domain, field: int) -> int | None:
 
 
 def mmu_update(
-    m: MachineState, dom: Domain, vcpu: int, reqs: Sequence[int], foreigndom: int
+    m: MachineState,
+    dom: Domain,
+    vcpu: int,
+    reqs: Sequence[int],
+    foreigndom: int,
+    budget: Budget,
 ) -> Generator[None, None, HypercallResult]:
     """Apply (ptr, val) requests in order, stopping at the first failure.
 
@@ -96,12 +127,31 @@ def mmu_update(
     flush_all = False
     done = 0
     rc = 0
-    for i in range(0, len(reqs), 2):
-        if i:
+    count = len(reqs) // 2
+    batched = mmu_batch.ENABLED and pt_owner == pg_owner == dom.domid
+    recs = mmu_batch.records_array(reqs) if batched else None
+    backoff = skip = 0
+    while done < count:
+        while budget.left <= 0:
             yield
+        if recs is not None and not skip:
+            window = min(count - done, budget.left, mmu_batch.MAX_WINDOW)
+            if window >= mmu_batch.MIN_RUN:
+                run = mmu_batch.apply_run(m, dom, recs, done, done + window)
+                budget.spend(run)
+                counters.mmu_update_records += run
+                done += run
+                if run:
+                    backoff = 0
+                    continue  # from the record that stopped the run
+                # Not covered: the per-record path takes it, and a few more.
+                backoff = min(max(2 * backoff, mmu_batch.BACKOFF), mmu_batch.MAX_BACKOFF)
+                skip = backoff
+        skip = max(skip - 1, 0)
+        budget.spend(1)
         counters.mmu_update_records += 1
-        ptr = reqs[i]
-        val = reqs[i + 1]
+        ptr = reqs[2 * done]
+        val = reqs[2 * done + 1]
         cmd = ptr & abi.MMU_CMD_MASK
         if pt_owner != dom.domid or pg_owner != dom.domid:
             rc = -abi.EPERM  # XSM: an unprivileged domain acts only on itself
@@ -295,6 +345,7 @@ def mmuext_op(
     vcpu: int,
     ops: Sequence[tuple[int, int, int]],
     foreigndom: int,
+    budget: Budget,
 ) -> Generator[None, None, HypercallResult]:
     """Extended MMU ops in order; stop at the first failure (§3).
 
@@ -307,9 +358,10 @@ def mmuext_op(
     counters = dom.counters[vcpu]
     done = 0
     rc = 0
-    for i, op in enumerate(ops):
-        if i:
+    for op in ops:
+        while budget.left <= 0:
             yield
+        budget.spend(1)
         counters.mmuext_ops += 1
         rc = _mmuext_one(m, dom, vcpu, op, fd)
         if rc:
@@ -432,24 +484,28 @@ def vm_assist(dom: Domain, cmd: int, assist: int) -> int:
 
 
 def multicall(
-    m: MachineState, dom: Domain, vcpu: int, calls: Sequence[wire.Call]
+    m: MachineState, dom: Domain, vcpu: int, calls: Sequence[wire.Call], budget: Budget
 ) -> Generator[None, None, HypercallResult]:
     """Each entry runs in order; a failing entry does not stop the batch (§4).
 
-    A multicall inside a multicall is refused with -EINVAL, as Xen does.
+    A multicall inside a multicall is refused with -EINVAL, as Xen does. An
+    entry spends the budget its records or ops take, and at least one entry.
     """
     counters = dom.counters[vcpu]
     results: list[int] = []
-    for i, call in enumerate(calls):
-        if i:
+    for call in calls:
+        while budget.left <= 0:
             yield
+        used = budget.used
         counters.multicall_entries += 1
         counters.multicall_ops[call.op] += 1
         if isinstance(call.args, wire.MulticallArgs):
             results.append(-abi.EINVAL)
-            continue
-        result = yield from dispatch(m, dom, vcpu, call.args)
-        results.append(result.rc)
+        else:
+            result = yield from dispatch(m, dom, vcpu, call.args, budget)
+            results.append(result.rc)
+        if budget.used == used:
+            budget.spend(1)
     return HypercallResult(0, 0, tuple(results))
 
 
@@ -491,17 +547,18 @@ def ptwr_write(
 
 
 def dispatch(
-    m: MachineState, dom: Domain, vcpu: int, args: wire.HypercallArgs
+    m: MachineState, dom: Domain, vcpu: int, args: wire.HypercallArgs, budget: Budget
 ) -> Generator[None, None, HypercallResult]:
-    """Run the hypercall ``args`` describes; arguments of a number pvemu does
-    not implement (``RawArgs``) give -ENOSYS (§1.1)."""
+    """Run the hypercall ``args`` describes, within ``budget``; arguments of a
+    number pvemu does not implement (``RawArgs``) give -ENOSYS (§1.1)."""
     match args:
         case wire.MmuUpdateArgs():
-            return (yield from mmu_update(m, dom, vcpu, args.records(), args.foreigndom))
+            records = args.records()
+            return (yield from mmu_update(m, dom, vcpu, records, args.foreigndom, budget))
         case wire.MmuextOpArgs():
-            return (yield from mmuext_op(m, dom, vcpu, args.ops, args.foreigndom))
+            return (yield from mmuext_op(m, dom, vcpu, args.ops, args.foreigndom, budget))
         case wire.MulticallArgs():
-            return (yield from multicall(m, dom, vcpu, args.calls))
+            return (yield from multicall(m, dom, vcpu, args.calls, budget))
         case wire.UpdateVaMappingArgs():
             return HypercallResult(update_va_mapping(m, dom, vcpu, args.va, args.val, args.flags))
         case wire.UpdateVaMappingOtherdomainArgs():

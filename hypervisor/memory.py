@@ -9,6 +9,7 @@ under Xen.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import weakref
@@ -16,6 +17,7 @@ from array import array
 from typing import Final
 
 import numpy as np
+from numpy.typing import NDArray
 
 from pvemu.shared import wire
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
@@ -41,12 +43,15 @@ def _view(table: array[int]) -> np.ndarray:
 class DomainMemory:
     """One domain's frames: a memfd mapped read-write by the hypervisor.
 
+
+    ``words`` is the mapping as u64s for the per-record code, ``entries`` the
+    same memory as a (nr_frames, 512) u64 numpy array for the batched path.
     After the frames comes the p2m (``wire.p2m_offset``): the guest maps the
     whole memfd read-only and reads its PFN -> MFN list from there, so the
     list never has to fit in a message, whatever the domain's size.
     """
 
-    __slots__ = ("__weakref__", "_close_fd", "fd", "map", "nr_frames", "words")
+    __slots__ = ("__weakref__", "_close_fd", "entries", "fd", "map", "nr_frames", "words")
 
     def __init__(self, name: str, p2m: array[int]) -> None:
         nr_frames = len(p2m)
@@ -64,6 +69,9 @@ class DomainMemory:
         tail[:] = np.frombuffer(p2m, dtype=np.dtype(p2m.typecode))
         del tail  # an exported buffer would keep the mapping from closing
         self.words = memoryview(self.map).cast("Q")[: nr_frames * WORDS_PER_FRAME]
+        self.entries: NDArray[np.uint64] = np.frombuffer(
+            self.map, dtype=np.uint64, count=nr_frames * WORDS_PER_FRAME
+        ).reshape(nr_frames, WORDS_PER_FRAME)
         # The mapping frees itself with the object; the descriptor would not:
         # a dropped Hypervisor (tests, fuzzers) must not leak one per domain.
         self._close_fd = weakref.finalize(self, os.close, self.fd)
@@ -77,7 +85,11 @@ class DomainMemory:
 
     def close(self) -> None:
         self.words.release()
-        self.map.close()
+        del self.entries
+        # A numpy view can outlive the call that made it (a stored exception's
+        # traceback holds it): the mapping then goes when that view does.
+        with contextlib.suppress(BufferError):
+            self.map.close()
         self._close_fd()
 
 
@@ -118,19 +130,19 @@ class MachineMemory:
         del self._free[-nr_frames:]
         ft = self.frames
         mfns = np.frombuffer(p2m, dtype=np.uint32)
-        pfns = np.arange(nr_frames)
         _view(ft.owner)[mfns] = owner
-        _view(ft.slot)[mfns] = pfns
+        _view(ft.slot)[mfns] = np.arange(nr_frames)
         _view(ft.count)[mfns] = 1  # PGC_allocated: the owner's own reference
-        _view(ft.m2p)[mfns] = pfns
         self._memories[owner] = memory
         return memory, p2m
 
     def release(self, owner: int, p2m: array[int]) -> None:
         """Return an owner's frames to the pool and close its memfd."""
         ft = self.frames
+        for mfn in [m for m in ft.m2p.overrides if ft.owner[m] == owner]:
+            ft.m2p.reset(mfn)
         mfns = np.frombuffer(p2m, dtype=np.dtype(p2m.typecode))
-        for column in (ft.slot, ft.count, ft.type, ft.type_count, ft.flags, ft.m2p):
+        for column in (ft.slot, ft.count, ft.type, ft.type_count, ft.flags):
             _view(column)[mfns] = 0
         _view(ft.owner)[mfns] = NO_OWNER
         self._free.extend(p2m)

@@ -14,11 +14,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
-from .x86 import _PAGE_DIRTY, PAGE_MASK
+import numpy as np
+from numpy.typing import NDArray
+
+from .x86 import _PAGE_DIRTY, ENTRIES_PER_TABLE, PAGE_MASK, PAGE_SHIFT
+
+_INDEX_MASK: Final = ENTRIES_PER_TABLE - 1
 
 
-@dataclass
+@dataclass(eq=False)
 class RaceOracle:
     lost_dirty: int = 0
     stale_after_flush: int = 0
@@ -26,7 +32,10 @@ class RaceOracle:
     _tick: int = 0
     #: PTE machine addresses whose D the hardware set and the guest has not seen.
     _unseen_dirty: set[int] = field(default_factory=set)
-    _pte_changed: dict[int, int] = field(default_factory=dict)
+    #: Per page-table frame (maddr >> 12), the tick of the last software write
+    #: of each of its 512 entries (0: never): a batch of writes into one frame
+    #: is then one array store, not 512 dict updates.
+    _pte_changed: dict[int, NDArray[np.int64]] = field(default_factory=dict)
     _full_flush: int = 0
     _page_flush: dict[int, int] = field(default_factory=dict)
 
@@ -38,12 +47,62 @@ class RaceOracle:
         self._unseen_dirty.discard(pte_maddr)
 
     def pte_written(self, pte_maddr: int, value: int) -> None:
-        """A software write left ``value`` in the PTE."""
+        """A software write left ``value`` in the PTE (an 8-aligned address)."""
         self._tick += 1
-        self._pte_changed[pte_maddr] = self._tick
+        self._ticks_of(pte_maddr >> PAGE_SHIFT)[(pte_maddr >> 3) & _INDEX_MASK] = self._tick
         if pte_maddr in self._unseen_dirty and not value & _PAGE_DIRTY:
             self._unseen_dirty.discard(pte_maddr)
             self.lost_dirty += 1
+
+    def pte_written_many(self, maddrs: NDArray[np.int64], values: NDArray[np.int64]) -> None:
+        """``pte_written(maddrs[i], values[i])`` for every i in order, as a few
+        array operations (the hypervisor's batched mmu_update path; u64
+        values as int64 bit patterns).
+
+        The same effect for any input, repeated addresses included: ticks
+        rise with i, so the largest tick an entry gets is its last write's;
+        nothing re-marks a D bit between the writes, so a pending D bit is lost
+        once if any write leaves D clear.
+        """
+        frames = maddrs >> PAGE_SHIFT
+        index = (maddrs >> 3) & _INDEX_MASK
+        ticks = np.arange(self._tick + 1, self._tick + 1 + len(maddrs), dtype=np.int64)
+        self._tick += len(maddrs)
+        for frame in np.unique(frames).tolist():
+            mine = frames == frame
+            np.maximum.at(self._ticks_of(frame), index[mine], ticks[mine])
+        self._lose_dirty(maddrs, values)
+
+    def pte_written_in_frame(
+        self, frame: int, index: NDArray[np.int64], values: NDArray[np.int64]
+    ) -> None:
+        """``pte_written_many`` for writes to distinct entries of one frame,
+        given as their indexes in it (one array store)."""
+        n = len(index)
+        self._ticks_of(frame)[index] = np.arange(self._tick + 1, self._tick + 1 + n)
+        self._tick += n
+        if self._unseen_dirty and np.count_nonzero(values & _PAGE_DIRTY) < n:
+            self._lose_dirty((frame << PAGE_SHIFT) | (index << 3), values)
+
+    def _lose_dirty(self, maddrs: NDArray[np.int64], values: NDArray[np.int64]) -> None:
+        if not self._unseen_dirty:
+            return
+        clean = (values & _PAGE_DIRTY) == 0
+        if np.count_nonzero(clean):
+            lost = self._unseen_dirty.intersection(maddrs[clean].tolist())
+            self._unseen_dirty -= lost
+            self.lost_dirty += len(lost)
+
+    def changed_at(self, pte_maddr: int) -> int:
+        """The tick of the last software write of the PTE (0: never)."""
+        ticks = self._pte_changed.get(pte_maddr >> PAGE_SHIFT)
+        return 0 if ticks is None else int(ticks[(pte_maddr >> 3) & _INDEX_MASK])
+
+    def _ticks_of(self, frame: int) -> NDArray[np.int64]:
+        ticks = self._pte_changed.get(frame)
+        if ticks is None:
+            ticks = self._pte_changed[frame] = np.zeros(ENTRIES_PER_TABLE, dtype=np.int64)
+        return ticks
 
     def flushed_all(self) -> None:
         self._tick += 1
@@ -54,7 +113,7 @@ class RaceOracle:
         self._page_flush[va & PAGE_MASK] = self._tick
 
     def stale_write(self, va: int, pte_maddr: int) -> None:
-        changed = self._pte_changed.get(pte_maddr, 0)
+        changed = self.changed_at(pte_maddr)
         flushed = max(self._full_flush, self._page_flush.get(va & PAGE_MASK, 0))
         if flushed > changed:
             self.stale_after_flush += 1

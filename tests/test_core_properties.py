@@ -296,3 +296,40 @@ def test_domain_ids_and_memory_limits() -> None:
 def test_frame_table_for_one_gib_costs_a_few_mib() -> None:
     ft = FrameTable(1024 * FRAMES_PER_MIB)
     assert ft.table_bytes() < 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("nr_frames", [1, 4096, 1024 * FRAMES_PER_MIB])
+def test_frame_table_costs_at_most_16_bytes_per_frame(nr_frames: int) -> None:
+    assert FrameTable(nr_frames).table_bytes() <= 16 * nr_frames
+
+
+def test_m2p_defaults_to_the_pfn_and_keeps_only_overrides() -> None:
+    """The guest-visible M2P reads each frame's PFN until MACHPHYS stores
+    another value; overrides are charged to table_bytes and go with the frame."""
+    hv = Hypervisor(4)
+    guest = boot(hv, memory_mib=1)
+    ft = hv.state.frames
+    base = ft.table_bytes()
+    assert [ft.m2p[mfn] for mfn in guest.dom.p2m] == list(range(len(guest.dom.p2m)))
+    mfn = guest.dom.p2m[9]
+    assert guest.mmu(((mfn << 12) | abi.MMU_MACHPHYS_UPDATE, 0xABCDE)).rc == 0
+    assert ft.m2p[mfn] == 0xABCDE
+    assert ft.table_bytes() > base
+    assert guest.mmu(((mfn << 12) | abi.MMU_MACHPHYS_UPDATE, 9)).rc == 0
+    assert (ft.m2p[mfn], ft.m2p.overrides) == (9, {})
+    assert guest.mmu(((mfn << 12) | abi.MMU_MACHPHYS_UPDATE, 1)).rc == 0
+    hv.destroy_domain(guest.domid)
+    assert (ft.m2p[mfn], ft.m2p.overrides) == (0, {})
+
+
+def test_domids_wrap_below_the_reserved_ids_and_skip_live_ones() -> None:
+    """The owner field is an int16: ids stay below DOMID_FIRST_RESERVED."""
+    hv = Hypervisor(8)
+    first = hv.create_domain(1, 1)
+    hv._next_domid = abi.DOMID_FIRST_RESERVED - 1
+    last = hv.create_domain(1, 1)
+    wrapped = hv.create_domain(1, 1)
+    assert last.domid == abi.DOMID_FIRST_RESERVED - 1
+    assert wrapped.domid == first.domid + 1
+    assert hv.state.frames.owner[wrapped.p2m[0]] == wrapped.domid
+    assert hv.audit() == []

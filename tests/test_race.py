@@ -7,6 +7,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.shared import abi
 from pvemu.shared.oracle import RaceOracle
@@ -45,6 +49,41 @@ def test_oracle_splits_stale_writes_by_flush() -> None:
     oracle.flushed_all()
     oracle.stale_write(0x5000, 0x1008)
     assert (oracle.stale_in_flight, oracle.stale_after_flush) == (1, 2)
+
+
+def _oracle_state(oracle: RaceOracle) -> tuple[object, ...]:
+    ticks = {frame: t.tobytes() for frame, t in oracle._pte_changed.items()}
+    return (oracle.lost_dirty, oracle._tick, sorted(oracle._unseen_dirty), ticks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dirty=st.sets(st.sampled_from(range(0x1000, 0x3000, 8)), max_size=40),
+    writes=st.lists(
+        st.tuples(st.sampled_from(range(0x1000, 0x3000, 8)), st.sampled_from([0, 5, 0x45])),
+        max_size=60,
+    ),
+    split=st.integers(0, 60),
+)
+def test_pte_written_many_equals_one_write_at_a_time(
+    dirty: set[int], writes: list[tuple[int, int]], split: int
+) -> None:
+    """Repeated addresses, two frames, D set or clear: the batch method has
+    the effect of the per-write one, in two batches split anywhere."""
+    one, many = RaceOracle(), RaceOracle()
+    for oracle in (one, many):
+        oracle.pte_written(0x1FF8, 1)
+        for maddr in dirty:
+            oracle.hardware_set_dirty(maddr)
+    for maddr, value in writes:
+        one.pte_written(maddr, value)
+    for part in (writes[:split], writes[split:]):
+        maddrs = np.array([w[0] for w in part], dtype=np.int64)
+        values = np.array([w[1] for w in part], dtype=np.int64)
+        many.pte_written_many(maddrs, values)
+    assert _oracle_state(many) == _oracle_state(one)
+    for maddr in range(0x1000, 0x3000, 8):
+        assert many.changed_at(maddr) == one.changed_at(maddr)
 
 
 # --- the hypervisor keeps them ----------------------------------------------------------
