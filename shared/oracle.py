@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .x86 import _PAGE_DIRTY, PAGE_MASK
@@ -44,6 +45,24 @@ class RaceOracle:
         if pte_maddr in self._unseen_dirty and not value & _PAGE_DIRTY:
             self._unseen_dirty.discard(pte_maddr)
             self.lost_dirty += 1
+
+    def guest_saw_all(self, pte_maddrs: Iterable[int]) -> None:
+        """:meth:`guest_saw` for each (a run's xchgs)."""
+        if self._unseen_dirty:
+            self._unseen_dirty.difference_update(pte_maddrs)
+
+    def ptes_written(self, pte_maddrs: Sequence[int], values: Sequence[int]) -> None:
+        """:meth:`pte_written` for each pair, in order (a run's stores): the
+        same ticks and losses, bookkept per run rather than per call."""
+        start = self._tick
+        self._tick += len(pte_maddrs)
+        self._pte_changed.update(zip(pte_maddrs, range(start + 1, self._tick + 1), strict=True))
+        unseen = self._unseen_dirty
+        if unseen and not unseen.isdisjoint(pte_maddrs):
+            for maddr, value in zip(pte_maddrs, values, strict=True):
+                if maddr in unseen and not value & _PAGE_DIRTY:
+                    unseen.discard(maddr)
+                    self.lost_dirty += 1
 
     def flushed_all(self) -> None:
         self._tick += 1
