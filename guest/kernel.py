@@ -65,6 +65,7 @@ from .ptes import (
     pte_present,
     ptes_can_change_writable,
     ptes_modify,
+    ptes_present,
     read_ptes,
 )
 from .pvops import PvOps, TlbGather
@@ -400,24 +401,28 @@ class Kernel:
         self, vma: Vma, l1: int, first: int, count: int, start: int, gather: TlbGather
     ) -> None:
         """Linux's loop: start -> pte_modify -> (pte_mkwrite) -> commit for
-        each present PTE of entries ``first .. first + count`` of ``l1``."""
+        each present PTE of entries ``first .. first + count`` of ``l1``.
+
+        Which entries are present is read once for the page, not PTE by PTE:
+        under the PTE lock only the hardware writes them, and it sets A and
+        D, never P or the frame. Each start still reads its PTE when its turn
+        comes (in ``xen`` a buffer flush, an ``await``, may come between two)."""
         newprot = vm_page_prot(vma)
         try_writable = vma.writable
         private = vma.is_private
         backend = self.backend
-        read = self.machine.read_u64
         base = l1 << PAGE_SHIFT
-        for index in range(first, first + count):
+        window = read_ptes(self.machine, l1, first, count)
+        for offset in np.flatnonzero(ptes_present(window)).tolist():
+            index = first + offset
             ptep = base | (index * PTE_SIZE)
-            if not pte_present(read(ptep)):
-                continue
             old = await backend.modify_prot_start(ptep)
             new = pte_modify(old, newprot)
             if try_writable and not new & _PAGE_RW and can_change_writable(private, old):
                 new |= _PAGE_RW
             await backend.modify_prot_commit(ptep, old, new)
             if pte_needs_flush(old, new):
-                gather.add(start + ((index - first) << PAGE_SHIFT))
+                gather.add(start + (offset << PAGE_SHIFT))
 
     async def _change_pte_run(
         self, vma: Vma, l1: int, first: int, count: int, start: int, gather: TlbGather

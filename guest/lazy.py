@@ -230,8 +230,7 @@ class LazyMmu:
             return
         buf = self.buffer
         buf.queue_mmu_updates(mmu_update_records(table, indexes, self.commit_cmd, vals))
-        # As _queue's last record would: inside a section the run is pending.
-        self._queued[self.page_of(table << PAGE_SHIFT)] = buf.generation
+        self._queued[self.page_of(table << PAGE_SHIFT)] = buf.generation  # as _queue
 
     def _touched(self, table: int, indexes: Indexes) -> Mask:
         """Which of ``indexes`` already have a transaction in this section
@@ -271,8 +270,11 @@ class LazyMmu:
         buf = self.buffer
         assert buf is not None
         buf.queue_mmu_update(ptep | cmd, val)
-        buf.issue(lazy=self._active)
-        seq = buf.generation if buf.has_pending else buf.generation - 1
+        if self._active:  # batched: the record rides in the batch flushed next
+            self._queued[self.page_of(ptep)] = buf.generation
+            return
+        buf.issue(lazy=False)
+        seq = buf.generation - 1  # the batch just flushed
         if buf.completed <= seq:
             self._queued[self.page_of(ptep)] = seq
 

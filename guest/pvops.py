@@ -285,7 +285,8 @@ class BufferedOps(TrapOps):
 
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         self.lazy.commit(ptep, new)
-        await self._send_ready()
+        if self.buffer.has_ready:  # the buffer filled up and flushed: send it now
+            await self._send_ready()
 
     async def modify_prot_start_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
         """Xen's start is a plain read: the kernel's read of the run is it."""
