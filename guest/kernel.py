@@ -7,6 +7,12 @@ the TLB is flushed once for the whole call, as ``tlb_finish_mmu`` does. What
 each hook costs is the pv-ops backend's business (``guest.pvops``): the same
 kernel runs natively, with unbatched traps, writable page tables, Linux's Xen
 batching, whole-page batching, and the unsafe naive commit.
+
+Where the backend has the range form (``batched``, ``naive``, ``native``),
+a PTE page's run of present PTEs is read once, changed and committed as
+arrays (``guest.ptes``); the per-PTE loop stays, for the modes that
+reproduce Linux's loop and as the reference the range form is tested
+against (``Kernel(per_pte=True)``).
 """
 
 from __future__ import annotations
@@ -19,21 +25,26 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import numpy as np
 import trio
 
 from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
-    _PAGE_GLOBAL,
     _PAGE_NX,
     _PAGE_PRESENT,
     _PAGE_RW,
     _PAGE_USER,
+    ENTRIES_PER_TABLE,
+    L2_PAGETABLE_SHIFT,
+    L3_PAGETABLE_SHIFT,
+    L4_PAGETABLE_SHIFT,
     PAGE_SHIFT,
     PAGE_SIZE,
     PF_INSTR,
     PF_WRITE,
     PTE_MFN_MASK,
+    PTE_SIZE,
     is_canonical,
     maddr_of_entry,
     make_pte,
@@ -44,17 +55,30 @@ from .client import Domain
 from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
-from .pvops import PvOps
+from .ptes import (
+    _PAGE_PROTNONE,
+    can_change_writable,
+    flush_offsets,
+    present_run,
+    pte_modify,
+    pte_needs_flush,
+    pte_present,
+    ptes_can_change_writable,
+    ptes_modify,
+    ptes_present,
+    read_ptes,
+)
+from .pvops import PvOps, TlbGather
 from .vma import AddressSpace
 from .vma_tree import FileBacking, MprotectError, ProtChange, Vma
 
-#: Linux reuses the Global bit as PROTNONE in a non-present PTE.
-_PAGE_PROTNONE: Final = _PAGE_GLOBAL
-#: Bits ``pte_modify`` keeps: the frame, A, D and the software bits.
-PAGE_CHG_MASK: Final = PTE_MFN_MASK | _PAGE_ACCESSED | _PAGE_DIRTY | 0xE00
 TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 #: User accesses sent per run_user request.
 ACCESS_BATCH: Final = 256
+_RW: Final = np.uint64(_PAGE_RW)
+#: Index shifts of the L4, L3 and L2 entries on the way to a PTE page.
+_UPPER_SHIFTS: Final = (L4_PAGETABLE_SHIFT, L3_PAGETABLE_SHIFT, L2_PAGETABLE_SHIFT)
+_INDEX_MASK: Final = ENTRIES_PER_TABLE - 1
 
 
 class SegmentationFault(Exception):
@@ -64,11 +88,6 @@ class SegmentationFault(Exception):
         super().__init__(f"segmentation fault at {addr:#x}: {reason}")
         self.addr = addr
         self.reason = reason
-
-
-def pte_present(pte: int) -> bool:
-    """Present for the kernel: P, or a PROT_NONE entry that keeps its page."""
-    return bool(pte & (_PAGE_PRESENT | _PAGE_PROTNONE)) and bool(pte & PTE_MFN_MASK)
 
 
 def vm_page_prot(vma: Vma) -> int:
@@ -86,26 +105,6 @@ def vm_page_prot(vma: Vma) -> int:
     if not vma.executable:
         flags |= _PAGE_NX
     return flags
-
-
-def pte_modify(pte: int, newprot: int) -> int:
-    """Keep the frame and A/D, take everything else from ``newprot``."""
-    return (pte & PAGE_CHG_MASK) | (newprot & ~PAGE_CHG_MASK)
-
-
-def pte_needs_flush(old: int, new: int) -> bool:
-    """x86's rule: flush only when access is taken away (or the frame moves)."""
-    if not old & _PAGE_PRESENT:
-        return False
-    if not new & _PAGE_PRESENT or (old ^ new) & PTE_MFN_MASK:
-        return True
-    if old & _PAGE_RW and not new & _PAGE_RW:
-        return True
-    if old & _PAGE_DIRTY and not new & _PAGE_DIRTY:
-        return True
-    return bool(new & _PAGE_NX and not old & _PAGE_NX) or bool(
-        old & _PAGE_USER and not new & _PAGE_USER
-    )
 
 
 def read_file_page(path: str, offset: int) -> bytes:
@@ -139,8 +138,14 @@ class _PageCache:
 class Kernel:
     """One guest kernel with one address space, over a machine and a backend."""
 
-    def __init__(self, machine: Machine, backends: Sequence[PvOps]) -> None:
+    def __init__(
+        self, machine: Machine, backends: Sequence[PvOps], *, per_pte: bool = False
+    ) -> None:
+        """``per_pte`` keeps ``change_protection`` on the per-PTE loop even
+        where the backend has the range form: the reference the range form
+        is proven equal to."""
         self.machine = machine
+        self.per_pte = per_pte
         #: One backend per vCPU (lazy-MMU state is per CPU); system calls run
         #: on vCPU 0, a page fault on the vCPU that took it.
         self.backends = list(backends)
@@ -370,50 +375,82 @@ class Kernel:
                 stop = min(change.end, (va | ((1 << 21) - 1)) + 1)
                 ranges.append((change.vma, va, stop))
                 va = stop
-        to_flush: list[int] = []
+        gather = TlbGather()
         for i, (vma, start, end) in enumerate(ranges):
             last = i == len(ranges) - 1
-            await self._change_pte_range(vma, start, end, to_flush, last)
-        if to_flush and not self.backend.folds_tlb_flush:
-            await self.backend.flush_tlb(to_flush)
+            await self._change_pte_range(vma, start, end, gather, last)
+        if gather and not self.backend.folds_tlb_flush:
+            await self.backend.flush_tlb(gather.vas)
 
     async def _change_pte_range(
-        self, vma: Vma, start: int, end: int, to_flush: list[int], last: bool
+        self, vma: Vma, start: int, end: int, gather: TlbGather, last: bool
     ) -> None:
+        """One PTE page's part of ``[start, end)`` under its lock, in one
+        lazy-MMU section: as one run (the range form) or PTE by PTE."""
         l1 = self._lookup_l1(start)
         if l1 is None:
             return
-        newprot = vm_page_prot(vma)
-        try_writable = vma.writable
         backend = self.backend
-        read = self.machine.read_u64
-        first = va_indexes(start).l1
+        first = (start >> PAGE_SHIFT) % ENTRIES_PER_TABLE
+        count = (end - start) >> PAGE_SHIFT
         async with self._lock(l1):
             await backend.lazy_enter()
-            for index in range(first, first + ((end - start) >> PAGE_SHIFT)):
-                ptep = maddr_of_entry(l1, index)
-                if not pte_present(read(ptep)):
-                    continue
-                old = await backend.modify_prot_start(ptep)
-                new = pte_modify(old, newprot)
-                if try_writable and not new & _PAGE_RW and self._can_change_writable(vma, old):
-                    new |= _PAGE_RW
-                await backend.modify_prot_commit(ptep, old, new)
-                if pte_needs_flush(old, new):
-                    to_flush.append(start + ((index - first) << PAGE_SHIFT))
-            if last and to_flush and backend.folds_tlb_flush:
-                backend.fold_tlb_flush(to_flush)
+            if backend.range_form and not self.per_pte:
+                await self._change_pte_run(vma, l1, first, count, start, gather)
+            else:
+                await self._change_pte_each(vma, l1, first, count, start, gather)
+            if last and gather and backend.folds_tlb_flush:
+                backend.fold_tlb_flush(gather.vas)
             await backend.lazy_leave()
             backend.note_unlock(l1)
 
-    def _can_change_writable(self, vma: Vma, pte: int) -> bool:
-        """Modern ``can_change_pte_writable``: exclusive anonymous pages, or
-        already-dirty pages of a shared mapping (2008's ``dirty_accountable``)."""
-        if not pte & _PAGE_PRESENT:
-            return False
-        if vma.is_private:
-            return True  # no fork in pvemu: every private page is exclusive
-        return bool(pte & _PAGE_DIRTY)
+    async def _change_pte_each(
+        self, vma: Vma, l1: int, first: int, count: int, start: int, gather: TlbGather
+    ) -> None:
+        """Linux's loop: start -> pte_modify -> (pte_mkwrite) -> commit for
+        each present PTE of entries ``first .. first + count`` of ``l1``.
+
+        Which entries are present is read once for the page, not PTE by PTE:
+        under the PTE lock only the hardware writes them, and it sets A and
+        D, never P or the frame. Each start still reads its PTE when its turn
+        comes (in ``xen`` a buffer flush, an ``await``, may come between two)."""
+        newprot = vm_page_prot(vma)
+        try_writable = vma.writable
+        private = vma.is_private
+        backend = self.backend
+        base = l1 << PAGE_SHIFT
+        window = read_ptes(self.machine, l1, first, count)
+        for offset in np.flatnonzero(ptes_present(window)).tolist():
+            index = first + offset
+            ptep = base | (index * PTE_SIZE)
+            old = await backend.modify_prot_start(ptep)
+            new = pte_modify(old, newprot)
+            if try_writable and not new & _PAGE_RW and can_change_writable(private, old):
+                new |= _PAGE_RW
+            await backend.modify_prot_commit(ptep, old, new)
+            if pte_needs_flush(old, new):
+                gather.add(start + (offset << PAGE_SHIFT))
+
+    async def _change_pte_run(
+        self, vma: Vma, l1: int, first: int, count: int, start: int, gather: TlbGather
+    ) -> None:
+        """The same as :meth:`_change_pte_each` over arrays: one read of the
+        entries, the present ones started as one run (``modify_prot_start_ptes``),
+        ``pte_modify`` and the writable decision on all of them at once, the
+        run committed (``modify_prot_commit_ptes``)."""
+        backend = self.backend
+        window = read_ptes(self.machine, l1, first, count)
+        offsets, indexes, seen = present_run(window, first)
+        if not len(indexes):
+            return
+        old = await backend.modify_prot_start_ptes(l1, indexes, seen)
+        new = ptes_modify(old, vm_page_prot(vma))
+        if vma.writable:
+            np.bitwise_or(new, _RW, out=new, where=ptes_can_change_writable(vma.is_private, old))
+        await backend.modify_prot_commit_ptes(l1, indexes, old, new)
+        room = gather.room
+        if room > 0:
+            gather.add_run(start, offsets[flush_offsets(old, new, room)])
 
     # --- munmap / msync --------------------------------------------------------------------
 
@@ -519,11 +556,12 @@ class Kernel:
             await backend.write_frame(mfn, data.ljust(PAGE_SIZE, b"\0"))
 
     def _lookup_l1(self, va: int) -> int | None:
-        """The L1 frame covering ``va``, or None (tables are read, no trap)."""
-        idx = va_indexes(va)
+        """The L1 frame covering ``va`` (a VMA's, so canonical), or None
+        (tables are read, no trap)."""
+        read = self.machine.read_u64
         table = self.machine.l4_mfn
-        for index in (idx.l4, idx.l3, idx.l2):
-            entry = self.machine.read_u64(maddr_of_entry(table, index))
+        for shift in _UPPER_SHIFTS:
+            entry = read((table << PAGE_SHIFT) | (((va >> shift) & _INDEX_MASK) * PTE_SIZE))
             if not entry & _PAGE_PRESENT:
                 return None
             table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import trio
 
 from pvemu.shared.mmu import BytearrayMemory, HardwareModel
 from pvemu.shared.oracle import RaceOracle
-from pvemu.shared.x86 import PAGE_SIZE
+from pvemu.shared.x86 import ENTRIES_PER_TABLE, PAGE_SIZE
+
+from .ptes import pte_maddrs
+
+if TYPE_CHECKING:
+    from .ptes import Indexes, Ptes
 
 
 class Machine(Protocol):
@@ -55,6 +61,8 @@ class NativeMachine:
     def __init__(self, memory_mib: int, nr_vcpus: int) -> None:
         frames = memory_mib * (1 << 20) // PAGE_SIZE
         self.memory = BytearrayMemory(frames)
+        # The same memory as u64 words, for the range form's whole-run access.
+        self._words: Ptes = np.frombuffer(self.memory.buffer(), dtype="<u8")
         self.oracle = RaceOracle()
         oracle = self.oracle
         self.hw = HardwareModel(
@@ -92,6 +100,29 @@ class NativeMachine:
         self.oracle.guest_saw(maddr)
         self.write_u64(maddr, value)
         return old
+
+    def xchg_ptes(self, table: int, indexes: Indexes) -> Ptes:
+        """:meth:`xchg_u64` with 0 on entries ``indexes`` of the PTE page in
+        frame ``table``, as one array operation."""
+        words = self._table(table)
+        old = words[indexes]
+        pteps = pte_maddrs(table, indexes)
+        self.oracle.guest_saw_all(pteps)
+        words[indexes] = 0
+        self.oracle.ptes_written(pteps, [0] * len(pteps))
+        return old
+
+    def write_ptes(self, table: int, indexes: Indexes, values: Ptes) -> None:
+        """:meth:`write_u64` of ``values`` to entries ``indexes`` of the PTE
+        page in frame ``table``, as one array operation."""
+        self._table(table)[indexes] = values
+        self.oracle.ptes_written(pte_maddrs(table, indexes), values.tolist())
+
+    def _table(self, mfn: int) -> Ptes:
+        """The 512 entries of frame ``mfn`` as a writable array over memory."""
+        if not 0 <= mfn < self.memory.nr_frames:
+            raise IndexError(f"frame {mfn:#x} outside {self.memory.nr_frames} frames")
+        return self._words[mfn * ENTRIES_PER_TABLE : (mfn + 1) * ENTRIES_PER_TABLE]
 
     def read_bytes(self, maddr: int, length: int) -> bytes:
         return self.memory.read_bytes(maddr, length)

@@ -11,7 +11,8 @@ the ``batched``/``naive`` modes' whole-page policy (``guest.modes``).
 What the buffer builds is what the hypervisor validates: each entry is a
 typed :class:`~pvemu.shared.wire.Call`, and queued ``mmu_update`` records
 are appended to one ``array('Q')`` in Xen's ``struct mmu_update[]`` layout
-and packed once, at flush, into the blob that goes on the wire.
+(one at a time, or a run of them already in that layout at once) and packed
+once, at flush, into the blob that goes on the wire.
 
 Numbers (reference §2.1-§2.3), with the defaults ``MC_BATCH = 32``,
 ``MC_ARGS = 512``:
@@ -44,9 +45,14 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
 
 from pvemu.shared import abi, wire
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 #: Sends one batch and returns one result per entry (``[rc]`` for a direct call).
 Sink = Callable[["Batch"], Sequence[int]]
@@ -310,6 +316,11 @@ class McBuffer:
         return self._completed
 
     @property
+    def has_ready(self) -> bool:
+        """Flushed batches wait in the outbox (:meth:`take_ready`)."""
+        return bool(self._ready)
+
+    @property
     def idle(self) -> bool:
         """Nothing queued and nothing flushed but unsent."""
         return not self._entries and self._completed == self._produced
@@ -320,6 +331,44 @@ class McBuffer:
         """Queue one ``mmu_update`` record (``xen_extend_mmu_update``): appended
         to the previous entry when it is an ``mmu_update`` for the same
         ``foreigndom`` and argument space remains, else a fresh entry."""
+        reqs = self._mmu_entry(foreigndom)
+        reqs.append(ptr)
+        reqs.append(val)
+        self._records += 1
+
+    def queue_mmu_updates(
+        self, records: npt.NDArray[np.uint64], foreigndom: int = abi.DOMID_SELF
+    ) -> None:
+        """Queue a run of ``mmu_update`` records given in the wire's layout: a
+        flat array of ``ptr | cmd, val`` u64 pairs.
+
+        The same entries, flushes and flush reasons as :meth:`queue_mmu_update`
+        once per record: the first record of each stretch takes the
+        per-record path, then as many records as fit before the next flush
+        or fresh entry (the records cap, the ``>=`` argument rule) are
+        appended at once. With no limits that is the whole run in one copy.
+
+        Raises:
+            ValueError: ``records`` is not a whole number of 16-byte records.
+        """
+        data = np.ascontiguousarray(records, dtype=np.uint64).data.cast("B")
+        if len(data) % MMU_UPDATE_BYTES:
+            raise ValueError(f"{len(data)} bytes are not a whole number of mmu_update records")
+        n = len(data) // MMU_UPDATE_BYTES
+        done = 0
+        while done < n:
+            reqs = self._mmu_entry(foreigndom)
+            self._records += 1
+            take = 1 + self._room(n - done - 1)
+            reqs.frombytes(data[done * MMU_UPDATE_BYTES : (done + take) * MMU_UPDATE_BYTES])
+            self._argidx += (take - 1) * MMU_UPDATE_BYTES
+            self._records += take - 1
+            done += take
+
+    def _mmu_entry(self, foreigndom: int) -> array[int]:
+        """The record array one more ``mmu_update`` record goes into, its 16
+        argument bytes claimed: the previous entry extended, or a fresh one
+        (flushing first as the limits say)."""
         if self.records_per_flush is not None and self._records >= self.records_per_flush:
             self.flush(FLUSH_FULL_RECORDS)
         entry = self._extend(abi.HYPERVISOR_mmu_update, MMU_UPDATE_BYTES, foreigndom)
@@ -328,9 +377,18 @@ class McBuffer:
             entry = _Entry(abi.HYPERVISOR_mmu_update, foreigndom=foreigndom, reqs=array("Q"))
             self._entries.append(entry)
         assert entry.reqs is not None
-        entry.reqs.append(ptr)
-        entry.reqs.append(val)
-        self._records += 1
+        return entry.reqs
+
+    def _room(self, wanted: int) -> int:
+        """How many of ``wanted`` more records extend the open ``mmu_update``
+        entry with no flush and no fresh entry: while the records cap is not
+        reached and ``argidx + 16 < max_arg_bytes``."""
+        room = wanted
+        if self.records_per_flush is not None:
+            room = min(room, self.records_per_flush - self._records)
+        if self.max_arg_bytes is not None:
+            room = min(room, (self.max_arg_bytes - 1 - self._argidx) // MMU_UPDATE_BYTES)
+        return max(room, 0)
 
     def queue_mmuext(
         self,

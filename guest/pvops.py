@@ -9,6 +9,14 @@ backend, buffer and commit command each mode uses is declared once, in
 :mod:`pvemu.guest.modes`.
 
 One backend instance serves one vCPU: lazy-MMU state is per CPU in Linux.
+
+The mprotect transaction has two forms: one PTE at a time
+(``modify_prot_start`` / ``modify_prot_commit``, Linux's loop, which ``trap``,
+``ptwr`` and ``xen`` keep because reproducing it is their point) and, where
+a backend has :attr:`PvOps.range_form`, a run of one PTE page at once
+(``modify_prot_start_ptes`` / ``modify_prot_commit_ptes``) over numpy
+arrays: the same records, flushes and page tables without a Python call
+per PTE.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.shared import abi, wire
-from pvemu.shared.x86 import PAGE_SIZE, maddr_of_entry
+from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE, maddr_of_entry
 
 from .lazy import LazyMmu
 from .machine import NativeMachine
@@ -25,6 +33,7 @@ from .multicall import McBuffer
 
 if TYPE_CHECKING:
     from .client import Domain
+    from .ptes import Indexes, Ptes
 
 #: Modern x86: up to this many pages one INVLPG each, else a full flush.
 TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
@@ -49,12 +58,46 @@ def tlb_flush_ops(vas: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(abi.MMUEXT_TLB_FLUSH_ALL, 0, 0)]
 
 
+class TlbGather:
+    """The pages an mprotect must flush (Linux's ``mmu_gather`` range).
+
+    Past the single-page ceiling the flush is a full one whatever the pages
+    were, so only the first ``ceiling + 1`` addresses are kept: the range form
+    adds a PTE page's pages at once and no list grows by one per PTE.
+    """
+
+    __slots__ = ("vas",)
+
+    def __init__(self) -> None:
+        #: The pages to flush, at most ``TLB_SINGLE_PAGE_FLUSH_CEILING + 1``.
+        self.vas: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.vas)
+
+    def add(self, va: int) -> None:
+        if len(self.vas) <= TLB_SINGLE_PAGE_FLUSH_CEILING:
+            self.vas.append(va)
+
+    @property
+    def room(self) -> int:
+        """How many more pages change the flush (none once it is a full one)."""
+        return TLB_SINGLE_PAGE_FLUSH_CEILING + 1 - len(self.vas)
+
+    def add_run(self, start: int, pages: Indexes) -> None:
+        """Add ``start + page * PAGE_SIZE`` for each of ``pages`` (ascending)."""
+        self.vas.extend(start + (p << PAGE_SHIFT) for p in pages[: self.room].tolist())
+
+
 class PvOps:
     """The hooks the kernel calls, per vCPU. Defaults fit a backend with no
     batching; the hooks every backend must provide raise here."""
 
     name = "?"
     folds_tlb_flush = False
+    #: Has ``modify_prot_start_ptes`` / ``modify_prot_commit_ptes``: the kernel
+    #: changes a PTE page's run at once instead of calling the per-PTE hooks.
+    range_form = False
 
     def __init__(self, vcpu: int = 0) -> None:
         self.vcpu = vcpu
@@ -89,6 +132,18 @@ class PvOps:
 
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         raise NotImplementedError
+
+    async def modify_prot_start_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """Start the transactions on entries ``indexes`` of the PTE page in
+        frame ``table``; ``seen`` is what the kernel just read of them under
+        the lock. Returns their values (what ``modify_prot_start`` returns)."""
+        raise NotImplementedError(f"{self.name} has no range form")
+
+    async def modify_prot_commit_ptes(
+        self, table: int, indexes: Indexes, old: Ptes, new: Ptes
+    ) -> None:
+        """Commit ``new`` to the run :meth:`modify_prot_start_ptes` started."""
+        raise NotImplementedError(f"{self.name} has no range form")
 
     async def lazy_enter(self) -> None:
         """No batching: nothing to do."""
@@ -211,6 +266,8 @@ class BufferedOps(TrapOps):
     async def _send_ready(self) -> None:
         """Send every flushed batch, in order, and hand back its results."""
         buf = self.buffer
+        if not buf.has_ready:
+            return
         for batch in buf.take_ready():
             reply = await self.domain.call(batch.hypercall(), vcpu=self.vcpu)
             if isinstance(reply, wire.MulticallResult):
@@ -228,6 +285,18 @@ class BufferedOps(TrapOps):
 
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         self.lazy.commit(ptep, new)
+        if self.buffer.has_ready:  # the buffer filled up and flushed: send it now
+            await self._send_ready()
+
+    async def modify_prot_start_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """Xen's start is a plain read: the kernel's read of the run is it."""
+        self.lazy.start_ptes(table, indexes)
+        return seen
+
+    async def modify_prot_commit_ptes(
+        self, table: int, indexes: Indexes, old: Ptes, new: Ptes
+    ) -> None:
+        self.lazy.commit_ptes(table, indexes, new)
         await self._send_ready()
 
     async def lazy_enter(self) -> None:
@@ -251,14 +320,19 @@ class BufferedOps(TrapOps):
 
 
 class XenOps(BufferedOps):
+    """Linux on Xen: the per-PTE loop, each record queued as it is committed
+    (a flush of the 512-byte buffer may come between two PTEs)."""
+
     name = "xen"
 
 
 class BatchedOps(BufferedOps):
-    """A whole PTE page per hypercall, the TLB flush folded into the last one."""
+    """A whole PTE page per hypercall, the TLB flush folded into the last one;
+    the page's run is read, changed and queued as arrays."""
 
     name = "batched"
     folds_tlb_flush = True
+    range_form = True
 
     def fold_tlb_flush(self, vas: Sequence[int]) -> None:
         """Queue the flush ops in the open section: they ride in its multicall."""
@@ -276,9 +350,11 @@ class NaiveOps(BatchedOps):
 
 
 class NativeOps(PvOps):
-    """Bare metal: xchg and stores into the kernel's own page tables."""
+    """Bare metal: xchg and stores into the kernel's own page tables (a run
+    of a PTE page at once in the range form)."""
 
     name = "native"
+    range_form = True
 
     def __init__(self, machine: NativeMachine, vcpu: int = 0) -> None:
         super().__init__(vcpu)
@@ -305,6 +381,15 @@ class NativeOps(PvOps):
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         self.native.write_u64(ptep, new)
 
+    async def modify_prot_start_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """Each start is an xchg with 0: the values come back from memory."""
+        return self.native.xchg_ptes(table, indexes)
+
+    async def modify_prot_commit_ptes(
+        self, table: int, indexes: Indexes, old: Ptes, new: Ptes
+    ) -> None:
+        self.native.write_ptes(table, indexes, new)
+
     async def flush_tlb(self, vas: Sequence[int]) -> None:
         hw = self.native.hw
         if len(vas) > TLB_SINGLE_PAGE_FLUSH_CEILING:
@@ -320,6 +405,7 @@ __all__ = [
     "TLB_SINGLE_PAGE_FLUSH_CEILING",
     "HypercallFailed",
     "tlb_flush_ops",
+    "TlbGather",
     "PvOps",
     "TrapOps",
     "PtwrOps",

@@ -120,6 +120,11 @@ class BytearrayMemory:
         self._check(maddr, len(data))
         self._buf[maddr : maddr + len(data)] = data
 
+    def buffer(self) -> bytearray:
+        """The memory itself (writable, no copy): for code that reads and
+        writes whole PTE pages as arrays rather than one u64 at a time."""
+        return self._buf
+
 
 class AccessKind(enum.Enum):
     """A user access; the values are the wire spelling used by :meth:`HardwareModel.run`."""

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -103,6 +104,20 @@ class RaceOracle:
         if ticks is None:
             ticks = self._pte_changed[frame] = np.zeros(ENTRIES_PER_TABLE, dtype=np.int64)
         return ticks
+
+    def guest_saw_all(self, pte_maddrs: Iterable[int]) -> None:
+        """:meth:`guest_saw` for each (a run's xchgs)."""
+        if self._unseen_dirty:
+            self._unseen_dirty.difference_update(pte_maddrs)
+
+    def ptes_written(self, pte_maddrs: Sequence[int], values: Sequence[int]) -> None:
+        """:meth:`pte_written` for each pair, in order (a run's stores in the
+        guest's own page tables, native mode): :meth:`pte_written_many`."""
+        if not pte_maddrs:
+            return
+        maddrs = np.asarray(pte_maddrs, dtype=np.int64)
+        bits = np.asarray(values, dtype=np.uint64).view(np.int64)
+        self.pte_written_many(maddrs, bits)
 
     def flushed_all(self) -> None:
         self._tick += 1

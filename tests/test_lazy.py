@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1014,3 +1015,76 @@ def test_a_batch_is_the_hypercall_the_wire_carries() -> None:
     encoded = msgpack.packb(call.args.to_wire(), use_bin_type=True)
     decoded = msgpack.unpackb(encoded, use_list=False)
     assert wire.args_from_wire(call.op, decoded) == call.args
+
+
+# --- a run of records queued at once (the range form) -----------------------------------
+
+#: One queueing step: a run of records, one mmuext op, or a flush.
+queue_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("run"), st.integers(0, 70), st.sampled_from([abi.DOMID_SELF, 3])),
+        st.tuples(st.just("ext"), st.just(0), st.just(abi.DOMID_SELF)),
+        st.tuples(st.just("flush"), st.just(0), st.just(abi.DOMID_SELF)),
+    ),
+    max_size=12,
+)
+queue_limits = st.sampled_from([None, 1, 2, 16, 17, 31, 32, 33, 100, 512, 513])
+
+
+def batches_of(recorded: list[Batch]) -> list[tuple[object, ...]]:
+    return [
+        (b.seq, b.reason, b.multicall, b.records, b.mmuext_ops, b.arg_bytes, b.hypercall())
+        for b in recorded
+    ]
+
+
+@settings(max_examples=300)
+@given(queue_steps, queue_limits, queue_limits, queue_limits, st.sampled_from([None, 1, 3, 32]))
+def test_queue_mmu_updates_equals_one_record_at_a_time(
+    plan: list[tuple[str, int, int]],
+    max_entries: int | None,
+    max_arg_bytes: int | None,
+    cap: int | None,
+    max_callbacks: int | None,
+) -> None:
+    arg_bytes = None if max_arg_bytes is None else max(max_arg_bytes, 25)  # an mmuext_op fits
+
+    def run(bulk: bool) -> tuple[list[tuple[object, ...]], dict[str, object]]:
+        seen: list[Batch] = []
+
+        def sink(batch: Batch) -> list[int]:
+            seen.append(batch)
+            return [0] * len(batch.calls)
+
+        buf = McBuffer(
+            sink,
+            max_entries=max_entries,
+            max_arg_bytes=arg_bytes,
+            records_per_flush=cap,
+            max_callbacks=max_callbacks,
+        )
+        serial = 0
+        for kind, n, fd in plan:
+            if kind == "run":
+                pairs = [((serial + i) * 8 | PRESERVE_AD, serial + i) for i in range(n)]
+                serial += n
+                if bulk:
+                    buf.queue_mmu_updates(
+                        np.array([x for p in pairs for x in p], dtype=np.uint64), fd
+                    )
+                else:
+                    for ptr, val in pairs:
+                        buf.queue_mmu_update(ptr, val, fd)
+            elif kind == "ext":
+                buf.queue_mmuext(abi.MMUEXT_TLB_FLUSH_ALL)
+            else:
+                buf.flush()
+        buf.flush()
+        return batches_of(seen), buf.stats.as_dict()
+
+    assert run(bulk=True) == run(bulk=False)
+
+
+def test_queue_mmu_updates_refuses_half_a_record() -> None:
+    with pytest.raises(ValueError, match="whole number"):
+        WholePageBatcher().queue_mmu_updates(np.array([1, 2, 3], dtype=np.uint64))
