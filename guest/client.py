@@ -24,7 +24,6 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
-import math
 import mmap
 import os
 import select
@@ -42,12 +41,10 @@ import trio
 from pvemu.shared import abi, wire
 from pvemu.shared.counts import trap_count
 from pvemu.shared.errors import RemoteProtocolError
+from pvemu.shared.lone_wait import lone_wait_ms
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 RECEIVE_SIZE: Final = 256 * 1024
-#: The longest a lone vCPU blocks in ``poll`` for a reply before waiting in
-#: trio instead (a long batch, or a hypervisor that stopped answering).
-ALONE_WAIT_S: Final = 0.05
 #: Requests of this process waiting for their replies, over every channel.
 _in_flight = 0
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * 4)
@@ -285,11 +282,11 @@ def _wait_alone(poller: select.poll) -> bool:
     trio run could proceed meanwhile: no other request in flight, no task
     runnable, no callback queued, nobody but trio's own wakeup reader
     waiting on I/O, and no deadline before the wait would end (it ends
-    after at most :data:`ALONE_WAIT_S`). True once readable; False when the
+    after at most :data:`~pvemu.shared.lone_wait.ALONE_WAIT_S`). True once readable; False when the
     caller must wait the trio way (and let the scheduler deliver deadlines,
     cancellations and thread results). A task woken in the same scheduler
     batch as this one is invisible to these statistics: it waits for this
-    reply (at most :data:`ALONE_WAIT_S`), as it would behind any blocking
+    reply (at most :data:`~pvemu.shared.lone_wait.ALONE_WAIT_S`), as it would behind any blocking
     call.
 
     Waiting in trio costs a pass of its scheduler (an epoll registration,
@@ -300,16 +297,8 @@ def _wait_alone(poller: select.poll) -> bool:
         # Another vCPU's task waits for its reply: it may have been woken in
         # the same batch as this one, which trio's statistics do not show.
         return False
-    stats = trio.lowlevel.current_statistics()
-    if stats.tasks_runnable or stats.run_sync_soon_queue_size:
-        return False
-    io: Any = stats.io_statistics
-    if getattr(io, "tasks_waiting_read", 2) > 1 or getattr(io, "tasks_waiting_write", 1):
-        return False
-    timeout = min(stats.seconds_to_next_deadline, ALONE_WAIT_S)
-    if timeout <= 0:
-        return False
-    return bool(poller.poll(math.ceil(timeout * 1000)))
+    wait_ms = lone_wait_ms(readers=1)  # trio's own wakeup reader
+    return wait_ms > 0 and bool(poller.poll(wait_ms))
 
 
 class SocketTransport:

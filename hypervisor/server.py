@@ -21,13 +21,14 @@ import select
 import socket
 import stat
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 import structlog
 import trio
 
 from pvemu.shared import wire
 from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
+from pvemu.shared.lone_wait import lone_wait_ms
 
 from .core import Hypervisor
 from .cpu import Cpu
@@ -38,9 +39,6 @@ from .service import HypervisorService, Session, Work
 log = structlog.get_logger("pvemu.hypervisor")
 
 RECEIVE_SIZE: Final = 256 * 1024
-#: The longest the server blocks in ``poll`` for its only guest's next
-#: request before waiting in trio instead (so timers and signals run).
-ALONE_WAIT_S: Final = 0.05
 
 
 class ServerError(Exception):
@@ -279,7 +277,7 @@ class HypervisorServer:
         this is its only connection, no task runnable, no callback queued
         (signals arrive as one), nobody waiting on I/O but trio's own wakeup
         reader and the listener, and no deadline before the wait would end (it ends after at most
-        :data:`ALONE_WAIT_S`, so anything else is delayed by no more). True
+        :data:`~pvemu.shared.lone_wait.ALONE_WAIT_S`, so anything else is delayed by no more). True
         once the guest's bytes are readable; False when the caller must wait
         in trio (a new connection, a deadline, a signal, another connection
         at work).
@@ -293,16 +291,10 @@ class HypervisorServer:
             # this one: trio's statistics do not show it (not in the run
             # queue any more, its I/O registration already gone).
             return False
-        stats = trio.lowlevel.current_statistics()
-        if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+        wait_ms = lone_wait_ms(readers=2)  # trio's wakeup reader and the listener
+        if wait_ms <= 0:
             return False
-        io: Any = stats.io_statistics
-        if getattr(io, "tasks_waiting_read", 3) > 2 or getattr(io, "tasks_waiting_write", 1):
-            return False
-        timeout = min(stats.seconds_to_next_deadline, ALONE_WAIT_S)
-        if timeout <= 0:
-            return False
-        ready = watch.poll(math.ceil(timeout * 1000))
+        ready = watch.poll(wait_ms)
         return len(ready) == 1 and ready[0][0] == fd
 
     async def _finish(self, work: Work, session: Session, poller: select.poll) -> None:
