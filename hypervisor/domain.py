@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from .counters import VcpuCounters
     from .frametable import FrameTable
     from .memory import DomainMemory, MachineMemory
-    from .mmu_batch import FrameArrays
     from .pagetypes import PageTypes
 
 
@@ -55,6 +54,3 @@ class MachineState:
     memory: MachineMemory
     types: PageTypes
     domains: dict[int, Domain] = field(default_factory=dict)
-    #: numpy views of ``frames`` for the batched mmu_update path, made on
-    #: first use (``mmu_batch.frame_arrays``).
-    arrays: FrameArrays | None = None

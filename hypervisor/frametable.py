@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import sys
 from array import array
+from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
 
 from pvemu.shared import abi
 
@@ -75,6 +79,30 @@ class M2pTable:
         self.overrides.pop(mfn, None)
 
 
+@dataclass(frozen=True, slots=True)
+class FrameArrays:
+    """Zero-copy numpy views of a :class:`FrameTable`'s arrays, for the code
+    that works on many frames at once (batched mmu_update, allocation)."""
+
+    owner: NDArray[np.int16]
+    slot: NDArray[np.uint32]
+    count: NDArray[np.uint32]
+    type: NDArray[np.uint8]
+    type_count: NDArray[np.uint32]
+    flags: NDArray[np.uint8]
+
+    @classmethod
+    def of(cls, ft: FrameTable) -> FrameArrays:
+        return cls(
+            np.frombuffer(ft.owner, dtype=np.int16),
+            np.frombuffer(ft.slot, dtype=np.uint32),
+            np.frombuffer(ft.count, dtype=np.uint32),
+            np.frombuffer(ft.type, dtype=np.uint8),
+            np.frombuffer(ft.type_count, dtype=np.uint32),
+            np.frombuffer(ft.flags, dtype=np.uint8),
+        )
+
+
 class FrameTable:
     """Parallel arrays indexed by MFN, 16 bytes a frame.
 
@@ -85,7 +113,17 @@ class FrameTable:
     sparse over ``slot`` (:class:`M2pTable`).
     """
 
-    __slots__ = ("count", "flags", "m2p", "nr_frames", "owner", "slot", "type", "type_count")
+    __slots__ = (
+        "arrays",
+        "count",
+        "flags",
+        "m2p",
+        "nr_frames",
+        "owner",
+        "slot",
+        "type",
+        "type_count",
+    )
 
     def __init__(self, nr_frames: int) -> None:
         if nr_frames <= 0:
@@ -98,6 +136,8 @@ class FrameTable:
         self.type_count = array("I", [0]) * nr_frames
         self.flags = array("B", [0]) * nr_frames
         self.m2p = M2pTable(self.slot)
+        #: The same arrays as numpy views (they never resize: made once).
+        self.arrays = FrameArrays.of(self)
 
     def valid(self, mfn: int) -> bool:
         return 0 <= mfn < self.nr_frames
@@ -107,16 +147,6 @@ class FrameTable:
 
     def pinned(self, mfn: int) -> bool:
         return bool(self.flags[mfn] & PINNED)
-
-    def reset(self, mfn: int) -> None:
-        """Return a frame's bookkeeping to the free state."""
-        self.owner[mfn] = NO_OWNER
-        self.slot[mfn] = 0
-        self.count[mfn] = 0
-        self.type[mfn] = abi.PGT_none
-        self.type_count[mfn] = 0
-        self.flags[mfn] = 0
-        self.m2p.reset(mfn)
 
     def describe(self, mfn: int) -> str:
         """One-line state of a frame, for audit messages and logs."""

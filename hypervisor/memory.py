@@ -35,11 +35,6 @@ class OutOfMemory(Exception):
     """The machine has too few free frames for the request."""
 
 
-def _view(table: array[int]) -> np.ndarray:
-    """A numpy view (no copy) of one frame-table column."""
-    return np.frombuffer(table, dtype=np.dtype(table.typecode))
-
-
 class DomainMemory:
     """One domain's frames: a memfd mapped read-write by the hypervisor.
 
@@ -130,9 +125,10 @@ class MachineMemory:
         del self._free[-nr_frames:]
         ft = self.frames
         mfns = np.frombuffer(p2m, dtype=np.uint32)
-        _view(ft.owner)[mfns] = owner
-        _view(ft.slot)[mfns] = np.arange(nr_frames)
-        _view(ft.count)[mfns] = 1  # PGC_allocated: the owner's own reference
+        arrays = ft.arrays
+        arrays.owner[mfns] = owner
+        arrays.slot[mfns] = np.arange(nr_frames)
+        arrays.count[mfns] = 1  # PGC_allocated: the owner's own reference
         self._memories[owner] = memory
         return memory, p2m
 
@@ -142,9 +138,10 @@ class MachineMemory:
         for mfn in [m for m in ft.m2p.overrides if ft.owner[m] == owner]:
             ft.m2p.reset(mfn)
         mfns = np.frombuffer(p2m, dtype=np.dtype(p2m.typecode))
-        for column in (ft.slot, ft.count, ft.type, ft.type_count, ft.flags):
-            _view(column)[mfns] = 0
-        _view(ft.owner)[mfns] = NO_OWNER
+        arrays = ft.arrays
+        for column in (arrays.slot, arrays.count, arrays.type, arrays.type_count, arrays.flags):
+            column[mfns] = 0
+        arrays.owner[mfns] = NO_OWNER
         self._free.extend(p2m)
         memory = self._memories.pop(owner)
         memory.close()
@@ -152,7 +149,7 @@ class MachineMemory:
     def pinned_frames(self, mfns: array[int]) -> list[int]:
         """The pinned frames among ``mfns``, in their order (one array pass)."""
         frames = np.frombuffer(mfns, dtype=np.dtype(mfns.typecode))
-        pinned = (_view(self.frames.flags)[frames] & PINNED) != 0
+        pinned = (self.frames.arrays.flags[frames] & PINNED) != 0
         return [int(mfn) for mfn in frames[pinned]]
 
     def _locate(self, maddr: int) -> tuple[memoryview, int]:

@@ -54,7 +54,6 @@ Sans-I/O, like the rest of the core: plain functions over arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -139,37 +138,6 @@ _ONES: Final = np.ones(MAX_WINDOW, dtype=np.uint32)
 _ONES.flags.writeable = False
 
 
-@dataclass(frozen=True, slots=True)
-class FrameArrays:
-    """Zero-copy numpy views of a :class:`FrameTable`'s arrays."""
-
-    owner: NDArray[np.int16]
-    slot: NDArray[np.uint32]
-    count: NDArray[np.uint32]
-    type: NDArray[np.uint8]
-    type_count: NDArray[np.uint32]
-    flags: NDArray[np.uint8]
-
-    @classmethod
-    def of(cls, ft: FrameTable) -> FrameArrays:
-        return cls(
-            np.frombuffer(ft.owner, dtype=np.int16),
-            np.frombuffer(ft.slot, dtype=np.uint32),
-            np.frombuffer(ft.count, dtype=np.uint32),
-            np.frombuffer(ft.type, dtype=np.uint8),
-            np.frombuffer(ft.type_count, dtype=np.uint32),
-            np.frombuffer(ft.flags, dtype=np.uint8),
-        )
-
-
-def frame_arrays(m: MachineState) -> FrameArrays:
-    """The machine's frame-table views, made once (the arrays never resize)."""
-    arrays = m.arrays
-    if arrays is None:
-        arrays = m.arrays = FrameArrays.of(m.frames)
-    return arrays
-
-
 def records_array(reqs: Sequence[int]) -> Words:
     """The flat records (ptr0, val0, ...) as int64 bit patterns: a view of
     the request's blob, or a copy of any other sequence."""
@@ -252,7 +220,7 @@ def _flip_writable(
     """Take the writable type of each frame whose entry gains RW, drop it
     where RW goes; False (nothing done) if a gaining frame is not writable-
     typed yet (a retype, which the per-record path does)."""
-    fa = frame_arrays(m)
+    fa = m.frames.arrays
     if np.bitwise_and.reduce(changed) & _PAGE_RW and (
         every_val & _PAGE_RW or not any_val & _PAGE_RW
     ):
@@ -277,7 +245,7 @@ def _general(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Words)
     """Any records: each one's verdict as in ``_pt_update``/``mod_l1_entry``
     from the state before the window; apply the prefix before the first one
     not covered (see the module docstring for why that prefix is exact)."""
-    fa = frame_arrays(m)
+    fa = m.frames.arrays
     nr_frames = m.frames.nr_frames
     domid = dom.domid
     mfn = ptr >> PAGE_SHIFT
@@ -384,4 +352,4 @@ def _count_delta(
         np.subtract.at(counts, frames, _ones(len(frames)))
 
 
-__all__ = ["ENABLED", "FrameArrays", "apply_run", "frame_arrays", "records_array"]
+__all__ = ["ENABLED", "apply_run", "records_array"]

@@ -1,4 +1,4 @@
-"""Little-endian u64 blobs: how ``mmu_update`` records and the p2m travel.
+"""Little-endian u64 blobs: how ``mmu_update`` records travel (and any u64 list).
 
 One ``bin`` value per batch, in Xen's ``struct mmu_update[]`` layout (16
 bytes a record: ``ptr`` then ``val``), packed and read with :mod:`array`
@@ -21,7 +21,7 @@ _BIG_ENDIAN: Final = sys.byteorder == "big"
 
 
 def pack_u64s(values: Iterable[int]) -> bytes:
-    """Pack ints as consecutive little-endian u64s (e.g. a p2m list).
+    """Pack ints as consecutive little-endian u64s (e.g. mmu_update records).
 
     Raises:
         OverflowError: a value is outside 0 .. 2**64 - 1.

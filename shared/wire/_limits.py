@@ -17,7 +17,7 @@ MMU_UPDATE_SIZE: Final = 16
 #: may enforce less (``pvemu hypervisor --max-batch``; Welcome.limits says).
 MAX_MMU_UPDATES: Final = 1 << 20
 #: Largest ``bin`` the decoder accepts: an mmu_update blob at the ceiling.
-#: Each field has its own, smaller limit (the p2m blob, a user write).
+#: Each field has its own, smaller limit (a user write, a batch).
 MAX_BIN_LEN: Final = MAX_MMU_UPDATES * MMU_UPDATE_SIZE
 #: Largest encoded message (bytes), in either direction: the ceiling of
 #: ``Connection(max_message_size=...)`` and its default.
