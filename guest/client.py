@@ -41,7 +41,7 @@ import trio
 from pvemu.shared import abi, wire
 from pvemu.shared.counts import trap_count
 from pvemu.shared.errors import RemoteProtocolError
-from pvemu.shared.lone_wait import lone_wait_ms
+from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 RECEIVE_SIZE: Final = 256 * 1024
@@ -298,7 +298,7 @@ def _wait_alone(poller: select.poll) -> bool:
         # the same batch as this one, which trio's statistics do not show.
         return False
     wait_ms = lone_wait_ms(readers=1)  # trio's own wakeup reader
-    return wait_ms > 0 and bool(poller.poll(wait_ms))
+    return wait_ms > 0 and bool(poll_lone(poller, wait_ms))
 
 
 class SocketTransport:

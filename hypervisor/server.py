@@ -28,7 +28,7 @@ import trio
 
 from pvemu.shared import wire
 from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
-from pvemu.shared.lone_wait import lone_wait_ms
+from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
 
 from .core import Hypervisor
 from .cpu import Cpu
@@ -82,6 +82,10 @@ class HypervisorServer:
         self._refused = 0  # refusals not logged yet
         self._last_refusal_log = -math.inf
         self._listener_fd = -1  # the listening socket, once serving
+        # What a lone wait watches: the listener and every admitted guest.
+        self._watch = select.poll()
+        # Connection tasks not parked in the wait for their guest's bytes.
+        self._busy = 0
 
     async def serve(
         self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
@@ -100,6 +104,7 @@ class HypervisorServer:
             raise
         listener = trio.SocketListener(sock)
         self._listener_fd = sock.fileno()
+        self._watch.register(self._listener_fd, select.POLLIN)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self._handle, [listener])
@@ -119,6 +124,7 @@ class HypervisorServer:
         limits = self.limits
         conn = wire.Connection("server", max_message_size=limits.message_size)
         self._connections += 1
+        self._busy += 1
         try:
             if self._connections > limits.max_connections:
                 self._refused += 1
@@ -141,6 +147,7 @@ class HypervisorServer:
             pass
         finally:
             self._connections -= 1
+            self._busy -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -154,11 +161,13 @@ class HypervisorServer:
         structlog.contextvars.bind_contextvars(peer_pid=session.peer_pid)
         poller = select.poll()
         poller.register(stream.socket.fileno(), select.POLLRDHUP | select.POLLHUP)
+        self._watch.register(stream.socket.fileno(), select.POLLIN)
         try:
             await self._serve_connection(stream, conn, session, poller)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _PeerGone):
             pass
         finally:
+            self._watch.unregister(stream.socket.fileno())
             self._cpu.forget(session)
             self.service.leave(session)
 
@@ -182,10 +191,6 @@ class HypervisorServer:
         """
         handshake_deadline = trio.current_time() + self.limits.handshake_timeout
         fd = stream.socket.fileno()
-        # What a lone connection's wait watches: its guest and the listener.
-        watch = select.poll()
-        watch.register(fd, select.POLLIN)
-        watch.register(self._listener_fd, select.POLLIN)
         cpu, service, quantum = self._cpu, self.service, self.limits.quantum
         waited = False  # this request has passed a checkpoint
         while True:
@@ -199,7 +204,7 @@ class HypervisorServer:
                 continue
             if event is wire.NEED_DATA:
                 if session.domid is not None:
-                    conn.receive_data(await self._receive(fd, watch))
+                    conn.receive_data(await self._receive(fd))
                     waited = True
                     continue
                 with trio.move_on_at(handshake_deadline):
@@ -255,15 +260,19 @@ class HypervisorServer:
         log.warning("send_timeout", seconds=self.limits.send_timeout, bytes=len(data))
         raise _PeerGone
 
-    async def _receive(self, fd: int, watch: select.poll) -> bytes:
+    async def _receive(self, fd: int) -> bytes:
         """Wait until the guest has sent something and read it (``b""`` at
         EOF). The wait comes first: right after a reply the next request is
         almost never there yet, and a failed read costs a syscall and an
         exception. When this connection is all the server has to serve, the
         wait is a blocking ``poll`` (:meth:`_wait_alone`), else trio's."""
         while True:
-            if not self._wait_alone(fd, watch):
-                await trio.lowlevel.wait_readable(fd)
+            self._busy -= 1
+            try:
+                if not self._wait_alone(fd):
+                    await trio.lowlevel.wait_readable(fd)
+            finally:
+                self._busy += 1
             try:
                 return os.read(fd, RECEIVE_SIZE)
             except BlockingIOError:
@@ -271,30 +280,37 @@ class HypervisorServer:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
-    def _wait_alone(self, fd: int, watch: select.poll) -> bool:
-        """Block in ``poll`` on this connection and the listening socket
-        (``watch``) when nothing else in the server could proceed meanwhile:
-        this is its only connection, no task runnable, no callback queued
-        (signals arrive as one), nobody waiting on I/O but trio's own wakeup
-        reader and the listener, and no deadline before the wait would end (it ends after at most
-        :data:`~pvemu.shared.lone_wait.ALONE_WAIT_S`, so anything else is delayed by no more). True
-        once the guest's bytes are readable; False when the caller must wait
-        in trio (a new connection, a deadline, a signal, another connection
-        at work).
+    def _wait_alone(self, fd: int) -> bool:
+        """Block in ``poll`` on every connection and the listening socket
+        when nothing else in the server could proceed meanwhile: every other
+        connection's task is parked waiting for its guest's bytes, no task
+        runnable, no callback queued (signals arrive as one), nobody waiting
+        on I/O but those tasks, trio's own wakeup reader and the listener,
+        and no deadline before the wait would end (it ends after at most
+        :data:`~pvemu.shared.lone_wait.ALONE_WAIT_S`, so anything else is
+        delayed by no more). True once this guest's bytes, and only they,
+        are readable; False when the caller must wait in trio (a new
+        connection, another guest's request, a deadline, a signal, another
+        connection at work).
 
-        One vCPU being served is the common case, and the connection task's
-        round through trio's scheduler (an epoll registration, ``epoll_wait``,
-        a reschedule) per request was then pure overhead.
+        A task woken in the same scheduler batch as this one is invisible
+        to trio's statistics; the busy count and the watched sockets cover
+        it: a connection task woken by something other than its socket was
+        not parked (so ``_busy`` counts it), and one woken by its socket
+        still has the bytes unread (so ``poll`` returns at once).
+
+        One vCPU at work at a time is the common case (``pvemu run`` gives
+        its guest a second, idle vCPU), and a round through trio's scheduler
+        (an epoll registration, ``epoll_wait``, a reschedule) per request
+        was then pure overhead.
         """
-        if self._connections != 1:
-            # Another guest's task may have been woken in the same batch as
-            # this one: trio's statistics do not show it (not in the run
-            # queue any more, its I/O registration already gone).
+        if self._busy:
             return False
-        wait_ms = lone_wait_ms(readers=2)  # trio's wakeup reader and the listener
+        # trio's wakeup reader, the listener and the other parked connections
+        wait_ms = lone_wait_ms(readers=1 + self._connections)
         if wait_ms <= 0:
             return False
-        ready = watch.poll(wait_ms)
+        ready = poll_lone(self._watch, wait_ms)
         return len(ready) == 1 and ready[0][0] == fd
 
     async def _finish(self, work: Work, session: Session, poller: select.poll) -> None:
