@@ -57,7 +57,7 @@ bench-ci: $(STAMP)
 	$(BENCH) --sweep-from $(CI_BASELINE) --repeat 1 --no-store --output .pvemu/bench-ci.json
 	$(BENCH) compare --baseline $(CI_BASELINE) --against .pvemu/bench-ci.json
 
-# Trap round trip beside a blocking and a trio echo server (reported, never asserted).
+# Trap round trip beside a blocking, a spinning and a trio echo server (reported, never asserted).
 bench-rtt: $(STAMP)
 	$(BIN)/python -m pvemu.scripts.rtt
 

@@ -1,11 +1,14 @@
 """Trap round-trip benchmark: a one-record and a 512-record ``mmu_update``
-over the real socket, beside two echo servers that do no work.
+over the real socket, beside three echo servers that do no work.
 
-Three servers, each a separate process on a Unix stream socket, measured in
+Four servers, each a separate process on a Unix stream socket, measured in
 one run with the same request and reply bytes (pvemu's own):
 
 - **blocking echo**: a blocking socket loop driven by a blocking client, the
   cheapest round trip Python can make;
+- **spinning echo**: the same pair, each polling without blocking for a
+  while before it blocks (``shared/lone_wait.poll_lone``), as pvemu's lone
+  waits do: the cheapest round trip on a machine whose idle vCPUs halt;
 - **trio echo**: a minimal trio server (``scripts/rtt_echo.py``) driven by the
   guest's own client (``guest.client``, the same ``Domain.mmu_update`` loop
   as pvemu's row), so the only difference from pvemu is the server's work:
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -41,6 +45,7 @@ from pvemu.scripts.procs import hypervisor_process
 from pvemu.scripts.results import percentile
 from pvemu.scripts.rtt_echo import ECHO_MEMORY_MIB
 from pvemu.shared import abi, wire
+from pvemu.shared.lone_wait import poll_lone
 from pvemu.shared.x86 import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, maddr_of_entry, make_pte
 
 if TYPE_CHECKING:
@@ -48,8 +53,8 @@ if TYPE_CHECKING:
 
 #: Records per mmu_update in the two sizes measured.
 SIZES: Final = (1, 512)
-#: The three servers, in the order of the table.
-SERVERS: Final = ("blocking echo", "trio echo", "pvemu")
+#: The servers, in the order of the table.
+SERVERS: Final = ("blocking echo", "spinning echo", "trio echo", "pvemu")
 #: How many interleaved chunks the timed rounds are split into.
 CHUNKS: Final = 10
 
@@ -89,18 +94,23 @@ def echo_server(kind: str, path: str) -> Iterator[None]:
             proc.stdout.close()
 
 
-def _blocking_client(path: str) -> tuple[socket.socket, RoundTrip]:
-    """A blocking socket sending the bytes pvemu's client would send."""
+def _blocking_client(path: str, *, spin: bool = False) -> tuple[socket.socket, RoundTrip]:
+    """A blocking socket sending the bytes pvemu's client would send
+    (spinning before each wait when ``spin``)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     unpacker = msgpack.Unpacker(raw=False, use_list=False)
     packer = msgpack.Packer(use_bin_type=True)
     ids = iter(range(1, 1 << 62))
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
 
     async def round_trip(batch: Batch) -> None:
         request = wire.Hypercall.make(next(ids), abi.HYPERVISOR_mmu_update, batch)
         sock.sendall(packer.pack(request.to_wire()))
         while True:
+            if spin:
+                poll_lone(poller, 1000)
             unpacker.feed(sock.recv(256 * 1024))
             if next(unpacker, None) is not None:
                 return
@@ -129,11 +139,14 @@ async def measure(
     async with contextlib.AsyncExitStack() as stack:
         sock, blocking = _blocking_client(paths["blocking echo"])
         stack.callback(sock.close)
+        spin_sock, spinning = _blocking_client(paths["spinning echo"], spin=True)
+        stack.callback(spin_sock.close)
         echo_dom = await attach(SocketTransport(paths["trio echo"]), memory_mib=ECHO_MEMORY_MIB)
         stack.push_async_callback(echo_dom.close)
         dom = await stack.enter_async_context(connect(paths["pvemu"], memory_mib=16))
         clients = {
             "blocking echo": blocking,
+            "spinning echo": spinning,
             "trio echo": _domain_client(echo_dom),
             "pvemu": _domain_client(dom),
         }
@@ -169,14 +182,16 @@ def _variants() -> list[tuple[str, int]]:
 
 
 def run(rounds: int, warmup: int) -> list[dict[str, Any]]:
-    """Start the three servers, measure, and return one row per variant."""
+    """Start the servers, measure, and return one row per variant."""
     with tempfile.TemporaryDirectory(prefix="pvemu-rtt-", dir="/tmp") as tmp:
         paths = {
             "blocking echo": os.path.join(tmp, "blocking.sock"),
+            "spinning echo": os.path.join(tmp, "spinning.sock"),
             "trio echo": os.path.join(tmp, "trio.sock"),
         }
         with (
             echo_server("blocking", paths["blocking echo"]),
+            echo_server("spinning", paths["spinning echo"]),
             echo_server("trio", paths["trio echo"]),
             hypervisor_process(Path(tmp), 64, quantum=1024) as hv,
         ):

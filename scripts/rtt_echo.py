@@ -8,12 +8,16 @@ applies anything. They use plain msgpack, not ``pvemu.shared.wire``: they are
 floors, and must not share the costs they are measured against.
 
 - ``blocking``: a blocking socket loop, the cheapest server Python has.
+- ``spinning``: the same loop, but each wait polls without blocking for a
+  while first (``shared/lone_wait.poll_lone``, as pvemu's own lone waits):
+  the floor on a machine where waking a halted vCPU costs more than the
+  round trip (see ``docs/benchmarks.md``).
 - ``trio``: a minimal idiomatic trio server (``SocketStream.receive_some`` /
   ``send_all``), the honest floor for a trio hypervisor. It also answers the
   guest's handshake (a ``welcome`` with a memfd) and ``bye``, so the guest's
   own client (``guest.client.attach``) drives it exactly as it drives pvemu.
 
-Run as ``python -m pvemu.scripts.rtt_echo blocking|trio SOCKET``; prints
+Run as ``python -m pvemu.scripts.rtt_echo blocking|spinning|trio SOCKET``; prints
 ``ready`` once listening and serves until killed.
 """
 
@@ -21,12 +25,15 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import sys
 from typing import Any, Final
 
 import msgpack
 import trio
+
+from pvemu.shared.lone_wait import poll_lone
 
 #: The memory the trio echo's welcome announces (a memfd of this size).
 ECHO_MEMORY_MIB: Final = 16
@@ -40,8 +47,9 @@ def result_for(message: dict[str, Any]) -> dict[str, object]:
     return {"t": "result", "id": message["id"], "rc": 0, "done": len(blob) // 16}
 
 
-def serve_blocking(path: str) -> None:
-    """One connection, blocking reads and writes."""
+def serve_blocking(path: str, *, spin: bool = False) -> None:
+    """One connection, blocking reads and writes (spinning before each wait
+    when ``spin``)."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(1)
@@ -49,7 +57,15 @@ def serve_blocking(path: str) -> None:
     conn, _ = srv.accept()
     unpacker = msgpack.Unpacker(raw=False, use_list=False)
     packer = msgpack.Packer(use_bin_type=True)
-    while data := conn.recv(256 * 1024):
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    while True:
+        if spin:
+            while not poll_lone(poller, 1000):
+                pass
+        data = conn.recv(256 * 1024)
+        if not data:
+            return
         unpacker.feed(data)
         for message in unpacker:
             conn.sendall(packer.pack(result_for(message)))
@@ -107,8 +123,8 @@ async def serve_trio(path: str) -> None:
 
 def main(argv: list[str]) -> int:
     kind, path = argv
-    if kind == "blocking":
-        serve_blocking(path)
+    if kind in ("blocking", "spinning"):
+        serve_blocking(path, spin=kind == "spinning")
     else:
         trio.run(serve_trio, path)
     return 0

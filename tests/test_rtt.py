@@ -1,4 +1,4 @@
-"""``make bench-rtt`` in miniature: three servers, two sizes, the output's
+"""``make bench-rtt`` in miniature: four servers, two sizes, the output's
 shape (never its timings)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from pvemu.scripts import rtt
 
 
-def test_rtt_json_reports_three_servers_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+def test_rtt_json_reports_every_server_per_size(capsys: pytest.CaptureFixture[str]) -> None:
     assert rtt.main(["--rounds", "4", "--warmup", "1", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["schema"] == 2
