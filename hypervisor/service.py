@@ -224,6 +224,16 @@ def _refused(request: wire.Request, code: str, message: str) -> Work:
     return Work(wire.ErrorReply(request.id, code, message[:MAX_ERROR_TEXT]))
 
 
+def _failed(request: wire.Request, exc: Exception) -> Work:
+    """A request that raised: the guest's fault (a domain or vCPU that is
+    not there) or the hypervisor's (a bug)."""
+    if isinstance(exc, DomainError):
+        return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
+    work = Work(_internal(request, exc))
+    work.error = exc
+    return work
+
+
 def _internal(request: wire.Request, exc: Exception) -> wire.ErrorReply:
     """A hypervisor bug: logged with its traceback, reported as ``internal``."""
     log.error("internal_error", request=request.TYPE, exc_info=exc)
@@ -247,21 +257,14 @@ class HypervisorService:
     def begin(self, session: Session, request: wire.Request) -> Work:
         """Start serving ``request`` on ``session`` (a connection past the
         wire's own checks: the handshake came first)."""
-        if self.timeline is not None:
+        if self.timeline is not None:  # all that recording costs when off
             return self._begin_recorded(session, request, self.timeline)
-        return self._begin_any(session, request)
-
-    def _begin_any(self, session: Session, request: wire.Request) -> Work:
         try:
             if type(request) is wire.Hypercall:  # the common case first
                 return self._hypercall(request, session)
             return self._begin(session, request)
-        except DomainError as exc:
-            return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
         except Exception as exc:
-            work = Work(_internal(request, exc))
-            work.error = exc
-            return work
+            return _failed(request, exc)
 
     def serve(self, session: Session, request: wire.Request) -> tuple[wire.Reply, int | None]:
         """Serve ``request`` to the end in one go (no slicing, no yielding)."""
@@ -301,7 +304,13 @@ class HypervisorService:
         """:meth:`begin`, recording what it counts: a hypercall (when it ends
         or is abandoned), an emulated page-table write, a page fault."""
         start = now_ns()
-        work = self._begin_any(session, request)
+        try:
+            if type(request) is wire.Hypercall:
+                work = self._hypercall(request, session)
+            else:
+                work = self._begin(session, request)
+        except Exception as exc:
+            work = _failed(request, exc)
         domid, vcpu, reply = session.domid, session.vcpu, work.reply
         if domid is None:
             return work
