@@ -74,3 +74,46 @@ def test_guest_connects_to_the_hypervisors_default_socket() -> None:
     parser = build_parser()
     assert parser.parse_args(["guest"]).socket == DEFAULT_SOCKET
     assert parser.parse_args(["hypervisor"]).socket == DEFAULT_SOCKET
+
+
+def test_trace_replay_compares_batched_by_default() -> None:
+    args = build_parser().parse_args(["trace", "replay", "some.json"])
+    assert "batched" in args.modes
+    assert args.socket is None  # no socket: it starts a hypervisor of its own
+
+
+def _complete(script: str, line: str) -> list[str]:
+    """What bash offers for ``line`` (the cursor at its end) under ``script``."""
+    words = line.split(" ")
+    driver = (
+        f"source {script}\n"
+        f"COMP_WORDS=({' '.join(repr(w) for w in words)})\n"
+        f"COMP_CWORD={len(words) - 1}\nCOMP_LINE={line!r}\nCOMP_POINT={len(line)}\n"
+        "_shtab_pvemu\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n"
+    )
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile"],
+        input=driver,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_bash_completion_knows_the_subcommands_and_their_options(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*PVEMU, "completion", "bash"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    script = tmp_path / "pvemu.bash"
+    script.write_text(done.stdout)
+    assert _complete(str(script), "pvemu ru") == ["run"]
+    assert "--timeline" in _complete(str(script), "pvemu run --ti")
+    assert set(_complete(str(script), "pvemu guest --mode ")) >= {"trap", "batched", "native"}
+    assert _complete(str(script), "pvemu completion ") == ["bash", "zsh", "tcsh"]
+    zsh = subprocess.run(
+        [*PVEMU, "completion", "zsh"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert zsh.stdout.startswith("#compdef pvemu")
