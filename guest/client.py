@@ -8,7 +8,7 @@ same process. :class:`Domain` is the one client class over either.
 
 ``connect()`` yields a :class:`Domain` handle that is already booted (an
 initial L4/L3/L2/L1 tree pinned and loaded on every vCPU). The names and
-shapes here are a stable interface (DESIGN §8): tools script against them.
+shapes here are a stable interface (docs/sources.md §4): tools script against them.
 
 Errors: a typed error reply raises :class:`HypervisorError` (its ``code`` is
 the reply's). Every way the hypervisor can vanish — no socket to connect to,
@@ -330,7 +330,7 @@ async def _open_channel(socket_path: str) -> VcpuChannel:
 
 class Domain:
     """A booted domain as seen from the guest: the raw hypercall interface
-    (DESIGN §8) over any :class:`Transport`."""
+    (docs/sources.md §4) over any :class:`Transport`."""
 
     def __init__(self, welcome: wire.Welcome, memory_fd: int, channels: Sequence[Channel]) -> None:
         """Takes ``memory_fd`` (the domain's sealed memfd): mapped read-only
@@ -454,7 +454,7 @@ class Domain:
         """Xen's mmu_update: returns (rc, done).
 
         ``foreigndom`` is u32: FD in bits 0-15, the page-table owner plus one
-        in bits 16-31 (0 = self), reference §2.1.
+        in bits 16-31 (0 = self), docs/sources.md §6.
         """
         reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
         return reply.rc, reply.done
@@ -642,7 +642,7 @@ def connect(
     boot: bool = True,
 ) -> contextlib.AbstractAsyncContextManager[Domain]:
     """A booted domain served by the hypervisor listening on ``socket_path``
-    (DESIGN §8)."""
+    (docs/sources.md §4)."""
     return open_domain(
         SocketTransport(socket_path), memory_mib=memory_mib, vcpus=vcpus, name=name, boot=boot
     )
