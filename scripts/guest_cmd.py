@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
-from pvemu.scripts.argtypes import positive_int
+from pvemu.scripts.argtypes import output_file, positive_int
 from pvemu.scripts.hypervisor_cmd import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeline",
         metavar="FILE",
+        type=output_file,
         help="write this guest's traps and phases there as trace-event JSON",
     )
     parser.add_argument(

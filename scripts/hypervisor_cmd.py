@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from pvemu.scripts.argtypes import positive_float, positive_int
+from pvemu.scripts.argtypes import output_file, positive_float, positive_int
 
 if TYPE_CHECKING:
     from pvemu.hypervisor.server import ServerLimits
@@ -154,12 +154,14 @@ def _add_logging_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeline",
         metavar="FILE",
+        type=output_file,
         help="record every trap and page fault as Chrome trace-event JSON, written on exit "
         "(open it in ui.perfetto.dev or chrome://tracing)",
     )
     parser.add_argument(
         "--log-file",
         metavar="FILE",
+        type=output_file,
         help="write every log line there (one per hypercall at level info); the console "
         "then gets warnings and errors only",
     )

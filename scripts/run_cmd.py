@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES, UNSAFE_MODES
-from pvemu.scripts.argtypes import mode_list, positive_int
+from pvemu.scripts.argtypes import mode_list, output_file, positive_int
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
 
 DEFAULT_MODES = SAFE_MODES
@@ -62,6 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeline",
         metavar="FILE",
+        type=output_file,
         help="write the run's traps and phases there as trace-event JSON; with --socket, "
         "only the guests' side (start that hypervisor with --timeline for its side)",
     )

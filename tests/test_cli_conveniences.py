@@ -117,3 +117,14 @@ def test_bash_completion_knows_the_subcommands_and_their_options(tmp_path: Path)
         [*PVEMU, "completion", "zsh"], capture_output=True, text=True, timeout=60, check=True
     )
     assert zsh.stdout.startswith("#compdef pvemu")
+
+
+def test_an_unwritable_timeline_is_refused_before_any_work(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-folder" / "run.json")
+    for argv in (["run", "--timeline", missing], ["guest", "--timeline", missing]):
+        done = subprocess.run(
+            [*PVEMU, *argv], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 2, argv
+        assert "argument --timeline: no folder" in done.stderr
+    assert not (tmp_path / "no-such-folder").exists()
