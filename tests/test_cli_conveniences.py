@@ -128,3 +128,29 @@ def test_an_unwritable_timeline_is_refused_before_any_work(tmp_path: Path) -> No
         assert done.returncode == 2, argv
         assert "argument --timeline: no folder" in done.stderr
     assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_with_a_log_file_only_warnings_reach_the_console() -> None:
+    import io
+
+    import structlog
+
+    from pvemu.shared import logs
+
+    file, console = io.StringIO(), io.StringIO()
+    level = logs._min_level  # what the other tests run with
+    try:
+        logs.configure_logging("auto", "info", console, file=file)
+        log = structlog.get_logger("pvemu.test")
+        log.info("mmu_update", records=3)
+        log.warning("send_timeout", seconds=30)
+    finally:
+        structlog.reset_defaults()
+        logs._min_level = level
+    assert [json.loads(line)["event"] for line in file.getvalue().splitlines()] == [
+        "mmu_update",
+        "send_timeout",
+    ]
+    assert [json.loads(line)["event"] for line in console.getvalue().splitlines()] == [
+        "send_timeout"
+    ]
