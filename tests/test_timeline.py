@@ -253,3 +253,30 @@ def _phase(document: dict[str, Any], pid: int, name: str) -> dict[str, Any]:
 
 def _within(span: dict[str, Any], outer: dict[str, Any]) -> bool:
     return outer["ts"] <= span["ts"] and span["ts"] + span["dur"] <= outer["ts"] + outer["dur"]
+
+
+def test_the_docs_picture_draws_each_domains_phase_and_a_close_up(tmp_path: Path) -> None:
+    """scripts/timeline_png (docs/timeline.png): a panel per domain that ran
+    the phase, and a close-up only where the traps are too many to see."""
+    from pvemu.scripts import timeline_png
+
+    timeline = Timeline()
+    for pid, traps in ((1, 40), (2, 2)):
+        timeline.name_process(pid, f"dom{pid}")
+        timeline.complete("protect_ro", "phase", pid, GUEST_TID, 0, 1_000_000)
+        for n in range(traps):
+            start = 1000 + n * 20_000
+            timeline.complete("mmu_update", "guest", pid, 0, start, start + 15_000)
+            timeline.complete("mmu_update", "trap", pid, 0, start + 5000, start + 9000)
+    document = timeline.document()
+    titles = [p.title for p in timeline_png.panels(document, "protect_ro")]
+    assert titles[:2] == [
+        "dom1: protect_ro, 40 traps in 1.0 ms",
+        "dom2: protect_ro, 2 traps in 1.0 ms",
+    ]
+    assert len(titles) == 3
+    assert titles[2].startswith(f"dom1: close-up of its first {timeline_png.CLOSE_UP} traps")
+    out = tmp_path / "t.png"
+    assert timeline_png.draw(document, "protect_ro", str(out)) == 3
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert timeline_png.draw(document, "populate", str(tmp_path / "none.png")) == 0
