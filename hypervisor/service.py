@@ -203,7 +203,9 @@ class _RecordedHypercallWork(Work):
         }
         if abandoned:
             args["abandoned"] = True
-        end = self._spans[-1][1] if self._spans else now_ns()
+        # Stamped after the last slice's end, so the trap strictly encloses its
+        # slices however a viewer rounds microseconds to its own unit.
+        end = now_ns()
         name = abi.HYPERCALL_NAMES.get(request.op, f"hypercall_{request.op}")
         timeline.complete(name, TRAP, domid, vcpu, self._start, end, args)
         if len(self._spans) > 1:
