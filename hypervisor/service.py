@@ -5,9 +5,9 @@ passing and the CPU gate lives here: the handshakes (a Hello creates a
 domain, a Join attaches a vCPU with the domain's secret), hypercalls run in
 slices (:class:`Work`), trapped page-table writes, user runs, stats, audit,
 the canonical log line per hypercall, the timeline of traps (when
-recording), and errors by blame. The trio server,
-the in-process loopback transport of the tests and the fuzzers all serve
-requests through :meth:`HypervisorService.begin`.
+recording), and errors by blame. The trio server, the in-process loopback
+transport of the tests and the fuzzers all serve requests through
+:meth:`HypervisorService.begin`.
 
 Errors by blame: a request the guest got wrong is refused with its typed
 code (``out_of_range`` for a domain that cannot be made or a vCPU that is
