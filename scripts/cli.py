@@ -42,6 +42,7 @@ strategies can be compared by the traps they cost."""
 EPILOG = """examples:
   pvemu info        list the hypercalls and feature flags pvemu implements
   pvemu --version   print the installed version
+  eval "$(pvemu completion bash)"   tab completion in this shell
 """
 
 
