@@ -8,7 +8,7 @@ same process. :class:`Domain` is the one client class over either.
 
 ``connect()`` yields a :class:`Domain` handle that is already booted (an
 initial L4/L3/L2/L1 tree pinned and loaded on every vCPU). The names and
-shapes here are a stable interface (DESIGN §8): tools script against them.
+shapes here are a stable interface (docs/sources.md §4): tools script against them.
 
 Errors: a typed error reply raises :class:`HypervisorError` (its ``code`` is
 the reply's). Every way the hypervisor can vanish — no socket to connect to,
@@ -42,6 +42,7 @@ from pvemu.shared import abi, wire
 from pvemu.shared.counts import trap_count
 from pvemu.shared.errors import RemoteProtocolError
 from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
+from pvemu.shared.timeline import GUEST, Timeline, now_ns
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
 RECEIVE_SIZE: Final = 256 * 1024
@@ -329,7 +330,7 @@ async def _open_channel(socket_path: str) -> VcpuChannel:
 
 class Domain:
     """A booted domain as seen from the guest: the raw hypercall interface
-    (DESIGN §8) over any :class:`Transport`."""
+    (docs/sources.md §4) over any :class:`Transport`."""
 
     def __init__(self, welcome: wire.Welcome, memory_fd: int, channels: Sequence[Channel]) -> None:
         """Takes ``memory_fd`` (the domain's sealed memfd): mapped read-only
@@ -361,6 +362,8 @@ class Domain:
         self._channels = list(channels)
         self._counters = [GuestCounters() for _ in channels]
         self._free_pfns = array.array("I", np.arange(nr_frames - 1, -1, -1, dtype=np.uint32))
+        #: Where each trap's round trip is recorded (``pvemu guest --timeline``), or None.
+        self.timeline: Timeline | None = None
 
     @property
     def nr_vcpus(self) -> int:
@@ -413,8 +416,27 @@ class Domain:
         counters.hypercalls[call.op] += 1
         counters.mmu_update_records += call.args.mmu_update_records
         counters.multicall_entries += call.args.multicall_entries
-        reply = await channel.request(wire.Hypercall.for_call(channel.next_id(), call))
+        request = wire.Hypercall.for_call(channel.next_id(), call)
+        if self.timeline is None:
+            reply = await channel.request(request)
+        else:
+            name = abi.HYPERCALL_NAMES.get(call.op, f"hypercall_{call.op}")
+            reply = await self._recorded(channel, request, vcpu, name)
         assert isinstance(reply, wire.Result | wire.MulticallResult)
+        return reply
+
+    async def _recorded(
+        self, channel: Channel, request: wire.Request, vcpu: int, name: str
+    ) -> wire.Reply:
+        """A request with its round trip, as the guest saw it, on the timeline
+        (the hypervisor's span of the same trap nests inside it)."""
+        assert self.timeline is not None
+        start = now_ns()
+        reply = await channel.request(request)
+        args: dict[str, object] = {}
+        if type(reply) is wire.UserResult:
+            args = {"executed": reply.executed, "fault": reply.fault is not None}
+        self.timeline.complete(name, GUEST, self.domid, vcpu, start, now_ns(), args)
         return reply
 
     async def _result(self, vcpu: int, op: int, *args: object) -> wire.Result:
@@ -432,7 +454,7 @@ class Domain:
         """Xen's mmu_update: returns (rc, done).
 
         ``foreigndom`` is u32: FD in bits 0-15, the page-table owner plus one
-        in bits 16-31 (0 = self), reference §2.1.
+        in bits 16-31 (0 = self), docs/sources.md §6.
         """
         reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
         return reply.rc, reply.done
@@ -488,7 +510,11 @@ class Domain:
         """A trapped xchg: returns (rc, previous value)."""
         channel = self._channels[vcpu]
         self._counters[vcpu].ptwr += 1
-        reply = await channel.request(wire.Ptwr(channel.next_id(), maddr, val, exchange))
+        request = wire.Ptwr(channel.next_id(), maddr, val, exchange)
+        if self.timeline is None:
+            reply = await channel.request(request)
+        else:
+            reply = await self._recorded(channel, request, vcpu, "ptwr")
         assert isinstance(reply, wire.PtwrResult)
         return reply.rc, reply.old
 
@@ -498,7 +524,10 @@ class Domain:
         """User accesses on ``vcpu``; stops at the first page fault."""
         channel = self._channels[vcpu]
         request = wire.RunUser(channel.next_id(), tuple(wire.Access(*a) for a in accesses))
-        reply = await channel.request(request)
+        if self.timeline is None:
+            reply = await channel.request(request)
+        else:
+            reply = await self._recorded(channel, request, vcpu, "run_user")
         assert isinstance(reply, wire.UserResult)
         fault = None
         if reply.fault is not None:
@@ -613,7 +642,7 @@ def connect(
     boot: bool = True,
 ) -> contextlib.AbstractAsyncContextManager[Domain]:
     """A booted domain served by the hypervisor listening on ``socket_path``
-    (DESIGN §8)."""
+    (docs/sources.md §4)."""
     return open_domain(
         SocketTransport(socket_path), memory_mib=memory_mib, vcpus=vcpus, name=name, boot=boot
     )

@@ -1,4 +1,4 @@
-"""The lazy-MMU section rules (reference linux-lazy-mmu §3.5), enforced.
+"""The lazy-MMU section rules (docs/sources.md §10), enforced.
 
 One :class:`LazyMmu` per vCPU: no nested enter, start/commit exactly paired,
 no re-read of a PTE inside a section once its transaction started, no queued
@@ -38,7 +38,7 @@ def pte_page_of(ptep: int) -> int:
 
 
 class LazyMmu:
-    """One vCPU's lazy-MMU state with the reference §3.5 rules enforced.
+    """One vCPU's lazy-MMU state with the rules of docs/sources.md §10 enforced.
 
     With a ``buffer``, :meth:`commit` and :meth:`set_pte` queue their
     ``mmu_update`` record there and issue it (batched inside a section,

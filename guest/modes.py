@@ -1,4 +1,4 @@
-"""The pv-ops modes, each declared once (DESIGN §5).
+"""The pv-ops modes, each declared once (docs/sources.md §2).
 
 A :class:`Mode` says which backend runs the page-table hooks, which
 multicall buffer (if any) batches them, which ``mmu_update`` command a

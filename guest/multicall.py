@@ -1,7 +1,7 @@
 """Linux's Xen multicall buffer (``arch/x86/xen/multicalls.c``) as a pure
 sans-I/O state machine, one per vCPU (Linux keeps it per CPU).
 
-Reproduced as the reference describes it (linux-lazy-mmu §2): 32 entries,
+Reproduced as Linux has it (docs/sources.md §9): 32 entries,
 512 argument bytes, consecutive ``mmu_update`` records appended to the
 previous entry, the ``>=`` full test, the one-entry direct-call bypass,
 callbacks run after the batch executed, a failing entry is a kernel bug.
@@ -14,7 +14,7 @@ are appended to one ``array('Q')`` in Xen's ``struct mmu_update[]`` layout
 (one at a time, or a run of them already in that layout at once) and packed
 once, at flush, into the blob that goes on the wire.
 
-Numbers (reference §2.1-§2.3), with the defaults ``MC_BATCH = 32``,
+Numbers (docs/sources.md §9), with the defaults ``MC_BATCH = 32``,
 ``MC_ARGS = 512``:
 
 * an ``mmu_update`` record takes 16 bytes of argument space, an ``mmuext_op``
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 #: Sends one batch and returns one result per entry (``[rc]`` for a direct call).
 Sink = Callable[["Batch"], Sequence[int]]
 
-# --- Linux's constants (reference §2.1) ---------------------------------------------------
+# --- Linux's constants (docs/sources.md §9) ---------------------------------------------------
 
 #: Multicall entries per buffer (``MC_BATCH``).
 MC_BATCH: Final = 32
@@ -237,7 +237,7 @@ def _check_limit(name: str, value: int | None) -> None:
 
 
 class McBuffer:
-    """Linux's per-CPU Xen multicall buffer (reference §2.2), parameterised.
+    """Linux's per-CPU Xen multicall buffer (docs/sources.md §9), parameterised.
 
     Args:
         sink: sends a :class:`Batch` and returns its per-entry results; when

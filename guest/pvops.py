@@ -1,4 +1,4 @@
-"""pv-ops backends: what each page-table hook costs (DESIGN §5).
+"""pv-ops backends: what each page-table hook costs (docs/sources.md §2).
 
 :class:`PvOps` is the set of hooks the kernel calls. :class:`TrapOps` and
 its subclasses run on a PV domain and reach the hypervisor through the

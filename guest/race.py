@@ -8,7 +8,7 @@ serves the writers between slices of a batch), so a commit that does not
 preserve A/D (mode ``naive``) loses Dirty bits, and the page is then never
 written back.
 
-Oracles (DESIGN §7):
+Oracles (docs/sources.md §3):
 
 * ``lost_dirty`` - D bits set by hardware that vanished without the guest
   seeing them (counted where the page tables live).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pvemu.shared.counts import PhaseCounts
+from pvemu.shared.timeline import now_ns
 from pvemu.shared.x86 import PAGE_SIZE
 
 from .kernel import Kernel
@@ -34,6 +35,10 @@ class PhaseResult:
     counts: PhaseCounts
     guest_traps: int
     wall_s: float
+    #: When the phase ran (``shared.timeline.now_ns`` stamps, for a timeline;
+    #: not part of the JSON result).
+    started_ns: int = field(default=0, compare=False)
+    ended_ns: int = field(default=0, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.counts, "guest_traps": self.guest_traps, "wall_s": round(self.wall_s, 6)}
@@ -112,11 +117,14 @@ async def run_mprotect_workload(kernel: Kernel, pages: int, *, vcpu: int = 1) ->
         ("protect_rw", protect_rw),
     ):
         before, guest_before = _snapshot(await kernel.stats())
+        started_ns = now_ns()
         started = time.perf_counter()
         await action()
         wall = time.perf_counter() - started
+        ended_ns = now_ns()
         after, guest_after = _snapshot(await kernel.stats())
-        result.phases[name] = PhaseResult(after - before, guest_after - guest_before, wall)
+        counts, guest_traps = after - before, guest_after - guest_before
+        result.phases[name] = PhaseResult(counts, guest_traps, wall, started_ns, ended_ns)
 
     reads = await kernel.run_user(vcpu, [(va, "r", 1) for va, _, _ in pattern])
     expected = [data for _, _, data in pattern]

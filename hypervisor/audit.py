@@ -1,7 +1,7 @@
 """``audit()``: recompute every count from the page tables and compare.
 
 The incremental bookkeeping in ``pagetypes`` is what Xen trusts; this module
-trusts nothing but the tables themselves (reference §6.8) and lists every
+trusts nothing but the tables themselves (docs/sources.md §7) and lists every
 disagreement, so property tests can run it after every single operation.
 """
 

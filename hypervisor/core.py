@@ -253,7 +253,7 @@ class Hypervisor:
         }
 
     def audit(self) -> list[str]:
-        """Every invariant of reference §6.8, recomputed from the tables."""
+        """Every invariant of docs/sources.md §7, recomputed from the tables."""
         return audit_machine(self.state, self.xen_mfn)
 
     def _vcpu_domain(self, domid: int, vcpu: int) -> Domain:

@@ -1,4 +1,4 @@
-"""Trap counters, per vCPU, split by kind (DESIGN §4).
+"""Trap counters, per vCPU, split by kind (docs/sources.md §1).
 
 A trap is every guest -> hypervisor transition: each top-level hypercall (a
 multicall is one, whatever it carries), each emulated page-table write and each

@@ -1,7 +1,7 @@
 """The frame table: per-MFN bookkeeping as flat arrays, not one object per frame.
 
-Xen's ``struct page_info`` reduced to what a 64-bit PV domU needs (reference
-§6.1): owner, general count, type, type count, validated, pinned. 16 bytes a
+Xen's ``struct page_info`` reduced to what a 64-bit PV domU needs (docs/sources.md
+§7): owner, general count, type, type count, validated, pinned. 16 bytes a
 frame: 1 GiB of machine memory (262 144 frames) costs 4 MiB of table.
 """
 

@@ -1,6 +1,6 @@
 """Hypercall semantics: mmu_update, mmuext_op, multicall, update_va_mapping
 (and its _otherdomain variant), vm_assist and writable page-table emulation
-(reference §2-§5, §7).
+(docs/sources.md §6, §8).
 
 Batched calls are generators driven through a :class:`Budget`: the entries
 the running slice may still process. A call spends it as it goes (one entry
@@ -182,7 +182,7 @@ _UPPER_TYPES: Final = frozenset(
 def _pt_update(
     m: MachineState, maddr: int, val: int, cmd: int, pt_owner: int, pg_owner: int
 ) -> tuple[int, bool]:
-    """One page-table write request (§2.2-§2.6): the entry's rule by the
+    """One page-table write request (Xen's ``do_mmu_update``): the entry's rule by the
     type of the frame it is in. Returns (rc, an upper-level entry changed)."""
     ft = m.frames
     types = m.types
@@ -347,7 +347,7 @@ def mmuext_op(
     foreigndom: int,
     budget: Budget,
 ) -> Generator[None, None, HypercallResult]:
-    """Extended MMU ops in order; stop at the first failure (§3).
+    """Extended MMU ops in order; stop at the first failure (Xen's ``do_mmuext_op``).
 
     ``foreigndom`` is an unsigned int, but Xen passes it to ``get_pg_owner``,
     which takes a ``domid_t``: bits 16-31 are dropped (no PFD here).
@@ -409,14 +409,15 @@ def locate_l1e(m: MachineState, dom: Domain, vcpu: int, va: int) -> int | None:
 def update_va_mapping(
     m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int
 ) -> int:
-    """Replace the L1 entry mapping ``va``, then flush per ``flags`` (§5)."""
+    """Replace the L1 entry mapping ``va``, then flush per ``flags`` (Xen's
+    ``__do_update_va_mapping``)."""
     return _update_va_mapping(m, dom, vcpu, va, val, flags, dom.domid)
 
 
 def update_va_mapping_otherdomain(
     m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int, domid: int
 ) -> int:
-    """update_va_mapping with ``domid`` as the owner of the mapped frame (§1.2, §5).
+    """update_va_mapping with ``domid`` as the owner of the mapped frame (docs/sources.md §6).
 
     Xen's ``do_update_va_mapping_otherdomain``: ``get_pg_owner(domid)`` fails
     (unknown domain, or the caller's own numeric domid) -> -ESRCH; otherwise
@@ -486,7 +487,7 @@ def vm_assist(dom: Domain, cmd: int, assist: int) -> int:
 def multicall(
     m: MachineState, dom: Domain, vcpu: int, calls: Sequence[wire.Call], budget: Budget
 ) -> Generator[None, None, HypercallResult]:
-    """Each entry runs in order; a failing entry does not stop the batch (§4).
+    """Each entry runs in order; a failing entry does not stop the batch (Xen's ``do_multicall``).
 
     A multicall inside a multicall is refused with -EINVAL, as Xen does. An
     entry spends the budget its records or ops take, and at least one entry.
@@ -515,7 +516,7 @@ def multicall(
 def ptwr_write(
     m: MachineState, dom: Domain, vcpu: int, maddr: int, val: int, exchange: bool
 ) -> tuple[int, int]:
-    """Emulate a trapped 8-byte write (or xchg) into one of the guest's L1s (§7).
+    """Emulate a trapped 8-byte write (or xchg) into one of the guest's L1s (docs/sources.md §8).
 
     Returns (rc, old): rc 0 when emulated; otherwise the #PF is reflected to
     the guest and nothing was written (rc says why: -EFAULT when the write is
@@ -550,7 +551,7 @@ def dispatch(
     m: MachineState, dom: Domain, vcpu: int, args: wire.HypercallArgs, budget: Budget
 ) -> Generator[None, None, HypercallResult]:
     """Run the hypercall ``args`` describes, within ``budget``; arguments of a
-    number pvemu does not implement (``RawArgs``) give -ENOSYS (§1.1)."""
+    number pvemu does not implement (``RawArgs``) give -ENOSYS, as in Xen."""
     match args:
         case wire.MmuUpdateArgs():
             records = args.records()

@@ -1,4 +1,4 @@
-"""Page references, page types and entry validation (reference §6).
+"""Page references, page types and entry validation (docs/sources.md §7).
 
 This is Xen's reference-counting model for a 64-bit PV domU: a frame's general
 count counts every use, its type count every use in its current type, a type
@@ -41,9 +41,9 @@ from .frametable import PAGE_TABLE_TYPES, PINNED, VALIDATED, FrameTable
 if TYPE_CHECKING:
     from .memory import MachineMemory
 
-#: L1 entries of an unprivileged domU may not set cache-attribute bits (§6.5).
+#: L1 entries of an unprivileged domU may not set cache-attribute bits (docs/sources.md §7).
 L1_DISALLOW_MASK: Final = _PAGE_PWT | _PAGE_PCD | _PAGE_PAT
-#: Upper-level entries may not set cache bits, superpages or global (§6.5).
+#: Upper-level entries may not set cache bits, superpages or global (docs/sources.md §7).
 L2_DISALLOW_MASK: Final = _PAGE_PWT | _PAGE_PCD | _PAGE_PSE | _PAGE_GLOBAL
 #: Bits whose change keeps the same frame and needs no reference work (§2.4).
 FASTPATH_WHITELIST: Final = (
@@ -60,7 +60,7 @@ EntryWriteHook = Callable[[int, int], None]
 
 
 def adjust_guest_l1e(pte: int) -> int:
-    """Flags Xen forces on a present 64-bit PV L1 entry (§6.6)."""
+    """Flags Xen forces on a present 64-bit PV L1 entry (Xen's ``adjust_guest_l1e``)."""
     if not pte & _PAGE_USER:
         pte |= _PAGE_USER | _PAGE_GUEST_KERNEL
     if not pte & _PAGE_GUEST_KERNEL:
@@ -69,7 +69,7 @@ def adjust_guest_l1e(pte: int) -> int:
 
 
 def adjust_guest_upper(pte: int, level: int) -> int:
-    """L2/L3 entries get U; L4 entries get A and U (§6.6)."""
+    """L2/L3 entries get U; L4 entries get A and U (Xen's ``adjust_guest_l*e``)."""
     if level == 4:
         return pte | _PAGE_ACCESSED | _PAGE_USER
     return pte | _PAGE_USER
@@ -84,7 +84,7 @@ class PageTypes:
 
     ``on_retype(owner)`` is called when a frame becomes a page table after
     having had another type: Xen then flushes the owner's stale TLBs so that no
-    vCPU keeps a writable translation of a new page table (§6.2).
+    vCPU keeps a writable translation of a new page table (docs/sources.md §7).
     """
 
     def __init__(
@@ -206,7 +206,7 @@ class PageTypes:
     # --- entry rules ----------------------------------------------------------
 
     def get_page_from_l1e(self, pte: int, fd: int) -> int:
-        """References for a present L1 entry (§6.4), in Xen's order."""
+        """References for a present L1 entry (Xen's ``get_page_from_l1e``), in Xen's order."""
         if pte & L1_DISALLOW_MASK:
             return -abi.EINVAL
         mfn = frame_of(pte)
@@ -281,7 +281,7 @@ class PageTypes:
     # --- entry updates ------------------------------------------------------------
 
     def mod_l1_entry(self, maddr: int, new: int, preserve_ad: bool, fd: int) -> int:
-        """Checked write of one L1 entry (§2.4); never flushes a TLB."""
+        """Checked write of one L1 entry (Xen's ``mod_l1_entry``); never flushes a TLB."""
         old = self.mem.read_u64(maddr)
         if new & _PAGE_PRESENT:
             if new & L1_DISALLOW_MASK:
@@ -299,7 +299,7 @@ class PageTypes:
         return 0
 
     def mod_upper_entry(self, maddr: int, new: int, level: int, preserve_ad: bool) -> int:
-        """Checked write of one L2/L3/L4 entry (§2.5)."""
+        """Checked write of one L2/L3/L4 entry (Xen's ``mod_l2_entry`` to ``mod_l4_entry``)."""
         mfn = maddr >> PAGE_SHIFT
         if level == 4 and FIRST_XEN_SLOT <= (maddr & 0xFFF) >> 3 <= LAST_XEN_SLOT:
             return -abi.EINVAL
@@ -320,7 +320,8 @@ class PageTypes:
         return 0
 
     def _write(self, maddr: int, old: int, new: int, preserve_ad: bool) -> None:
-        """Store an entry; PRESERVE_AD ORs in the A/D bits memory holds now (§2.6).
+        """Store an entry; PRESERVE_AD ORs in the A/D bits memory holds now
+        (Xen's ``update_intpte``).
 
         The hypervisor is single-threaded and the hardware model runs between
         entries, never inside one, so memory still holds ``old`` here.

@@ -29,6 +29,7 @@ import trio
 from pvemu.shared import wire
 from pvemu.shared.errors import RemoteProtocolError, WireErrorCode
 from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
+from pvemu.shared.timeline import Timeline
 
 from .core import Hypervisor
 from .cpu import Cpu
@@ -73,10 +74,12 @@ def prepare_socket_path(path: str) -> None:
 class HypervisorServer:
     """Serves one :class:`Hypervisor` on a Unix socket."""
 
-    def __init__(self, hv: Hypervisor, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self, hv: Hypervisor, limits: ServerLimits | None = None, timeline: Timeline | None = None
+    ) -> None:
         self.hv = hv
         self.limits = limits or ServerLimits()
-        self.service = HypervisorService(hv, self.limits)
+        self.service = HypervisorService(hv, self.limits, timeline)
         self._cpu = Cpu(POLICIES[self.limits.scheduler]())
         self._connections = 0
         self._refused = 0  # refusals not logged yet
@@ -355,11 +358,13 @@ async def run_server(
     limits: ServerLimits,
     *,
     ready_line: Sequence[str] = (),
+    timeline: Timeline | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM; print ``ready_line`` once accepting."""
+    """Serve until SIGINT/SIGTERM; print ``ready_line`` once accepting;
+    record every trap in ``timeline`` when one is given."""
     import signal
 
-    server = HypervisorServer(hv, limits)
+    server = HypervisorServer(hv, limits, timeline)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, socket_path)

@@ -4,9 +4,10 @@ Everything the server does for a guest's request except sockets, descriptor
 passing and the CPU gate lives here: the handshakes (a Hello creates a
 domain, a Join attaches a vCPU with the domain's secret), hypercalls run in
 slices (:class:`Work`), trapped page-table writes, user runs, stats, audit,
-the canonical log line per hypercall, and errors by blame. The trio server,
-the in-process loopback transport of the tests and the fuzzers all serve
-requests through :meth:`HypervisorService.begin`.
+the canonical log line per hypercall, the timeline of traps (when
+recording), and errors by blame. The trio server, the in-process loopback
+transport of the tests and the fuzzers all serve requests through
+:meth:`HypervisorService.begin`.
 
 Errors by blame: a request the guest got wrong is refused with its typed
 code (``out_of_range`` for a domain that cannot be made or a vCPU that is
@@ -28,8 +29,10 @@ import structlog
 from pvemu.shared import abi, wire
 from pvemu.shared.errors import WireErrorCode
 from pvemu.shared.logs import enabled
+from pvemu.shared.timeline import DOMAIN, DOMAIN_TID, SLICE, TRAP, Timeline, now_ns
 
 from .core import DomainError, Hypervisor, PendingCall
+from .counters import VcpuCounters
 from .hypercalls import HypercallResult
 from .limits import ServerLimits
 
@@ -134,6 +137,85 @@ class _HypercallWork(Work):
         )
 
 
+class _RecordedHypercallWork(Work):
+    """A hypercall whose slices and end go to the timeline: one ``trap``
+    span from its start to its reply, and a ``slice`` span per slice when
+    it was preempted (the gaps between them are other vCPUs' turns)."""
+
+    __slots__ = (
+        "_counters",
+        "_domid",
+        "_flushes",
+        "_inner",
+        "_spans",
+        "_start",
+        "_timeline",
+        "_vcpu",
+    )
+
+    def __init__(
+        self,
+        inner: _HypercallWork,
+        timeline: Timeline,
+        domid: int,
+        vcpu: int,
+        start: int,
+        counters: VcpuCounters,
+    ) -> None:
+        super().__init__()
+        self.slices = 0
+        self._inner = inner
+        self._timeline = timeline
+        self._domid, self._vcpu, self._start = domid, vcpu, start
+        self._counters = counters
+        self._flushes = counters.tlb_flush_ops
+        self._spans: list[tuple[int, int, int]] = []  # (start, end, entries so far)
+
+    def step(self, budget: int | None = None) -> bool:
+        if self.reply is not None:
+            return True
+        inner = self._inner
+        began = now_ns()
+        finished = inner.step(budget)
+        self._spans.append((began, now_ns(), inner._pending.entries))
+        self.slices = inner.slices
+        if not finished:
+            return False
+        self.reply, self.error = inner.reply, inner.error
+        self._record(inner._pending.result, abandoned=False)
+        return True
+
+    def abandon(self) -> None:
+        self._inner.abandon()
+        self._record(None, abandoned=True)
+
+    def _record(self, result: HypercallResult | None, *, abandoned: bool) -> None:
+        request, timeline = self._inner._request, self._timeline
+        domid, vcpu = self._domid, self._vcpu
+        args: dict[str, object] = {
+            "op": request.op,
+            "records": request.args.record_count,
+            "multicall_entries": request.args.multicall_entries,
+            "rc": None if result is None else result.rc,
+            "done": None if result is None else result.done,
+            "slices": self.slices,
+            "flush_ops": self._counters.tlb_flush_ops - self._flushes,
+        }
+        if abandoned:
+            args["abandoned"] = True
+        # Stamped after the last slice's end, so the trap strictly encloses its
+        # slices however a viewer rounds microseconds to its own unit.
+        end = now_ns()
+        name = abi.HYPERCALL_NAMES.get(request.op, f"hypercall_{request.op}")
+        timeline.complete(name, TRAP, domid, vcpu, self._start, end, args)
+        if len(self._spans) > 1:
+            before = 0
+            for n, (began, ended, entries) in enumerate(self._spans, 1):
+                slice_args = {"slice": n, "entries": entries - before}
+                timeline.complete(f"{name} slice", SLICE, domid, vcpu, began, ended, slice_args)
+                before = entries
+
+
 def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
     if type(request.args) is wire.MulticallArgs:
         return wire.MulticallResult(request.id, result.rc, result.results)
@@ -142,6 +224,16 @@ def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
 
 def _refused(request: wire.Request, code: str, message: str) -> Work:
     return Work(wire.ErrorReply(request.id, code, message[:MAX_ERROR_TEXT]))
+
+
+def _failed(request: wire.Request, exc: Exception) -> Work:
+    """A request that raised: the guest's fault (a domain or vCPU that is
+    not there) or the hypervisor's (a bug)."""
+    if isinstance(exc, DomainError):
+        return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
+    work = Work(_internal(request, exc))
+    work.error = exc
+    return work
 
 
 def _internal(request: wire.Request, exc: Exception) -> wire.ErrorReply:
@@ -153,24 +245,28 @@ def _internal(request: wire.Request, exc: Exception) -> wire.ErrorReply:
 class HypervisorService:
     """Serves requests for the domains of one :class:`Hypervisor`."""
 
-    def __init__(self, hv: Hypervisor, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self, hv: Hypervisor, limits: ServerLimits | None = None, timeline: Timeline | None = None
+    ) -> None:
         self.hv = hv
         self.limits = limits or ServerLimits()
+        #: Where every counted trap is recorded, or None (then recording
+        #: costs one attribute check per request).
+        self.timeline = timeline
         self._members: dict[int, _Membership] = {}
+        self._born: dict[int, int] = {}  # domid -> creation time, when recording
 
     def begin(self, session: Session, request: wire.Request) -> Work:
         """Start serving ``request`` on ``session`` (a connection past the
         wire's own checks: the handshake came first)."""
+        if self.timeline is not None:  # all that recording costs when off
+            return self._begin_recorded(session, request, self.timeline)
         try:
             if type(request) is wire.Hypercall:  # the common case first
                 return self._hypercall(request, session)
             return self._begin(session, request)
-        except DomainError as exc:
-            return _refused(request, WireErrorCode.OUT_OF_RANGE, str(exc))
         except Exception as exc:
-            work = Work(_internal(request, exc))
-            work.error = exc
-            return work
+            return _failed(request, exc)
 
     def serve(self, session: Session, request: wire.Request) -> tuple[wire.Reply, int | None]:
         """Serve ``request`` to the end in one go (no slicing, no yielding)."""
@@ -194,6 +290,8 @@ class HypervisorService:
     def destroy(self, domid: int, *, reason: str) -> None:
         self._members.pop(domid, None)
         if domid in self.hv.domains:
+            if self.timeline is not None:
+                self._record_lifetime(domid, self.timeline, reason)
             self.hv.destroy_domain(domid)
             log.info("domain_destroyed", domid=domid, reason=reason)
 
@@ -201,6 +299,53 @@ class HypervisorService:
         """Destroy every domain (the hypervisor is stopping)."""
         for domid in list(self.hv.domains):
             self.destroy(domid, reason="shutdown")
+
+    # --- the timeline -----------------------------------------------------------------
+
+    def _begin_recorded(self, session: Session, request: wire.Request, timeline: Timeline) -> Work:
+        """:meth:`begin`, recording what it counts: a hypercall (when it ends
+        or is abandoned), an emulated page-table write, a page fault."""
+        start = now_ns()
+        try:
+            if type(request) is wire.Hypercall:
+                work = self._hypercall(request, session)
+            else:
+                work = self._begin(session, request)
+        except Exception as exc:
+            work = _failed(request, exc)
+        domid, vcpu, reply = session.domid, session.vcpu, work.reply
+        if domid is None:
+            return work
+        if isinstance(work, _HypercallWork):
+            counters = self.hv.domain(domid).counters[vcpu]
+            return _RecordedHypercallWork(work, timeline, domid, vcpu, start, counters)
+        if type(reply) is wire.PtwrResult:
+            assert type(request) is wire.Ptwr
+            args = {"maddr": request.maddr, "exchange": request.exchange, "rc": reply.rc}
+            timeline.complete("ptwr", TRAP, domid, vcpu, start, now_ns(), args)
+        elif type(reply) is wire.UserResult and reply.fault is not None:
+            args = {"va": reply.fault.va, "error_code": reply.fault.error_code}
+            args["accesses_before"] = reply.executed
+            timeline.complete("page_fault", TRAP, domid, vcpu, start, now_ns(), args)
+        elif type(reply) is wire.Welcome and type(request) is wire.Hello:
+            self._born[domid] = start
+            domain = self.hv.domain(domid)
+            timeline.name_process(domid, f"dom{domid} {domain.name}", sort_index=domid)
+            timeline.name_thread(domid, DOMAIN_TID, "domain", sort_index=-1)
+            for v in range(domain.nr_vcpus):
+                timeline.name_thread(domid, v, f"vCPU {v}", sort_index=v)
+        return work
+
+    def _record_lifetime(self, domid: int, timeline: Timeline, reason: str) -> None:
+        """The domain's life as one span, with the traps its counters hold
+        (what the trap spans of its vCPUs add up to)."""
+        domain = self.hv.domain(domid)
+        vcpus = [c.traps for c in domain.counters]
+        args = {"name": domain.name, "traps": sum(vcpus), "traps_by_vcpu": vcpus, "end": reason}
+        start = self._born.pop(domid, now_ns())
+        timeline.complete(
+            f"dom{domid} {domain.name}", DOMAIN, domid, DOMAIN_TID, start, now_ns(), args
+        )
 
     # --- one request ------------------------------------------------------------------
 

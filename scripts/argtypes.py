@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from pvemu.guest.modes import MODE_NAMES
 
@@ -36,3 +37,18 @@ def mode_list(text: str) -> tuple[str, ...]:
     if unknown or not modes:
         raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODE_NAMES}")
     return modes
+
+
+def output_file(text: str) -> str:
+    """A file this process may create or overwrite, checked when the command
+    line is parsed: a run must not fail at its end for want of a folder."""
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is a folder")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no folder {folder}")
+    target = path if os.path.exists(path) else folder
+    if not os.access(target, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not writable")
+    return text

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pvemu.scripts import (
     bench_cmd,
+    completion_cmd,
     guest_cmd,
     hypervisor_cmd,
     load_cmd,
@@ -41,6 +42,7 @@ strategies can be compared by the traps they cost."""
 EPILOG = """examples:
   pvemu info        list the hypercalls and feature flags pvemu implements
   pvemu --version   print the installed version
+  eval "$(pvemu completion bash)"   tab completion in this shell
 """
 
 
@@ -160,8 +162,25 @@ LOAD = Subcommand(
     run=load_cmd.run,
 )
 
+COMPLETION = Subcommand(
+    name="completion",
+    help="print a shell completion script (bash, zsh, tcsh)",
+    configure=completion_cmd.configure,
+    run=completion_cmd.run,
+)
+
 #: Every subcommand, in the order ``pvemu --help`` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (RUN, BENCH, RACE, TRACE, LOAD, HYPERVISOR, GUEST, INFO)
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    RUN,
+    BENCH,
+    RACE,
+    TRACE,
+    LOAD,
+    HYPERVISOR,
+    GUEST,
+    INFO,
+    COMPLETION,
+)
 
 
 # --- entry point ------------------------------------------------------------------

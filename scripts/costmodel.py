@@ -10,7 +10,7 @@ exact, so an *estimate* of real time is a weighted sum of them::
         + flush ops     x per-flush cost      (INVLPG or full flush)
         + PTEs changed  x native PTE cost     (the work bare metal does too)
 
-Trapped faults are ``traps - hypercalls - ptwr`` (DESIGN §4: a trap is a
+Trapped faults are ``traps - hypercalls - ptwr`` (docs/sources.md §1: a trap is a
 hypercall, an emulated page-table write or a reflected page fault), so the
 bare-metal ``native`` mode, which takes no traps, pays only the native PTE
 work. Every default and its source is in ``docs/cost-model.md``; a JSON file

@@ -6,9 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
-from pvemu.scripts.argtypes import positive_int
+from pvemu.scripts.argtypes import output_file, positive_int
+from pvemu.scripts.hypervisor_cmd import DEFAULT_SOCKET
+
+if TYPE_CHECKING:
+    from pvemu.guest.machine import Machine
+    from pvemu.guest.workload import WorkloadResult
+    from pvemu.shared.timeline import Timeline
 
 EPILOG = """\
 modes: native (bare metal, no hypervisor), trap (unbatched traps), ptwr
@@ -16,16 +23,32 @@ modes: native (bare metal, no hypervisor), trap (unbatched traps), ptwr
 page per hypercall) and naive (UNSAFE: commits without PRESERVE_AD and loses
 A/D bits; only for showing the race).
 
+--timeline FILE records, as Chrome trace-event JSON, each trap's round trip
+as this guest saw it (one track per vCPU) and the workload's phases; give the
+hypervisor --timeline too to see its side of each trap (docs/timeline.md).
+
 example (two terminals):
-  pvemu hypervisor --socket /tmp/hv.sock
-  pvemu guest --socket /tmp/hv.sock --mode xen --pages 4096
+  pvemu hypervisor
+  pvemu guest --mode xen --pages 4096 --timeline guest.json
 """
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--socket", metavar="PATH", help="the hypervisor's socket (not for native)")
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=DEFAULT_SOCKET,
+        help="connect to the hypervisor running there; not used by mode native "
+        f"(default {DEFAULT_SOCKET}, the hypervisor's default)",
+    )
+    parser.add_argument(
+        "--timeline",
+        metavar="FILE",
+        type=output_file,
+        help="write this guest's traps and phases there as trace-event JSON",
+    )
     parser.add_argument(
         "--workload",
         type=_workload,
@@ -81,15 +104,14 @@ def run(args: argparse.Namespace) -> int:
     from pvemu.guest.client import HypervisorError
     from pvemu.guest.kernel import boot
     from pvemu.guest.workload import run_mprotect_workload
+    from pvemu.shared.timeline import Timeline
 
-    if args.mode != "native" and not args.socket:
-        print("pvemu guest: --socket is required for every mode but native", file=sys.stderr)
-        return 2
     params = buffer_params(args)
     if params and args.mode != "xen":
         print("pvemu guest: --mc-* options apply to mode xen only", file=sys.stderr)
         return 2
 
+    timeline = Timeline() if args.timeline else None
     race = args.workload == "race"
     vcpus = max(args.vcpus, args.writers + 2) if race else args.vcpus
 
@@ -101,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             vcpus=vcpus,
             **params,
         ) as kernel:
+            if timeline is not None:
+                _start_timeline(timeline, kernel.machine, args.mode)
             if race:
                 from pvemu.guest.race import run_race
 
@@ -118,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
                 result = await run_trace_workload(kernel, args.workload[len("trace:") :])
             else:
                 result = await run_mprotect_workload(kernel, args.pages)
+                if timeline is not None:
+                    _record_phases(timeline, kernel.machine, result)
         return result.as_dict()
 
     try:
@@ -128,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"pvemu guest: {failure}", file=sys.stderr)
         return 1
+    finally:
+        if timeline is not None:
+            timeline.write(args.timeline)
     if args.json:
         print(json.dumps(result))
     elif race:
@@ -140,6 +169,39 @@ def run(args: argparse.Namespace) -> int:
         if args.mode in UNSAFE_MODES:
             print(f"note: mode {args.mode} is UNSAFE (loses A/D bits)")
     return 0 if result["counts_agree"] and result["audit_clean"] else 3
+
+
+def _pid(machine: Machine) -> int:
+    """The domain's id: the timeline's ``pid`` (a native guest has none)."""
+    from pvemu.guest.client import Domain
+    from pvemu.shared.timeline import NATIVE_PID
+
+    return machine.domid if isinstance(machine, Domain) else NATIVE_PID
+
+
+def _start_timeline(timeline: Timeline, machine: Machine, mode: str) -> None:
+    """Name this guest's tracks and record its traps from now on."""
+    from pvemu.guest.client import Domain
+    from pvemu.shared.timeline import GUEST_TID
+
+    pid = _pid(machine)
+    name = f"dom{pid} {mode}" if isinstance(machine, Domain) else "native (no hypervisor)"
+    timeline.name_process(pid, name, sort_index=pid)
+    timeline.name_thread(pid, GUEST_TID, "workload phases", sort_index=-2)
+    for vcpu in range(machine.nr_vcpus):
+        timeline.name_thread(pid, vcpu, f"vCPU {vcpu}", sort_index=vcpu)
+    if isinstance(machine, Domain):
+        machine.timeline = timeline
+
+
+def _record_phases(timeline: Timeline, machine: Machine, result: WorkloadResult) -> None:
+    """One span per phase of the workload, with what it cost."""
+    from pvemu.shared.timeline import GUEST_TID, PHASE
+
+    pid = _pid(machine)
+    for name, phase in result.phases.items():
+        args = {**phase.counts, "guest_traps": phase.guest_traps}
+        timeline.complete(name, PHASE, pid, GUEST_TID, phase.started_ns, phase.ended_ns, args)
 
 
 def _guest_failure(

@@ -8,17 +8,23 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from pvemu.scripts.argtypes import positive_float, positive_int
+from pvemu.scripts.argtypes import output_file, positive_float, positive_int
 
 if TYPE_CHECKING:
     from pvemu.hypervisor.server import ServerLimits
+    from pvemu.shared.timeline import Timeline
 
 DEFAULT_SOCKET = "/tmp/pvemu.sock"
 
 EPILOG = """\
 The process prints one line 'pvemu-hypervisor ready socket=PATH pid=PID' on
-stdout once it accepts connections; logs go to stderr. SIGINT or SIGTERM
-destroys every domain, removes the socket file and exits 0.
+stdout once it accepts connections. The console is quiet otherwise: only
+warnings and errors reach stderr. The record of what happened in time is
+--timeline FILE (every trap as a span per domain and vCPU, for ui.perfetto.dev
+or chrome://tracing; see docs/timeline.md) and --log-file FILE (one JSON line
+per hypercall, domain and vCPU event). Both files are complete once the
+hypervisor exits. SIGINT or SIGTERM destroys every domain, writes the
+timeline, removes the socket file and exits 0.
 
 Limits bound what any guest can make the hypervisor hold or do; going over one
 is answered with a typed error and never affects other domains (see
@@ -26,8 +32,9 @@ docs/robustness.md). The process makes itself non-dumpable so that other
 processes of the same user cannot open its descriptors (every domain's
 memory) through /proc, and raises its open-file limit to the hard limit.
 
-example:
+examples:
   pvemu hypervisor --socket /tmp/hv.sock --memory-mib 512 --quantum 64
+  pvemu hypervisor --timeline hv-trace.json --log-file hv.log
 """
 
 
@@ -143,28 +150,68 @@ def _add_scheduling_options(parser: argparse.ArgumentParser, defaults: ServerLim
 
 
 def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """Where the record of what happened goes: the console stays quiet."""
+    parser.add_argument(
+        "--timeline",
+        metavar="FILE",
+        type=output_file,
+        help="record every trap and page fault as Chrome trace-event JSON, written on exit "
+        "(open it in ui.perfetto.dev or chrome://tracing)",
+    )
+    parser.add_argument(
+        "--log-file",
+        metavar="FILE",
+        type=output_file,
+        help="write every log line there (one per hypercall at level info); the console "
+        "then gets warnings and errors only",
+    )
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
         default=None,
-        help="log renderer (default: console on a terminal, json otherwise)",
+        help="log renderer (default: json in a log file or off a terminal, console otherwise)",
     )
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning"),
-        default="info",
-        help="'info' logs one line per hypercall; 'warning' only problems (default info)",
+        default=None,
+        help="'info' logs one line per hypercall; 'warning' only problems "
+        "(default: info with --log-file, warning otherwise)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pvemu.shared.logs import configure_logging
+    from pvemu.shared.timeline import Timeline
+
+    with contextlib.ExitStack() as files:
+        try:
+            log_file = None
+            if args.log_file:
+                log_file = files.enter_context(open(args.log_file, "w", buffering=1))
+            if args.timeline:
+                open(args.timeline, "w").close()  # fail now, not after the run
+        except OSError as exc:
+            print(f"pvemu hypervisor: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 1
+        level = args.log_level or ("info" if log_file else "warning")
+        configure_logging(args.log_format or "auto", level, file=log_file)
+        timeline = Timeline() if args.timeline else None
+        try:
+            return _serve(args, timeline)
+        finally:
+            if timeline is not None:
+                timeline.write(args.timeline)
+
+
+def _serve(args: argparse.Namespace, timeline: Timeline | None) -> int:
     import trio
 
     from pvemu.hypervisor import Hypervisor
     from pvemu.hypervisor.server import ServerError, ServerLimits, run_server
-    from pvemu.shared.logs import configure_logging
 
-    configure_logging(args.log_format or "auto", args.log_level)
     harden_process()
     limits = ServerLimits(
         quantum=args.quantum,
@@ -182,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     ready = f"pvemu-hypervisor ready socket={args.socket} pid={os.getpid()}"
     try:
-        trio.run(lambda: run_server(args.socket, hv, limits, ready_line=(ready,)))
+        trio.run(
+            lambda: run_server(args.socket, hv, limits, ready_line=(ready,), timeline=timeline)
+        )
     except ServerError as exc:
         print(f"pvemu hypervisor: {exc}", file=sys.stderr)
         return 1

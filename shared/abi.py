@@ -2,7 +2,7 @@
 
 Every number the emulator speaks comes from here so that a trace of pvemu can be
 read against Xen's public headers (xen.h, errno.h, features.h). Values follow
-``../shared/reference/xen-pv-mmu.md`` §1-§5.
+those headers (docs/sources.md §5-§6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Trap counts, one definition for every layer.
 
-A trap is every guest -> hypervisor transition (DESIGN §4): each top-level
+A trap is every guest -> hypervisor transition (docs/sources.md §1): each top-level
 hypercall (a multicall is one, whatever it carries), each emulated page-table
 write and each page fault reflected to the guest. :func:`trap_count` is that
 formula; the hypervisor's per-vCPU counters and the guest's own count both

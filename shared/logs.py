@@ -2,7 +2,9 @@
 
 Console rendering on a terminal, one JSON object per line otherwise (or when
 asked with ``--log-format json``), with contextvars merged first so that a
-connection's bound ``domid``/``vcpu`` reach every line it logs.
+connection's bound ``domid``/``vcpu`` reach every line it logs. With a log
+file, every line goes there and only warnings and errors also reach the
+console, so a busy hypervisor's terminal stays readable.
 """
 
 from __future__ import annotations
@@ -30,15 +32,39 @@ def enabled(level: int) -> bool:
     return level >= _min_level
 
 
+class _TeeLogger:
+    """Every line to the log file; warnings and worse to the console too."""
+
+    def __init__(self, file: TextIO, console: TextIO) -> None:
+        self._file = file
+        self._console = console
+
+    def msg(self, message: str) -> None:
+        self._file.write(message + "\n")
+
+    def loud(self, message: str) -> None:
+        self.msg(message)
+        print(message, file=self._console, flush=True)
+
+    debug = info = msg
+    warning = warn = error = critical = exception = fatal = loud
+
+
 def configure_logging(
-    log_format: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+    log_format: LogFormat = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    file: TextIO | None = None,
 ) -> None:
-    """Configure structlog for this process (logs go to stderr by default)."""
+    """Configure structlog for this process: logs go to stderr by default;
+    with ``file``, there (JSON unless ``log_format`` says otherwise), and
+    warnings and errors to the console as well."""
     global _min_level
     _min_level = LEVELS[level]
     out = stream or sys.stderr
     if log_format == "auto":
-        log_format = "console" if out.isatty() else "json"
+        log_format = "console" if file is None and out.isatty() else "json"
     renderer: structlog.types.Processor
     if log_format == "console":
         renderer = structlog.dev.ConsoleRenderer()
@@ -53,6 +79,10 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=(
+            structlog.PrintLoggerFactory(out)
+            if file is None
+            else (lambda *_args: _TeeLogger(file, out))
+        ),
         cache_logger_on_first_use=False,
     )

@@ -7,7 +7,7 @@ It is pure and sans-I/O; memory is anything that satisfies :class:`PhysMemory`.
 
 Only user-mode accesses are modelled (a 64-bit PV kernel runs in ring 3 too), so
 every page-fault error code carries ``PF_USER``. Large pages are not modelled:
-Xen rejects PSE in PV L2/L3 entries (reference §6.5), so a walk always has four
+Xen rejects PSE in PV L2/L3 entries (docs/sources.md §7), so a walk always has four
 levels. The TLB follows real hardware where the race matters: a write through a
 cached, already-dirty translation does not look at the PTE, which is exactly how
 a missing TLB flush becomes a lost protection change (:class:`StaleTlbWrite`).

@@ -1,4 +1,4 @@
-"""The race oracles (DESIGN §7.2-§7.3), kept by whoever owns the page tables.
+"""The race oracles (docs/sources.md §3), kept by whoever owns the page tables.
 
 * **Lost Dirty bits.** The hardware model reports every D bit it sets. pvemu's
   kernel cleans D only through a trapped ``ptep_get_and_clear`` (an xchg that

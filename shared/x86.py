@@ -2,7 +2,7 @@
 
 Pure functions on ints, shared by the hypervisor (which validates entries), the
 hardware model (which walks them) and the guest (which builds them). Bit
-positions follow ``../shared/reference/xen-pv-mmu.md`` §0.
+positions follow docs/sources.md §5.
 """
 
 from __future__ import annotations

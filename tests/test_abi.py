@@ -1,4 +1,5 @@
-"""Every number in ``shared.abi`` pinned against reference/xen-pv-mmu.md §0.3-§8.
+"""Every number in ``shared.abi`` pinned against Xen's headers (docs/sources.md §5-§6;
+the §N.M below number the sections of the Xen PV MMU notes they came from).
 
 The expected values below are transcribed from the reference, not from abi.py,
 so a typo on either side shows up as a failure.

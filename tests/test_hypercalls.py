@@ -1,4 +1,4 @@
-"""mmuext_op, multicall, update_va_mapping, vm_assist and ptwr (reference §3-§5, §7)."""
+"""mmuext_op, multicall, update_va_mapping, vm_assist and ptwr (docs/sources.md §6, §8)."""
 
 from __future__ import annotations
 
@@ -330,7 +330,7 @@ def test_otherdomain_self_is_update_va_mapping(guest: Guest) -> None:
 
 @pytest.mark.parametrize("which", ["unknown", "own_numeric", "destroyed"])
 def test_otherdomain_bad_domid_is_esrch(guest: Guest, which: str) -> None:
-    """get_pg_owner fails -> -ESRCH before anything else (reference §6.7),
+    """get_pg_owner fails -> -ESRCH before anything else (docs/sources.md §6),
     even with an address Xen would refuse later (-EINVAL)."""
     if which == "destroyed":
         gone = boot(guest.hv)

@@ -1,4 +1,4 @@
-"""Exact trap counts of the canonical workload in every mode (DESIGN §5, §7.4).
+"""Exact trap counts of the canonical workload in every mode (docs/sources.md §2, §3).
 
 For one mprotect over N pages starting 2 MiB-aligned, the region spans PTE
 pages of sizes k_1..k_m (512 each, the last one the rest). With F the TLB

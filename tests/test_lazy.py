@@ -1,6 +1,6 @@
 """Tests for guest/multicall.py and guest/lazy.py: Linux's multicall buffer,
-whole-page batching and the lazy-MMU rules (reference linux-lazy-mmu.md §2,
-§3.5)."""
+whole-page batching and the lazy-MMU rules (docs/sources.md §9,
+§10)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ INVLPG = abi.MMUEXT_INVLPG_LOCAL
 TLB_FLUSH = abi.MMUEXT_TLB_FLUSH_LOCAL
 PTE_RW = 0x67  # P | RW | U | A | D
 PTE_RO = 0x65
-#: Linux's single-page flush ceiling (reference §1.2).
+#: Linux's single-page flush ceiling (docs/sources.md §9).
 FLUSH_CEILING = 33
 
 Call = tuple[object, ...]
@@ -200,7 +200,7 @@ def test_full_flush_happens_on_the_32nd_record() -> None:
 
 @pytest.mark.parametrize("n", [1, 10, 33, 34, 512])
 def test_xen_mode_trap_formula_with_linux_tlb_flush(n: int) -> None:
-    """DESIGN §5: xen costs ceil(N/31) + F, F = N if N <= 33 else 1."""
+    """docs/sources.md §2: xen costs ceil(N/31) + F, F = N if N <= 33 else 1."""
     rec = Recorder()
     lazy = lazy_for_mode("xen", rec)
     mprotect_page(lazy, 9, n)
@@ -682,7 +682,7 @@ def test_callback_limit_reason() -> None:
     assert [b.reason for b in rec.batches] == [FLUSH_FULL_CALLBACKS]
 
 
-# --- lazy-MMU rules (§3.5) --------------------------------------------------------------
+# --- lazy-MMU rules (docs/sources.md §10) -----------------------------------------------------
 
 
 def test_legal_sequence_does_not_raise() -> None:

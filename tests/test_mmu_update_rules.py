@@ -1,4 +1,4 @@
-"""One test per mmu_update rule of reference §2 and §6.7, with Xen's errno.
+"""One test per mmu_update rule of docs/sources.md §6-§7, with Xen's errno.
 
 Each refusal is checked three ways: the errno, that the target entry is
 bit-identical afterwards, and that ``done`` equals the failing index (requests

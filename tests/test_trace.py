@@ -621,7 +621,7 @@ async def test_bad_arguments() -> None:
         await replay_trace(kernel, trace_of(), touch_limit=-1)
 
 
-# --- exact counts: the replay costs what DESIGN §5 says --------------------------------------
+# --- exact counts: the replay costs what docs/sources.md §2 says ------------------------------
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("trap", 2 * 64 + 1), ("xen", 3 + 1)])

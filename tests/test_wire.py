@@ -257,7 +257,7 @@ def test_decoded_forms_are_typed_and_cheap() -> None:
 
 def test_pt_owner_foreigndom_and_otherdomain_decode_typed() -> None:
     """What a raw client sends: a foreigndom with the page-table owner in bits
-    16-31 (reference §2.1) and hypercall 22 arrive typed and intact, at top
+    16-31 (docs/sources.md §6) and hypercall 22 arrive typed and intact, at top
     level and inside a multicall."""
     server = ready_server()
     pfd = (7 + 1) << 16 | abi.DOMID_SELF
@@ -572,7 +572,7 @@ def test_field_limits() -> None:
     ok(Hypercall(1, 1, MmuUpdateArgs(b"")))
     local_error("too_large", MmuUpdateArgs, b"\0" * 16 * (wire.MAX_MMU_UPDATES + 1))
     local_error("bad_type", MmuUpdateArgs, b"\0" * 24)
-    # foreigndom is Xen's unsigned int: FD | (PFD + 1) << 16 (reference §2.1)
+    # foreigndom is Xen's unsigned int: FD | (PFD + 1) << 16 (docs/sources.md §6)
     pfd = (3 + 1) << 16 | abi.DOMID_SELF
     assert codec_round_trip(Hypercall(1, 1, MmuUpdateArgs(b"", pfd))).args == MmuUpdateArgs(
         b"", pfd

@@ -1,4 +1,4 @@
-"""x86-64 paging arithmetic in ``shared.x86`` (reference/xen-pv-mmu.md §0)."""
+"""x86-64 paging arithmetic in ``shared.x86`` (docs/sources.md §5)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ flag_bits = st.integers(min_value=0, max_value=MAX_U64).map(lambda v: v & PTE_FL
 u64 = st.integers(min_value=0, max_value=MAX_U64)
 
 
-# --- constants pinned against reference §0 -------------------------------------
+# --- constants pinned against docs/sources.md §5 ----------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ class MmuUpdateArgs(_Args):
     ``MAX_MMU_UPDATES`` records; ``count`` is implied by its length.
     ``foreigndom`` is Xen's ``unsigned int``, so u32: bits 0-15 name the owner
     of the data frames (FD), bits 16-31 the page-table owner plus one (PFD + 1,
-    0 = self), reference §2.1.
+    0 = self), docs/sources.md §6.
     """
 
     OP: ClassVar[int] = HYPERVISOR_mmu_update

@@ -1,6 +1,7 @@
 """Hostile guests against a real hypervisor process (issue "Robustness" §1).
 
-Every rejection rule of ``../shared/reference/xen-pv-mmu.md`` §6.7 that a
+Every rejection rule of Xen's (docs/sources.md §6-§8; the labels' §N.M number the
+sections of the Xen PV MMU notes the rules were taken from) that a
 64-bit PV domU without grants, I/O memory or linear page tables can reach is
 sent through the raw client over the real socket, on every path that can carry
 it. Then the memfd a guest receives is attacked, and the protocol abused.

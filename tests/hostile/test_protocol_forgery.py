@@ -274,7 +274,7 @@ async def test_reused_request_ids_are_each_answered(hvp: HypervisorProcess) -> N
 
 async def test_forged_pt_owner_field_changes_nothing(hvp: HypervisorProcess) -> None:
     """An mmu_update whose foreigndom names the victim as page-table owner
-    (PFD, reference §2.1), or as data-frame owner, travels over the raw wire
+    (PFD, docs/sources.md §6), or as data-frame owner, travels over the raw wire
     as the u32 it is and is refused by XSM (-EPERM, nothing done); the
     victim's entry stays."""
     async with scene(hvp) as s, raw(hvp.socket_path) as conn:
