@@ -42,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs (default 2)")
     parser.add_argument("--memory-mib", type=positive_int, default=None, help="guest memory")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    # pvemu run's progress bar: one line per workload step on this fd.
+    parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     race = parser.add_argument_group("race workload (see pvemu race)")
     race.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")
     race.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles")
@@ -90,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         print("pvemu guest: --mc-* options apply to mode xen only", file=sys.stderr)
         return 2
 
+    from pvemu.scripts.progress import phase_reporter
+
+    on_step = phase_reporter(args.progress_fd)
     race = args.workload == "race"
     vcpus = max(args.vcpus, args.writers + 2) if race else args.vcpus
 
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
                 result = await run_trace_workload(kernel, args.workload[len("trace:") :])
             else:
-                result = await run_mprotect_workload(kernel, args.pages)
+                result = await run_mprotect_workload(kernel, args.pages, on_step=on_step)
         return result.as_dict()
 
     try:

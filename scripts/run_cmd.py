@@ -10,13 +10,19 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES, UNSAFE_MODES
 from pvemu.scripts.argtypes import mode_list, positive_int
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.scripts.report import add_format_options, output_format
+
+if TYPE_CHECKING:
+    from pvemu.scripts.progress import Progress
 
 DEFAULT_MODES = SAFE_MODES
+#: Progress steps of one mode: boot, the three phases, the read-back check.
+STEPS: Final = ("boot", "populate", "protect_ro", "protect_rw", "check")
 
 EPILOG = f"""\
 Each mode runs the canonical workload (populate, mprotect RO, mprotect RW) in
@@ -28,9 +34,16 @@ audit() was clean; the exit status is 1 if any run was not valid.
 
 modes: {", ".join(MODE_NAMES)} (naive is UNSAFE: it loses A/D bits by design)
 
+Under the table, a headline sentence compares the two mprotect phases of
+the safe mode with the fewest traps against 'trap' (when it ran). On a narrow
+terminal the table is stacked in parts that fit; --wide prints it in one.
+--json (with a metadata block: version, host, CPU, time, commit; 'pvemu
+bench compare --baseline' reads it), --csv and --markdown export it.
+
 examples:
   pvemu run
   pvemu run --pages 512 --modes xen,batched --json | jq .results[].phases
+  pvemu run --csv > run.csv
 """
 
 
@@ -48,17 +61,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs per guest (default 2)")
     parser.add_argument("--socket", metavar="PATH", help="hypervisor socket (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_format_options(parser)
 
 
-def _run_guest(mode: str, socket_path: str, pages: int, vcpus: int) -> dict[str, Any]:
+def _run_guest(
+    mode: str, socket_path: str, pages: int, vcpus: int, progress: Progress, label: str
+) -> dict[str, Any]:
+    """One guest process; its phase reports move ``progress`` (five steps)."""
+    from pvemu.scripts.progress import ProgressPipe
+
+    steps = [0]
+
+    def on_step(step: str) -> None:
+        steps[0] += 1
+        progress.update(advance=1, description=f"{label}: {step}")
+
+    pipe = ProgressPipe(on_step)
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--pages", str(pages)]
-    cmd += ["--vcpus", str(vcpus), "--json"]
+    cmd += ["--vcpus", str(vcpus), "--json", "--progress-fd", str(pipe.fd)]
     if mode != "native":
         cmd += ["--socket", socket_path]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 3) or not done.stdout.strip():
-        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(pipe.fd,)
+        )
+        pipe.spawned()
+        stdout, stderr = proc.communicate()
+    finally:
+        pipe.close()
+    progress.update(advance=max(0, len(STEPS) - steps[0]))
+    if proc.returncode not in (0, 3) or not stdout.strip():
+        error = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return {
             "mode": mode,
             "unsafe": mode in UNSAFE_MODES,
@@ -67,17 +100,16 @@ def _run_guest(mode: str, socket_path: str, pages: int, vcpus: int) -> dict[str,
             "audit_clean": False,
             "phases": {},
         }
-    result: dict[str, Any] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(stdout)
     return result
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-
     from pvemu.scripts.guest_cmd import memory_for
+    from pvemu.scripts.progress import Progress
 
     pages: int = args.pages
+    fmt = output_format(args)
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes)
     memory = memory_for(pages) * 2 + 64
@@ -85,24 +117,28 @@ def run(args: argparse.Namespace) -> int:
         with (
             tempfile.TemporaryDirectory(prefix="pvemu-run-", dir="/tmp") as tmp,
             maybe_hypervisor(needs_hypervisor, Path(tmp), memory, socket_path=args.socket) as hv,
-            Progress(console=Console(stderr=True), transient=True) as progress,
+            Progress("pvemu run", len(args.modes) * len(STEPS)) as progress,
         ):
             socket_path = hv.socket_path if hv is not None else ""
-            task = progress.add_task("running", total=len(args.modes))
-            for mode in args.modes:
-                progress.update(task, description=f"mode {mode}")
-                results.append(_run_guest(mode, socket_path, pages, args.vcpus))
-                progress.advance(task)
+            for n, mode in enumerate(args.modes):
+                label = f"mode {mode} ({n + 1}/{len(args.modes)})"
+                progress.update(description=f"{label}: boot")
+                results.append(_run_guest(mode, socket_path, pages, args.vcpus, progress, label))
     except HypervisorStartError as exc:
         print(f"pvemu run: {exc}", file=sys.stderr)
         return 1
     valid = all(r["counts_agree"] and r["audit_clean"] for r in results)
-    if args.json:
-        print(json.dumps({"schema": 1, "pages": pages, "results": results}))
+    if fmt == "json":
+        from pvemu.scripts.bench.documents import RUN_CMD_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        config = {"pages": pages, "modes": list(args.modes), "vcpus": args.vcpus}
+        body = {"pages": pages, "valid": valid, "results": results}
+        print(json.dumps(document(RUN_CMD_SCHEMA, config, body)))
     else:
         from pvemu.scripts.report import print_table
 
-        print_table(pages, results)
+        print_table(pages, results, fmt, wide=args.wide)
         if not valid:
-            print("some runs were NOT valid (see the 'valid' column)", file=sys.stderr)
+            print("some runs were NOT valid (see the 'ok' column)", file=sys.stderr)
     return 0 if valid else 1
