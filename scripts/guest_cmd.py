@@ -134,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"pvemu guest: {failure}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result))
+        from pvemu.scripts.bench.documents import GUEST_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        config = {k: v for k, v in vars(args).items() if k not in ("run", "progress_fd")}
+        print(json.dumps(document(GUEST_SCHEMA, config, result)))
     elif race:
         print(json.dumps(result, indent=2))
         return 0

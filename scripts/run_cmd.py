@@ -100,8 +100,9 @@ def _run_guest(
             "audit_clean": False,
             "phases": {},
         }
-    result: dict[str, Any] = json.loads(stdout)
-    return result
+    from pvemu.scripts.bench.provenance import without_metadata
+
+    return without_metadata(json.loads(stdout))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -137,3 +137,9 @@ def document(schema: str, config: dict[str, Any], body: dict[str, Any]) -> dict[
     metadata block of :func:`run_block` (the same as ``pvemu bench --json``)
     with ``config`` (the command's options), then the command's own keys."""
     return {"schema": schema, "run": run_block(new_run(config, [])), **body}
+
+
+def without_metadata(doc: dict[str, Any]) -> dict[str, Any]:
+    """A child's ``pvemu guest --json`` document as a parent's result: its
+    schema and metadata block dropped (the parent's document carries one)."""
+    return {k: v for k, v in doc.items() if k not in ("schema", "run")}

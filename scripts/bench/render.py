@@ -398,11 +398,11 @@ def runs_tabular(runs: Sequence[dict[str, Any]]) -> Tabular:
         )
     if runs:
         tab.headline = (
-            f"{len(runs)} run(s); compare two with: pvemu bench compare "
+            f"headline: {len(runs)} run(s); compare two with: pvemu bench compare "
             f"--baseline RUN --against RUN (a run id, a tag or 'latest')"
         )
     else:
-        tab.headline = "no stored runs yet: run 'pvemu bench'"
+        tab.headline = "headline: no stored runs yet: run 'pvemu bench'"
     return tab
 
 
