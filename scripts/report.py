@@ -131,7 +131,13 @@ class Tabular:
         tables = []
         widths = self.widths()
         for n, columns in enumerate(parts):
-            title = self.title if len(parts) == 1 else f"{self.title} ({n + 1}/{len(parts)})"
+            title = self.title
+            if len(parts) > 1:  # later parts: a short title that fits their width
+                title = (
+                    f"{title} ({n + 1}/{len(parts)})"
+                    if n == 0
+                    else f"continued ({n + 1}/{len(parts)})"
+                )
             table = Table(title=title)
             for i in columns:
                 name = self.header[i]

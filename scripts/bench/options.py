@@ -217,8 +217,7 @@ def add_plot_options(plot: argparse.ArgumentParser) -> None:
     )
     plot.add_argument(
         "--out",
-        type=Path,
-        default=DEFAULT_PLOTS,
+        default=str(DEFAULT_PLOTS),
         metavar="DIR",
         help=f"output directory (default {DEFAULT_PLOTS})",
     )

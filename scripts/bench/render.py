@@ -281,9 +281,7 @@ def summary_lines(cmp: Comparison) -> list[str]:
             "(pvemu bench compare --update-baseline)"
         )
     if not cmp.changes and not cmp.invalid:
-        lines.append(
-            f"every count of the {cmp.compared} compared point(s) is exactly the baseline's"
-        )
+        lines.append("every count is exactly the baseline's")
     lines += [f"MISSING (baseline point not measured): {key}" for key in cmp.missing]
     if cmp.new_points:
         lines.append(f"{len(cmp.new_points)} point(s) not in the baseline (not gated)")
@@ -334,7 +332,7 @@ def print_comparison(cmp: Comparison, fmt: str, *, wide: bool = False) -> None:
         )
     console = wide_console(PIPE_WIDTH)
     for line in summary:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # --- stored runs -----------------------------------------------------------------
