@@ -29,7 +29,7 @@ from pvemu.scripts.report import Tabular, add_format_options, output_format, pri
 from pvemu.scripts.results import percentile
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
+    from pvemu.scripts.progress import Progress
 
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
@@ -223,16 +223,11 @@ class MemorySampler:
 
 
 def _progress(args: argparse.Namespace) -> Progress:
-    """A spinner on a terminal's stderr; none with --json or in a pipe."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    """Four steps (boot, probe, big batch, stop) on stderr: a bar with an ETA
+    on a terminal, a plain line every few seconds in a log."""
+    from pvemu.scripts.progress import Progress
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        transient=True,
-        disable=args.json or not sys.stderr.isatty(),
-    )
+    return Progress("pvemu load", 4)
 
 
 async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> dict[str, Any]:
@@ -280,21 +275,21 @@ async def _drive_phases(args: argparse.Namespace, workers: list[Worker]) -> None
     by_name = {w.name: w for w in workers}
     probe, big = by_name["probe"], by_name["bigbatch"]
     with _progress(args) as progress:
-        task = progress.add_task(f"booting {len(workers)} guests", total=None)
+        progress.update(description=f"booting {len(workers)} guests")
         await _wait_for(
             lambda: all(w.event("ready") for w in workers),
             workers,
             600,
             "the guests to boot",
         )
-        progress.update(task, description=f"probing under load ({args.baseline:g} s)")
+        progress.update(advance=1, description=f"probing under load ({args.baseline:g} s)")
         await probe.tell("go")
         await trio.sleep(args.baseline)
-        progress.update(task, description=f"big batch of {args.records:,} records")
+        progress.update(advance=1, description=f"big batch of {args.records:,} records")
         await big.tell("go")
         await _wait_for(lambda: big.event("result") is not None, workers, 900, "the batch")
         await trio.sleep(min(1.0, args.baseline))
-        progress.update(task, description="stopping guests")
+        progress.update(advance=1, description="stopping guests")
         for worker in workers:
             await worker.tell("stop")
         await _wait_for(

@@ -111,6 +111,9 @@ class Tabular:
     def display_rows(self, columns: Sequence[int]) -> list[tuple[list[str], bool]]:
         """(cells, ends a section) of the chosen columns, repeats blanked."""
         blank = {i for i, h in enumerate(self.header) if h in self.blank_repeats}
+        # Rules between sections only when a section has several rows (a
+        # table of one row per mode needs none).
+        grouped = any(a[0] == b[0] for a, b in zip(self.rows, self.rows[1:], strict=False))
         out: list[tuple[list[str], bool]] = []
         for n, row in enumerate(self.rows):
             previous = self.rows[n - 1] if n else None
@@ -120,7 +123,7 @@ class Tabular:
                 for i in columns
             ]
             following = self.rows[n + 1] if n + 1 < len(self.rows) else None
-            out.append((cells, following is not None and following[0] != row[0]))
+            out.append((cells, grouped and following is not None and following[0] != row[0]))
         return out
 
     def rich_tables(self, width: int, *, wide: bool) -> list[Any]:
@@ -294,7 +297,7 @@ def headline(entries: Sequence[Entry], what: str) -> str:
     if base is best:
         return (
             f"headline: {best.label}: {best.traps:,} traps for {what}; "
-            "nothing to compare with (add --modes trap,batched)"
+            "nothing to compare with (pvemu run --modes trap,batched compares)"
         )
     against = (
         "trap" if trap is not None else f"{base.label} (the most traps here; trap did not run)"

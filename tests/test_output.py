@@ -353,3 +353,13 @@ def test_plain_progress_line_has_an_eta() -> None:
     assert lines, "no plain progress line without a terminal"
     assert lines[-1].startswith("pvemu test:  50% half")
     assert "left" in lines[-1]
+
+
+def test_sections_are_ruled_only_when_a_key_has_several_rows() -> None:
+    one_row_each = Tabular("t", ["mode", "x"], [["a", "1"], ["b", "2"]], keys=1)
+    assert not any(end for _, end in one_row_each.display_rows([0, 1]))
+    grouped = Tabular(
+        "t", ["mode", "phase", "x"], [["a", "p", "1"], ["a", "q", "2"], ["b", "p", "3"]]
+    )
+    assert [end for _, end in grouped.display_rows([0, 1, 2])] == [False, True, False]
+    assert [cells[0] for cells, _ in grouped.display_rows([0, 1, 2])] == ["a", "a", "b"]
