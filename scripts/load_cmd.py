@@ -423,7 +423,24 @@ def report_tabular(doc: dict[str, Any]) -> Tabular:
     )
     tab.rows.append(["audit", "clean" if not doc["audit"] else f"{len(doc['audit'])} problems"])
     tab.notes = [*doc["failed"], *doc["audit"]]
+    tab.csv_header = ["measure", "value"]
+    tab.csv_rows = [[name, value] for name, value in flat_measures(doc)]
     return tab
+
+
+def flat_measures(doc: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """The report's figures as (dotted JSON path, raw value) rows, for CSV:
+    ``probe.during_big_batch.p99_ms``, ``load.records_per_s`` ..."""
+    if isinstance(doc, dict):
+        return [
+            row
+            for key, value in doc.items()
+            if key != "schema"
+            for row in flat_measures(value, f"{prefix}{key}.")
+        ]
+    if isinstance(doc, list):
+        return [(prefix.rstrip("."), ";".join(str(v) for v in doc))]
+    return [(prefix.rstrip("."), "" if doc is None else str(doc))]
 
 
 def print_report(doc: dict[str, Any], fmt: str = "table", *, wide: bool = False) -> None:

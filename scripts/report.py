@@ -70,6 +70,8 @@ class Tabular:
     blank_repeats: frozenset[str] = frozenset()
     #: Non-key columns in the order a narrow layout fills its first part.
     priority: tuple[str, ...] = ()
+    #: Rows for CSV when the displayed cells are formatted for people (else :attr:`rows`).
+    csv_rows: list[list[str]] = field(default_factory=list)
     #: The sentence after the table: what the numbers say.
     headline: str = ""
     #: Lines after the headline (footnotes).
@@ -161,7 +163,7 @@ class Tabular:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(self.csv_header or self.header)
-        writer.writerows(self.rows)
+        writer.writerows(self.csv_rows or self.rows)
         return buffer.getvalue()
 
     def markdown_text(self) -> str:

@@ -363,3 +363,56 @@ def test_sections_are_ruled_only_when_a_key_has_several_rows() -> None:
     )
     assert [end for _, end in grouped.display_rows([0, 1, 2])] == [False, True, False]
     assert [cells[0] for cells, _ in grouped.display_rows([0, 1, 2])] == ["a", "a", "b"]
+
+
+def test_bench_table_fits_80_columns_with_every_label_whole(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pvemu.scripts import costmodel
+    from pvemu.scripts.bench.render import print_run
+
+    monkeypatch.setenv("COLUMNS", "80")
+    run = plot_run()
+    print_run(run, costmodel.DEFAULT, "table")
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert "…" not in out
+    text = " ".join(out.split())
+    for label in ("xen 4096 mc_bytes=128", "trap 64", "native 600", "ptwr 64"):
+        assert label in text, label
+    for header in ("traps", "median ms", "p10-p90 ms", "est. real µs*", "flush", "records"):
+        assert header in text, header
+    assert "headline: batched 4096:" in out
+    monkeypatch.setenv("COLUMNS", "300")
+    print_run(run, costmodel.DEFAULT, "table")
+    assert "(1/" not in capsys.readouterr().out  # wide enough: one table
+
+
+def test_load_csv_rows_are_raw_figures() -> None:
+    from pvemu.scripts.load_cmd import flat_measures, report_tabular
+
+    latency = {"n": 3, "median_ms": 1.2, "p99_ms": 2.5, "max_ms": 2.5, "slowest_ms": [1.0, 2.5]}
+    doc = {
+        "schema": 1,
+        "config": {"guests": 2, "pages": 64, "mode": "xen", "records": 20000, "quantum": 32}
+        | {"scheduler": "fair"},
+        "load": {"mprotects": 10, "records": 1000, "records_per_s": 7848},
+        "big_batch": {"rc": 0, "done": 20000, "seconds": 0.1, "records_per_s": 200000},
+        "probe": {"without_big_batch": latency, "during_big_batch": latency},
+        "p99_goal_ms": 2.0,
+        "p99_goal_met": False,
+        "hypervisor_memory_kib": {"rss_before_guests": 1024, "peak_rss": 2048, "hwm": 2048},
+        "audit": [],
+        "failed": [],
+        "ok": True,
+    }
+    rows = dict(csv.reader(io.StringIO(report_tabular(doc).csv_text())))
+    assert rows["load.records_per_s"] == "7848"
+    assert rows["probe.during_big_batch.p99_ms"] == "2.5"
+    assert rows["probe.during_big_batch.slowest_ms"] == "1.0;2.5"
+    assert "schema" not in dict(flat_measures(doc))
+    tab = report_tabular(doc)
+    assert tab.headline == (
+        "headline: 2 guests sustained 7,848 records/s; the probe's p99 during the "
+        "20,000-record batch was 2.5 ms (goal <= 2.0 ms: NOT met)"
+    )
