@@ -12,14 +12,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pvemu.scripts.report import Tabular
+from typing import Any
 
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
-from pvemu.scripts.report import add_format_options, output_format
+from pvemu.scripts.report import Tabular, add_format_options, output_format
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
 
@@ -284,7 +281,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def replay_tabular(name: str, results: list[dict[str, Any]]) -> Tabular:
     """The replay table: one row per mode and phase that cost anything."""
-    from pvemu.scripts.report import HEADERS, Tabular, headline, mode_entries
+    from pvemu.scripts.report import HEADERS, headline, mode_entries
     from pvemu.shared.counts import PHASE_FIELDS
 
     tab = Tabular(

@@ -416,3 +416,24 @@ def test_load_csv_rows_are_raw_figures() -> None:
         "headline: 2 guests sustained 7,848 records/s; the probe's p99 during the "
         "20,000-record batch was 2.5 ms (goal <= 2.0 ms: NOT met)"
     )
+
+
+def test_trace_replay_and_failed_modes_read_as_points() -> None:
+    phases = {"mmap": {"traps": 3, "hypercalls": 3, "wall_s": 0.01}}
+    doc = {
+        "schema": documents.TRACE_REPLAY_SCHEMA,
+        "run": {"created_utc": "2026-01-02T03:04:05Z", "host": "h"},
+        "file": "benchmarks/traces/x.json",
+        "results": [
+            {"mode": "xen", "counts_agree": True, "audit_clean": True, "phases": phases},
+            {"mode": "trap", "error": "boom", "counts_agree": False, "audit_clean": False},
+        ],
+    }
+    run = documents.run_from_json(doc, origin="replay.json")
+    xen, trap = run.points
+    assert xen.key == "trace:benchmarks/traces/x.json xen pages=0"
+    assert xen.counts == {"mmap": {"traps": 3, "hypercalls": 3}}
+    assert xen.samples == {"mmap": [0.01]}
+    assert xen.valid
+    assert not trap.valid
+    assert "boom" in trap.reason
