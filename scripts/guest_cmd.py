@@ -9,6 +9,7 @@ import sys
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts.argtypes import positive_int
+from pvemu.scripts.report import add_format_options, output_format
 
 EPILOG = """\
 modes: native (bare metal, no hypervisor), trap (unbatched traps), ptwr
@@ -41,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs (default 2)")
     parser.add_argument("--memory-mib", type=positive_int, default=None, help="guest memory")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_format_options(parser)
     # pvemu run's progress bar: one line per workload step on this fd.
     parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     race = parser.add_argument_group("race workload (see pvemu race)")
@@ -133,11 +134,16 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"pvemu guest: {failure}", file=sys.stderr)
         return 1
-    if args.json:
+    fmt = output_format(args)
+    if fmt == "json":
         from pvemu.scripts.bench.documents import GUEST_SCHEMA
         from pvemu.scripts.bench.provenance import document
 
-        config = {k: v for k, v in vars(args).items() if k not in ("run", "progress_fd")}
+        config = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("run", "progress_fd", "json", "csv", "markdown", "wide")
+        }
         print(json.dumps(document(GUEST_SCHEMA, config, result)))
     elif race:
         print(json.dumps(result, indent=2))
@@ -145,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from pvemu.scripts.report import print_table
 
-        print_table(args.pages, [result])
-        if args.mode in UNSAFE_MODES:
+        print_table(args.pages, [result], fmt, wide=args.wide)
+        if args.mode in UNSAFE_MODES and fmt == "table":
             print(f"note: mode {args.mode} is UNSAFE (loses A/D bits)")
     return 0 if result["counts_agree"] and result["audit_clean"] else 3
 

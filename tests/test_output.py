@@ -437,3 +437,15 @@ def test_trace_replay_and_failed_modes_read_as_points() -> None:
     assert xen.valid
     assert not trap.valid
     assert "boom" in trap.reason
+
+
+def test_guest_csv_and_markdown() -> None:
+    done = pvemu("guest", "--mode", "native", "--pages", "8", "--csv")
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [r["phase"] for r in rows] == list(PHASES)
+    assert {r["traps"] for r in rows} == {"0"}
+    md = pvemu("guest", "--mode", "native", "--pages", "8", "--markdown")
+    assert md.returncode == 0, md.stderr
+    assert md.stdout.startswith("| mode | phase | traps | /PTE |")
+    assert "headline:" in md.stdout
