@@ -80,6 +80,7 @@ class Progress:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
+        self._started = self.clock()
         if not self.enabled:
             return self
         if self.stream.isatty():

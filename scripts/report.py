@@ -41,8 +41,6 @@ COLUMNS: Final = ("traps", "/PTE", *(HEADERS[f] for f in PHASE_FIELDS[1:]), "ms"
 MPROTECT_PHASES: Final = ("protect_ro", "protect_rw")
 #: Width of a table written to a pipe or a file when ``COLUMNS`` is not set.
 PIPE_WIDTH: Final = 160
-#: The output formats every table command offers.
-FORMATS: Final = ("table", "json", "csv", "markdown")
 #: What rich's default box costs: one space either side of every cell and a
 #: rule before every column and after the last.
 _CELL_EXTRA: Final = 3
