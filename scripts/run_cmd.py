@@ -82,11 +82,15 @@ def _run_guest(
     if mode != "native":
         cmd += ["--socket", socket_path]
     try:
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(pipe.fd,)
-        )
-        pipe.spawned()
-        stdout, stderr = proc.communicate()
+        ) as proc:
+            pipe.spawned()
+            try:
+                stdout, stderr = proc.communicate()
+            except BaseException:  # as subprocess.run: never leave the guest running
+                proc.kill()
+                raise
     finally:
         pipe.close()
     progress.update(advance=max(0, len(STEPS) - steps[0]))
