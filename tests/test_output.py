@@ -449,3 +449,24 @@ def test_guest_csv_and_markdown() -> None:
     assert md.returncode == 0, md.stderr
     assert md.stdout.startswith("| mode | phase | traps | /PTE |")
     assert "headline:" in md.stdout
+
+
+def test_terminal_progress_is_a_bar_with_an_eta() -> None:
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    with open(slave, "w", encoding="utf-8") as stream:
+        with Progress("pvemu test", 4, stream=stream) as progress:
+            progress.update(advance=1, description="mode trap (1/2): populate")
+            time.sleep(0.3)
+            progress.update(advance=1, description="mode trap (1/2): protect_ro")
+            time.sleep(0.3)
+        seen = b""
+        while select.select([master], [], [], 0.2)[0]:
+            seen += os.read(master, 65536)
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert "mode trap (1/2): protect_ro" in text
+    assert "ETA" in text
+    assert "50%" in text
