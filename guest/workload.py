@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap as mman
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -88,9 +89,12 @@ def _snapshot(stats: dict[str, Any]) -> tuple[PhaseCounts, int]:
     return counts, stats["guest"]["total"].get("traps", 0)
 
 
-async def run_mprotect_workload(kernel: Kernel, pages: int, *, vcpu: int = 1) -> WorkloadResult:
+async def run_mprotect_workload(
+    kernel: Kernel, pages: int, *, vcpu: int = 1, on_step: Callable[[str], None] | None = None
+) -> WorkloadResult:
     """Run the three phases; ``vcpu`` runs the user thread (the kernel's
-    syscalls run on vCPU 0)."""
+    syscalls run on vCPU 0). ``on_step`` hears each phase's name as it
+    starts, then ``check`` (``pvemu run``'s progress bar moves with them)."""
     if pages <= 0:
         raise ValueError("pages must be positive")
     vcpu = min(vcpu, kernel.machine.nr_vcpus - 1)
@@ -116,6 +120,8 @@ async def run_mprotect_workload(kernel: Kernel, pages: int, *, vcpu: int = 1) ->
         ("protect_ro", protect_ro),
         ("protect_rw", protect_rw),
     ):
+        if on_step is not None:
+            on_step(name)
         before, guest_before = _snapshot(await kernel.stats())
         started_ns = now_ns()
         started = time.perf_counter()
@@ -126,6 +132,8 @@ async def run_mprotect_workload(kernel: Kernel, pages: int, *, vcpu: int = 1) ->
         counts, guest_traps = after - before, guest_after - guest_before
         result.phases[name] = PhaseResult(counts, guest_traps, wall, started_ns, ended_ns)
 
+    if on_step is not None:
+        on_step("check")
     reads = await kernel.run_user(vcpu, [(va, "r", 1) for va, _, _ in pattern])
     expected = [data for _, _, data in pattern]
     if reads != expected:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts.argtypes import output_file, positive_int
 from pvemu.scripts.hypervisor_cmd import DEFAULT_SOCKET
+from pvemu.scripts.report import add_format_options, output_format
 
 if TYPE_CHECKING:
     from pvemu.guest.machine import Machine
@@ -64,7 +65,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs (default 2)")
     parser.add_argument("--memory-mib", type=positive_int, default=None, help="guest memory")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_format_options(parser)
+    # pvemu run's progress bar: one line per workload step on this fd.
+    parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     race = parser.add_argument_group("race workload (see pvemu race)")
     race.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")
     race.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles")
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from pvemu.guest.client import HypervisorError
     from pvemu.guest.kernel import boot
     from pvemu.guest.workload import run_mprotect_workload
+    from pvemu.scripts.progress import phase_reporter
     from pvemu.shared.timeline import Timeline
 
     params = buffer_params(args)
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     timeline = Timeline() if args.timeline else None
+    on_step = phase_reporter(args.progress_fd)
     race = args.workload == "race"
     vcpus = max(args.vcpus, args.writers + 2) if race else args.vcpus
 
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
                 result = await run_trace_workload(kernel, args.workload[len("trace:") :])
             else:
-                result = await run_mprotect_workload(kernel, args.pages)
+                result = await run_mprotect_workload(kernel, args.pages, on_step=on_step)
                 if timeline is not None:
                     _record_phases(timeline, kernel.machine, result)
         return result.as_dict()
@@ -157,16 +162,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if timeline is not None:
             timeline.write(args.timeline)
-    if args.json:
-        print(json.dumps(result))
+    fmt = output_format(args)
+    if fmt == "json":
+        from pvemu.scripts.bench.documents import GUEST_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        config = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("run", "progress_fd", "json", "csv", "markdown", "wide")
+        }
+        print(json.dumps(document(GUEST_SCHEMA, config, result)))
     elif race:
         print(json.dumps(result, indent=2))
         return 0
     else:
         from pvemu.scripts.report import print_table
 
-        print_table(args.pages, [result])
-        if args.mode in UNSAFE_MODES:
+        print_table(args.pages, [result], fmt, wide=args.wide)
+        if args.mode in UNSAFE_MODES and fmt == "table":
             print(f"note: mode {args.mode} is UNSAFE (loses A/D bits)")
     return 0 if result["counts_agree"] and result["audit_clean"] else 3
 

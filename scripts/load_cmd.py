@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any, Final
 from pvemu.hypervisor.scheduler import POLICIES
 from pvemu.scripts.argtypes import positive_float, positive_int
 from pvemu.scripts.load_worker import PRIORITIES
+from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 from pvemu.scripts.results import percentile
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
+    from pvemu.scripts.progress import Progress
 
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
@@ -112,7 +113,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="host scheduling of the load guests: idle (SCHED_IDLE), low (nice 19) or "
         "normal (default idle)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_format_options(parser)
 
 
 @dataclass
@@ -222,16 +223,11 @@ class MemorySampler:
 
 
 def _progress(args: argparse.Namespace) -> Progress:
-    """A spinner on a terminal's stderr; none with --json or in a pipe."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    """Four steps (boot, probe, big batch, stop) on stderr: a bar with an ETA
+    on a terminal, a plain line every few seconds in a log."""
+    from pvemu.scripts.progress import Progress
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        transient=True,
-        disable=args.json or not sys.stderr.isatty(),
-    )
+    return Progress("pvemu load", 4)
 
 
 async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> dict[str, Any]:
@@ -279,21 +275,21 @@ async def _drive_phases(args: argparse.Namespace, workers: list[Worker]) -> None
     by_name = {w.name: w for w in workers}
     probe, big = by_name["probe"], by_name["bigbatch"]
     with _progress(args) as progress:
-        task = progress.add_task(f"booting {len(workers)} guests", total=None)
+        progress.update(description=f"booting {len(workers)} guests")
         await _wait_for(
             lambda: all(w.event("ready") for w in workers),
             workers,
             600,
             "the guests to boot",
         )
-        progress.update(task, description=f"probing under load ({args.baseline:g} s)")
+        progress.update(advance=1, description=f"probing under load ({args.baseline:g} s)")
         await probe.tell("go")
         await trio.sleep(args.baseline)
-        progress.update(task, description=f"big batch of {args.records:,} records")
+        progress.update(advance=1, description=f"big batch of {args.records:,} records")
         await big.tell("go")
         await _wait_for(lambda: big.event("result") is not None, workers, 900, "the batch")
         await trio.sleep(min(1.0, args.baseline))
-        progress.update(task, description="stopping guests")
+        progress.update(advance=1, description="stopping guests")
         for worker in workers:
             await worker.tell("stop")
         await _wait_for(
@@ -376,44 +372,79 @@ def report(
     }
 
 
-def print_report(doc: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def load_headline(doc: dict[str, Any]) -> str:
+    """The run in one sentence: throughput, and the probe's p99 during the batch."""
+    cfg, during = doc["config"], doc["probe"]["during_big_batch"]
+    text = f"headline: {cfg['guests']} guests sustained {doc['load']['records_per_s']:,} records/s"
+    if during["n"]:
+        goal = "met" if doc["p99_goal_met"] else "NOT met"
+        text += (
+            f"; the probe's p99 during the {cfg['records']:,}-record batch was "
+            f"{during['p99_ms']} ms (goal <= {doc['p99_goal_ms']} ms: {goal})"
+        )
+    else:
+        text += "; the probe took no sample during the big batch"
+    return text
 
-    console = Console()
+
+def report_tabular(doc: dict[str, Any]) -> Tabular:
     cfg = doc["config"]
     title = (
         f"{cfg['guests']} guests x {cfg['pages']} pages ({cfg['mode']}), "
         f"{cfg['records']:,}-record batch, q={cfg['quantum']}, {cfg['scheduler']}"
     )
-    table = Table(title=title)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("load guests: mmu_update records/s", f"{doc['load']['records_per_s']:,}")
-    table.add_row("load guests: mprotect calls", f"{doc['load']['mprotects']:,}")
+    tab = Tabular(title=title, header=["measure", "value"], keys=1, headline=load_headline(doc))
+    tab.rows.append(["load guests: mmu_update records/s", f"{doc['load']['records_per_s']:,}"])
+    tab.rows.append(["load guests: mprotect calls", f"{doc['load']['mprotects']:,}"])
     big = doc["big_batch"]
-    table.add_row(
-        "big batch: rc / done", f"{big['rc']} / {big['done']:,}" if big["done"] else "failed"
+    tab.rows.append(
+        ["big batch: rc / done", f"{big['rc']} / {big['done']:,}" if big["done"] else "failed"]
     )
-    table.add_row("big batch: seconds (records/s)", f"{big['seconds']} ({big['records_per_s']:,})")
+    tab.rows.append(
+        ["big batch: seconds (records/s)", f"{big['seconds']} ({big['records_per_s']:,})"]
+    )
     for phase, label in (("without_big_batch", "without"), ("during_big_batch", "during")):
         lat = doc["probe"][phase]
         if lat["n"]:
-            table.add_row(
-                f"probe {label} the batch: median / p99 ms (n)",
-                f"{lat['median_ms']} / {lat['p99_ms']} ({lat['n']})",
+            tab.rows.append(
+                [
+                    f"probe {label} the batch: median / p99 ms (n)",
+                    f"{lat['median_ms']} / {lat['p99_ms']} ({lat['n']})",
+                ]
             )
     goal = "met" if doc["p99_goal_met"] else "NOT met"
-    table.add_row(f"p99 goal <= {doc['p99_goal_ms']} ms", goal)
+    tab.rows.append([f"p99 goal <= {doc['p99_goal_ms']} ms", goal])
     mem = doc["hypervisor_memory_kib"]
-    table.add_row(
-        "hypervisor RSS before / peak MiB",
-        f"{mem['rss_before_guests'] / 1024:.0f} / {mem['peak_rss'] / 1024:.0f}",
+    tab.rows.append(
+        [
+            "hypervisor RSS before / peak MiB",
+            f"{mem['rss_before_guests'] / 1024:.0f} / {mem['peak_rss'] / 1024:.0f}",
+        ]
     )
-    table.add_row("audit", "clean" if not doc["audit"] else f"{len(doc['audit'])} problems")
-    console.print(table)
-    for problem in [*doc["failed"], *doc["audit"]]:
-        console.print(f"[red]{problem}[/red]")
+    tab.rows.append(["audit", "clean" if not doc["audit"] else f"{len(doc['audit'])} problems"])
+    tab.notes = [*doc["failed"], *doc["audit"]]
+    tab.csv_header = ["measure", "value"]
+    tab.csv_rows = [[name, value] for name, value in flat_measures(doc)]
+    return tab
+
+
+def flat_measures(doc: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """The report's figures as (dotted JSON path, raw value) rows, for CSV:
+    ``probe.during_big_batch.p99_ms``, ``load.records_per_s`` ..."""
+    if isinstance(doc, dict):
+        return [
+            row
+            for key, value in doc.items()
+            if key != "schema"
+            for row in flat_measures(value, f"{prefix}{key}.")
+        ]
+    if isinstance(doc, list):
+        return [(prefix.rstrip("."), ";".join(str(v) for v in doc))]
+    return [(prefix.rstrip("."), "" if doc is None else str(doc))]
+
+
+def print_report(doc: dict[str, Any], fmt: str = "table", *, wide: bool = False) -> None:
+    print_tabular(report_tabular(doc), fmt, wide=wide)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -440,8 +471,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"pvemu load: {exc}", file=sys.stderr)
         return 1
     doc["wall_s"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(doc, indent=2))
+    fmt = output_format(args)
+    if fmt == "json":
+        from pvemu.scripts.bench.documents import LOAD_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        body = {k: v for k, v in doc.items() if k != "schema"}
+        print(json.dumps(document(LOAD_SCHEMA, doc["config"], body), indent=2))
     else:
-        print_report(doc)
+        print_report(doc, fmt, wide=args.wide)
     return 0 if doc["ok"] else 1

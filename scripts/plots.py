@@ -11,12 +11,17 @@ populate phase is the same demand-paging cost in every hypervisor mode):
 * ``traps_vs_pages``: traps against region size, one line per mode (log-log);
 * ``time_per_pte_vs_pages``: wall time per PTE changed, median with a p10-p90 band;
 * ``buffer_sweep``: traps per PTE and time per PTE against each multicall
-  buffer limit that the run swept (mode xen), one line per region size.
+  buffer limit that the run swept (mode xen), one line per region size,
+  with Linux's own limit (512 argument bytes, 32 entries) marked.
+
+Axes are ticked at the values the run swept; a series of fewer than three
+points is drawn as points, without a line.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -40,6 +45,12 @@ PARAM_LABELS: Final = {
     "mc_bytes": "multicall argument bytes per buffer",
     "mc_records": "mmu_update records per flush (cap)",
 }
+#: Linux's own multicall-buffer limits (arch/x86/xen/multicalls.c:
+#: MC_BATCH 32 entries, MC_ARGS 512 bytes), marked on the buffer sweep.
+LINUX_DEFAULTS: Final = {"mc_entries": 32, "mc_bytes": 512}
+#: A series with fewer points than this is drawn as points, not a line: two
+#: points joined on log-log axes read as a trend that was never measured.
+MIN_POINTS_FOR_LINE: Final = 3
 #: One value of a series: (region size in pages, y).
 _V = TypeVar("_V", bound=tuple[int, Any])
 
@@ -84,21 +95,35 @@ def _in_legend_order(series: dict[str, list[_V]]) -> list[tuple[str, list[_V]]]:
     return ordered
 
 
-def _log_log(ax: Axes, ylabel: str, title: str) -> None:
-    """Log-log axes over the region size, labelled and gridded."""
+def swept_ticks(ax: Axes, values: Iterable[int]) -> None:
+    """Major ticks at exactly the values swept, written out (``4,096``, not
+    ``4x10^3``), and no minor tick labels between them."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ticks = sorted(set(values))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{round(v):,}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _log_log(ax: Axes, ylabel: str, title: str, xs: Iterable[int]) -> None:
+    """Log-log axes over the region size, ticked at the sizes swept."""
     ax.set_xscale("log")
     ax.set_yscale("log")
+    swept_ticks(ax, xs)
     ax.set_xlabel("region size (pages = PTEs)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _style(i: int, n: int) -> dict[str, Any]:
-    """Marker, dashes and a size that shrinks along the series (overlaps show)."""
+def _style(i: int, n: int, points: int) -> dict[str, Any]:
+    """Marker, dashes and a size that shrinks along the series (overlaps
+    show); no line at all under :data:`MIN_POINTS_FOR_LINE` points."""
+    dashes = LINESTYLES[i % len(LINESTYLES)] if points >= MIN_POINTS_FOR_LINE else "none"
     return {
         "marker": MARKERS[i % len(MARKERS)],
-        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        "linestyle": dashes,
         "markersize": 9 - 4 * i / max(1, n - 1),
     }
 
@@ -145,10 +170,14 @@ def plot_traps_vs_pages(run: Run, out: Path) -> tuple[list[Path], list[str]]:
     fig, ((ax,),) = _new_figure()
     ordered = _in_legend_order(series)
     for i, (label, values) in enumerate(ordered):
-        ax.plot(
-            [v[0] for v in values], [v[1] for v in values], label=label, **_style(i, len(ordered))
-        )
-    _log_log(ax, "traps (mprotect RO + RW)", f"Traps per mprotect pair\n{_subtitle(run)}")
+        style = _style(i, len(ordered), len(values))
+        ax.plot([v[0] for v in values], [v[1] for v in values], label=label, **style)
+    _log_log(
+        ax,
+        "traps (mprotect RO + RW)",
+        f"Traps per mprotect pair\n{_subtitle(run)}",
+        (v[0] for _, values in ordered for v in values),
+    )
     legend_title = f"0 traps, not on log axis: {', '.join(sorted(zero))}" if zero else None
     ax.legend(title=legend_title, fontsize=8, title_fontsize=8)
     return _save(fig, out, "traps_vs_pages"), []
@@ -166,7 +195,17 @@ def plot_time_per_pte(run: Run, out: Path) -> tuple[list[Path], list[str]]:
     ordered = _in_legend_order(series)
     for i, (label, values) in enumerate(ordered):
         xs = [v[0] for v in values]
-        (line,) = ax.plot(xs, [v[1].median for v in values], label=label, **_style(i, len(ordered)))
+        style = _style(i, len(ordered), len(values))
+        (line,) = ax.plot(xs, [v[1].median for v in values], label=label, **style)
+        if len(values) < MIN_POINTS_FOR_LINE:
+            ax.vlines(
+                xs,
+                [v[1].p10 for v in values],
+                [v[1].p90 for v in values],
+                color=line.get_color(),
+                alpha=0.5,
+            )
+            continue
         ax.fill_between(
             xs,
             [v[1].p10 for v in values],
@@ -179,6 +218,7 @@ def plot_time_per_pte(run: Run, out: Path) -> tuple[list[Path], list[str]]:
         ax,
         "wall time per PTE changed (µs, pvemu)",
         f"Emulator time per PTE (median, p10-p90 band)\n{_subtitle(run)}",
+        (v[0] for _, values in ordered for v in values),
     )
     ax.legend(fontsize=8)
     return _save(fig, out, "time_per_pte_vs_pages"), []
@@ -193,8 +233,6 @@ def plot_buffer_sweep(run: Run, out: Path) -> tuple[list[Path], list[str]]:
     )
     if not swept:
         return [], ["buffer_sweep: the run swept no multicall-buffer limit (try --mc-bytes)"]
-    from matplotlib.ticker import ScalarFormatter
-
     fig, grid = _new_figure(nrows=len(swept), ncols=2)
     for row, name in enumerate(swept):
         lines: dict[tuple[int, str], list[Point]] = defaultdict(list)
@@ -208,21 +246,38 @@ def plot_buffer_sweep(run: Run, out: Path) -> tuple[list[Path], list[str]]:
             label = f"{pages} pages {others}".strip()
             points.sort(key=lambda p: p.params[name])
             xs = [p.params[name] for p in points]
+            dashes = "-" if len(xs) >= MIN_POINTS_FOR_LINE else "none"
             traps_ax.plot(
-                xs, [mprotect_traps(p) / (2 * p.pages) for p in points], marker="o", label=label
+                xs,
+                [mprotect_traps(p) / (2 * p.pages) for p in points],
+                marker="o",
+                linestyle=dashes,
+                label=label,
             )
             timed = [(x, t) for x, p in zip(xs, points, strict=True) if (t := time_per_pte_us(p))]
             if timed:
                 time_ax.plot(
-                    [x for x, _ in timed], [t.median for _, t in timed], marker="o", label=label
+                    [x for x, _ in timed],
+                    [t.median for _, t in timed],
+                    marker="o",
+                    linestyle="-" if len(timed) >= MIN_POINTS_FOR_LINE else "none",
+                    label=label,
                 )
+        values_swept = sorted({p.params[name] for p in xen if name in p.params})
         for ax, ylabel in (
             (traps_ax, "traps per PTE changed"),
             (time_ax, "wall time per PTE changed (µs)"),
         ):
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            swept_ticks(ax, values_swept)
             ax.set_yscale("log")
+            if name in LINUX_DEFAULTS:
+                ax.axvline(
+                    LINUX_DEFAULTS[name],
+                    color="grey",
+                    linestyle=":",
+                    label=f"Linux default ({LINUX_DEFAULTS[name]})",
+                )
             ax.set_xlabel(PARAM_LABELS.get(name, name) + " (mode xen)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)

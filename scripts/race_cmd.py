@@ -19,6 +19,7 @@ from typing import Any
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts.argtypes import mode_list, positive_int
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 
 EPILOG = """\
 columns: writes (stores that completed), lost dirty (D bits set by hardware
@@ -51,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles (40)")
     parser.add_argument("--seed", type=int, default=1, help="writers' random seed (default 1)")
     parser.add_argument("--quantum", type=positive_int, default=8, help="hypervisor quantum (8)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_format_options(parser)
 
 
 def _run_mode(mode: str, socket_path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -64,8 +65,9 @@ def _run_mode(mode: str, socket_path: str, args: argparse.Namespace) -> dict[str
     if done.returncode not in (0, 3) or not done.stdout.strip():
         error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         return {"mode": mode, "unsafe": mode in UNSAFE_MODES, "error": error}
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    from pvemu.scripts.bench.provenance import without_metadata
+
+    return without_metadata(json.loads(done.stdout))
 
 
 def _lost(result: dict[str, Any]) -> bool:
@@ -76,10 +78,54 @@ def _lost(result: dict[str, Any]) -> bool:
     return any(result[k] for k in ("lost_dirty", "lost_writes", "stale_tlb_writes"))
 
 
+def race_headline(results: list[dict[str, Any]]) -> str:
+    """What the race showed, in one sentence: which modes kept everything,
+    and what the UNSAFE ones lost."""
+    safe = [r for r in results if r["mode"] not in UNSAFE_MODES]
+    kept = [r["mode"] for r in safe if not _lost(r)]
+    failed = [r["mode"] for r in safe if _lost(r)]
+    parts = []
+    if safe:
+        parts.append(f"{len(kept)} of {len(safe)} safe mode(s) lost nothing")
+    if failed:
+        parts.append(f"LOST DATA or failed: {', '.join(failed)}")
+    for r in results:
+        if r["mode"] in UNSAFE_MODES and "error" not in r:
+            parts.append(
+                f"{r['mode']} (UNSAFE) lost {r['lost_dirty']:,} dirty bit(s) and "
+                f"{r['lost_writes']:,} write(s) of {r['writes']:,}, as expected"
+            )
+    return "headline: " + ("; ".join(parts) or "no mode ran")
+
+
+def race_tabular(args: argparse.Namespace, results: list[dict[str, Any]]) -> Tabular:
+    headers = {"stale_tlb_writes": "stale tlb"}
+    tab = Tabular(
+        title=f"A/D race: {args.pages} shared pages, {args.writers} writers, "
+        f"{args.iterations} RW/RO toggles, seed {args.seed}",
+        header=[headers.get(c, c.replace("_", " ")) for c in ("mode", *REPORTED)]
+        + ["faults", "verdict"],
+        csv_header=["mode", *REPORTED, "page_faults", "verdict"],
+        keys=1,
+        left=frozenset({"verdict"}),
+        priority=("lost dirty", "lost writes", "stale tlb", "verdict"),
+        headline=race_headline(results),
+    )
+    for r in results:
+        name = r["mode"] + (" (UNSAFE)" if r.get("unsafe") else "")
+        if "error" in r:
+            tab.rows.append([name, *["-"] * (len(REPORTED) + 1), f"FAILED: {r['error']}"])
+            continue
+        if not _lost(r):
+            verdict = "nothing lost"
+        else:
+            verdict = "expected loss" if r["mode"] in UNSAFE_MODES else "LOST DATA"
+        tab.rows.append([name, *(str(r[k]) for k in REPORTED), str(r["page_faults"]), verdict])
+    return tab
+
+
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
+    from pvemu.scripts.progress import Progress
 
     if args.writers > 14:
         print("pvemu race: at most 14 writers", file=sys.stderr)
@@ -90,47 +136,29 @@ def run(args: argparse.Namespace) -> int:
         with (
             tempfile.TemporaryDirectory(prefix="pvemu-race-", dir="/tmp") as tmp,
             maybe_hypervisor(needs_hypervisor, Path(tmp), 512, quantum=args.quantum) as hv,
-            Progress(console=Console(stderr=True), transient=True) as progress,
+            Progress("pvemu race", len(args.modes)) as progress,
         ):
             socket_path = hv.socket_path if hv is not None else ""
-            task = progress.add_task("race", total=len(args.modes))
-            for mode in args.modes:
-                progress.update(task, description=f"mode {mode}")
+            for n, mode in enumerate(args.modes):
+                progress.update(description=f"mode {mode} ({n + 1}/{len(args.modes)})")
                 results.append(_run_mode(mode, socket_path, args))
-                progress.advance(task)
+                progress.update(advance=1)
     except HypervisorStartError as exc:
         print(f"pvemu race: {exc}", file=sys.stderr)
         return 1
     failed = [r["mode"] for r in results if r["mode"] not in UNSAFE_MODES and _lost(r)]
-    if args.json:
-        print(json.dumps({"schema": 1, "results": results}))
+    fmt = output_format(args)
+    if fmt == "json":
+        from pvemu.scripts.bench.documents import RACE_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        config = {
+            k: getattr(args, k) for k in ("pages", "writers", "iterations", "seed", "quantum")
+        }
+        config["modes"] = list(args.modes)
+        print(json.dumps(document(RACE_SCHEMA, config, {"results": results})))
     else:
-        table = Table(
-            title=f"A/D race: {args.pages} shared pages, {args.writers} writers, "
-            f"{args.iterations} RW/RO toggles, seed {args.seed}"
-        )
-        headers = {"stale_tlb_writes": "stale tlb"}
-        for column in ("mode", *REPORTED, "faults", "verdict"):
-            name = headers.get(column, column.replace("_", " "))
-            if column in ("mode", "verdict"):
-                table.add_column(name)
-            else:
-                table.add_column(name, justify="right")
-        for r in results:
-            name = r["mode"] + (" (UNSAFE)" if r.get("unsafe") else "")
-            if "error" in r:
-                table.add_row(name, *["-"] * (len(REPORTED) + 1), f"FAILED: {r['error']}")
-                continue
-            lost = _lost(r)
-            if not lost:
-                verdict = "nothing lost"
-            else:
-                verdict = "expected loss" if r["mode"] in UNSAFE_MODES else "LOST DATA"
-            table.add_row(name, *(str(r[k]) for k in REPORTED), str(r["page_faults"]), verdict)
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=120)
-        console.print(table)
+        print_tabular(race_tabular(args, results), fmt, wide=args.wide)
         if failed:
             print(f"modes that must not lose anything did: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

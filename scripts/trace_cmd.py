@@ -16,6 +16,7 @@ from typing import Any
 
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.scripts.report import Tabular, add_format_options, output_format
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
 
@@ -104,7 +105,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     replay.add_argument(
         "--memory-mib", type=_positive, default=64, help="guest memory (default 64)"
     )
-    replay.add_argument("--json", action="store_true", help="print one JSON document")
+    add_format_options(replay)
     replay.set_defaults(trace_run=_replay)
 
 
@@ -212,7 +213,11 @@ def _show(args: argparse.Namespace) -> int:
         return 1
     summary = trace.summary()
     if args.json:
-        print(json.dumps({"schema": 1, "file": args.file, **summary}))
+        from pvemu.scripts.bench.documents import TRACE_SHOW_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        body = {"file": args.file, **summary}
+        print(json.dumps(document(TRACE_SHOW_SCHEMA, {"file": args.file}, body)))
     else:
         print(f"trace:         {args.file}")
         print_summary(summary, sys.stdout)
@@ -231,8 +236,9 @@ def _replay_mode(mode: str, path: str, socket_path: str, memory_mib: int) -> dic
     if done.returncode not in (0, 3) or not done.stdout.strip():
         error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         return {"mode": mode, "error": error, "counts_agree": False, "audit_clean": False}
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    from pvemu.scripts.bench.provenance import without_metadata
+
+    return without_metadata(json.loads(done.stdout))
 
 
 def _valid(result: dict[str, Any]) -> bool:
@@ -264,48 +270,60 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"pvemu trace replay: {exc}", file=sys.stderr)
         return 1
     valid = all(_valid(r) for r in results)
-    if args.json:
-        print(json.dumps({"schema": 1, "file": args.file, "results": results}))
+    fmt = output_format(args)
+    if fmt == "json":
+        from pvemu.scripts.bench.documents import TRACE_REPLAY_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        config = {"file": args.file, "modes": list(args.modes), "memory_mib": args.memory_mib}
+        body = {"file": args.file, "valid": valid, "results": results}
+        print(json.dumps(document(TRACE_REPLAY_SCHEMA, config, body)))
     else:
-        print_replay_table(args.file, results)
+        print_replay_table(args.file, results, fmt, wide=args.wide)
         if not valid:
             print("some replays were NOT valid (see the 'ok' column)", file=sys.stderr)
     return 0 if valid else 1
 
 
-def print_replay_table(name: str, results: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from pvemu.scripts.report import HEADERS
+def replay_tabular(name: str, results: list[dict[str, Any]]) -> Tabular:
+    """The replay table: one row per mode and phase that cost anything."""
+    from pvemu.scripts.report import HEADERS, headline, mode_entries
     from pvemu.shared.counts import PHASE_FIELDS
 
-    table = Table(title=f"trace {name} (traps per phase; lower is better)")
-    table.add_column("mode")
-    table.add_column("phase")
-    for f in PHASE_FIELDS:
-        table.add_column(HEADERS[f], justify="right")
-    table.add_column("ms", justify="right")
-    table.add_column("ok")
+    tab = Tabular(
+        title=f"trace {name} (traps per phase; lower is better)",
+        header=["mode", "phase", *(HEADERS[f] for f in PHASE_FIELDS), "ms", "ok"],
+        csv_header=["mode", "phase", *PHASE_FIELDS, "wall_ms", "ok"],
+        left=frozenset({"ok"}),
+        blank_repeats=frozenset({"mode", "ok"}),
+        priority=("traps", "ms", "ok"),
+    )
     for result in results:
         if "error" in result:
-            table.add_row(result["mode"], "-", *["-"] * (len(PHASE_FIELDS) + 1), "FAILED")
+            tab.rows.append([result["mode"], "-", *["-"] * (len(PHASE_FIELDS) + 1), "FAILED"])
             continue
         phases = {k: v for k, v in result["phases"].items() if any(v[f] for f in PHASE_FIELDS)}
         trace = result.get("trace", {})
         ok = "yes" if _valid(result) else f"NO ({trace.get('errors', '?')} errors)"
-        for i, (phase, counts) in enumerate(phases.items()):
-            table.add_row(
-                result["mode"] if i == 0 else "",
-                phase,
-                *(str(counts[f]) for f in PHASE_FIELDS),
-                f"{counts['wall_s'] * 1000:.1f}",
-                ok if i == 0 else "",
-                end_section=i == len(phases) - 1,
+        for phase, counts in phases.items():
+            tab.rows.append(
+                [
+                    result["mode"],
+                    phase,
+                    *(str(counts[f]) for f in PHASE_FIELDS),
+                    f"{counts['wall_s'] * 1000:.1f}",
+                    ok,
+                ]
             )
         if not phases:
-            table.add_row(result["mode"], "(all)", *["0"] * len(PHASE_FIELDS), "-", ok)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)
-    console.print(table)
+            tab.rows.append([result["mode"], "(all)", *["0"] * len(PHASE_FIELDS), "-", ok])
+    tab.headline = headline(mode_entries(results, None), "the whole replay (every phase)")
+    return tab
+
+
+def print_replay_table(
+    name: str, results: list[dict[str, Any]], fmt: str = "table", *, wide: bool = False
+) -> None:
+    from pvemu.scripts.report import print_tabular
+
+    print_tabular(replay_tabular(name, results), fmt, wide=wide)

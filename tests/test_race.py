@@ -173,7 +173,7 @@ def test_pvemu_race_naive_loses_and_no_other_mode_does() -> None:
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    assert doc["schema"] == 1
+    assert doc["schema"] == "pvemu-race/1"
     by_mode = {r["mode"]: r for r in doc["results"]}
     assert set(by_mode) == set(MODE_NAMES)
     for mode, r in by_mode.items():

@@ -135,11 +135,13 @@ def test_store_round_trip(tmp_path: Path) -> None:
     assert summary == [
         {
             "id": run_id,
+            "tags": ["main"],
             "created_utc": run.created_utc,
             "git_sha": run.git_sha,
             "git_dirty": False,
             "valid": False,
             "points": 2,
+            "config": run.config,
         }
     ]
     assert history == [(run_id, run.created_utc, run.git_sha, 129)]

@@ -33,7 +33,7 @@ def test_pvemu_run_json_all_modes() -> None:
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    assert doc["schema"] == 1
+    assert doc["schema"] == "pvemu-run/1"
     assert doc["pages"] == pages
     assert [r["mode"] for r in doc["results"]] == list(MODE_NAMES)
     for result in doc["results"]:

@@ -26,11 +26,14 @@ from pvemu.scripts.bench.provenance import new_run
 from pvemu.scripts.bench.runner import SweepOptions, execute
 from pvemu.scripts.bench.store import DEFAULT_DB, ResultStore
 from pvemu.scripts.bench.sweep import Sweep, UsageError
+from pvemu.scripts.report import print_tabular
 from pvemu.scripts.results import ResultsError, Run
 
 if TYPE_CHECKING:
     from pvemu.scripts.costmodel import CostModel
 
+#: The ``pvemu bench list --json`` document.
+LIST_SCHEMA = "pvemu-bench-list/1"
 #: The exit status of an interrupted run (128 + SIGINT), which stores nothing.
 EXIT_INTERRUPTED = 130
 
@@ -40,11 +43,13 @@ def err(message: str) -> None:
 
 
 def _format(args: argparse.Namespace) -> str:
-    if getattr(args, "json", False):
-        return "json"
-    if getattr(args, "markdown", False):
-        return "markdown"
-    return "table"
+    from pvemu.scripts.report import output_format
+
+    return output_format(args)
+
+
+def _wide(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "wide", False))
 
 
 def _db_path(args: argparse.Namespace) -> Path:
@@ -86,7 +91,7 @@ def action_run(args: argparse.Namespace) -> int:
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(render.run_document(run, model), indent=2) + "\n")
-    render.print_run(run, model, _format(args))
+    render.print_run(run, model, _format(args), wide=_wide(args))
     bad = [p for p in run.points if not p.valid]
     for point in bad:
         err(f"INVALID point {point.key}: {point.reason}")
@@ -156,7 +161,7 @@ def action_compare(args: argparse.Namespace) -> int:
     cmp = compare_runs(baseline, against)
     if against.injected:
         err(f"note: {against.origin} ran with injected guest arguments {against.config['inject']}")
-    render.print_comparison(cmp, _format(args))
+    render.print_comparison(cmp, _format(args), wide=_wide(args))
     return cmp.status
 
 
@@ -201,5 +206,12 @@ def action_plot(args: argparse.Namespace) -> int:
 def action_list(args: argparse.Namespace) -> int:
     with ResultStore(_existing_db(_db_path(args))) as store:
         rows = store.runs_summary(args.limit)
-    print(render.runs_markdown(rows))
+    fmt = _format(args)
+    if fmt == "json":
+        from pvemu.scripts.bench.provenance import document
+
+        config = {"db": str(_db_path(args)), "limit": args.limit}
+        print(json.dumps(document(LIST_SCHEMA, config, {"runs": rows}), indent=2))
+    else:
+        print_tabular(render.runs_tabular(rows), fmt, wide=_wide(args))
     return EXIT_OK

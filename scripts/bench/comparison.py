@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from pvemu.scripts.bench.documents import timing_json
+from pvemu.scripts.bench.documents import COMPARE_SCHEMA, timing_json
 from pvemu.scripts.results import GATED_COUNTS, Point, Run, Timing
 
-#: Version of the ``pvemu bench compare --json`` document.
-COMPARE_SCHEMA: Final = "pvemu-compare/1"
 #: What ``pvemu bench compare`` checks against by default.
 DEFAULT_BASELINE: Final = Path("benchmarks") / "baseline.json"
 
@@ -104,12 +102,14 @@ class Comparison:
 
     @property
     def status(self) -> int:
-        """3 invalid run, 1 count regression, 2 baseline points not measured, else 0."""
+        """3 invalid run, 1 count regression, 2 baseline points not measured
+        (or nothing comparable at all: a gate that compared nothing must not pass),
+        else 0."""
         if self.invalid:
             return EXIT_INVALID
         if self.regressions:
             return EXIT_REGRESSION
-        if self.missing:
+        if self.missing or self.compared == 0:
             return EXIT_USAGE
         return EXIT_OK
 

@@ -8,12 +8,29 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
+from pvemu.scripts.bench.provenance import run_block
 from pvemu.scripts.results import GATED_COUNTS, Point, ResultsError, Run, Timing
 
 #: Version of the bench-run JSON document (``pvemu bench --json``).
 RUN_SCHEMA: Final = "pvemu-bench/1"
 #: Version of the checked-in baseline file (``benchmarks/baseline.json``).
 BASELINE_SCHEMA: Final = "pvemu-baseline/1"
+#: The ``--json`` documents of the other commands (each with the same
+#: metadata block as a bench run, ``provenance.document``).
+RUN_CMD_SCHEMA: Final = "pvemu-run/1"
+GUEST_SCHEMA: Final = "pvemu-guest/1"
+RACE_SCHEMA: Final = "pvemu-race/1"
+LOAD_SCHEMA: Final = "pvemu-load/1"
+TRACE_REPLAY_SCHEMA: Final = "pvemu-trace-replay/1"
+TRACE_SHOW_SCHEMA: Final = "pvemu-trace-show/1"
+COMPARE_SCHEMA: Final = "pvemu-compare/1"
+#: Documents that hold no per-phase trap counts, and so cannot be compared.
+_NOT_COMPARABLE: Final = {
+    RACE_SCHEMA: "pvemu race (lost bits per mode, not counts per phase)",
+    LOAD_SCHEMA: "pvemu load (throughput and latency, not counts per phase)",
+    TRACE_SHOW_SCHEMA: "pvemu trace show (a trace's summary, not a measurement)",
+    COMPARE_SCHEMA: "pvemu bench compare (a comparison, not a run)",
+}
 
 
 def timing_json(timing: Timing) -> dict[str, float | int]:
@@ -58,16 +75,7 @@ def run_to_json(run: Run) -> dict[str, Any]:
     """The ``pvemu bench --json`` document (schema :data:`RUN_SCHEMA`)."""
     return {
         "schema": RUN_SCHEMA,
-        "run": {
-            "id": run.id,
-            "created_utc": run.created_utc,
-            "git_sha": run.git_sha,
-            "git_dirty": run.git_dirty,
-            "host": run.host,
-            "python": run.python,
-            "packages": run.packages,
-            "config": run.config,
-        },
+        "run": run_block(run),
         "valid": run.valid,
         "points": [point_to_json(p) for p in run.points],
     }
@@ -118,10 +126,17 @@ def run_from_json(doc: Any, origin: str = "") -> Run:
     schema = doc.get("schema")
     if schema == BASELINE_SCHEMA:
         return _baseline_from_json(doc, origin)
-    if schema != RUN_SCHEMA:
+    if schema in (RUN_CMD_SCHEMA, TRACE_REPLAY_SCHEMA):
+        return _modes_from_json(doc, origin)
+    if schema in _NOT_COMPARABLE:
         raise ResultsError(
-            f"{origin}: unknown schema {schema!r} (expected {RUN_SCHEMA} or {BASELINE_SCHEMA})"
+            f"{origin} is the output of {_NOT_COMPARABLE[schema]}: it cannot be compared; "
+            f"use pvemu bench --json, pvemu run --json, pvemu trace replay --json or a baseline"
         )
+    if schema != RUN_SCHEMA:
+        readable = ", ".join((RUN_SCHEMA, RUN_CMD_SCHEMA, TRACE_REPLAY_SCHEMA, BASELINE_SCHEMA))
+        hint = " (pvemu run --json before its metadata block: rerun it)" if schema == 1 else ""
+        raise ResultsError(f"{origin}: unknown schema {schema!r}{hint}; expected one of {readable}")
     meta = doc.get("run", {})
     if not isinstance(meta, dict) or not isinstance(doc.get("points"), list):
         raise ResultsError(f"{origin}: malformed run document")
@@ -135,6 +150,50 @@ def run_from_json(doc: Any, origin: str = "") -> Run:
         config=dict(meta.get("config", {})),
         points=[_point_from_json(p, origin) for p in doc["points"]],
         id=meta.get("id"),
+        origin=origin,
+    )
+
+
+def _modes_from_json(doc: dict[str, Any], origin: str) -> Run:
+    """A ``pvemu run --json`` or ``pvemu trace replay --json`` document as a
+    run: one point per mode, keyed as ``pvemu bench`` keys the same
+    measurement (``mprotect MODE pages=N``, ``trace:FILE MODE pages=0``), so
+    that a run compares against a bench run or a baseline of the same size."""
+    meta = doc.get("run")
+    results = doc.get("results")
+    if not isinstance(meta, dict) or not isinstance(results, list):
+        raise ResultsError(f"{origin}: malformed {doc.get('schema')} document")
+    if doc["schema"] == TRACE_REPLAY_SCHEMA:
+        workload, pages = f"trace:{doc.get('file', '')}", 0
+    else:
+        workload, pages = "mprotect", doc.get("pages", 0)
+    points = []
+    for result in results:
+        if not isinstance(result, dict) or "mode" not in result:
+            raise ResultsError(f"{origin}: a result must be an object with a mode")
+        point = Point(workload, str(result["mode"]), int(pages), unsafe=bool(result.get("unsafe")))
+        if "error" in result:
+            point.invalidate(f"the guest failed: {result['error']}")
+        elif not result.get("counts_agree") or not result.get("audit_clean"):
+            point.invalidate("guest- and hypervisor-side counts disagree or audit() not clean")
+        phases = result.get("phases", {})
+        if not isinstance(phases, dict):
+            raise ResultsError(f"{origin}: {point.key}: phases must be an object")
+        for phase, values in phases.items():
+            counts = {k: v for k, v in values.items() if k != "wall_s"}
+            point.counts[phase] = _int_counts(counts, f"{origin} {point.key} {phase}")
+            if isinstance(values.get("wall_s"), int | float):
+                point.samples[phase] = [float(values["wall_s"])]
+        points.append(point)
+    return Run(
+        created_utc=str(meta.get("created_utc", "")),
+        git_sha=meta.get("git_sha"),
+        git_dirty=meta.get("git_dirty"),
+        host=str(meta.get("host", "")),
+        python=str(meta.get("python", "")),
+        packages=dict(meta.get("packages", {})),
+        config=dict(meta.get("config", {})),
+        points=points,
         origin=origin,
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from pvemu.guest.modes import MODE_NAMES
@@ -24,6 +25,8 @@ from pvemu.scripts.bench.sweep import (
 )
 from pvemu.scripts.results import BUFFER_PARAMS, ResultsError
 
+#: Where ``pvemu bench plot`` writes without ``--out``.
+DEFAULT_PLOTS: Final = Path(".pvemu") / "plots"
 #: What each ``--mc-*`` option limits, for its help line.
 BUFFER_HELP: Final = {
     "mc_entries": "multicall entries (Linux: 32)",
@@ -170,10 +173,20 @@ def _add_db_option(parser: Container, default: Any = None, *, what: str = "datab
 
 
 def _add_format_options(parser: Container, default: Any = False) -> None:
-    """``--json`` or ``--markdown`` instead of the rich table."""
+    """``--json``, ``--csv`` or ``--markdown`` instead of the rich table, and
+    ``--wide`` for the rich table in one piece on a narrow terminal."""
     fmt = parser.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", default=default, help="JSON on stdout")
+    fmt.add_argument(
+        "--json", action="store_true", default=default, help="JSON on stdout (with metadata)"
+    )
+    fmt.add_argument("--csv", action="store_true", default=default, help="CSV on stdout")
     fmt.add_argument("--markdown", action="store_true", default=default, help="markdown on stdout")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        default=default,
+        help="one table with every column however narrow the terminal (default: stacked parts)",
+    )
 
 
 # --- the other actions -----------------------------------------------------------------
@@ -202,13 +215,19 @@ def add_plot_options(plot: argparse.ArgumentParser) -> None:
     plot.add_argument(
         "--run", dest="run_ref", metavar="RUN", default="latest", help="default latest"
     )
-    plot.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    plot.add_argument(
+        "--out",
+        default=str(DEFAULT_PLOTS),
+        metavar="DIR",
+        help=f"output directory (default {DEFAULT_PLOTS})",
+    )
     _add_db_option(plot)
 
 
 def add_list_options(listing: argparse.ArgumentParser) -> None:
     _add_db_option(listing)
     listing.add_argument("--limit", type=positive_int, default=20, help="newest N (default 20)")
+    _add_format_options(listing)
 
 
 # --- reading them back -------------------------------------------------------------------

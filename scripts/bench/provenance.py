@@ -96,6 +96,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def machine() -> dict[str, Any]:
+    """The CPU and platform results were measured on."""
+    return {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform()}
+
+
 def new_run(config: dict[str, Any], points: list[Point]) -> Run:
     sha, dirty = git_state()
     return Run(
@@ -105,13 +110,36 @@ def new_run(config: dict[str, Any], points: list[Point]) -> Run:
         host=platform.node(),
         python=f"{platform.python_implementation()} {platform.python_version()}",
         packages=package_versions(),
-        config={
-            **config,
-            "machine": {
-                "cpus": os.cpu_count(),
-                "cpu_model": _cpu_model(),
-                "platform": platform.platform(),
-            },
-        },
+        config={**config, "machine": machine()},
         points=points,
     )
+
+
+def run_block(run: Run) -> dict[str, Any]:
+    """The metadata block every ``--json`` document carries under ``"run"``:
+    when, which commit, which host and CPU, which versions, what was asked."""
+    return {
+        "id": run.id,
+        "created_utc": run.created_utc,
+        "git_sha": run.git_sha,
+        "git_dirty": run.git_dirty,
+        "host": run.host,
+        "machine": run.config.get("machine", {}),
+        "python": run.python,
+        "pvemu_version": run.packages.get("pvemu"),
+        "packages": run.packages,
+        "config": run.config,
+    }
+
+
+def document(schema: str, config: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """A command's ``--json`` document: ``schema`` (name/version), the
+    metadata block of :func:`run_block` (the same as ``pvemu bench --json``)
+    with ``config`` (the command's options), then the command's own keys."""
+    return {"schema": schema, "run": run_block(new_run(config, [])), **body}
+
+
+def without_metadata(doc: dict[str, Any]) -> dict[str, Any]:
+    """A child's ``pvemu guest --json`` document as a parent's result: its
+    schema and metadata block dropped (the parent's document carries one)."""
+    return {k: v for k, v in doc.items() if k not in ("schema", "run")}

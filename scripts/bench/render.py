@@ -1,6 +1,8 @@
-"""What ``pvemu bench`` prints: a run as a rich table, markdown or JSON (with
-cost-model estimates if asked), a comparison as tables and a summary, and the
-list of stored runs. rich is imported only when a table is drawn."""
+"""What ``pvemu bench`` prints: a run as a rich table, CSV, markdown or JSON
+(with cost-model estimates if asked), a comparison as tables and a summary,
+and the list of stored runs. Tables go through ``scripts/report.py`` (fitted
+to the terminal, each with its headline sentence); rich is imported only
+when a table is drawn."""
 
 from __future__ import annotations
 
@@ -11,12 +13,19 @@ from typing import TYPE_CHECKING, Any, Final
 from pvemu.scripts.bench.comparison import Comparison
 from pvemu.scripts.bench.documents import run_to_json
 from pvemu.scripts.bench.sweep import MPROTECT
+from pvemu.scripts.report import (
+    MPROTECT_PHASES,
+    PIPE_WIDTH,
+    Entry,
+    Tabular,
+    headline,
+    markdown_table,
+    print_tabular,
+    wide_console,
+)
 from pvemu.scripts.results import GATED_COUNTS, Point, Run, param_words
 
 if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table
-
     from pvemu.scripts.costmodel import CostModel
 
 #: Short headers of the run table's count columns.
@@ -37,9 +46,6 @@ ESTIMATE_NOTE: Final = (
     "* ESTIMATE, not a measurement: counts x per-event costs of cost model '{name}' "
     "(docs/cost-model.md)"
 )
-#: Width of a table printed to a log or a pipe (a terminal uses its own).
-PIPE_WIDTH: Final = 160
-
 #: A table: (title, header, rows).
 TitledTable = tuple[str, list[str], list[list[str]]]
 
@@ -93,8 +99,16 @@ def table_header(model: CostModel | None) -> list[str]:
     return header
 
 
+def csv_header(model: CostModel | None) -> list[str]:
+    """Machine-readable names of the run table's columns, for ``--csv``."""
+    header = ["point", "phase", "traps", "traps_per_pte", *GATED_COUNTS[1:]]
+    header += ["median_ms", "p10_ms", "p90_ms"]
+    return [*header, *(["estimate_us"] if model is not None else []), "ok"]
+
+
 def table_rows(run: Run, model: CostModel | None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows shared by the rich table and the markdown table."""
+    """Header and rows of the run table, every row full (the point's label
+    and ok repeated on each of its phases)."""
     header = table_header(model)
     rows: list[list[str]] = []
     for point in run.points:
@@ -104,9 +118,8 @@ def table_rows(run: Run, model: CostModel | None) -> tuple[list[str], list[list[
             rows.append([point_label(point), "-", *["-"] * (len(header) - 3), ok])
             continue
         estimates = estimates_us(point, model) if model is not None else None
-        for i, phase in enumerate(phases):
-            row = [point_label(point) if i == 0 else "", *_phase_cells(point, phase, estimates)]
-            rows.append([*row, ok if i == 0 else ""])
+        for phase in phases:
+            rows.append([point_label(point), *_phase_cells(point, phase, estimates), ok])
     return header, rows
 
 
@@ -127,55 +140,75 @@ def _phase_cells(point: Point, phase: str, estimates: dict[str, float] | None) -
     return cells
 
 
-def rich_table(run: Run, model: CostModel | None) -> Table:
-    from rich.table import Table
+def run_headline(run: Run) -> str:
+    """One sentence per region size: the best safe mode's two mprotects
+    against ``trap`` (:func:`report.headline`), from the run's own numbers.
+    Points with --mc-* limits compete too, under their own label."""
+    sizes = sorted({p.pages for p in run.points if p.workload == MPROTECT and p.pages})
+    sentences = []
+    for pages in sizes:
+        entries = [
+            Entry(
+                label=point_label(p),
+                mode=p.mode,
+                traps=sum(p.counts[ph].get("traps", 0) for ph in MPROTECT_PHASES),
+                seconds=total.median if (total := p.total_timing(MPROTECT_PHASES)) else None,
+                unsafe=p.unsafe,
+            )
+            for p in run.points
+            if p.valid
+            and p.workload == MPROTECT
+            and p.pages == pages
+            and all(ph in p.counts for ph in MPROTECT_PHASES)
+        ]
+        if entries:
+            sentences.append(headline(entries, f"mprotect RO + RW of {pages:,} pages"))
+    if not sentences:
+        return "headline: no valid mprotect point to compare"
+    return "\n".join(sentences)
 
+
+def run_tabular(run: Run, model: CostModel | None) -> Tabular:
+    """The run table as a :class:`report.Tabular` (rich, CSV or markdown)."""
     header, rows = table_rows(run, model)
     repeats = run.config.get("repeat", "?")
-    title = f"pvemu bench: exact counts per phase, wall time over {repeats} repeat(s)"
-    table = Table(title=title)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    last = 0
-    for i, row in enumerate(rows):
-        if row[0] and i > 0:
-            table.rows[last].end_section = True
-        table.add_row(*row)
-        last = i
-    return table
+    notes = [ESTIMATE_NOTE.format(name=model.name)] if model is not None else []
+    return Tabular(
+        title=f"pvemu bench: exact counts per phase, wall time over {repeats} repeat(s)",
+        header=header,
+        rows=rows,
+        csv_header=csv_header(model),
+        left=frozenset({"ok"}),
+        blank_repeats=frozenset({"point", "ok"}),
+        priority=("traps", "/PTE", "median ms", "ok", ESTIMATE_HEADER),
+        headline=run_headline(run),
+        notes=notes,
+    )
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+def csv_rows(tab: Tabular) -> Tabular:
+    """``tab`` with the p10-p90 cell split in two, as :func:`csv_header` names them."""
+    if "p10-p90 ms" not in tab.header:
+        return tab
+    at = tab.header.index("p10-p90 ms")
+    rows = []
+    for row in tab.rows:
+        low, _, high = row[at].partition("-")
+        rows.append([*row[:at], low, high or low, *row[at + 1 :]])
+    return Tabular(
+        tab.title,
+        [*tab.header[:at], "p10", "p90", *tab.header[at + 1 :]],
+        rows,
+        csv_header=tab.csv_header,
+    )
 
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
-
-def _console() -> Console:
-    from pvemu.scripts.report import wide_console
-
-    return wide_console(PIPE_WIDTH)
-
-
-def print_run(run: Run, model: CostModel | None, fmt: str) -> None:
+def print_run(run: Run, model: CostModel | None, fmt: str, *, wide: bool = False) -> None:
     if fmt == "json":
         print(json.dumps(run_document(run, model), indent=2))
         return
-    if fmt == "markdown":
-        header, rows = table_rows(run, model)
-        print(markdown_table(header, rows))
-        if model is not None:
-            print()
-            print(ESTIMATE_NOTE.format(name=model.name))
-        return
-    console = _console()
-    console.print(rich_table(run, model))
-    if model is not None:
-        console.print(ESTIMATE_NOTE.format(name=model.name))
+    tab = run_tabular(run, model)
+    print_tabular(csv_rows(tab) if fmt == "csv" else tab, fmt, wide=wide)
 
 
 # --- comparisons -----------------------------------------------------------------
@@ -216,8 +249,28 @@ def comparison_tables(cmp: Comparison) -> list[TitledTable]:
     return tables
 
 
+#: How many point keys a summary line lists before it says "and N more".
+LISTED_KEYS: Final = 4
+
+
+def _some(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:LISTED_KEYS])
+    return shown + (f" and {len(keys) - LISTED_KEYS} more" if len(keys) > LISTED_KEYS else "")
+
+
 def summary_lines(cmp: Comparison) -> list[str]:
-    """The verdict in words: what was compared, what is invalid, changed, missing."""
+    """The verdict in words: what was compared, what is invalid, changed,
+    missing; and, first and plainly, when nothing was comparable at all."""
+    if cmp.compared == 0:
+        lines = [
+            f"NOTHING COMPARED: none of the {len(cmp.missing)} baseline point(s) in "
+            f"{cmp.baseline} was measured in {cmp.against}",
+            f"baseline points: {_some(cmp.missing) or 'none'}",
+            f"{cmp.against} measured: {_some(cmp.new_points) or 'nothing'}",
+            "points match on workload, mode, pages and --mc-* values; to measure the "
+            "baseline's own points run: pvemu bench --sweep-from BASELINE_FILE",
+        ]
+        return [*lines, *(f"INVALID: {item}" for item in cmp.invalid)]
     lines = [f"compared {cmp.compared} point(s): {cmp.against} against {cmp.baseline}"]
     lines += [f"INVALID: {item}" for item in cmp.invalid]
     if cmp.regressions:
@@ -235,47 +288,121 @@ def summary_lines(cmp: Comparison) -> list[str]:
     return lines
 
 
-def print_comparison(cmp: Comparison, fmt: str) -> None:
+def comparison_tabular(cmp: Comparison) -> Tabular:
+    """Every change and timing as one table, for ``--csv``: count rows carry
+    the counts, timing rows the median milliseconds (metric ``median_ms``)."""
+    tab = Tabular(
+        title="comparison",
+        header=["point", "phase", "metric", "baseline", "new", "change", "verdict"],
+    )
+    for _title, _header, rows in comparison_tables(cmp):
+        for row in rows:
+            if len(row) == 7:
+                tab.rows.append(row)
+            else:
+                key, phase, old, new, ratio, note = row
+                tab.rows.append([key, phase, "median_ms", old, new, f"x{ratio}", note])
+    return tab
+
+
+def print_comparison(cmp: Comparison, fmt: str, *, wide: bool = False) -> None:
     if fmt == "json":
-        print(json.dumps(cmp.as_json(), indent=2))
+        from pvemu.scripts.bench.provenance import document
+
+        doc = cmp.as_json()
+        config = {"baseline": cmp.baseline, "against": cmp.against}
+        print(json.dumps({**document(str(doc.pop("schema")), config, {}), **doc}, indent=2))
+        return
+    if fmt == "csv":
+        print_tabular(comparison_tabular(cmp), "csv")
         return
     tables = comparison_tables(cmp)
+    summary = summary_lines(cmp)
     if fmt == "markdown":
         for title, header, rows in tables:
             print(f"### {title}\n")
             print(markdown_table(header, rows))
             print()
-        for line in summary_lines(cmp):
+        for line in summary:
             print(f"- {line}")
         return
-    from rich.table import Table
-
-    console = _console()
     for title, header, rows in tables:
-        table = Table(title=title)
-        for name in header:
-            table.add_column(name)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    for line in summary_lines(cmp):
-        console.print(line, markup=False, highlight=False)
+        print_tabular(
+            Tabular(title, header, rows, left=frozenset({"count", header[-1]})), wide=wide
+        )
+    console = wide_console(PIPE_WIDTH)
+    for line in summary:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # --- stored runs -----------------------------------------------------------------
 
 
-def runs_markdown(runs: Sequence[dict[str, Any]]) -> str:
-    """``pvemu bench list``: the rows of ``ResultStore.runs_summary``."""
-    header = ["run", "created (UTC)", "commit", "points", "valid"]
-    body = [
-        [
-            str(r["id"]),
-            r["created_utc"],
-            (r["git_sha"] or "?")[:12] + ("+dirty" if r["git_dirty"] else ""),
-            str(r["points"]),
-            "yes" if r["valid"] else "NO",
-        ]
-        for r in runs
+def _sweep_words(config: dict[str, Any]) -> tuple[str, str, str]:
+    """(modes, sizes, workloads) of a stored run's sweep, as ``bench list`` shows them."""
+    sweep = config.get("sweep") if isinstance(config.get("sweep"), dict) else {}
+    assert isinstance(sweep, dict)
+    modes = ",".join(str(m) for m in sweep.get("modes", [])) or "?"
+    sizes = ",".join(str(p) for p in sweep.get("pages", [])) or "?"
+    limits = [
+        f"{name}={','.join('default' if v is None else str(v) for v in values)}"
+        for name in ("mc_entries", "mc_bytes", "mc_records")
+        if (values := sweep.get(name))
     ]
-    return markdown_table(header, body)
+    if limits:
+        sizes = " ".join([sizes, *limits])
+    workloads = ",".join(str(w) for w in sweep.get("workloads", [])) or "?"
+    return modes, sizes, workloads
+
+
+#: The columns of ``pvemu bench list`` (CSV names).
+LIST_HEADER: Final = (
+    "run",
+    "tags",
+    "created_utc",
+    "commit",
+    "modes",
+    "pages",
+    "workloads",
+    "points",
+    "valid",
+)
+
+
+def runs_tabular(runs: Sequence[dict[str, Any]]) -> Tabular:
+    """``pvemu bench list``: the rows of ``ResultStore.runs_summary``."""
+    tab = Tabular(
+        title="stored runs, newest first",
+        header=[*LIST_HEADER[:2], "created (UTC)", *LIST_HEADER[3:]],
+        keys=1,
+        csv_header=list(LIST_HEADER),
+        left=frozenset({"tags", "created (UTC)", "commit", "modes", "pages", "workloads"}),
+        priority=("tags", "modes", "pages", "workloads", "valid", "created (UTC)"),
+    )
+    for r in runs:
+        modes, sizes, workloads = _sweep_words(r.get("config", {}))
+        tab.rows.append(
+            [
+                str(r["id"]),
+                ",".join(r.get("tags", [])) or "-",
+                r["created_utc"],
+                (r["git_sha"] or "?")[:12] + ("+dirty" if r["git_dirty"] else ""),
+                modes,
+                sizes,
+                workloads,
+                str(r["points"]),
+                "yes" if r["valid"] else "NO",
+            ]
+        )
+    if runs:
+        tab.headline = (
+            f"headline: {len(runs)} run(s); compare two with: pvemu bench compare "
+            f"--baseline RUN --against RUN (a run id, a tag or 'latest')"
+        )
+    else:
+        tab.headline = "headline: no stored runs yet: run 'pvemu bench'"
+    return tab
+
+
+def runs_markdown(runs: Sequence[dict[str, Any]]) -> str:
+    return runs_tabular(runs).markdown_text()

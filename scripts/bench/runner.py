@@ -12,14 +12,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from pvemu.scripts.bench.sweep import Sweep
 from pvemu.scripts.procs import HypervisorProcess, hypervisor_process
 from pvemu.scripts.results import BUFFER_PARAMS, Point
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
 
 DEFAULT_REPEAT: Final = 3
 DEFAULT_TIMEOUT_S: Final = 3600.0
@@ -125,10 +122,12 @@ class SweepOptions:
 def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
     """Run every point ``options.repeat`` times, in interleaved rounds."""
     from pvemu.scripts.guest_cmd import memory_for
+    from pvemu.scripts.progress import Progress
 
     points = sweep.plan()
     max_pages = max(sweep.pages)
-    progress = _progress_bar(enabled=options.progress)
+    total = len(points) * options.repeat
+    progress = Progress("pvemu bench", total, enabled=options.progress)
     with contextlib.ExitStack() as stack:
         tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-bench-", dir="/tmp"))
         hv: HypervisorProcess | None = None
@@ -136,38 +135,14 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
             memory = memory_for(max_pages) * 2 + 64
             hv = stack.enter_context(hypervisor_process(Path(tmpdir), memory))
         with progress:
-            task = progress.add_task("sweep", total=len(points) * options.repeat)
             for round_ in range(options.repeat):
                 for point in points:
-                    progress.update(
-                        task, description=f"{point.key} [{round_ + 1}/{options.repeat}]"
-                    )
+                    progress.update(description=f"{point.key} [{round_ + 1}/{options.repeat}]")
                     if point.valid:
                         _measure(point, hv, sweep, max_pages, options)
-                    progress.advance(task)
-            progress.update(task, description="sweep done")
+                    progress.update(advance=1)
+            progress.update(description="sweep done")
     return points
-
-
-def _progress_bar(*, enabled: bool) -> Progress:
-    """The sweep's progress bar, on stderr (stdout is for the results)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def _measure(

@@ -270,10 +270,14 @@ class ResultStore:
         return list(points.values())
 
     def runs_summary(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The newest runs: id, time, commit, validity and point count."""
+        """The newest runs: id, tags, time, commit, validity, point count and
+        the recorded configuration (its sweep says what was measured)."""
+        tags: dict[int, list[str]] = {}
+        for name, run_id in self.conn.execute("SELECT name, run_id FROM baselines ORDER BY name"):
+            tags.setdefault(int(run_id), []).append(name)
         out = []
-        for run_id, created, sha, dirty, valid, npoints in self.conn.execute(
-            "SELECT r.id, r.created_utc, r.git_sha, r.git_dirty, r.valid, "
+        for run_id, created, sha, dirty, valid, config_json, npoints in self.conn.execute(
+            "SELECT r.id, r.created_utc, r.git_sha, r.git_dirty, r.valid, r.config_json, "
             "(SELECT count(*) FROM points p WHERE p.run_id = r.id) "
             "FROM runs r ORDER BY r.id DESC LIMIT ?",
             (limit,),
@@ -281,11 +285,13 @@ class ResultStore:
             out.append(
                 {
                     "id": run_id,
+                    "tags": tags.get(int(run_id), []),
                     "created_utc": created,
                     "git_sha": sha,
                     "git_dirty": None if dirty is None else bool(dirty),
                     "valid": bool(valid),
                     "points": npoints,
+                    "config": json.loads(config_json),
                 }
             )
         return out
