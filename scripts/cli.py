@@ -13,7 +13,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pvemu.scripts import (
     bench_cmd,
@@ -25,6 +25,8 @@ from pvemu.scripts import (
     run_cmd,
     trace_cmd,
 )
+from pvemu.scripts.error_path import DEBUG_ENV, one_line, run_reporting
+from pvemu.scripts.errors import EXIT_USAGE
 from pvemu.shared import abi
 
 if TYPE_CHECKING:
@@ -185,32 +187,78 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 
 # --- entry point ------------------------------------------------------------------
 
+#: Where the parser notes the innermost (sub)command it parsed, so that an
+#: error names it: ``pvemu bench compare: ...``. Removed before ``run``.
+PROG_DEST = "_pvemu_prog"
+
+DEBUG_HELP = f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line ``PROG: message`` (exit 2)
+    instead of the usage block, and unrecognised arguments blamed on the
+    subcommand that was given them."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, PROG_DEST):  # the innermost parser returns first
+            setattr(parsed, PROG_DEST, self.prog)
+        return parsed, extras
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = getattr(parsed, PROG_DEST, self.prog)
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            print(f"{prog}: {message} (see '{prog} --help')", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE)
+        return parsed
+
 
 def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pvemu",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"pvemu {package_version()}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(title="subcommands", dest="command", metavar="COMMAND")
     for command in subcommands:
         child = sub.add_parser(command.name, help=command.help, description=command.help)
         command.configure(child)
+        # SUPPRESS: 'pvemu --debug run' is not undone by the subcommand's default.
+        child.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
         child.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``pvemu``; returns the exit status instead of raising SystemExit."""
+    """Run ``pvemu``; returns the exit status instead of raising SystemExit.
+
+    Every error ends here as one line on stderr (:mod:`pvemu.scripts.error_path`);
+    SIGTERM interrupts as SIGINT does, and both exit 130 once children and
+    temporary files are gone."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-    status: int = args.run(args)
-    return status
+        return EXIT_USAGE
+    debug = bool(vars(args).pop("debug", False))
+    prog = str(vars(args).pop(PROG_DEST, f"pvemu {args.command}"))
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run_reporting(prog, lambda: run(args), debug=debug)

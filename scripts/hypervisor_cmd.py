@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pvemu.scripts.argtypes import output_file, positive_float, positive_int
+from pvemu.scripts.error_path import leaves
+from pvemu.scripts.errors import EXIT_USAGE, UserError
 
 if TYPE_CHECKING:
     from pvemu.hypervisor.server import ServerLimits
@@ -24,7 +25,10 @@ warnings and errors reach stderr. The record of what happened in time is
 or chrome://tracing; see docs/timeline.md) and --log-file FILE (one JSON line
 per hypercall, domain and vCPU event). Both files are complete once the
 hypervisor exits. SIGINT or SIGTERM destroys every domain, writes the
-timeline, removes the socket file and exits 0.
+timeline, removes the socket file and exits 0 (the normal way to stop it).
+
+Errors are one line on stderr: a socket path that is too long (over 107
+bytes), in a missing folder or already served by a hypervisor exits 2.
 
 Limits bound what any guest can make the hypervisor hold or do; going over one
 is answered with a typed error and never affects other domains (see
@@ -194,8 +198,7 @@ def run(args: argparse.Namespace) -> int:
             if args.timeline:
                 open(args.timeline, "w").close()  # fail now, not after the run
         except OSError as exc:
-            print(f"pvemu hypervisor: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
-            return 1
+            raise UserError(f"cannot write {exc.filename}: {exc.strerror}") from exc
         level = args.log_level or ("info" if log_file else "warning")
         configure_logging(args.log_format or "auto", level, file=log_file)
         timeline = Timeline() if args.timeline else None
@@ -212,6 +215,7 @@ def _serve(args: argparse.Namespace, timeline: Timeline | None) -> int:
     from pvemu.hypervisor import Hypervisor
     from pvemu.hypervisor.server import ServerError, ServerLimits, run_server
 
+    check_socket_path(args.socket)
     harden_process()
     limits = ServerLimits(
         quantum=args.quantum,
@@ -232,12 +236,40 @@ def _serve(args: argparse.Namespace, timeline: Timeline | None) -> int:
         trio.run(
             lambda: run_server(args.socket, hv, limits, ready_line=(ready,), timeline=timeline)
         )
-    except ServerError as exc:
-        print(f"pvemu hypervisor: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        failures = leaves(exc)
+        # trio wraps a task's error in a group: the user reads the server's own message.
+        if failures and all(isinstance(f, ServerError) for f in failures):
+            raise UserError(f"{failures[0]}", EXIT_USAGE) from exc
+        raise
     return 0
+
+
+#: The longest path a Unix socket can be bound to (sun_path less its NUL).
+MAX_SOCKET_PATH: Final = 107
+
+
+def check_socket_path(path: str) -> None:
+    """Refuse a socket path that cannot be served, before any memory is
+    reserved: too long for ``AF_UNIX``, in a missing folder, or served by a
+    running hypervisor already."""
+    from pvemu.hypervisor.server import ServerError, prepare_socket_path
+
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise UserError(
+            f"--socket {path} is {size} bytes long; a Unix socket path holds at most "
+            f"{MAX_SOCKET_PATH}: choose a shorter one"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--socket {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--socket {path}: cannot create a socket in {folder} (permission denied)")
+    try:
+        prepare_socket_path(path)
+    except ServerError as exc:
+        raise UserError(f"{exc}: stop that hypervisor or choose another --socket") from exc
 
 
 def harden_process() -> None:

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.hypervisor.scheduler import POLICIES
 from pvemu.scripts.argtypes import positive_float, positive_int
+from pvemu.scripts.errors import EXIT_FAILURE, UserError
 from pvemu.scripts.load_worker import PRIORITIES
+from pvemu.scripts.procs import STOP_GRACE_S
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 from pvemu.scripts.results import percentile
 
@@ -122,8 +124,20 @@ class Worker:
 
     name: str
     proc: Any  # trio.Process
+    #: Where the worker's stderr goes: its one-line error, if it fails.
+    stderr_path: Path | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     _buffer: bytes = b""
+
+    def error(self) -> str:
+        """The worker's own error line, for the user."""
+        from pvemu.scripts.procs import child_error
+
+        text = ""
+        if self.stderr_path is not None:
+            with contextlib.suppress(OSError):
+                text = self.stderr_path.read_text(errors="replace")
+        return child_error(text, self.proc.returncode)
 
     async def read_events(self) -> None:
         assert self.proc.stdout is not None
@@ -184,14 +198,38 @@ async def _wait_for(
         while not condition():
             for worker in workers:
                 if worker.proc.returncode is not None and worker.event("result") is None:
-                    raise LoadError(f"{worker.name} exited with {worker.proc.returncode}")
+                    raise LoadError(
+                        f"{worker.name} exited with {worker.proc.returncode}: {worker.error()}"
+                    )
             await trio.sleep(0.02)
         return
     raise LoadError(f"timed out waiting for {what}")
 
 
-class LoadError(Exception):
-    """A worker failed or the run could not proceed."""
+class LoadError(UserError):
+    """A worker failed or the run could not proceed: one line, exit 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_FAILURE)
+
+
+async def stop_workers(workers: list[Worker], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every worker still running, SIGKILL those left after ``grace``
+    seconds, and reap them all: shielded, so it also runs when cancelled or
+    interrupted."""
+    import trio
+
+    with trio.CancelScope(shield=True):
+        running = [w for w in workers if w.proc.returncode is None]
+        for worker in running:
+            worker.proc.terminate()
+        with trio.move_on_after(grace):
+            for worker in running:
+                await worker.proc.wait()
+        for worker in running:
+            if worker.proc.returncode is None:
+                worker.proc.kill()
+            await worker.proc.wait()
 
 
 def worker_commands(args: argparse.Namespace, socket_path: str) -> list[tuple[str, list[str]]]:
@@ -230,38 +268,53 @@ def _progress(args: argparse.Namespace) -> Progress:
     return Progress("pvemu load", 4)
 
 
-async def run_load(args: argparse.Namespace, socket_path: str, hv_pid: int) -> dict[str, Any]:
-    """Drive the phases; return the report document."""
+async def run_load(
+    args: argparse.Namespace, socket_path: str, hv_pid: int, tmpdir: Path | None = None
+) -> dict[str, Any]:
+    """Drive the phases; return the report document. Workers keep their
+    stderr and temporary files in ``tmpdir`` (default: a folder of their own)."""
     import trio
+
+    from pvemu.scripts.procs import child_environment, die_with_parent
 
     before_guests = memory_kib(hv_pid)
     sampler = MemorySampler(hv_pid)
-    async with trio.open_nursery() as nursery:
-        workers: list[Worker] = []
-        for name, cmd in worker_commands(args, socket_path):
-            proc = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-            )
-            worker = Worker(name, proc)
-            workers.append(worker)
-            nursery.start_soon(worker.read_events)
-        nursery.start_soon(sampler.run)
-        try:
-            await _drive_phases(args, workers)
-            with trio.fail_after(60):
-                for worker in workers:
-                    await worker.proc.wait()
-        finally:
-            for worker in workers:
-                if worker.proc.returncode is None:
-                    worker.proc.kill()
-        nursery.cancel_scope.cancel()
+    with contextlib.ExitStack() as stack:
+        if tmpdir is None:
+            tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-load-")))
+        async with trio.open_nursery() as nursery:
+            workers: list[Worker] = []
+            try:
+                for name, cmd in worker_commands(args, socket_path):
+                    stderr_path = tmpdir / f"{name}.stderr"
+                    with stderr_path.open("w") as stderr:
+                        proc = await trio.lowlevel.open_process(
+                            cmd,
+                            stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE,
+                            stderr=stderr,
+                            env=child_environment(tmpdir),
+                            preexec_fn=die_with_parent,
+                        )
+                    worker = Worker(name, proc, stderr_path)
+                    workers.append(worker)
+                    nursery.start_soon(worker.read_events)
+                nursery.start_soon(sampler.run)
+                await _drive_phases(args, workers)
+                with trio.fail_after(60):
+                    for worker in workers:
+                        await worker.proc.wait()
+            finally:
+                await stop_workers(workers)
+            nursery.cancel_scope.cancel()
     memory = {
         "before_guests": before_guests,
         "peak_rss_kib": sampler.peak_rss_kib,
         "end": memory_kib(hv_pid),
     }
-    failed = [f"{w.name} exited {w.proc.returncode}" for w in workers if w.proc.returncode]
+    failed = [
+        f"{w.name} exited {w.proc.returncode}: {w.error()}" for w in workers if w.proc.returncode
+    ]
     by_name = {w.name: w for w in workers}
     loads = [w for w in workers if w.name.startswith("load")]
     return report(args, by_name["probe"], by_name["bigbatch"], loads, memory, failed)
@@ -450,7 +503,7 @@ def print_report(doc: dict[str, Any], fmt: str = "table", *, wide: bool = False)
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from pvemu.scripts.procs import HypervisorStartError, hypervisor_process
+    from pvemu.scripts.procs import hypervisor_process
     from pvemu.shared.wire import MAX_MMU_UPDATES
 
     if args.records > MAX_MMU_UPDATES:
@@ -461,15 +514,13 @@ def run(args: argparse.Namespace) -> int:
     extra = ["--max-batch", str(max(args.records, 65536)), "--max-domains", str(args.guests + 8)]
     extra += ["--scheduler", args.scheduler]
     started = time.monotonic()
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="pvemu-load-", dir="/tmp") as tmp,
-            hypervisor_process(Path(tmp), memory_mib, quantum=args.quantum, extra=extra) as hv,
-        ):
-            doc = trio.run(run_load, args, hv.socket_path, hv.proc.pid)
-    except (HypervisorStartError, LoadError) as exc:
-        print(f"pvemu load: {exc}", file=sys.stderr)
-        return 1
+    # The hypervisor, the workers' stderr and anything they leave are in one
+    # folder under $TMPDIR, removed on the way out, also when interrupted.
+    with (
+        tempfile.TemporaryDirectory(prefix="pvemu-load-") as tmp,
+        hypervisor_process(Path(tmp), memory_mib, quantum=args.quantum, extra=extra) as hv,
+    ):
+        doc = trio.run(run_load, args, hv.socket_path, hv.proc.pid, Path(tmp))
     doc["wall_s"] = round(time.monotonic() - started, 1)
     fmt = output_format(args)
     if fmt == "json":

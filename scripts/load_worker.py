@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import trio
 
+from pvemu.scripts.error_path import run_reporting
 from pvemu.shared import wire
 from pvemu.shared.x86 import (
     _PAGE_PRESENT,
@@ -199,9 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=float, default=10.0, help="probe pacing")
     parser.add_argument("--priority", choices=PRIORITIES, default="normal", help="host scheduling")
     args = parser.parse_args(argv)
-    set_priority(args.priority)
-    trio.run(main_async, args)
-    return 0
+
+    def work() -> int:
+        set_priority(args.priority)
+        trio.run(main_async, args)
+        return 0
+
+    # One line on stderr on failure, which 'pvemu load' relays as this worker's error.
+    return run_reporting(f"pvemu load {args.role}", work)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts.argtypes import mode_list, positive_int
-from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.scripts.procs import child_error, maybe_hypervisor, run_child
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 
 EPILOG = """\
@@ -55,15 +54,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_format_options(parser)
 
 
-def _run_mode(mode: str, socket_path: str, args: argparse.Namespace) -> dict[str, Any]:
+def _run_mode(
+    mode: str, socket_path: str, args: argparse.Namespace, tmpdir: Path
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--workload", "race", "--mode", mode]
     cmd += ["--pages", str(args.pages), "--writers", str(args.writers)]
     cmd += ["--iterations", str(args.iterations), "--seed", str(args.seed), "--json"]
     if mode != "native":
         cmd += ["--socket", socket_path]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # The guest's shared file (pvemu-race-*.bin) goes in tmpdir, removed even
+    # when the guest is killed before its own cleanup.
+    done = run_child(cmd, tmpdir=tmpdir)
     if done.returncode not in (0, 3) or not done.stdout.strip():
-        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        error = child_error(done.stderr, done.returncode)
         return {"mode": mode, "unsafe": mode in UNSAFE_MODES, "error": error}
     from pvemu.scripts.bench.provenance import without_metadata
 
@@ -132,20 +135,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes)
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="pvemu-race-", dir="/tmp") as tmp,
-            maybe_hypervisor(needs_hypervisor, Path(tmp), 512, quantum=args.quantum) as hv,
-            Progress("pvemu race", len(args.modes)) as progress,
-        ):
-            socket_path = hv.socket_path if hv is not None else ""
-            for n, mode in enumerate(args.modes):
-                progress.update(description=f"mode {mode} ({n + 1}/{len(args.modes)})")
-                results.append(_run_mode(mode, socket_path, args))
-                progress.update(advance=1)
-    except HypervisorStartError as exc:
-        print(f"pvemu race: {exc}", file=sys.stderr)
-        return 1
+    with (
+        tempfile.TemporaryDirectory(prefix="pvemu-race-") as tmp,
+        maybe_hypervisor(needs_hypervisor, Path(tmp), 512, quantum=args.quantum) as hv,
+        Progress("pvemu race", len(args.modes)) as progress,
+    ):
+        socket_path = hv.socket_path if hv is not None else ""
+        for n, mode in enumerate(args.modes):
+            progress.update(description=f"mode {mode} ({n + 1}/{len(args.modes)})")
+            results.append(_run_mode(mode, socket_path, args, Path(tmp)))
+            progress.update(advance=1)
     failed = [r["mode"] for r in results if r["mode"] not in UNSAFE_MODES and _lost(r)]
     fmt = output_format(args)
     if fmt == "json":

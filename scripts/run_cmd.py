@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES, UNSAFE_MODES
 from pvemu.scripts.argtypes import mode_list, output_file, positive_int
-from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.scripts.procs import child_error, maybe_hypervisor
 from pvemu.scripts.report import add_format_options, output_format
 
 if TYPE_CHECKING:
@@ -90,8 +90,11 @@ def _run_guest(
     timeline: Path | None,
     progress: Progress,
     label: str,
+    tmpdir: Path,
 ) -> dict[str, Any]:
-    """One guest process; its phase reports move ``progress`` (five steps)."""
+    """One guest process; its phase reports move ``progress`` (five steps).
+    Interrupted, it stops the guest (SIGTERM, then SIGKILL) before going on."""
+    from pvemu.scripts.procs import child_environment, die_with_parent, stop_process
     from pvemu.scripts.progress import ProgressPipe
 
     steps = [0]
@@ -109,19 +112,25 @@ def _run_guest(
         cmd += ["--timeline", str(timeline)]
     try:
         with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(pipe.fd,)
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=(pipe.fd,),
+            preexec_fn=die_with_parent,
+            env=child_environment(tmpdir),
         ) as proc:
             pipe.spawned()
             try:
                 stdout, stderr = proc.communicate()
-            except BaseException:  # as subprocess.run: never leave the guest running
-                proc.kill()
+            except BaseException:  # never leave the guest running
+                stop_process(proc)
                 raise
     finally:
         pipe.close()
     progress.update(advance=max(0, len(STEPS) - steps[0]))
     if proc.returncode not in (0, 3) or not stdout.strip():
-        error = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        error = child_error(stderr, proc.returncode)
         return {
             "mode": mode,
             "unsafe": mode in UNSAFE_MODES,
@@ -153,29 +162,34 @@ def run(args: argparse.Namespace) -> int:
     needs_hypervisor = any(m != "native" for m in args.modes)
     memory = memory_for(pages) * 2 + 64
     start_one = needs_hypervisor and args.socket is None
-    try:
-        with tempfile.TemporaryDirectory(prefix="pvemu-run-", dir="/tmp") as tmp:
-            timelines = Path(tmp)  # one file per process, merged once they are done
-            extra = ["--timeline", str(timelines / "hypervisor.json")] if args.timeline else []
-            with (
-                maybe_hypervisor(start_one, Path(tmp), memory, extra=extra) as hv,
-                Progress("pvemu run", len(args.modes) * len(STEPS)) as progress,
-            ):
-                socket_path = hv.socket_path if hv is not None else args.socket or ""
-                for n, mode in enumerate(args.modes):
-                    label = f"mode {mode} ({n + 1}/{len(args.modes)})"
-                    progress.update(description=f"{label}: boot")
-                    guest_timeline = timelines / f"guest-{mode}.json" if args.timeline else None
-                    results.append(
-                        _run_guest(
-                            mode, socket_path, pages, args.vcpus, guest_timeline, progress, label
-                        )
+    # Everything this run creates is in one folder under $TMPDIR, removed on
+    # the way out, also when interrupted (see scripts/error_path.py).
+    with tempfile.TemporaryDirectory(prefix="pvemu-run-") as tmp:
+        timelines = Path(tmp)  # one file per process, merged once they are done
+        extra = ["--timeline", str(timelines / "hypervisor.json")] if args.timeline else []
+        with (
+            maybe_hypervisor(start_one, Path(tmp), memory, extra=extra) as hv,
+            Progress("pvemu run", len(args.modes) * len(STEPS)) as progress,
+        ):
+            socket_path = hv.socket_path if hv is not None else args.socket or ""
+            for n, mode in enumerate(args.modes):
+                label = f"mode {mode} ({n + 1}/{len(args.modes)})"
+                progress.update(description=f"{label}: boot")
+                guest_timeline = timelines / f"guest-{mode}.json" if args.timeline else None
+                results.append(
+                    _run_guest(
+                        mode,
+                        socket_path,
+                        pages,
+                        args.vcpus,
+                        guest_timeline,
+                        progress,
+                        label,
+                        Path(tmp),
                     )
-            if args.timeline:  # the hypervisor has exited: its file is complete
-                _merge_timelines(sorted(timelines.glob("*.json")), args.timeline)
-    except HypervisorStartError as exc:
-        print(f"pvemu run: {exc}", file=sys.stderr)
-        return 1
+                )
+        if args.timeline:  # the hypervisor has exited: its file is complete
+            _merge_timelines(sorted(timelines.glob("*.json")), args.timeline)
     valid = all(r["counts_agree"] and r["audit_clean"] for r in results)
     if fmt == "json":
         from pvemu.scripts.bench.documents import RUN_CMD_SCHEMA

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pvemu.guest.modes import MODE_NAMES
-from pvemu.scripts.procs import HypervisorStartError, maybe_hypervisor
+from pvemu.scripts.procs import child_error, maybe_hypervisor, run_child
 from pvemu.scripts.report import Tabular, add_format_options, output_format
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
@@ -138,6 +138,19 @@ def strace_version(strace: str) -> str:
     return first.replace("-- version", "").replace("  ", " ").strip()
 
 
+def _run_strace(cmd: list[str]) -> int:
+    """strace's exit status (the traced command's). Interrupted, the traced
+    command and strace are stopped before the interrupt goes on."""
+    from pvemu.scripts.procs import die_with_parent, stop_tree
+
+    with subprocess.Popen(cmd, preexec_fn=die_with_parent) as proc:
+        try:
+            return proc.wait()
+        except BaseException:
+            stop_tree(proc)
+            raise
+
+
 def _record(args: argparse.Namespace) -> int:
     from pvemu.scripts.strace import parse_strace
     from pvemu.shared.trace import save_trace
@@ -155,9 +168,9 @@ def _record(args: argparse.Namespace) -> int:
     recorded_with = f"{strace_version(strace)} {' '.join(STRACE_FLAGS)}"
     with tempfile.TemporaryDirectory(prefix="pvemu-trace-") as tmp:
         raw_path = os.path.join(tmp, "strace.txt")
-        done = subprocess.run([strace, *STRACE_FLAGS, "-o", raw_path, "--", *cmd], check=False)
+        returncode = _run_strace([strace, *STRACE_FLAGS, "-o", raw_path, "--", *cmd])
         if not os.path.exists(raw_path):
-            print(f"pvemu trace record: strace failed (exit {done.returncode})", file=sys.stderr)
+            print(f"pvemu trace record: strace failed (exit {returncode})", file=sys.stderr)
             return 1
         with open(raw_path, encoding="utf-8", errors="replace") as f:
             text = f.read()
@@ -170,10 +183,9 @@ def _record(args: argparse.Namespace) -> int:
     save_trace(trace, args.output)
     print(f"wrote {args.output}")
     print_summary(trace.summary(), sys.stdout)
-    if done.returncode != 0:
+    if returncode != 0:
         print(
-            f"pvemu trace record: the command exited with status {done.returncode} "
-            "(trace saved anyway)",
+            f"pvemu trace record: the command exited with status {returncode} (trace saved anyway)",
             file=sys.stderr,
         )
         return 1
@@ -227,14 +239,16 @@ def _show(args: argparse.Namespace) -> int:
 # --- replay ------------------------------------------------------------------------------
 
 
-def _replay_mode(mode: str, path: str, socket_path: str, memory_mib: int) -> dict[str, Any]:
+def _replay_mode(
+    mode: str, path: str, socket_path: str, memory_mib: int, tmpdir: Path
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--json"]
     cmd += ["--workload", f"trace:{path}", "--memory-mib", str(memory_mib)]
     if mode != "native":
         cmd += ["--socket", socket_path]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = run_child(cmd, tmpdir=tmpdir)
     if done.returncode not in (0, 3) or not done.stdout.strip():
-        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        error = child_error(done.stderr, done.returncode)
         return {"mode": mode, "error": error, "counts_agree": False, "audit_clean": False}
     from pvemu.scripts.bench.provenance import without_metadata
 
@@ -257,18 +271,14 @@ def _replay(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes) and not args.socket
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="pvemu-trace-", dir="/tmp") as tmp,
-            maybe_hypervisor(needs_hypervisor, Path(tmp), args.memory_mib * 2 + 64) as hv,
-        ):
-            socket_path = hv.socket_path if hv is not None else (args.socket or "")
-            for mode in args.modes:
-                print(f"replaying in mode {mode} ...", file=sys.stderr)
-                results.append(_replay_mode(mode, path, socket_path, args.memory_mib))
-    except HypervisorStartError as exc:
-        print(f"pvemu trace replay: {exc}", file=sys.stderr)
-        return 1
+    with (
+        tempfile.TemporaryDirectory(prefix="pvemu-trace-") as tmp,
+        maybe_hypervisor(needs_hypervisor, Path(tmp), args.memory_mib * 2 + 64) as hv,
+    ):
+        socket_path = hv.socket_path if hv is not None else (args.socket or "")
+        for mode in args.modes:
+            print(f"replaying in mode {mode} ...", file=sys.stderr)
+            results.append(_replay_mode(mode, path, socket_path, args.memory_mib, Path(tmp)))
     valid = all(_valid(r) for r in results)
     fmt = output_format(args)
     if fmt == "json":

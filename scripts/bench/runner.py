@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pvemu.scripts.bench.sweep import Sweep
-from pvemu.scripts.procs import HypervisorProcess, hypervisor_process
+from pvemu.scripts.procs import HypervisorProcess, child_error, hypervisor_process, run_child
 from pvemu.scripts.results import BUFFER_PARAMS, Point
 
 DEFAULT_REPEAT: Final = 3
@@ -51,10 +51,13 @@ def guest_command(
     return [*cmd, *extra]
 
 
-def run_guest(cmd: Sequence[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
-    """Run one guest process: (its JSON document, "") or (None, why it failed)."""
+def run_guest(
+    cmd: Sequence[str], timeout: float, tmpdir: Path | None = None
+) -> tuple[dict[str, Any] | None, str]:
+    """Run one guest process: (its JSON document, "") or (None, why it failed).
+    Its temporary files go in ``tmpdir``; interrupted, it is stopped first."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = run_child(cmd, tmpdir=tmpdir, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"guest timed out after {timeout:g} s"
     if done.returncode in (0, 3) and done.stdout.strip():
@@ -65,8 +68,7 @@ def run_guest(cmd: Sequence[str], timeout: float) -> tuple[dict[str, Any] | None
         if isinstance(doc, dict) and isinstance(doc.get("phases"), dict):
             return doc, ""
         return None, "guest printed an unexpected JSON document"
-    lines = done.stderr.strip().splitlines()
-    return None, f"guest exit {done.returncode}: {lines[-1] if lines else 'no output'}"
+    return None, f"guest exit {done.returncode}: {child_error(done.stderr, done.returncode)}"
 
 
 def record_repeat(point: Point, doc: dict[str, Any] | None, error: str) -> None:
@@ -129,7 +131,8 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
     total = len(points) * options.repeat
     progress = Progress("pvemu bench", total, enabled=options.progress)
     with contextlib.ExitStack() as stack:
-        tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-bench-", dir="/tmp"))
+        # Under $TMPDIR, removed on the way out, also when interrupted.
+        tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-bench-"))
         hv: HypervisorProcess | None = None
         if sweep.needs_hypervisor:
             memory = memory_for(max_pages) * 2 + 64
@@ -139,14 +142,19 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
                 for point in points:
                     progress.update(description=f"{point.key} [{round_ + 1}/{options.repeat}]")
                     if point.valid:
-                        _measure(point, hv, sweep, max_pages, options)
+                        _measure(point, hv, sweep, max_pages, options, Path(tmpdir))
                     progress.update(advance=1)
             progress.update(description="sweep done")
     return points
 
 
 def _measure(
-    point: Point, hv: HypervisorProcess | None, sweep: Sweep, max_pages: int, options: SweepOptions
+    point: Point,
+    hv: HypervisorProcess | None,
+    sweep: Sweep,
+    max_pages: int,
+    options: SweepOptions,
+    tmpdir: Path,
 ) -> None:
     cmd = guest_command(
         point,
@@ -155,7 +163,7 @@ def _measure(
         memory_pages=max_pages,
         extra=options.inject.get(point.mode, []),
     )
-    doc, error = run_guest(cmd, options.timeout)
+    doc, error = run_guest(cmd, options.timeout, tmpdir)
     if doc is None and hv is not None and not hv.alive():
         error = f"{error}; the hypervisor exited ({hv.log_tail() or 'no log'})"
     record_repeat(point, doc, error)
