@@ -89,24 +89,36 @@ def internal_error_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """While inside: SIGTERM does what SIGINT does (KeyboardInterrupt, which
-    trio delivers safely inside ``trio.run``), so cleanup runs for both."""
+    trio delivers safely inside ``trio.run``), so cleanup runs for both.
+
+    A background job of a non-interactive shell starts with SIGINT ignored;
+    the default handler is put back, since trio delivers KeyboardInterrupt
+    safely only through it (and SIGTERM goes the same way)."""
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        # trio's handler (inside trio.run) or Python's default one; both are
+        # for SIGINT and trio's checks that it gets SIGINT.
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
-            handler(signum, frame)
-        else:  # SIGINT ignored or default at C level: still stop
+            handler(signal.SIGINT, frame)
+        else:  # someone set SIGINT to SIG_IGN/SIG_DFL since: still stop
             raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous_int = signal.getsignal(signal.SIGINT)
+        if not callable(previous_int):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a test's thread)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous_term is not None:  # None: a handler set outside Python
+            signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def run_reporting(prog: str, work: Callable[[], int], *, debug: bool = False) -> int:
