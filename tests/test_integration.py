@@ -224,7 +224,8 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: object) -> None
             text=True,
             timeout=30,
         )
-        assert clash.returncode == 1
+        assert clash.returncode == 2  # a socket in use is the user's to fix (usage)
+        assert clash.stderr.count("\n") == 1
         assert "already listening" in clash.stderr
         live.stop(signal.SIGKILL)  # leaves the socket file behind
         assert os.path.exists(live.socket_path)
