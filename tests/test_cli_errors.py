@@ -7,6 +7,7 @@ then checks that nothing is left there and no process it started survives."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,12 @@ import pytest
 
 from pvemu.scripts import error_path
 from pvemu.scripts.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UserError
-from pvemu.scripts.procs import HypervisorStartError, descendants, hypervisor_process
+from pvemu.scripts.procs import (
+    HypervisorStartError,
+    child_error,
+    descendants,
+    hypervisor_process,
+)
 
 PVEMU = [sys.executable, "-m", "pvemu.scripts"]
 REPO = Path(__file__).resolve().parent.parent
@@ -418,3 +424,51 @@ def test_a_signal_stops_every_child_and_removes_every_temporary_file(
     # bench says what it did not do: "interrupted: nothing was stored".
     assert _one_line(stderr).startswith(f"pvemu {command}: interrupted")
     _assert_nothing_left(tmp_path, seen)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("how", ["SIGTERM to pvemu", "SIGINT to the process group"])
+def test_a_signal_stops_trace_record_and_the_traced_program(tmp_path: Path, how: str) -> None:
+    """The traced program is pvemu's child too: it must not outlive pvemu."""
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen(
+        [*PVEMU, "trace", "record", "-o", str(out), "--", "sleep", "300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=_environment(tmp_path),
+        start_new_session=True,
+    )
+    seen: dict[int, str | None] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not any(_cmdline(pid).startswith("sleep 300") for pid in seen):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the traced program never started"
+            seen.update((pid, _start_time(pid)) for pid in descendants(proc.pid))
+            time.sleep(0.05)
+        if how.startswith("SIGTERM"):
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert _one_line(stderr) == "pvemu trace record: interrupted"
+    _assert_nothing_left(tmp_path, seen)
+
+
+def test_a_childs_error_is_its_own_line() -> None:
+    traceback_then_line = (
+        "Traceback (most recent call last):\n  File 'x', line 1\nValueError: deep\n"
+        "pvemu guest: disconnected: the hypervisor at /s is not running\n"
+    )
+    assert child_error(traceback_then_line, 1) == (
+        "disconnected: the hypervisor at /s is not running"
+    )
+    assert child_error("some output\nits last line\n", 1) == "its last line"
+    assert child_error("", -9) == "exit -9"
