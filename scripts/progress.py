@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -173,6 +174,32 @@ class ProgressPipe:
     def close(self) -> None:
         self.spawned()
         self._thread.join(timeout=5)
+
+
+def run_reporting(
+    cmd: list[str], on_step: Callable[[str], None]
+) -> subprocess.CompletedProcess[str]:
+    """Run a ``pvemu guest`` child with ``--progress-fd`` appended, calling
+    ``on_step`` with each step it reports; its output captured. Whatever
+    interrupts the wait (SIGINT), the child is killed: never left running."""
+    pipe = ProgressPipe(on_step)
+    try:
+        with subprocess.Popen(
+            [*cmd, "--progress-fd", str(pipe.fd)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=(pipe.fd,),
+        ) as proc:
+            pipe.spawned()
+            try:
+                stdout, stderr = proc.communicate()
+            except BaseException:
+                proc.kill()
+                raise
+    finally:
+        pipe.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def phase_reporter(fd: int | None) -> Callable[[str], None] | None:

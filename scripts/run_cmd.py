@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -92,7 +91,7 @@ def _run_guest(
     label: str,
 ) -> dict[str, Any]:
     """One guest process; its phase reports move ``progress`` (five steps)."""
-    from pvemu.scripts.progress import ProgressPipe
+    from pvemu.scripts.progress import run_reporting
 
     steps = [0]
 
@@ -100,28 +99,16 @@ def _run_guest(
         steps[0] += 1
         progress.update(advance=1, description=f"{label}: {step}")
 
-    pipe = ProgressPipe(on_step)
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--pages", str(pages)]
-    cmd += ["--vcpus", str(vcpus), "--json", "--progress-fd", str(pipe.fd)]
+    cmd += ["--vcpus", str(vcpus), "--json"]
     if mode != "native":
         cmd += ["--socket", socket_path]
     if timeline is not None:
         cmd += ["--timeline", str(timeline)]
-    try:
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(pipe.fd,)
-        ) as proc:
-            pipe.spawned()
-            try:
-                stdout, stderr = proc.communicate()
-            except BaseException:  # as subprocess.run: never leave the guest running
-                proc.kill()
-                raise
-    finally:
-        pipe.close()
+    done = run_reporting(cmd, on_step)
     progress.update(advance=max(0, len(STEPS) - steps[0]))
-    if proc.returncode not in (0, 3) or not stdout.strip():
-        error = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    if done.returncode not in (0, 3) or not done.stdout.strip():
+        error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         return {
             "mode": mode,
             "unsafe": mode in UNSAFE_MODES,
@@ -132,7 +119,7 @@ def _run_guest(
         }
     from pvemu.scripts.bench.provenance import without_metadata
 
-    return without_metadata(json.loads(stdout))
+    return without_metadata(json.loads(done.stdout))
 
 
 def _merge_timelines(parts: list[Path], out: str) -> None:
