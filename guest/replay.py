@@ -21,6 +21,7 @@ import os
 import tempfile
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Final
 
@@ -70,6 +71,9 @@ RELOCATIONS: Final = ("preserve", "compact")
 DEFAULT_TOUCH_LIMIT: Final = 64
 #: Pages the replay keeps populated at once, at most (frames are finite).
 DEFAULT_MAX_RESIDENT: Final = 2048
+#: How many ``events N%`` steps a replay reports (then ``verify``), so that a
+#: parent's progress bar moves inside a long trace, not only between modes.
+PROGRESS_STEPS: Final = 20
 _PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
 
 
@@ -87,8 +91,10 @@ class _Replay:
         max_resident: int,
         relocation: str,
         scratch: str,
+        on_step: Callable[[str], None] | None = None,
     ) -> None:
         self.kernel = kernel
+        self.on_step = on_step
         self.trace = trace
         self.result = result
         self.touch_limit = touch_limit
@@ -485,8 +491,12 @@ class _Replay:
 
     async def run(self) -> None:
         replayed: Counter[str] = Counter()
+        total = len(self.trace.events)
+        reported = 0
         for index, event in enumerate(self.trace.events):
             self.index = index
+            if self.on_step is not None:
+                reported = self._report(index, total, reported)
             match event:
                 case Mmap():
                     await self.on_mmap(event)
@@ -503,9 +513,21 @@ class _Replay:
                 case Exec():
                     await self.on_exec(event)
             replayed[event.OP] += 1
+        if self.on_step is not None:
+            self._report(total, total, reported)
         await self.meter.close()
         self.result.replayed = {op: replayed.get(op, 0) for op in EVENT_TYPES}
         self.result.phases = dict(self.meter.phases)
+
+    def _report(self, done: int, total: int, reported: int) -> int:
+        """Report each ``PROGRESS_STEPS``-th of the events once ``done`` of
+        ``total`` have run; returns how many steps are reported so far."""
+        reached = PROGRESS_STEPS if total == 0 else done * PROGRESS_STEPS // total
+        assert self.on_step is not None
+        while reported < reached:
+            reported += 1
+            self.on_step(f"events {reported * 100 // PROGRESS_STEPS}%")
+        return reported
 
     async def verify(self) -> None:
         """Read back every populated page that is still readable."""
@@ -532,12 +554,14 @@ async def replay_trace(
     max_resident: int = DEFAULT_MAX_RESIDENT,
     relocation: str = "preserve",
     name: str = "",
+    on_step: Callable[[str], None] | None = None,
 ) -> TraceResult:
     """Replay ``trace`` in ``kernel``, phase by phase (``REPLAY_PHASES``),
     then read back every populated page and run ``audit()``.
 
     Raises WorkloadError if a page reads back wrong (a broken kernel);
-    syscalls that fail are counted in ``TraceResult.errors``.
+    syscalls that fail are counted in ``TraceResult.errors``. ``on_step``
+    hears ``events N%`` ``PROGRESS_STEPS`` times, then ``verify``.
     """
     if touch_limit < 0 or max_resident < 0:
         raise ValueError("touch_limit and max_resident must be >= 0")
@@ -564,8 +588,11 @@ async def replay_trace(
             max_resident=max_resident,
             relocation=relocation,
             scratch=scratch,
+            on_step=on_step,
         )
         await replay.run()
+        if on_step is not None:
+            on_step("verify")
         await replay.verify()
     result.audit = await kernel.audit()
     return result
@@ -578,6 +605,7 @@ async def run_trace_workload(
     touch_limit: int = DEFAULT_TOUCH_LIMIT,
     max_resident: int = DEFAULT_MAX_RESIDENT,
     relocation: str = "preserve",
+    on_step: Callable[[str], None] | None = None,
 ) -> WorkloadResult:
     """``pvemu guest --workload trace:FILE``: load the trace and replay it.
 
@@ -591,4 +619,5 @@ async def run_trace_workload(
         max_resident=max_resident,
         relocation=relocation,
         name=os.fspath(path),
+        on_step=on_step,
     )

@@ -79,10 +79,36 @@ IMPLEMENTED_FEATURES: tuple[tuple[str, int, str], ...] = (
 
 
 def _configure_info(parser: argparse.ArgumentParser) -> None:
-    """``pvemu info`` takes no arguments."""
+    """``pvemu info [--json]``: the tables, or one document for tools."""
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON document on stdout (with metadata)"
+    )
+
+
+def info_body() -> dict[str, object]:
+    """What ``info --json`` reports besides the metadata block."""
+    return {
+        "pvemu_version": package_version(),
+        "hypercalls": [
+            {"nr": nr, "name": name} for nr, name in sorted(abi.HYPERCALL_NAMES.items())
+        ],
+        "unknown_hypercall_rc": -abi.ENOSYS,
+        "features": [
+            {"bit": bit, "name": name, "meaning": meaning}
+            for name, bit, meaning in IMPLEMENTED_FEATURES
+        ],
+    }
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    if args.json:
+        import json
+
+        from pvemu.scripts.bench.documents import INFO_SCHEMA
+        from pvemu.scripts.bench.provenance import document
+
+        print(json.dumps(document(INFO_SCHEMA, {}, info_body())))
+        return 0
     from rich.console import Console
     from rich.table import Table
 

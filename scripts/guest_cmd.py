@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
             if args.workload.startswith("trace:"):
                 from pvemu.guest.replay import run_trace_workload
 
-                result = await run_trace_workload(kernel, args.workload[len("trace:") :])
+                result = await run_trace_workload(
+                    kernel, args.workload[len("trace:") :], on_step=on_step
+                )
             else:
                 result = await run_mprotect_workload(kernel, args.pages, on_step=on_step)
                 if timeline is not None:

@@ -112,12 +112,12 @@ def stop_tree(proc: subprocess.Popen[Any], grace: float = STOP_GRACE_S) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def child_environment(tmpdir: str | Path | None) -> dict[str, str] | None:
+def child_environment(tmpdir: str | os.PathLike[str] | None) -> dict[str, str] | None:
     """A child's environment with ``TMPDIR`` in the parent's temporary
     folder: whatever the child leaves there goes when the parent removes it."""
     if tmpdir is None:
         return None
-    return {**os.environ, "TMPDIR": str(tmpdir)}
+    return {**os.environ, "TMPDIR": os.fspath(tmpdir)}
 
 
 def run_child(

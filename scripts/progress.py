@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -173,6 +174,38 @@ class ProgressPipe:
     def close(self) -> None:
         self.spawned()
         self._thread.join(timeout=5)
+
+
+def run_reporting(
+    cmd: list[str], on_step: Callable[[str], None], tmpdir: str | os.PathLike[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a ``pvemu guest`` child with ``--progress-fd`` appended, calling
+    ``on_step`` with each step it reports; its output captured, its
+    temporary files in ``tmpdir``. Whatever interrupts the wait (SIGINT,
+    SIGTERM), the child is stopped (SIGTERM, then SIGKILL) and it dies with
+    this process: never left running."""
+    from pvemu.scripts.procs import child_environment, die_with_parent, stop_process
+
+    pipe = ProgressPipe(on_step)
+    try:
+        with subprocess.Popen(
+            [*cmd, "--progress-fd", str(pipe.fd)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=(pipe.fd,),
+            preexec_fn=die_with_parent,
+            env=child_environment(tmpdir),
+        ) as proc:
+            pipe.spawned()
+            try:
+                stdout, stderr = proc.communicate()
+            except BaseException:
+                stop_process(proc)
+                raise
+    finally:
+        pipe.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def phase_reporter(fd: int | None) -> Callable[[str], None] | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -94,8 +93,7 @@ def _run_guest(
 ) -> dict[str, Any]:
     """One guest process; its phase reports move ``progress`` (five steps).
     Interrupted, it stops the guest (SIGTERM, then SIGKILL) before going on."""
-    from pvemu.scripts.procs import child_environment, die_with_parent, stop_process
-    from pvemu.scripts.progress import ProgressPipe
+    from pvemu.scripts.progress import run_reporting
 
     steps = [0]
 
@@ -103,34 +101,16 @@ def _run_guest(
         steps[0] += 1
         progress.update(advance=1, description=f"{label}: {step}")
 
-    pipe = ProgressPipe(on_step)
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--pages", str(pages)]
-    cmd += ["--vcpus", str(vcpus), "--json", "--progress-fd", str(pipe.fd)]
+    cmd += ["--vcpus", str(vcpus), "--json"]
     if mode != "native":
         cmd += ["--socket", socket_path]
     if timeline is not None:
         cmd += ["--timeline", str(timeline)]
-    try:
-        with subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            pass_fds=(pipe.fd,),
-            preexec_fn=die_with_parent,
-            env=child_environment(tmpdir),
-        ) as proc:
-            pipe.spawned()
-            try:
-                stdout, stderr = proc.communicate()
-            except BaseException:  # never leave the guest running
-                stop_process(proc)
-                raise
-    finally:
-        pipe.close()
+    done = run_reporting(cmd, on_step, tmpdir)
     progress.update(advance=max(0, len(STEPS) - steps[0]))
-    if proc.returncode not in (0, 3) or not stdout.strip():
-        error = child_error(stderr, proc.returncode)
+    if done.returncode not in (0, 3) or not done.stdout.strip():
+        error = child_error(done.stderr, done.returncode)
         return {
             "mode": mode,
             "unsafe": mode in UNSAFE_MODES,
@@ -141,7 +121,7 @@ def _run_guest(
         }
     from pvemu.scripts.bench.provenance import without_metadata
 
-    return without_metadata(json.loads(stdout))
+    return without_metadata(json.loads(done.stdout))
 
 
 def _merge_timelines(parts: list[Path], out: str) -> None:

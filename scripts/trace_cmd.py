@@ -12,11 +12,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pvemu.guest.modes import MODE_NAMES
-from pvemu.scripts.procs import child_error, maybe_hypervisor, run_child
+from pvemu.scripts.procs import child_error, maybe_hypervisor
 from pvemu.scripts.report import Tabular, add_format_options, output_format
+
+if TYPE_CHECKING:
+    from pvemu.scripts.progress import Progress
 
 HELP = "record a real program's memory syscalls (strace) and replay them in the guest"
 
@@ -239,14 +242,39 @@ def _show(args: argparse.Namespace) -> int:
 # --- replay ------------------------------------------------------------------------------
 
 
+def replay_steps() -> int:
+    """Steps one mode's replay reports: boot, the events' steps, verify."""
+    from pvemu.guest.replay import PROGRESS_STEPS
+
+    return 1 + PROGRESS_STEPS + 1
+
+
 def _replay_mode(
-    mode: str, path: str, socket_path: str, memory_mib: int, tmpdir: Path
+    mode: str,
+    path: str,
+    socket_path: str,
+    memory_mib: int,
+    progress: Progress,
+    label: str,
+    tmpdir: Path | None = None,
 ) -> dict[str, Any]:
+    """One mode's replay in its own guest; its reports move ``progress``
+    (:func:`replay_steps` steps); its temporary files go in ``tmpdir``."""
+    from pvemu.scripts.progress import run_reporting
+
+    steps = [1]  # boot
+    progress.update(advance=1, description=f"{label}: boot")
+
+    def on_step(step: str) -> None:
+        steps[0] += 1
+        progress.update(advance=1, description=f"{label}: {step}")
+
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--json"]
     cmd += ["--workload", f"trace:{path}", "--memory-mib", str(memory_mib)]
     if mode != "native":
         cmd += ["--socket", socket_path]
-    done = run_child(cmd, tmpdir=tmpdir)
+    done = run_reporting(cmd, on_step, tmpdir)
+    progress.update(advance=max(0, replay_steps() - steps[0]))
     if done.returncode not in (0, 3) or not done.stdout.strip():
         error = child_error(done.stderr, done.returncode)
         return {"mode": mode, "error": error, "counts_agree": False, "audit_clean": False}
@@ -261,6 +289,7 @@ def _valid(result: dict[str, Any]) -> bool:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from pvemu.scripts.progress import Progress
     from pvemu.shared.trace import TraceError, load_trace
 
     try:
@@ -274,11 +303,14 @@ def _replay(args: argparse.Namespace) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="pvemu-trace-") as tmp,
         maybe_hypervisor(needs_hypervisor, Path(tmp), args.memory_mib * 2 + 64) as hv,
+        Progress("pvemu trace replay", len(args.modes) * replay_steps()) as progress,
     ):
         socket_path = hv.socket_path if hv is not None else (args.socket or "")
-        for mode in args.modes:
-            print(f"replaying in mode {mode} ...", file=sys.stderr)
-            results.append(_replay_mode(mode, path, socket_path, args.memory_mib, Path(tmp)))
+        for n, mode in enumerate(args.modes):
+            label = f"mode {mode} ({n + 1}/{len(args.modes)})"
+            results.append(
+                _replay_mode(mode, path, socket_path, args.memory_mib, progress, label, Path(tmp))
+            )
     valid = all(_valid(r) for r in results)
     fmt = output_format(args)
     if fmt == "json":

@@ -92,6 +92,24 @@ def test_info_lists_served_hypercalls_and_features(capsys: pytest.CaptureFixture
         assert absent not in out
 
 
+def test_info_json_has_the_metadata_block_and_the_same_abi(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    assert cli.main(["info", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "pvemu-info/1"
+    assert doc["run"]["pvemu_version"] == cli.package_version()
+    assert {"created_utc", "git_sha", "host", "machine"} <= doc["run"].keys()
+    assert {(h["nr"], h["name"]) for h in doc["hypercalls"]} >= {
+        (1, "mmu_update"),
+        (26, "mmuext_op"),
+    }
+    assert doc["unknown_hypercall_rc"] == -38
+    assert [f["name"] for f in doc["features"]] == ["XENFEAT_mmu_pt_update_preserve_ad"]
+
+
 def test_info_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: pvemu info")

@@ -753,6 +753,54 @@ def test_replay_native_in_a_guest_process(capsys: pytest.CaptureFixture[str]) ->
     assert result["phases"]["touch"]["page_faults"] == result["pages"]
 
 
+async def test_replay_reports_its_progress_in_steps() -> None:
+    from pvemu.guest.replay import PROGRESS_STEPS
+
+    steps: list[str] = []
+    trace = load_trace(TRACES / "python-json.json")
+    await replay_trace(await native_kernel(), trace, on_step=steps.append)
+    assert steps == [
+        *(f"events {n * 100 // PROGRESS_STEPS}%" for n in range(1, PROGRESS_STEPS + 1)),
+        "verify",
+    ]
+
+
+def test_replay_moves_the_bar_with_every_step_the_guest_reports() -> None:
+    from pvemu.scripts.progress import Progress
+
+    progress = Progress("pvemu trace replay", trace_cmd.replay_steps(), enabled=False)
+    seen: list[str] = []
+    update = progress.update
+
+    def recording(*, advance: float = 0.0, description: str | None = None) -> None:
+        if description is not None:
+            seen.append(description)
+        update(advance=advance, description=description)
+
+    progress.update = recording  # type: ignore[method-assign]
+    path = str(TRACES / "java-version.json")
+    result = trace_cmd._replay_mode("native", path, "", 64, progress, "mode native (1/1)")
+    assert result["trace"]["replay_clean"]
+    assert seen[0] == "mode native (1/1): boot"
+    assert seen[-1] == "mode native (1/1): verify"
+    assert "mode native (1/1): events 50%" in seen
+    assert progress.done == trace_cmd.replay_steps()
+
+
+def test_replay_shows_progress_inside_a_mode_without_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain progress line names the mode and the step the guest reached."""
+    monkeypatch.setenv("PVEMU_PROGRESS_INTERVAL", "0.05")
+    path = str(TRACES / "java-version.json")
+    args = _parser().parse_args(["replay", path, "--modes", "native", "--json"])
+    assert trace_cmd.run(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines
+    assert all(line.startswith("pvemu trace replay: ") for line in lines)
+    assert any("mode native (1/1): " in line for line in lines)
+
+
 def test_guest_subcommand_runs_a_trace(capsys: pytest.CaptureFixture[str]) -> None:
     from pvemu.scripts import guest_cmd
 

@@ -24,12 +24,14 @@ LOAD_SCHEMA: Final = "pvemu-load/1"
 TRACE_REPLAY_SCHEMA: Final = "pvemu-trace-replay/1"
 TRACE_SHOW_SCHEMA: Final = "pvemu-trace-show/1"
 COMPARE_SCHEMA: Final = "pvemu-compare/1"
+INFO_SCHEMA: Final = "pvemu-info/1"
 #: Documents that hold no per-phase trap counts, and so cannot be compared.
 _NOT_COMPARABLE: Final = {
     RACE_SCHEMA: "pvemu race (lost bits per mode, not counts per phase)",
     LOAD_SCHEMA: "pvemu load (throughput and latency, not counts per phase)",
     TRACE_SHOW_SCHEMA: "pvemu trace show (a trace's summary, not a measurement)",
     COMPARE_SCHEMA: "pvemu bench compare (a comparison, not a run)",
+    INFO_SCHEMA: "pvemu info (the ABI served, not a measurement)",
 }
 
 
