@@ -25,7 +25,7 @@ from pvemu.scripts import (
     run_cmd,
     trace_cmd,
 )
-from pvemu.scripts.error_path import DEBUG_ENV, one_line, run_reporting
+from pvemu.scripts.error_path import DEBUG_ENV, exit_status, one_line
 from pvemu.scripts.errors import EXIT_USAGE
 from pvemu.shared import abi
 
@@ -287,4 +287,4 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(vars(args).pop("debug", False))
     prog = str(vars(args).pop(PROG_DEST, f"pvemu {args.command}"))
     run: Callable[[argparse.Namespace], int] = args.run
-    return run_reporting(prog, lambda: run(args), debug=debug)
+    return exit_status(prog, lambda: run(args), debug=debug)

@@ -1,6 +1,6 @@
 """How every ``pvemu`` process ends: one line on stderr and a documented exit code.
 
-:func:`run_reporting` wraps a subcommand (and each helper process, such as a
+:func:`exit_status` wraps a subcommand (and each helper process, such as a
 load worker): a :class:`~pvemu.scripts.errors.UserError`, an ``OSError``, a
 ``MemoryError`` or an interrupt becomes one line ``PROG: message`` with the
 exit code of :mod:`pvemu.scripts.errors`; anything else is an internal error,
@@ -121,7 +121,7 @@ def sigterm_interrupts() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous_int)
 
 
-def run_reporting(prog: str, work: Callable[[], int], *, debug: bool = False) -> int:
+def exit_status(prog: str, work: Callable[[], int], *, debug: bool = False) -> int:
     """``work()``'s exit status; any exception it raises is reported as one
     line ``PROG: message`` on stderr and turned into its exit code."""
     debug = debug or debug_from_environment()
@@ -149,6 +149,6 @@ __all__ = [
     "internal_error_line",
     "leaves",
     "one_line",
-    "run_reporting",
+    "exit_status",
     "sigterm_interrupts",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import trio
 
-from pvemu.scripts.error_path import run_reporting
+from pvemu.scripts.error_path import exit_status
 from pvemu.shared import wire
 from pvemu.shared.x86 import (
     _PAGE_PRESENT,
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # One line on stderr on failure, which 'pvemu load' relays as this worker's error.
-    return run_reporting(f"pvemu load {args.role}", work)
+    return exit_status(f"pvemu load {args.role}", work)
 
 
 if __name__ == "__main__":

@@ -290,13 +290,13 @@ def test_a_child_hypervisor_on_a_served_socket_is_reported_in_its_own_words(
     _assert_nothing_left(tmp_path)
 
 
-# --- how run_reporting describes what was raised -------------------------------------------
+# --- how exit_status describes what was raised ---------------------------------------------
 
 
 def _report(
     capsys: pytest.CaptureFixture[str], work: Callable[[], int], debug: bool = False
 ) -> tuple[int, str]:
-    status = error_path.run_reporting("pvemu x", work, debug=debug)
+    status = error_path.exit_status("pvemu x", work, debug=debug)
     captured = capsys.readouterr()
     assert captured.out == ""
     return status, captured.err
