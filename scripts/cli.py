@@ -10,6 +10,7 @@ so that ``pvemu --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(vars(args).pop("debug", False))
+    if debug:  # the children this command starts print their tracebacks too
+        os.environ[DEBUG_ENV] = "1"
     prog = str(vars(args).pop(PROG_DEST, f"pvemu {args.command}"))
     run: Callable[[argparse.Namespace], int] = args.run
     return exit_status(prog, lambda: run(args), debug=debug)
