@@ -6,6 +6,8 @@ import argparse
 import os
 
 from pvemu.guest.modes import MODE_NAMES
+from pvemu.scripts.checks import check_output_file, check_output_folder
+from pvemu.scripts.errors import UserError
 
 
 def positive_int(text: str) -> int:
@@ -39,16 +41,39 @@ def mode_list(text: str) -> tuple[str, ...]:
     return modes
 
 
+def mode_name(text: str) -> str:
+    """One pv-ops mode, from the registry (``guest.modes.MODE_NAMES``)."""
+    if text not in MODE_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode {text!r}; choose from {', '.join(MODE_NAMES)}"
+        )
+    return text
+
+
 def output_file(text: str) -> str:
     """A file this process may create or overwrite, checked when the command
     line is parsed: a run must not fail at its end for want of a folder."""
-    path = os.path.abspath(text)
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{text} is a folder")
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"no folder {folder}")
-    target = path if os.path.exists(path) else folder
-    if not os.access(target, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text} is not writable")
+    try:
+        check_output_file(text, "")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(exc.message.strip()) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder this process creates if needed (with its parents), checked
+    when the command line is parsed: the nearest existing folder on its path
+    must take new entries."""
+    try:
+        check_output_folder(text, "")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(exc.message.strip()) from None
+    return text
+
+
+def output_file_in_new_folder(text: str) -> str:
+    """A file whose folder this process creates if needed (``bench -o``)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    output_folder(os.path.dirname(os.path.abspath(text)))
     return text
