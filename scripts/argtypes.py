@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Final
 
 from pvemu.guest.modes import MODE_NAMES
-from pvemu.scripts.checks import check_output_file, check_output_folder
-from pvemu.scripts.errors import UserError
+from pvemu.scripts.checks import output_file_problem, output_folder_problem
 
 
 def positive_int(text: str) -> int:
@@ -41,11 +41,15 @@ def mode_list(text: str) -> tuple[str, ...]:
     return modes
 
 
-def mode_name(text: str) -> str:
-    """One pv-ops mode, from the registry (``guest.modes.MODE_NAMES``)."""
-    if text not in MODE_NAMES:
+#: The modes whose guest runs on the hypervisor (all but ``native``).
+HYPERVISOR_MODES: Final = tuple(m for m in MODE_NAMES if m != "native")
+
+
+def hypervisor_mode(text: str) -> str:
+    """One pv-ops mode of the registry that runs on the hypervisor."""
+    if text not in HYPERVISOR_MODES:
         raise argparse.ArgumentTypeError(
-            f"unknown mode {text!r}; choose from {', '.join(MODE_NAMES)}"
+            f"unknown mode {text!r}; choose from {', '.join(HYPERVISOR_MODES)}"
         )
     return text
 
@@ -53,10 +57,9 @@ def mode_name(text: str) -> str:
 def output_file(text: str) -> str:
     """A file this process may create or overwrite, checked when the command
     line is parsed: a run must not fail at its end for want of a folder."""
-    try:
-        check_output_file(text, "")
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(exc.message.strip()) from None
+    problem = output_file_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -64,10 +67,9 @@ def output_folder(text: str) -> str:
     """A folder this process creates if needed (with its parents), checked
     when the command line is parsed: the nearest existing folder on its path
     must take new entries."""
-    try:
-        check_output_folder(text, "")
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(exc.message.strip()) from None
+    problem = output_folder_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -208,31 +208,42 @@ def _probe_folder(folder: Path) -> str | None:
         return exc.strerror or str(exc)
 
 
-def check_output_file(path: str, option: str) -> None:
-    """A file this command will write: its folder exists and takes files."""
+def output_file_problem(path: str) -> str | None:
+    """Why this command could not write the file ``path`` (None if it can):
+    its folder must exist and take files."""
     target = Path(path).absolute()
     if target.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name")
+        return f"{path} is a folder; give a file name"
     folder = target.parent
     if not folder.is_dir():
-        raise UserError(f"{option} {path}: no folder {folder}; create it first")
+        return f"no folder {folder}; create it first"
     why = _probe_folder(folder)
-    if why is not None:
-        raise UserError(f"{option} {path}: cannot write in {folder} ({why})")
+    return None if why is None else f"cannot write in {folder} ({why})"
 
 
-def check_output_folder(path: str, option: str) -> None:
-    """A folder this command will create if needed: the nearest existing one
-    on its path must be a folder that takes new entries."""
-    target = Path(path).absolute()
-    existing = target
+def output_folder_problem(path: str) -> str | None:
+    """Why this command could not create (if needed) and write in the folder
+    ``path`` (None if it can): the nearest existing folder on its path must
+    take new entries."""
+    existing = Path(path).absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{option} {path}: {existing} is a file, not a folder")
+        return f"{existing} is a file, not a folder"
     why = _probe_folder(existing)
-    if why is not None:
-        raise UserError(f"{option} {path}: cannot write in {existing} ({why})")
+    return None if why is None else f"cannot write in {existing} ({why})"
+
+
+def check_output_file(path: str, option: str) -> None:
+    problem = output_file_problem(path)
+    if problem is not None:
+        raise UserError(f"{option} {path}: {problem}")
+
+
+def check_output_folder(path: str, option: str) -> None:
+    problem = output_folder_problem(path)
+    if problem is not None:
+        raise UserError(f"{option} {path}: {problem}")
 
 
 def check_program(name: str, what: str = "program") -> str:

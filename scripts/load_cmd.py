@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pvemu.guest.modes import MODE_NAMES
 from pvemu.hypervisor.scheduler import POLICIES
 from pvemu.scripts import checks
-from pvemu.scripts.argtypes import positive_float, positive_int
+from pvemu.scripts.argtypes import HYPERVISOR_MODES, hypervisor_mode, positive_float, positive_int
 from pvemu.scripts.errors import UserError
 from pvemu.scripts.load_worker import PRIORITIES
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
@@ -35,8 +34,6 @@ from pvemu.shared.wire import MAX_MMU_UPDATES
 if TYPE_CHECKING:
     from pvemu.scripts.progress import Progress
 
-#: Modes a load guest can run in: every one that talks to the hypervisor.
-LOAD_MODES: Final = tuple(m for m in MODE_NAMES if m != "native")
 DEFAULT_GUESTS: Final = 32
 DEFAULT_RECORDS: Final = 1_000_000
 P99_GOAL_MS: Final = 2.0
@@ -85,7 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--mode",
         type=hypervisor_mode,
         default="xen",
-        help=f"pv-ops mode of the load guests: {', '.join(LOAD_MODES)} (default xen)",
+        help=f"pv-ops mode of the load guests: {', '.join(HYPERVISOR_MODES)} (default xen)",
     )
     parser.add_argument(
         "--memory-mib",
@@ -137,15 +134,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "normal (default idle)",
     )
     add_format_options(parser)
-
-
-def hypervisor_mode(text: str) -> str:
-    """An argparse type: a mode of the registry that runs on the hypervisor."""
-    if text not in LOAD_MODES:
-        raise argparse.ArgumentTypeError(
-            f"unknown mode {text!r}; choose from {', '.join(LOAD_MODES)}"
-        )
-    return text
 
 
 def domains_memory(args: argparse.Namespace) -> int:
