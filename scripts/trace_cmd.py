@@ -143,11 +143,11 @@ def check_record(args: argparse.Namespace) -> tuple[list[str], str]:
         cmd = cmd[1:]
     if not cmd:
         raise UserError("no command given (put it after --)")
+    checks.check_program(cmd[0])
     try:
         strace = checks.check_program(args.strace, "strace binary")
     except UserError as exc:
         raise UserError(f"{exc.message}; install strace or give --strace PATH") from None
-    checks.check_program(cmd[0])
     return cmd, strace
 
 
