@@ -107,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _workload(text: str) -> str:
     if text in ("mprotect", "race") or (text.startswith("trace:") and len(text) > len("trace:")):
         return text
-    raise argparse.ArgumentTypeError(f"expected mprotect or trace:FILE, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected mprotect, race or trace:FILE, got {text!r}")
 
 
 def buffer_params(args: argparse.Namespace) -> dict[str, int]:
