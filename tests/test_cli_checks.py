@@ -320,3 +320,16 @@ def test_bench_plot_refuses_an_out_folder_it_cannot_create(tmp_path: Path) -> No
     done, _ = _pvemu(tmp_path, "bench", "plot", "--out", str(tmp_path / "file" / "plots"))
     assert done.returncode == EXIT_USAGE
     assert "is a file, not a folder" in _error_line(done)
+
+
+def test_bench_checks_where_it_will_store_before_the_sweep(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def no_process(*_args: object, **_kwargs: object) -> NoReturn:
+        raise AssertionError("bench started a process")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".pvemu").write_text("")  # the default database's folder cannot be made
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    assert cli.main(["bench", "--modes", "native", "--pages", "16"]) == EXIT_USAGE
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -86,6 +86,8 @@ def action_run(args: argparse.Namespace) -> int:
     model = _cost_model(args)
     options = _sweep_options(args)
     check_run(sweep, options, checks.host_memory_mib())
+    if not getattr(args, "no_store", False):  # the run is stored at its end: check now
+        checks.check_output_folder(str(_db_path(args).absolute().parent), "--db")
     if options.inject:
         err(f"WARNING: injected guest arguments {options.inject}: this run is deliberately altered")
     config = _run_config(sweep, options, model)
