@@ -238,5 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    status: int = args.run(args)
+    from pvemu.scripts.errors import UserError
+
+    try:
+        status: int = args.run(args)
+    except UserError as exc:
+        print(f"pvemu {args.command}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     return status
