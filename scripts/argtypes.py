@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Final
 
 from pvemu.guest.modes import MODE_NAMES
+from pvemu.scripts.checks import output_file_problem, output_folder_problem
 
 
 def positive_int(text: str) -> int:
@@ -39,16 +41,41 @@ def mode_list(text: str) -> tuple[str, ...]:
     return modes
 
 
+#: The modes whose guest runs on the hypervisor (all but ``native``).
+HYPERVISOR_MODES: Final = tuple(m for m in MODE_NAMES if m != "native")
+
+
+def hypervisor_mode(text: str) -> str:
+    """One pv-ops mode of the registry that runs on the hypervisor."""
+    if text not in HYPERVISOR_MODES:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode {text!r}; choose from {', '.join(HYPERVISOR_MODES)}"
+        )
+    return text
+
+
 def output_file(text: str) -> str:
     """A file this process may create or overwrite, checked when the command
     line is parsed: a run must not fail at its end for want of a folder."""
-    path = os.path.abspath(text)
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{text} is a folder")
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"no folder {folder}")
-    target = path if os.path.exists(path) else folder
-    if not os.access(target, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text} is not writable")
+    problem = output_file_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder this process creates if needed (with its parents), checked
+    when the command line is parsed: the nearest existing folder on its path
+    must take new entries."""
+    problem = output_folder_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def output_file_in_new_folder(text: str) -> str:
+    """A file whose folder this process creates if needed (``bench -o``)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    output_folder(os.path.dirname(os.path.abspath(text)))
     return text

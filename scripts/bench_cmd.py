@@ -22,6 +22,7 @@ from pvemu.scripts.bench import actions, options
 from pvemu.scripts.bench.comparison import DEFAULT_BASELINE, EXIT_USAGE
 from pvemu.scripts.bench.store import DEFAULT_DB
 from pvemu.scripts.bench.sweep import UsageError
+from pvemu.scripts.errors import UserError
 from pvemu.scripts.results import ResultsError
 
 #: The help line of the ``bench`` row in scripts/cli.py.
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, ResultsError) as exc:
         actions.err(str(exc))
         return EXIT_USAGE
+    except UserError as exc:
+        actions.err(exc.message)
+        return exc.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

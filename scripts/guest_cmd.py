@@ -9,7 +9,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
+from pvemu.scripts import checks
 from pvemu.scripts.argtypes import output_file, positive_int
+from pvemu.scripts.checks import memory_for
+from pvemu.scripts.errors import UserError
 from pvemu.scripts.hypervisor_cmd import DEFAULT_SOCKET
 from pvemu.scripts.report import add_format_options, output_format
 
@@ -63,18 +66,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pages", type=positive_int, default=4096, help="region size (default 4096)"
     )
-    parser.add_argument("--vcpus", type=positive_int, default=2, help="vCPUs (default 2)")
-    parser.add_argument("--memory-mib", type=positive_int, default=None, help="guest memory")
+    parser.add_argument(
+        "--vcpus",
+        type=positive_int,
+        default=2,
+        help=f"vCPUs (default 2, at most {checks.MAX_VCPUS})",
+    )
+    parser.add_argument(
+        "--memory-mib",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"guest memory in MiB (default: enough for --pages; at most {checks.MAX_DOMAIN_MIB})",
+    )
     add_format_options(parser)
     # pvemu run's progress bar: one line per workload step on this fd.
     parser.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
     race = parser.add_argument_group("race workload (see pvemu race)")
-    race.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")
+    race.add_argument(
+        "--writers",
+        type=positive_int,
+        default=2,
+        help=f"user threads (default 2, at most {checks.MAX_WRITERS})",
+    )
     race.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles")
     race.add_argument("--seed", type=int, default=1, help="writers' random seed")
     buffer = parser.add_argument_group("multicall buffer (mode xen only)")
     buffer.add_argument("--mc-entries", type=positive_int, default=None, help="entries (Linux: 32)")
-    buffer.add_argument("--mc-bytes", type=positive_int, default=None, help="argument bytes (512)")
+    buffer.add_argument(
+        "--mc-bytes",
+        type=positive_int,
+        default=None,
+        help=f"argument bytes (512; at least {checks.MIN_MC_BYTES})",
+    )
     buffer.add_argument(
         "--mc-records", type=positive_int, default=None, help="cap on records per flush (none)"
     )
@@ -83,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _workload(text: str) -> str:
     if text in ("mprotect", "race") or (text.startswith("trace:") and len(text) > len("trace:")):
         return text
-    raise argparse.ArgumentTypeError(f"expected mprotect or trace:FILE, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected mprotect, race or trace:FILE, got {text!r}")
 
 
 def buffer_params(args: argparse.Namespace) -> dict[str, int]:
@@ -96,9 +120,18 @@ def buffer_params(args: argparse.Namespace) -> dict[str, int]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def memory_for(pages: int) -> int:
-    """Guest memory for a region: the pages, their tables, and headroom."""
-    return max(16, (pages * 4096 * 5 // 4) // (1 << 20) + 16)
+def check(args: argparse.Namespace, host_mib: int) -> None:
+    """What would make this guest fail to start, before it connects."""
+    checks.check_pages(args.pages, host_mib)
+    checks.check_vcpus(args.vcpus)
+    if args.memory_mib is not None:
+        checks.check_guest_memory(args.memory_mib)
+    if args.workload == "race":
+        checks.check_writers(args.writers, args.pages)
+    if args.workload.startswith("trace:"):
+        checks.check_trace_file(args.workload[len("trace:") :])
+    if args.mc_bytes is not None:
+        checks.check_mc_bytes([args.mc_bytes])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
     from pvemu.scripts.progress import phase_reporter
     from pvemu.shared.timeline import Timeline
 
+    check(args, checks.host_memory_mib())
     params = buffer_params(args)
     if params and args.mode != "xen":
-        print("pvemu guest: --mc-* options apply to mode xen only", file=sys.stderr)
-        return 2
+        raise UserError("--mc-* options apply to mode xen only")
 
     timeline = Timeline() if args.timeline else None
     on_step = phase_reporter(args.progress_fd)

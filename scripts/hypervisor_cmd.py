@@ -77,7 +77,8 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1024,
         metavar="N",
-        help="machine memory shared by all domains, in MiB (default 1024)",
+        help="machine memory shared by all domains, in MiB (default 1024; at most what this "
+        "host's RAM can hold the frame table of: 40 bytes a 4 KiB frame)",
     )
 
 
@@ -187,6 +188,9 @@ def _add_logging_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
+    from pvemu.scripts import checks
+
+    checks.check_machine_memory(args.memory_mib, checks.host_memory_mib())
     from pvemu.shared.logs import configure_logging
     from pvemu.shared.timeline import Timeline
 

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.hypervisor.scheduler import POLICIES
-from pvemu.scripts.argtypes import positive_float, positive_int
+from pvemu.scripts import checks
+from pvemu.scripts.argtypes import HYPERVISOR_MODES, hypervisor_mode, positive_float, positive_int
 from pvemu.scripts.errors import EXIT_FAILURE, UserError
 from pvemu.scripts.load_worker import PRIORITIES
 from pvemu.scripts.procs import STOP_GRACE_S
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 from pvemu.scripts.results import percentile
+from pvemu.shared.wire import MAX_MMU_UPDATES
 
 if TYPE_CHECKING:
     from pvemu.scripts.progress import Progress
@@ -67,19 +69,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--guests",
         type=positive_int,
         default=DEFAULT_GUESTS,
-        help=f"load guest processes running mprotect (default {DEFAULT_GUESTS})",
+        help=f"load guest processes running mprotect (default {DEFAULT_GUESTS}, at most "
+        f"{checks.MAX_LOAD_GUESTS}: each holds {checks.LOAD_CONNECTIONS_PER_GUEST} of the "
+        "hypervisor's 1024 connections)",
     )
     parser.add_argument(
-        "--pages", type=positive_int, default=256, help="region of each load guest (default 256)"
+        "--pages",
+        type=positive_int,
+        default=256,
+        help=f"region of each load guest (default 256, at most {checks.MAX_PAGES:,})",
     )
     parser.add_argument(
-        "--mode", default="xen", help="pv-ops mode of the load guests (default xen)"
+        "--mode",
+        type=hypervisor_mode,
+        default="xen",
+        help=f"pv-ops mode of the load guests: {', '.join(HYPERVISOR_MODES)} (default xen)",
+    )
+    parser.add_argument(
+        "--memory-mib",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="the hypervisor's machine memory in MiB (default: every guest's domain, "
+        f"the probe's {checks.PROBE_MEMORY_MIB} and the big batch's "
+        f"{checks.BIGBATCH_MEMORY_MIB}, plus {checks.HEADROOM_MIB}; at least those domains)",
     )
     parser.add_argument(
         "--records",
         type=positive_int,
         default=DEFAULT_RECORDS,
-        help=f"records in the big batch, at most 1048576 (default {DEFAULT_RECORDS})",
+        help=f"records in the big batch, at most {MAX_MMU_UPDATES} (default {DEFAULT_RECORDS})",
     )
     parser.add_argument(
         "--quantum",
@@ -116,6 +135,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "normal (default idle)",
     )
     add_format_options(parser)
+
+
+def domains_memory(args: argparse.Namespace) -> int:
+    """MiB of every domain the run creates: the load guests', the probe's,
+    the big batch's, and Xen's own frame."""
+    guests: int = args.guests
+    return (
+        guests * checks.memory_for(args.pages)
+        + checks.PROBE_MEMORY_MIB
+        + checks.BIGBATCH_MEMORY_MIB
+        + 1
+    )
+
+
+def check(args: argparse.Namespace, host_mib: int) -> None:
+    """Everything that would stop the run part-way, before any process starts."""
+    checks.check_guests(args.guests)
+    checks.check_pages(args.pages, host_mib)
+    if args.records > MAX_MMU_UPDATES:
+        raise UserError(f"--records {args.records:,}: at most {MAX_MMU_UPDATES} (the wire's)")
+    need = domains_memory(args)
+    what = f"{args.guests} guests of {checks.memory_for(args.pages)} MiB, the probe and the batch"
+    checks.check_enough_memory(args.memory_mib, need, what)
+    checks.check_machine_memory(args.memory_mib or need + checks.HEADROOM_MIB, host_mib)
 
 
 @dataclass
@@ -504,13 +547,9 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from pvemu.scripts.procs import hypervisor_process
-    from pvemu.shared.wire import MAX_MMU_UPDATES
 
-    if args.records > MAX_MMU_UPDATES:
-        print(f"pvemu load: --records is at most {MAX_MMU_UPDATES}", file=sys.stderr)
-        return 2
-    # Each load guest's domain, the probe's and the big batch's, with room.
-    memory_mib = 16 * (args.guests + 2) + 64
+    check(args, checks.host_memory_mib())
+    memory_mib = args.memory_mib or domains_memory(args) + checks.HEADROOM_MIB
     extra = ["--max-batch", str(max(args.records, 65536)), "--max-domains", str(args.guests + 8)]
     extra += ["--scheduler", args.scheduler]
     started = time.monotonic()

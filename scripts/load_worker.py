@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import trio
 
+from pvemu.scripts.checks import BIGBATCH_MEMORY_MIB, PROBE_MEMORY_MIB
 from pvemu.scripts.error_path import exit_status
 from pvemu.shared import wire
 from pvemu.shared.x86 import (
@@ -92,7 +93,7 @@ async def mprotect_guest(args: argparse.Namespace, control: Control) -> None:
     """Toggle a populated region RW <-> RO until told to stop."""
     from pvemu.guest.kernel import boot
     from pvemu.guest.workload import REGION_ADDR
-    from pvemu.scripts.guest_cmd import memory_for
+    from pvemu.scripts.checks import memory_for
 
     length = args.pages * 4096
     rw = mman.PROT_READ | mman.PROT_WRITE
@@ -125,7 +126,7 @@ async def probe_guest(args: argparse.Namespace, control: Control) -> None:
     sees while others load the hypervisor. Ends with a machine-wide audit."""
     from pvemu.guest.client import connect
 
-    async with connect(args.socket, memory_mib=4) as domain:
+    async with connect(args.socket, memory_mib=PROBE_MEMORY_MIB) as domain:
         l1 = boot_l1(domain)
         data = domain.alloc_frame()
         entry = maddr_of_entry(l1, FIRST_ENTRY)
@@ -164,7 +165,7 @@ async def bigbatch_guest(args: argparse.Namespace, control: Control) -> None:
     """Send one mmu_update of ``--records`` records when told to."""
     from pvemu.guest.client import connect
 
-    async with connect(args.socket, memory_mib=8) as domain:
+    async with connect(args.socket, memory_mib=BIGBATCH_MEMORY_MIB) as domain:
         l1 = boot_l1(domain)
         frames = [domain.alloc_frame() for _ in range(64)]
         # Packed before "ready": the window the probe is judged in holds the

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
+from pvemu.scripts import checks
 from pvemu.scripts.argtypes import mode_list, positive_int
 from pvemu.scripts.procs import child_error, maybe_hypervisor, run_child
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
@@ -27,8 +28,11 @@ completed store after an msync), stale TLB (stores through a stale TLB entry
 after the guest's flush; stores still in flight before the flush are legal
 and shown in the JSON), faults and traps.
 
-Exit status 1 if any mode other than naive lost anything. naive is UNSAFE by
-design: it commits without PRESERVE_AD and is expected to lose data.
+Exit status 1 if any mode other than naive lost anything, or if a mode's
+guest did not run (its row then says DID NOT RUN and why: that is no loss of
+data). naive is UNSAFE by design: it commits without PRESERVE_AD and is
+expected to lose data. Sizes, writers and memory are checked before any
+process starts (exit 2).
 
 example:
   pvemu race --modes xen,naive --iterations 80 --json
@@ -46,11 +50,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=MODE_NAMES,
         help=f"comma-separated (default {','.join(MODE_NAMES)})",
     )
-    parser.add_argument("--pages", type=positive_int, default=64, help="shared mapping size (64)")
-    parser.add_argument("--writers", type=positive_int, default=2, help="user threads (default 2)")
+    parser.add_argument(
+        "--pages",
+        type=positive_int,
+        default=64,
+        help=f"shared mapping size (64; at most {checks.MAX_PAGES:,}, a 16 GiB guest)",
+    )
+    parser.add_argument(
+        "--writers",
+        type=positive_int,
+        default=2,
+        help=f"user threads, one vCPU each (default 2, at most {checks.MAX_WRITERS}: a "
+        f"domain's {checks.MAX_VCPUS} vCPUs less the kernel loop's and the flusher's)",
+    )
     parser.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles (40)")
     parser.add_argument("--seed", type=int, default=1, help="writers' random seed (default 1)")
     parser.add_argument("--quantum", type=positive_int, default=8, help="hypervisor quantum (8)")
+    parser.add_argument(
+        "--memory-mib",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"the hypervisor's machine memory in MiB (default: {checks.RACE_MIN_MEMORY_MIB}, "
+        "or twice the guest's plus 64 when more; at least the guest's plus 1)",
+    )
     add_format_options(parser)
 
 
@@ -73,9 +96,14 @@ def _run_mode(
     return without_metadata(json.loads(done.stdout))
 
 
+def _ran(result: dict[str, Any]) -> bool:
+    """Whether the mode's guest ran the race: one that never started (or
+    crashed) lost nothing, it measured nothing."""
+    return "error" not in result
+
+
 def _lost(result: dict[str, Any]) -> bool:
-    if "error" in result:
-        return True
+    """A mode that ran lost data or failed its own checks."""
     if not result.get("audit_clean", False) or not result.get("counts_agree", False):
         return True
     return any(result[k] for k in ("lost_dirty", "lost_writes", "stale_tlb_writes"))
@@ -83,21 +111,25 @@ def _lost(result: dict[str, Any]) -> bool:
 
 def race_headline(results: list[dict[str, Any]]) -> str:
     """What the race showed, in one sentence: which modes kept everything,
-    and what the UNSAFE ones lost."""
-    safe = [r for r in results if r["mode"] not in UNSAFE_MODES]
+    what the UNSAFE ones lost, and which never ran."""
+    ran = [r for r in results if _ran(r)]
+    safe = [r for r in ran if r["mode"] not in UNSAFE_MODES]
     kept = [r["mode"] for r in safe if not _lost(r)]
     failed = [r["mode"] for r in safe if _lost(r)]
     parts = []
     if safe:
         parts.append(f"{len(kept)} of {len(safe)} safe mode(s) lost nothing")
     if failed:
-        parts.append(f"LOST DATA or failed: {', '.join(failed)}")
-    for r in results:
-        if r["mode"] in UNSAFE_MODES and "error" not in r:
+        parts.append(f"LOST DATA or failed checks: {', '.join(failed)}")
+    for r in ran:
+        if r["mode"] in UNSAFE_MODES:
             parts.append(
                 f"{r['mode']} (UNSAFE) lost {r['lost_dirty']:,} dirty bit(s) and "
                 f"{r['lost_writes']:,} write(s) of {r['writes']:,}, as expected"
             )
+    not_run = [r["mode"] for r in results if not _ran(r)]
+    if not_run:
+        parts.append(f"did not run (guest failed to start or crashed): {', '.join(not_run)}")
     return "headline: " + ("; ".join(parts) or "no mode ran")
 
 
@@ -116,8 +148,8 @@ def race_tabular(args: argparse.Namespace, results: list[dict[str, Any]]) -> Tab
     )
     for r in results:
         name = r["mode"] + (" (UNSAFE)" if r.get("unsafe") else "")
-        if "error" in r:
-            tab.rows.append([name, *["-"] * (len(REPORTED) + 1), f"FAILED: {r['error']}"])
+        if not _ran(r):
+            tab.rows.append([name, *["-"] * (len(REPORTED) + 1), f"DID NOT RUN: {r['error']}"])
             continue
         if not _lost(r):
             verdict = "nothing lost"
@@ -127,17 +159,32 @@ def race_tabular(args: argparse.Namespace, results: list[dict[str, Any]]) -> Tab
     return tab
 
 
+def hypervisor_memory(pages: int) -> int:
+    """What ``race`` gives the hypervisor without ``--memory-mib``."""
+    return max(checks.RACE_MIN_MEMORY_MIB, checks.memory_for(pages) * 2 + checks.HEADROOM_MIB)
+
+
+def check(args: argparse.Namespace, host_mib: int) -> None:
+    """Everything that would keep a guest from starting, before anything does."""
+    checks.check_modes(args.modes)
+    checks.check_pages(args.pages, host_mib)
+    checks.check_writers(args.writers, args.pages)
+    if args.memory_mib is not None:
+        checks.check_machine_memory(args.memory_mib, host_mib)
+        need = checks.memory_for(args.pages) + 1
+        checks.check_enough_memory(args.memory_mib, need, f"a {args.pages:,}-page guest and Xen")
+
+
 def run(args: argparse.Namespace) -> int:
     from pvemu.scripts.progress import Progress
 
-    if args.writers > 14:
-        print("pvemu race: at most 14 writers", file=sys.stderr)
-        return 2
+    check(args, checks.host_memory_mib())
+    memory = args.memory_mib or hypervisor_memory(args.pages)
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes)
     with (
         tempfile.TemporaryDirectory(prefix="pvemu-race-") as tmp,
-        maybe_hypervisor(needs_hypervisor, Path(tmp), 512, quantum=args.quantum) as hv,
+        maybe_hypervisor(needs_hypervisor, Path(tmp), memory, quantum=args.quantum) as hv,
         Progress("pvemu race", len(args.modes)) as progress,
     ):
         socket_path = hv.socket_path if hv is not None else ""
@@ -145,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
             progress.update(description=f"mode {mode} ({n + 1}/{len(args.modes)})")
             results.append(_run_mode(mode, socket_path, args, Path(tmp)))
             progress.update(advance=1)
-    failed = [r["mode"] for r in results if r["mode"] not in UNSAFE_MODES and _lost(r)]
+    failed = [r["mode"] for r in results if _ran(r) and r["mode"] not in UNSAFE_MODES and _lost(r)]
+    not_run = [r for r in results if not _ran(r)]
     fmt = output_format(args)
     if fmt == "json":
         from pvemu.scripts.bench.documents import RACE_SCHEMA
@@ -160,4 +208,6 @@ def run(args: argparse.Namespace) -> int:
         print_tabular(race_tabular(args, results), fmt, wide=args.wide)
         if failed:
             print(f"modes that must not lose anything did: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+        for r in not_run:
+            print(f"mode {r['mode']} did not run: {r['error']}", file=sys.stderr)
+    return 1 if failed or not_run else 0

@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pvemu.guest.modes import MODE_NAMES
+from pvemu.scripts import checks
+from pvemu.scripts.argtypes import mode_list, output_file, positive_int
+from pvemu.scripts.errors import UserError
 from pvemu.scripts.procs import child_error, maybe_hypervisor
 from pvemu.scripts.report import Tabular, add_format_options, output_format
 
@@ -67,10 +69,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         epilog="example:\n  pvemu trace record -o py.json -- python3 -c 'import json'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    record.add_argument("-o", "--output", required=True, metavar="FILE", help="trace to write")
+    record.add_argument(
+        "-o", "--output", type=output_file, required=True, metavar="FILE", help="trace to write"
+    )
     record.add_argument("--strace", default="strace", metavar="PATH", help="strace binary")
     record.add_argument(
-        "--raw", metavar="FILE", help="also keep strace's own output in FILE (for debugging)"
+        "--raw",
+        type=output_file,
+        metavar="FILE",
+        help="also keep strace's own output in FILE (for debugging)",
     )
     record.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the program")
     record.set_defaults(trace_run=_record)
@@ -96,7 +103,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     replay.add_argument("file", metavar="FILE")
     replay.add_argument(
         "--modes",
-        type=_modes,
+        type=mode_list,
         default=DEFAULT_MODES,
         help=f"comma-separated pv-ops modes (default {','.join(DEFAULT_MODES)})",
     )
@@ -106,25 +113,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="connect to the hypervisor running there instead of starting one",
     )
     replay.add_argument(
-        "--memory-mib", type=_positive, default=64, help="guest memory (default 64)"
+        "--memory-mib",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help=f"each guest's memory in MiB (default 64, at most {checks.MAX_DOMAIN_MIB}); "
+        "the hypervisor started gets twice that plus 64",
     )
     add_format_options(replay)
     replay.set_defaults(trace_run=_replay)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODE_NAMES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {MODE_NAMES}")
-    return modes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,20 +151,27 @@ def _run_strace(cmd: list[str]) -> int:
             raise
 
 
-def _record(args: argparse.Namespace) -> int:
-    from pvemu.scripts.strace import parse_strace
-    from pvemu.shared.trace import save_trace
-
+def check_record(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The command to trace and the strace binary to trace it with, both
+    found before anything runs: a missing program is no empty trace."""
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        print("pvemu trace record: no command given (put it after --)", file=sys.stderr)
-        return 2
-    strace = shutil.which(args.strace)
-    if strace is None:
-        print(f"pvemu trace record: {args.strace} not found (install strace)", file=sys.stderr)
-        return 2
+        raise UserError("no command given (put it after --)")
+    checks.check_program(cmd[0])
+    try:
+        strace = checks.check_program(args.strace, "strace binary")
+    except UserError as exc:
+        raise UserError(f"{exc.message}; install strace or give --strace PATH") from None
+    return cmd, strace
+
+
+def _record(args: argparse.Namespace) -> int:
+    from pvemu.scripts.strace import parse_strace
+    from pvemu.shared.trace import save_trace
+
+    cmd, strace = check_record(args)
     recorded_with = f"{strace_version(strace)} {' '.join(STRACE_FLAGS)}"
     with tempfile.TemporaryDirectory(prefix="pvemu-trace-") as tmp:
         raw_path = os.path.join(tmp, "strace.txt")
@@ -288,10 +292,30 @@ def _valid(result: dict[str, Any]) -> bool:
     return bool(result["counts_agree"] and result["audit_clean"] and trace.get("replay_clean"))
 
 
+def hypervisor_memory(guest_mib: int) -> int:
+    """What ``trace replay`` gives the hypervisor it starts."""
+    return guest_mib * 2 + checks.HEADROOM_MIB
+
+
+def check_replay(args: argparse.Namespace, host_mib: int) -> None:
+    """Each guest is one domain, and the hypervisor one this host can emulate."""
+    checks.check_modes(args.modes)
+    checks.check_guest_memory(args.memory_mib)
+    if any(m != "native" for m in args.modes) and not args.socket:
+        limit = checks.max_machine_mib(host_mib)
+        if hypervisor_memory(args.memory_mib) > limit:
+            raise UserError(
+                f"--memory-mib {args.memory_mib:,}: the hypervisor would need "
+                f"{hypervisor_memory(args.memory_mib):,} MiB, more than this host can emulate "
+                f"({limit:,})"
+            )
+
+
 def _replay(args: argparse.Namespace) -> int:
     from pvemu.scripts.progress import Progress
     from pvemu.shared.trace import TraceError, load_trace
 
+    check_replay(args, checks.host_memory_mib())
     try:
         load_trace(args.file)  # fail early, with a clear message
     except (OSError, TraceError) as exc:
@@ -302,7 +326,7 @@ def _replay(args: argparse.Namespace) -> int:
     needs_hypervisor = any(m != "native" for m in args.modes) and not args.socket
     with (
         tempfile.TemporaryDirectory(prefix="pvemu-trace-") as tmp,
-        maybe_hypervisor(needs_hypervisor, Path(tmp), args.memory_mib * 2 + 64) as hv,
+        maybe_hypervisor(needs_hypervisor, Path(tmp), hypervisor_memory(args.memory_mib)) as hv,
         Progress("pvemu trace replay", len(args.modes) * replay_steps()) as progress,
     ):
         socket_path = hv.socket_path if hv is not None else (args.socket or "")

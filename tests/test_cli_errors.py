@@ -181,13 +181,12 @@ def test_a_hypervisor_memory_larger_than_the_host_is_one_line(tmp_path: Path) ->
 
 
 def test_load_with_an_unknown_mode_is_one_line(tmp_path: Path) -> None:
-    """Once in dozens of worker tracebacks; now one line, whichever of the
-    argument check or the worker's own error reports it."""
+    """Once dozens of worker tracebacks; now one line, before any worker starts."""
     done = pvemu(
         tmp_path, "load", "--mode", "bogus", "--guests", "1", "--pages", "16",
         "--records", "100", "--baseline", "0.2",
     )  # fmt: skip
-    assert done.returncode in (EXIT_FAILURE, EXIT_USAGE)
+    assert done.returncode == EXIT_USAGE
     line = _one_line(done.stderr)
     assert line.startswith("pvemu load: ")
     assert "bogus" in line
@@ -196,7 +195,7 @@ def test_load_with_an_unknown_mode_is_one_line(tmp_path: Path) -> None:
 
 def test_trace_record_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     done = pvemu(tmp_path, "trace", "record", "-o", "/missing/dir/x.json", "--", "true")
-    assert done.returncode in (EXIT_FAILURE, EXIT_USAGE)
+    assert done.returncode == EXIT_USAGE
     line = _one_line(done.stderr)
     assert line.startswith("pvemu trace record: ")
     assert "/missing/dir" in line
@@ -205,10 +204,10 @@ def test_trace_record_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
 
 def test_bench_plot_into_an_unwritable_folder_is_one_line(tmp_path: Path) -> None:
     done = pvemu(tmp_path, "bench", "plot", "--run", str(BASELINE), "--out", "/proc/x")
-    assert done.returncode in (EXIT_FAILURE, EXIT_USAGE)
+    assert done.returncode == EXIT_USAGE
     line = _one_line(done.stderr)
     assert line.startswith("pvemu bench plot: ")
-    assert "/proc/x" in line
+    assert "/proc" in line
     _assert_nothing_left(tmp_path)
 
 

@@ -21,6 +21,7 @@ from pvemu.guest.replay import replay_trace, run_trace_workload
 from pvemu.guest.replay_result import TraceResult
 from pvemu.hypervisor import Hypervisor
 from pvemu.scripts import trace_cmd
+from pvemu.scripts.errors import EXIT_USAGE, UserError
 from pvemu.scripts.strace import parse_strace
 from pvemu.shared.addrmap import AddressMap, Run
 from pvemu.shared.trace import (
@@ -737,9 +738,10 @@ def test_record_a_real_program(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "mmap" in capsys.readouterr().out
 
 
-def test_record_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert trace_cmd.run(_parser().parse_args(["record", "-o", "x.json"])) == 2
-    assert "no command" in capsys.readouterr().err
+def test_record_needs_a_command() -> None:
+    with pytest.raises(UserError, match="no command") as raised:
+        trace_cmd.run(_parser().parse_args(["record", "-o", "x.json"]))
+    assert raised.value.exit_code == EXIT_USAGE
 
 
 def test_replay_native_in_a_guest_process(capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,10 +67,27 @@ def _existing_db(db: Path, hint: str = "") -> Path:
 # --- run -------------------------------------------------------------------------
 
 
+def check_run(sweep: Sweep, options: SweepOptions, host_mib: int) -> None:
+    """What would fail every point of the sweep, before the hypervisor starts."""
+    from pvemu.scripts import checks
+
+    largest = max(sweep.pages)
+    checks.check_pages(largest, host_mib)
+    if options.memory_mib is not None and sweep.needs_hypervisor:
+        checks.check_machine_memory(options.memory_mib, host_mib)
+        need = checks.memory_for(largest) + 1
+        checks.check_enough_memory(options.memory_mib, need, f"a {largest:,}-page guest and Xen")
+
+
 def action_run(args: argparse.Namespace) -> int:
+    from pvemu.scripts import checks
+
     sweep = sweep_from_args(args)
     model = _cost_model(args)
     options = _sweep_options(args)
+    check_run(sweep, options, checks.host_memory_mib())
+    if not getattr(args, "no_store", False):  # the run is stored at its end: check now
+        checks.check_output_folder(str(_db_path(args).absolute().parent), "--db")
     if options.inject:
         err(f"WARNING: injected guest arguments {options.inject}: this run is deliberately altered")
     config = _run_config(sweep, options, model)
@@ -115,6 +132,7 @@ def _sweep_options(args: argparse.Namespace) -> SweepOptions:
         timeout=args.timeout,
         inject={mode: extra for mode, extra in (getattr(args, "inject", None) or [])},
         progress=not getattr(args, "quiet", False),
+        memory_mib=getattr(args, "memory_mib", None),
     )
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from pvemu.guest.modes import MODE_NAMES
-from pvemu.scripts.argtypes import mode_list, positive_int
+from pvemu.scripts import checks
+from pvemu.scripts.argtypes import (
+    mode_list,
+    output_file_in_new_folder,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 from pvemu.scripts.bench.comparison import DEFAULT_BASELINE
 from pvemu.scripts.bench.documents import baseline_sweep
 from pvemu.scripts.bench.runner import DEFAULT_REPEAT, DEFAULT_TIMEOUT_S
@@ -92,7 +99,8 @@ def _add_sweep_options(sweep: Container, default: Default) -> None:
         "--pages",
         type=_int_list,
         default=default(None),
-        help="comma-separated region sizes in pages (default 512,4096; 65536 is a 256 MiB region)",
+        help="comma-separated region sizes in pages (default 512,4096; 65536 is a 256 MiB "
+        f"region; at most {checks.MAX_PAGES:,}, a 16 GiB guest)",
     )
     sweep.add_argument(
         "--workload",
@@ -102,15 +110,20 @@ def _add_sweep_options(sweep: Container, default: Default) -> None:
         help="a workload; repeat the option or separate with commas (default mprotect)",
     )
     for name, option in BUFFER_PARAMS.items():
+        minimum = f"; at least {checks.MIN_MC_BYTES}" if name == "mc_bytes" else ""
         sweep.add_argument(
             option,
             dest=name,
             type=_limit_list,
             default=default(None),
-            help=f"mode xen only: comma-separated {BUFFER_HELP[name]}; 'default' = the guest's",
+            help=f"mode xen only: comma-separated {BUFFER_HELP[name]}; 'default' = the "
+            f"guest's{minimum}",
         )
     sweep.add_argument(
-        "--vcpus", type=positive_int, default=default(None), help="vCPUs per guest (default 2)"
+        "--vcpus",
+        type=positive_int,
+        default=default(None),
+        help=f"vCPUs per guest (default 2, at most {checks.MAX_VCPUS})",
     )
     sweep.add_argument(
         "--sweep-from",
@@ -129,9 +142,17 @@ def _add_measurement_options(measure: Container, default: Default) -> None:
     )
     measure.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=default(DEFAULT_TIMEOUT_S),
-        help=f"seconds one guest process may take (default {DEFAULT_TIMEOUT_S:g})",
+        help=f"seconds one guest process may take, more than 0 (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    measure.add_argument(
+        "--memory-mib",
+        type=positive_int,
+        default=default(None),
+        metavar="N",
+        help="the hypervisor's machine memory in MiB (default: twice the largest guest's, "
+        "plus 64; at least the largest guest's plus 1)",
     )
     measure.add_argument(
         "--cost-model",
@@ -154,13 +175,18 @@ def _add_measurement_options(measure: Container, default: Default) -> None:
 
 
 def _add_output_options(out: Container, default: Default) -> None:
-    _add_db_option(out, default(None), what="results database")
+    _add_db_option(out, default(None), what="results database", writes=True)
     out.add_argument("--no-store", action="store_true", default=default(False), help="do not store")
     out.add_argument(
         "--tag", default=default(None), metavar="NAME", help="name the stored run (for compare)"
     )
     out.add_argument(
-        "--output", "-o", default=default(None), metavar="FILE", help="also write the JSON here"
+        "--output",
+        "-o",
+        type=output_file_in_new_folder,
+        default=default(None),
+        metavar="FILE",
+        help="also write the JSON here (its folder is created)",
     )
     _add_format_options(out, default(False))
     out.add_argument(
@@ -168,8 +194,17 @@ def _add_output_options(out: Container, default: Default) -> None:
     )
 
 
-def _add_db_option(parser: Container, default: Any = None, *, what: str = "database") -> None:
-    parser.add_argument("--db", default=default, metavar="PATH", help=f"{what} ({DEFAULT_DB})")
+def _add_db_option(
+    parser: Container, default: Any = None, *, what: str = "database", writes: bool = False
+) -> None:
+    """``--db``; where a run is stored, its folder must be one this process can create."""
+    parser.add_argument(
+        "--db",
+        type=output_file_in_new_folder if writes else str,
+        default=default,
+        metavar="PATH",
+        help=f"{what} ({DEFAULT_DB})",
+    )
 
 
 def _add_format_options(parser: Container, default: Any = False) -> None:
@@ -217,6 +252,7 @@ def add_plot_options(plot: argparse.ArgumentParser) -> None:
     )
     plot.add_argument(
         "--out",
+        type=output_folder,
         default=str(DEFAULT_PLOTS),
         metavar="DIR",
         help=f"output directory (default {DEFAULT_PLOTS})",

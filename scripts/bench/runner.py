@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from pvemu.scripts import checks
 from pvemu.scripts.bench.sweep import Sweep
 from pvemu.scripts.procs import HypervisorProcess, child_error, hypervisor_process, run_child
 from pvemu.scripts.results import BUFFER_PARAMS, Point
@@ -119,11 +120,18 @@ class SweepOptions:
     #: mode -> extra guest arguments that do not change the point key.
     inject: dict[str, list[str]] = field(default_factory=dict)
     progress: bool = True
+    #: The hypervisor's memory in MiB; None for :func:`hypervisor_memory`.
+    memory_mib: int | None = None
+
+
+def hypervisor_memory(sweep: Sweep) -> int:
+    """What a sweep gives its hypervisor without ``--memory-mib``: twice the
+    largest guest, and room."""
+    return checks.memory_for(max(sweep.pages)) * 2 + checks.HEADROOM_MIB
 
 
 def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
     """Run every point ``options.repeat`` times, in interleaved rounds."""
-    from pvemu.scripts.guest_cmd import memory_for
     from pvemu.scripts.progress import Progress
 
     points = sweep.plan()
@@ -135,7 +143,7 @@ def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:
         tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pvemu-bench-"))
         hv: HypervisorProcess | None = None
         if sweep.needs_hypervisor:
-            memory = memory_for(max_pages) * 2 + 64
+            memory = options.memory_mib or hypervisor_memory(sweep)
             hv = stack.enter_context(hypervisor_process(Path(tmpdir), memory))
         with progress:
             for round_ in range(options.repeat):

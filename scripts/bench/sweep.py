@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES
+from pvemu.scripts import checks
 from pvemu.scripts.results import Point
 
 DEFAULT_MODES: Final = SAFE_MODES
@@ -71,6 +72,9 @@ class Sweep:
         numbers = (*self.pages, *(n for n in limits if n is not None), self.vcpus)
         if not self.pages or any(n <= 0 for n in numbers):
             raise UsageError("pages, --mc-* values and vcpus must be positive")
+        checks.check_domain_pages(max(self.pages))
+        checks.check_vcpus(self.vcpus)
+        checks.check_mc_bytes(self.mc_bytes)
         for workload in self.workloads:
             if workload != MPROTECT and not workload.startswith("trace:"):
                 raise UsageError(f"unknown workload {workload!r}: mprotect or trace:FILE")
