@@ -203,8 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> int:
+        from pvemu.guest.client import HypervisorError
+        from pvemu.scripts.error_path import leaves
+        from pvemu.scripts.errors import EXIT_FAILURE, UserError
+
         set_priority(args.priority)
-        trio.run(main_async, args)
+        try:
+            trio.run(main_async, args)
+        except Exception as exc:
+            # The hypervisor refused or went away: the worker's one line says so.
+            failures = leaves(exc)
+            if all(isinstance(f, HypervisorError) for f in failures):
+                raise UserError(str(failures[0]), EXIT_FAILURE) from exc
+            raise
         return 0
 
     # One line on stderr on failure, which 'pvemu load' relays as this worker's error.

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -471,3 +472,32 @@ def test_a_childs_error_is_its_own_line() -> None:
     )
     assert child_error("some output\nits last line\n", 1) == "its last line"
     assert child_error("", -9) == "exit -9"
+
+
+def test_a_load_workers_error_is_one_line_that_load_relays(tmp_path: Path) -> None:
+    """A worker that cannot reach the hypervisor says so in one line (not a
+    traceback on the terminal), and ``pvemu load`` quotes that line."""
+    from pvemu.scripts.load_cmd import Worker
+
+    missing = tmp_path / "none.sock"
+    done = subprocess.run(
+        [sys.executable, "-m", "pvemu.scripts.load_worker", "mprotect", "--socket", str(missing)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=_environment(tmp_path),
+    )
+    assert done.returncode == EXIT_FAILURE
+    line = _one_line(done.stderr)
+    assert line == (
+        f"pvemu load mprotect: disconnected: the hypervisor at {missing} is not running "
+        "(no such socket file)"
+    )
+    stderr_path = tmp_path / "load0.stderr"
+    stderr_path.write_text(done.stderr)
+    worker = Worker("load0", SimpleNamespace(returncode=done.returncode), stderr_path)
+    assert worker.error() == line.removeprefix("pvemu load mprotect: ")
+    stderr_path.unlink()
+    _assert_nothing_left(tmp_path)
