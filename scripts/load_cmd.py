@@ -318,7 +318,7 @@ async def run_load(
     stderr and temporary files in ``tmpdir`` (default: a folder of their own)."""
     import trio
 
-    from pvemu.scripts.procs import child_environment, die_with_parent
+    from pvemu.scripts.procs import child_environment
 
     before_guests = memory_kib(hv_pid)
     sampler = MemorySampler(hv_pid)
@@ -337,7 +337,9 @@ async def run_load(
                             stdout=subprocess.PIPE,
                             stderr=stderr,
                             env=child_environment(tmpdir),
-                            preexec_fn=die_with_parent,
+                            # No PR_SET_PDEATHSIG: trio starts the process from a
+                            # worker thread, whose exit would signal it. A worker
+                            # stops on EOF on stdin, which our death gives it.
                         )
                     worker = Worker(name, proc, stderr_path)
                     workers.append(worker)

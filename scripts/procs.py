@@ -56,7 +56,11 @@ class HypervisorProcess:
 
 def die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the parent dies, so a
-    SIGKILLed ``pvemu bench``/``run`` never leaves a child behind."""
+    SIGKILLed ``pvemu bench``/``run`` never leaves a child behind.
+
+    Linux sends it when the *thread* that started the child exits: start the
+    child from the main thread (``trio.lowlevel.open_process`` uses a worker
+    thread, which exits when idle, and must not be given this)."""
     import ctypes
 
     pr_set_pdeathsig = 1
