@@ -110,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    return run(args)
+    from pvemu.scripts.error_path import exit_status
+
+    # The one error path of 'pvemu bench': one line, SIGTERM as SIGINT.
+    return exit_status("pvemu bench", lambda: run(args))
 
 
 if __name__ == "__main__":
