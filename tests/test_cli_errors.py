@@ -41,6 +41,20 @@ def _environment(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _session_leader(argv: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+    """pvemu with ``argv``, in tmp_path, leading a new session: a test can
+    signal it alone or, as Ctrl-C does, its whole process group."""
+    return subprocess.Popen(
+        [*PVEMU, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=_environment(tmp_path),
+        start_new_session=True,
+    )
+
+
 def _started_in(tmp_path: Path) -> list[int]:
     """Processes started under this test's TMPDIR (every pvemu child inherits
     it), by their environment or, for the non-dumpable hypervisor, whose
@@ -390,15 +404,7 @@ def test_a_signal_stops_every_child_and_removes_every_temporary_file(
     it from pvemu); SIGINT as Ctrl-C sends it, to every process of the
     terminal's foreground group at once."""
     argv, under_way = UNDER_WAY[command]
-    proc = subprocess.Popen(
-        [*PVEMU, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=_environment(tmp_path),
-        start_new_session=True,
-    )
+    proc = _session_leader(argv, tmp_path)
     seen: dict[int, str | None] = {}
     try:
         deadline = time.monotonic() + 90
@@ -431,15 +437,7 @@ def test_a_signal_stops_every_child_and_removes_every_temporary_file(
 def test_a_signal_stops_trace_record_and_the_traced_program(tmp_path: Path, how: str) -> None:
     """The traced program is pvemu's child too: it must not outlive pvemu."""
     out = tmp_path / "out.json"
-    proc = subprocess.Popen(
-        [*PVEMU, "trace", "record", "-o", str(out), "--", "sleep", "300"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=_environment(tmp_path),
-        start_new_session=True,
-    )
+    proc = _session_leader(["trace", "record", "-o", str(out), "--", "sleep", "300"], tmp_path)
     seen: dict[int, str | None] = {}
     try:
         deadline = time.monotonic() + 60
