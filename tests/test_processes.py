@@ -173,6 +173,23 @@ async def test_exit_unpins_the_l4_first_in_one_call(mode: str) -> None:
         assert await kernel.audit() == []
 
 
+@pytest.mark.parametrize(("mode", "hypercalls"), [("trap", 1), ("xen", 2), ("batched", 1)])
+async def test_a_big_unpin(mode: str, hypercalls: int) -> None:
+    """25 PTE pages: the L4 and 27 tables to unpin. One ``mmuext_op`` in
+    ``trap``; in ``xen`` the ops extend one entry until the 512-byte
+    argument space is full (21 ops), so 2 hypercalls; ``batched`` has no limit."""
+    async for kernel in make_kernel(mode):
+        pid = await kernel.spawn()
+        await kernel.switch_to(1, pid)
+        for i in range(25):
+            kernel.mmap(PAGE, RW, ANON, addr=VA + i * (1 << 21), pid=pid)
+            await kernel.write(VA + i * (1 << 21), b"x", vcpu=1)
+        assert len(kernel.process(pid).pinned) == 27
+        await kernel.switch_to(1, INIT_PID)
+        assert await cost(kernel, kernel.exit_process(pid)) == hypercalls
+        assert await kernel.audit() == []
+
+
 async def test_exit_returns_every_frame(kernel: Kernel) -> None:
     await kernel.switch_to(1, IDLE_PID)  # build the kernel's own tree first
     await kernel.switch_to(1, INIT_PID)
