@@ -297,16 +297,22 @@ class Kernel:
         if pid == IDLE_PID:
             if self._idle is None:
                 # init_mm: an empty L4, pinned in the same call that loads it.
-                self._idle = Process(IDLE_PID, self.machine.alloc_frame())
+                proc = self._idle = Process(IDLE_PID, self.machine.alloc_frame())
                 pin = True
-            proc = self._idle
+            else:
+                proc = self._idle
         else:
             proc = self.process(pid)
         prev = self._loaded[vcpu]
         if prev is proc:
             return
         user_l4 = 0 if proc.pid == IDLE_PID else proc.l4
-        await self.backends[vcpu].switch_mm(proc.l4, user_l4, pin=pin)
+        try:
+            await self.backends[vcpu].switch_mm(proc.l4, user_l4, pin=pin)
+        except BaseException:
+            if pin:
+                self._idle = None
+            raise
         prev.cpus.discard(vcpu)
         proc.cpus.add(vcpu)
         self._loaded[vcpu] = proc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -208,6 +209,26 @@ async def test_exit_returns_every_frame(kernel: Kernel) -> None:
     await kernel.switch_to(0, pid)
     addr = kernel.mmap(4 * PAGE, RW, ANON, addr=VA, pid=pid)
     assert await kernel.read(addr, 4 * PAGE, vcpu=0) == bytes(4 * PAGE)
+    assert await kernel.audit() == []
+
+
+async def test_exit_writes_back_a_shared_file_page(kernel: Kernel, tmp_path: Path) -> None:
+    """A shared file page stays in the page cache (another process may map
+    it); the exit writes its dirtiness back to the file."""
+    path = tmp_path / "shared"
+    path.write_bytes(bytes(2 * PAGE))
+    a, b = await kernel.spawn(), await kernel.spawn()
+    for pid, vcpu in ((a, 0), (b, 1)):
+        kernel.mmap(2 * PAGE, RW, mmap.MAP_SHARED, addr=VA, path=str(path), pid=pid)
+        await kernel.switch_to(vcpu, pid)
+    await kernel.write(VA, b"from a", vcpu=0)
+    assert await kernel.read(VA, 6, vcpu=1) == b"from a"  # one page, two processes
+    await kernel.exit_process(a)
+    assert path.read_bytes()[:6] == b"from a"
+    assert await kernel.read(VA, 6, vcpu=1) == b"from a"
+    await kernel.write(VA + PAGE, b"from b", vcpu=1)
+    await kernel.exit_process(b)
+    assert path.read_bytes()[PAGE : PAGE + 6] == b"from b"
     assert await kernel.audit() == []
 
 
