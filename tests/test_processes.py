@@ -415,9 +415,9 @@ async def apply(kernel: Kernel, model: Model, step: tuple[Any, ...]) -> None:
         assert all(kernel.loaded(v) != pid for v in range(kernel.machine.nr_vcpus))
 
 
-@pytest.mark.parametrize("mode", ["native", "trap", "xen", "batched"])
-@settings(max_examples=40, phases=(Phase.explicit, Phase.reuse, Phase.generate))
-@given(steps=st.lists(ops, max_size=24))
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@settings(max_examples=30, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(steps=st.lists(ops, min_size=6, max_size=30))
 async def test_random_process_sequences(mode: str, steps: list[tuple[Any, ...]]) -> None:
     await run_sequence(mode, steps)
 
