@@ -13,6 +13,11 @@ a PTE page's run of present PTEs is read once, changed and committed as
 arrays (``guest.ptes``); the per-PTE loop stays, for the modes that
 reproduce Linux's loop and as the reference the range form is tested
 against (``Kernel(per_pte=True)``).
+
+The kernel runs processes (``guest.process``): each has its own tree, VMAs
+and locks. The booted tree is process 1 and every call without a ``pid``
+is about it; a user access on a vCPU runs in the process loaded there
+(:meth:`Kernel.switch_to`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from .client import Domain
 from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
+from .process import IDLE_PID, INIT_PID, NoSuchProcess, Process
 from .ptes import (
     _PAGE_PROTNONE,
     can_change_writable,
@@ -76,6 +82,9 @@ TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 #: User accesses sent per run_user request.
 ACCESS_BATCH: Final = 256
 _RW: Final = np.uint64(_PAGE_RW)
+_MFN: Final = np.uint64(PTE_MFN_MASK)
+#: L4 slots of the user half (below the Xen slots): what exit walks.
+USER_L4_SLOTS: Final = 256
 #: Index shifts of the L4, L3 and L2 entries on the way to a PTE page.
 _UPPER_SHIFTS: Final = (L4_PAGETABLE_SHIFT, L3_PAGETABLE_SHIFT, L2_PAGETABLE_SHIFT)
 _INDEX_MASK: Final = ENTRIES_PER_TABLE - 1
@@ -136,7 +145,7 @@ class _PageCache:
 
 
 class Kernel:
-    """One guest kernel with one address space, over a machine and a backend."""
+    """One guest kernel and its processes, over a machine and a backend."""
 
     def __init__(
         self, machine: Machine, backends: Sequence[PvOps], *, per_pte: bool = False
@@ -150,13 +159,24 @@ class Kernel:
         #: on vCPU 0, a page fault on the vCPU that took it.
         self.backends = list(backends)
         self.backend = self.backends[0]
-        self._table_lock = trio.Lock()
-        self.mm = AddressSpace()
         self.counters = PhaseCounter()
-        self._ptl: dict[int, trio.Lock] = {}
         self._cache = _PageCache()
         self._files: dict[tuple[str, bool], FileBacking] = {}
         self._free_frames: list[int] = []
+        init = Process(INIT_PID, machine.l4_mfn, cpus=set(range(machine.nr_vcpus)))
+        #: Live processes by pid; the booted tree is ``init`` (pid 1).
+        self.processes: dict[int, Process] = {INIT_PID: init}
+        #: The process whose tree each vCPU has loaded.
+        self._loaded: list[Process] = [init] * machine.nr_vcpus
+        #: The kernel's own tree (``init_mm``), built the first time a vCPU
+        #: must leave a process.
+        self._idle: Process | None = None
+        self._next_pid = INIT_PID + 1
+
+    @property
+    def mm(self) -> AddressSpace:
+        """The address space of process 1 (the booted one)."""
+        return self.process(INIT_PID).mm
 
     @property
     def mode(self) -> str:
@@ -179,13 +199,16 @@ class Kernel:
         path: str | None = None,
         offset: int = 0,
         writable: bool | None = None,
+        pid: int | None = None,
     ) -> int:
         """Linux mmap; ``flags`` and ``prot`` from Python's ``mmap`` module.
 
         ``path`` maps a file; ``writable`` is how it was opened (O_RDWR or
         O_RDONLY; default: O_RDWR when this process may write it), which
         decides whether a shared mapping may ever be made writable (EACCES).
+        ``pid`` is the calling process (default 1), as for every system call.
         """
+        mm = self.process(pid).mm
         backing = None
         if path is not None:
             if not os.path.isfile(path):
@@ -193,42 +216,162 @@ class Kernel:
             if writable is None:
                 writable = os.access(path, os.W_OK)
             backing = self._files.setdefault((path, writable), FileBacking(path, writable))
-        result = self.mm.do_mmap(length, prot, flags, addr=addr, file=backing, offset=offset)
+        result = mm.do_mmap(length, prot, flags, addr=addr, file=backing, offset=offset)
         if result.unmapped:
             raise OSError(errno.EINVAL, "MAP_FIXED over existing mappings is not supported")
         return result.addr
 
-    async def mprotect(self, addr: int, length: int, prot: int) -> None:
+    async def mprotect(self, addr: int, length: int, prot: int, *, pid: int | None = None) -> None:
         """Linux mprotect: VMA split/merge, then change_protection per piece."""
+        proc = self.process(pid)
         try:
-            changes = self.mm.mprotect(addr, length, prot)
+            changes = proc.mm.mprotect(addr, length, prot)
         except MprotectError as exc:
-            await self._change_protection(exc.changes)
+            await self._change_protection(exc.changes, proc)
             raise
-        await self._change_protection(changes)
+        await self._change_protection(changes, proc)
 
-    async def munmap(self, addr: int, length: int) -> None:
-        removed = self.mm.munmap(addr, length)
+    async def munmap(self, addr: int, length: int, *, pid: int | None = None) -> None:
+        proc = self.process(pid)
+        removed = proc.mm.munmap(addr, length)
         flush: list[int] = []
         for vma in removed:
-            await self._zap_range(vma, flush)
+            await self._zap_range(vma, flush, proc)
         if flush:
             await self.backend.flush_tlb(flush)
 
-    async def msync(self, addr: int, length: int, *, vcpu: int = 0) -> None:
+    async def msync(self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None) -> None:
         """Write dirty pages of shared file mappings back to their files.
 
         ``vcpu`` is the CPU doing it: a background flusher runs on its own
         vCPU (its own lazy-MMU state), concurrently with system calls on 0.
         """
-        result = self.mm.msync(addr, length)
+        proc = self.process(pid)
+        result = proc.mm.msync(addr, length)
         for vma in result.ranges:
-            await self._writeback_range(vma, self.backends[vcpu])
+            await self._writeback_range(vma, self.backends[vcpu], proc)
         result.raise_if_error()
 
-    def vmas(self) -> list[tuple[int, int, int, int]]:
-        """(start, end, prot, flags) per VMA, like /proc/self/maps."""
-        return [(v.start, v.end, v.prot, v.flags) for v in self.mm.vmas()]
+    def vmas(self, *, pid: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(start, end, prot, flags) per VMA, like /proc/<pid>/maps."""
+        return [(v.start, v.end, v.prot, v.flags) for v in self.process(pid).mm.vmas()]
+
+    # --- processes -------------------------------------------------------------------
+
+    def process(self, pid: int | None = None) -> Process:
+        """The live process ``pid`` (default 1); NoSuchProcess if none."""
+        proc = self.processes.get(INIT_PID if pid is None else pid)
+        if proc is None:
+            raise NoSuchProcess(INIT_PID if pid is None else pid)
+        return proc
+
+    def loaded(self, vcpu: int) -> int:
+        """The pid whose tree ``vcpu`` has loaded (0: the kernel's own)."""
+        return self._loaded[vcpu].pid
+
+    async def spawn(self, *, vcpu: int = 0) -> int:
+        """A new process with an empty address space; returns its pid.
+
+        Its L4 is a zeroed frame (fresh, or recycled and cleared: one more
+        trap) pinned with ``MMUEXT_PIN_L4_TABLE``, as boot pins the first
+        tree: one trap in every hypervisor mode, none natively. Nothing
+        loads it yet (:meth:`switch_to`)."""
+        backend = self.backends[vcpu]
+        l4 = await self._new_frame(backend)
+        await backend.pin_table(l4, 4)
+        pid = self._next_pid
+        self._next_pid += 1
+        self.processes[pid] = Process(pid, l4)
+        return pid
+
+    async def switch_to(self, vcpu: int, pid: int) -> None:
+        """Context switch ``vcpu`` to process ``pid`` (0: the kernel's own
+        tree, as ``leave_mm`` loads): its L4 becomes the kernel and the user
+        base pointer in one ``mmuext_op`` (one trap; in the batching modes
+        one multicall entry of two ops, flushed at the end of the switch).
+        Natively a local CR3 load, no trap. Loading the tree already loaded
+        costs nothing (``switch_mm`` sees ``prev == next``)."""
+        if not 0 <= vcpu < self.machine.nr_vcpus:
+            raise ValueError(f"no vCPU {vcpu}")
+        pin = False
+        if pid == IDLE_PID:
+            if self._idle is None:
+                # init_mm: an empty L4, pinned in the same call that loads it.
+                proc = self._idle = Process(IDLE_PID, self.machine.alloc_frame())
+                pin = True
+            else:
+                proc = self._idle
+        else:
+            proc = self.process(pid)
+        prev = self._loaded[vcpu]
+        if prev is proc:
+            return
+        user_l4 = 0 if proc.pid == IDLE_PID else proc.l4
+        try:
+            await self.backends[vcpu].switch_mm(proc.l4, user_l4, pin=pin)
+        except BaseException:
+            if pin:
+                self._idle = None
+            raise
+        prev.cpus.discard(vcpu)
+        proc.cpus.add(vcpu)
+        self._loaded[vcpu] = proc
+
+    async def exit_process(self, pid: int, *, vcpu: int = 0) -> None:
+        """Tear down process ``pid``'s address space (exit_mmap), from ``vcpu``.
+
+        As ``xen_exit_mmap`` does: every vCPU that has the tree loaded first
+        switches to the kernel's own tree (``xen_drop_mm_ref``, one switch
+        each), then the tree is unpinned (one ``mmuext_op``: the L4, then
+        each table pinned on its own), and only then is it taken apart: on
+        unpinned, plain memory, so freeing pages and tables costs no trap.
+        Every data frame and table frame goes back to the kernel's pool;
+        shared file pages stay in the page cache (dirty ones written back).
+        """
+        proc = self.process(pid)
+        for cpu in sorted(proc.cpus):
+            await self.switch_to(cpu, IDLE_PID)
+        await self.backends[vcpu].unpin_tree(proc.l4, list(proc.pinned))
+        for vma in proc.mm.vmas():
+            self._release_range(vma, proc)
+        self._free_frames.extend(self._user_tables(proc.l4))
+        self._free_frames.append(proc.l4)
+        proc.alive = False
+        proc.ptl.clear()
+        proc.pinned.clear()
+        del self.processes[pid]
+
+    def _release_range(self, vma: Vma, proc: Process) -> None:
+        """Release every page ``vma`` maps in ``proc``'s (unpinned) tree."""
+        va = vma.start
+        while va < vma.end:
+            stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
+            l1 = self._lookup_l1(va, proc)
+            if l1 is not None:
+                first = (va >> PAGE_SHIFT) % ENTRIES_PER_TABLE
+                window = read_ptes(self.machine, l1, first, (stop - va) >> PAGE_SHIFT)
+                for offset in np.flatnonzero(ptes_present(window)).tolist():
+                    self._release_page(vma, va + (offset << PAGE_SHIFT), int(window[offset]))
+            va = stop
+
+    def _user_tables(self, l4: int) -> list[int]:
+        """The L3, L2 and L1 frames under the user half of ``l4`` (read, no trap)."""
+        tables: list[int] = []
+        level_tables = [l4]
+        for _ in range(3):
+            children: list[int] = []
+            for table in level_tables:
+                slots = USER_L4_SLOTS if table == l4 else ENTRIES_PER_TABLE
+                entries = read_ptes(self.machine, table, 0, slots)
+                present = entries[(entries & np.uint64(_PAGE_PRESENT)) != 0]
+                children.extend(((present & _MFN) >> np.uint64(PAGE_SHIFT)).tolist())
+            tables.extend(children)
+            level_tables = children
+        return tables
+
+    def free_frame_count(self) -> int:
+        """Frames nothing uses: the domain's never-used ones plus the kernel's pool."""
+        return self.machine.free_frames() + len(self._free_frames)
 
     # --- user accesses --------------------------------------------------------------
 
@@ -293,14 +436,15 @@ class Kernel:
         """
         self.counters.page_faults += 1
         backend = self.backends[vcpu]
+        proc = self._loaded[vcpu]
         write = bool(error_code & PF_WRITE)
-        self._vma_allowing(va, error_code)  # fail fast, before building tables
+        self._vma_allowing(va, error_code, proc)  # fail fast, before building tables
         page_va = va & ~(PAGE_SIZE - 1)
-        async with self._table_lock:
-            l1 = await self._ensure_tables(page_va, backend)
+        async with proc.table_lock:
+            l1 = await self._ensure_tables(page_va, backend, proc)
         ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
-        async with self._lock(l1):
-            vma = self._vma_allowing(va, error_code)
+        async with proc.lock(l1):
+            vma = self._vma_allowing(va, error_code, proc)
             pte = self.machine.read_u64(ptep)
             if not pte & _PAGE_PRESENT:
                 await self._install(vma, page_va, ptep, pte, write, backend)
@@ -309,9 +453,9 @@ class Kernel:
             # else: spurious (another vCPU fixed it, or a stale TLB): retry
             backend.note_unlock(l1)
 
-    def _vma_allowing(self, va: int, error_code: int) -> Vma:
-        """The VMA that allows this access, or SegmentationFault."""
-        vma = self.mm.find(va) if is_canonical(va) else None
+    def _vma_allowing(self, va: int, error_code: int, proc: Process) -> Vma:
+        """The VMA of ``proc`` that allows this access, or SegmentationFault."""
+        vma = proc.mm.find(va) if is_canonical(va) else None
         write = bool(error_code & PF_WRITE)
         execute = bool(error_code & PF_INSTR)
         if vma is None:
@@ -366,7 +510,7 @@ class Kernel:
 
     # --- change_protection -------------------------------------------------------------
 
-    async def _change_protection(self, changes: Sequence[ProtChange]) -> None:
+    async def _change_protection(self, changes: Sequence[ProtChange], proc: Process) -> None:
         """mprotect's page-table half, with one deferred TLB flush at the end."""
         ranges: list[tuple[Vma, int, int]] = []
         for change in changes:
@@ -378,22 +522,22 @@ class Kernel:
         gather = TlbGather()
         for i, (vma, start, end) in enumerate(ranges):
             last = i == len(ranges) - 1
-            await self._change_pte_range(vma, start, end, gather, last)
+            await self._change_pte_range(vma, start, end, gather, last, proc)
         if gather and not self.backend.folds_tlb_flush:
             await self.backend.flush_tlb(gather.vas)
 
     async def _change_pte_range(
-        self, vma: Vma, start: int, end: int, gather: TlbGather, last: bool
+        self, vma: Vma, start: int, end: int, gather: TlbGather, last: bool, proc: Process
     ) -> None:
         """One PTE page's part of ``[start, end)`` under its lock, in one
         lazy-MMU section: as one run (the range form) or PTE by PTE."""
-        l1 = self._lookup_l1(start)
+        l1 = self._lookup_l1(start, proc)
         if l1 is None:
             return
         backend = self.backend
         first = (start >> PAGE_SHIFT) % ENTRIES_PER_TABLE
         count = (end - start) >> PAGE_SHIFT
-        async with self._lock(l1):
+        async with proc.lock(l1):
             await backend.lazy_enter()
             if backend.range_form and not self.per_pte:
                 await self._change_pte_run(vma, l1, first, count, start, gather)
@@ -454,13 +598,13 @@ class Kernel:
 
     # --- munmap / msync --------------------------------------------------------------------
 
-    async def _zap_range(self, vma: Vma, to_flush: list[int]) -> None:
+    async def _zap_range(self, vma: Vma, to_flush: list[int], proc: Process) -> None:
         va = vma.start
         while va < vma.end:
             stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
-            l1 = self._lookup_l1(va)
+            l1 = self._lookup_l1(va, proc)
             if l1 is not None:
-                async with self._lock(l1):
+                async with proc.lock(l1):
                     for page_va in range(va, stop, PAGE_SIZE):
                         ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
                         if not pte_present(self.machine.read_u64(ptep)):
@@ -468,19 +612,24 @@ class Kernel:
                         old = await self.backend.ptep_get_and_clear(ptep)
                         if old & _PAGE_PRESENT:
                             to_flush.append(page_va)
-                        mfn = (old & PTE_MFN_MASK) >> PAGE_SHIFT
-                        if vma.file is not None and vma.is_shared:
-                            page = self._cache.pages[(vma.file.path, vma.pgoff_at(page_va))]
-                            if old & _PAGE_DIRTY:
-                                page.dirty = True
-                            if page.dirty:
-                                self._write_page_to_file(vma, page_va, page)
-                        else:
-                            self._free_frames.append(mfn)
+                        self._release_page(vma, page_va, old)
                     self.backend.note_unlock(l1)
             va = stop
 
-    async def _writeback_range(self, vma: Vma, backend: PvOps) -> None:
+    def _release_page(self, vma: Vma, va: int, old: int) -> None:
+        """The page ``old`` mapped at ``va`` is no longer mapped: a file
+        page's dirtiness goes to the page cache (written back), any other
+        frame back to the kernel's pool."""
+        if vma.file is not None and vma.is_shared:
+            page = self._cache.pages[(vma.file.path, vma.pgoff_at(va))]
+            if old & _PAGE_DIRTY:
+                page.dirty = True
+            if page.dirty:
+                self._write_page_to_file(vma, va, page)
+        else:
+            self._free_frames.append((old & PTE_MFN_MASK) >> PAGE_SHIFT)
+
+    async def _writeback_range(self, vma: Vma, backend: PvOps, proc: Process) -> None:
         """Write back every dirty page of the range (clear_page_dirty_for_io +
         writepage): a page is dirty if its PTE has D or the page was marked.
 
@@ -495,14 +644,14 @@ class Kernel:
             page = self._cache.pages.get((vma.file.path, vma.pgoff_at(page_va)))
             if page is None:
                 continue
-            l1 = self._lookup_l1(page_va)
+            l1 = self._lookup_l1(page_va, proc)
             if l1 is None:
                 continue
             ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
             # Under the lock: another CPU may hold this PTE cleared mid-update
             # (an mprotect's get_and_clear, a flusher's page_mkclean); msync
             # must wait for it rather than take the cleared PTE for clean.
-            async with self._lock(l1):
+            async with proc.lock(l1):
                 if not (read(ptep) & _PAGE_DIRTY or page.dirty):
                     backend.note_unlock(l1)
                     continue
@@ -555,11 +704,11 @@ class Kernel:
         if data.strip(b"\0"):
             await backend.write_frame(mfn, data.ljust(PAGE_SIZE, b"\0"))
 
-    def _lookup_l1(self, va: int) -> int | None:
-        """The L1 frame covering ``va`` (a VMA's, so canonical), or None
-        (tables are read, no trap)."""
+    def _lookup_l1(self, va: int, proc: Process | None = None) -> int | None:
+        """The L1 frame covering ``va`` (a VMA's, so canonical) in ``proc``'s
+        tree (default process 1), or None (tables are read, no trap)."""
         read = self.machine.read_u64
-        table = self.machine.l4_mfn
+        table = (proc if proc is not None else self.process(INIT_PID)).l4
         for shift in _UPPER_SHIFTS:
             entry = read((table << PAGE_SHIFT) | (((va >> shift) & _INDEX_MASK) * PTE_SIZE))
             if not entry & _PAGE_PRESENT:
@@ -567,27 +716,27 @@ class Kernel:
             table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
         return table
 
-    async def _ensure_tables(self, va: int, backend: PvOps) -> int:
-        """Build missing L3/L2/L1 tables for ``va`` (pinned before use)."""
+    async def _ensure_tables(self, va: int, backend: PvOps, proc: Process) -> int:
+        """Build missing L3/L2/L1 tables for ``va`` in ``proc``'s tree
+        (pinned before use)."""
         idx = va_indexes(va)
-        table = self.machine.l4_mfn
+        table = proc.l4
         for level, index in ((4, idx.l4), (3, idx.l3), (2, idx.l2)):
             entry_maddr = maddr_of_entry(table, index)
             entry = self.machine.read_u64(entry_maddr)
             if not entry & _PAGE_PRESENT:
                 child = await self._new_frame(backend)
                 await backend.pin_table(child, level - 1)
+                proc.pinned[child] = level - 1
                 await backend.set_upper(entry_maddr, make_pte(child, TABLE_FLAGS))
                 table = child
             else:
                 table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
         return table
 
-    def _lock(self, l1: int) -> trio.Lock:
-        lock = self._ptl.get(l1)
-        if lock is None:
-            lock = self._ptl[l1] = trio.Lock()
-        return lock
+    def _lock(self, l1: int, proc: Process | None = None) -> trio.Lock:
+        """The PTE lock of PTE page ``l1`` of ``proc`` (default process 1)."""
+        return (proc if proc is not None else self.process(INIT_PID)).lock(l1)
 
     # --- accounting -----------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ class Machine(Protocol):
 
     def alloc_frame(self) -> int: ...
 
+    def free_frames(self) -> int: ...
+
     def read_u64(self, maddr: int) -> int: ...
 
     def read_bytes(self, maddr: int, length: int) -> bytes: ...
@@ -85,6 +87,9 @@ class NativeMachine:
         if not self._free:
             raise MemoryError("out of memory")
         return self._free.pop()
+
+    def free_frames(self) -> int:
+        return len(self._free)
 
     def read_u64(self, maddr: int) -> int:
         return self.memory.read_u64(maddr)

@@ -29,7 +29,7 @@ from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE, maddr_of_entry
 
 from .lazy import LazyMmu
 from .machine import NativeMachine
-from .multicall import McBuffer
+from .multicall import FLUSH_CONTEXT_SWITCH, McBuffer
 
 if TYPE_CHECKING:
     from .client import Domain
@@ -44,6 +44,22 @@ _PIN: Final = {
     3: abi.MMUEXT_PIN_L3_TABLE,
     4: abi.MMUEXT_PIN_L4_TABLE,
 }
+
+
+def switch_mm_ops(l4: int, user_l4: int, *, pin: bool = False) -> list[tuple[int, int, int]]:
+    """A CR3 load as ``xen_write_cr3`` queues it: ``NEW_BASEPTR`` and
+    ``NEW_USER_BASEPTR`` (0: none) in one ``mmuext_op``; with ``pin``, the
+    L4 is pinned first in the same call (the kernel's own tree, built on
+    first use)."""
+    ops = [(abi.MMUEXT_PIN_L4_TABLE, l4, 0)] if pin else []
+    ops += [(abi.MMUEXT_NEW_BASEPTR, l4, 0), (abi.MMUEXT_NEW_USER_BASEPTR, user_l4, 0)]
+    return ops
+
+
+def unpin_ops(l4: int, tables: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Unpin a tree: its L4 first (Xen drops the tree's type references),
+    then each table pinned on its own, parents before children."""
+    return [(abi.MMUEXT_UNPIN_TABLE, mfn, 0) for mfn in (l4, *tables)]
 
 
 class HypercallFailed(Exception):
@@ -116,6 +132,19 @@ class PvOps:
         raise NotImplementedError
 
     async def clear_frame(self, mfn: int) -> None:
+        raise NotImplementedError
+
+    # --- processes -------------------------------------------------------------
+
+    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+        """Load ``l4`` as this vCPU's base pointer (``user_l4`` the user
+        one, 0 for none): a context switch's CR3 write, a full local TLB
+        flush. ``pin`` pins ``l4`` first."""
+        raise NotImplementedError
+
+    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
+        """Unpin the tree rooted at ``l4`` and the ``tables`` pinned on their
+        own (exit): after it the tree is plain memory."""
         raise NotImplementedError
 
     async def write_frame(self, mfn: int, data: bytes) -> None:
@@ -208,6 +237,14 @@ class TrapOps(PvOps):
     async def clear_frame(self, mfn: int) -> None:
         await self._ext([(abi.MMUEXT_CLEAR_PAGE, mfn, 0)])
 
+    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+        """One ``mmuext_op``: one trap."""
+        await self._ext(switch_mm_ops(l4, user_l4, pin=pin))
+
+    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
+        """One ``mmuext_op`` carrying every unpin: one trap."""
+        await self._ext(unpin_ops(l4, tables))
+
     async def write_frame(self, mfn: int, data: bytes) -> None:
         """Fill a frame nothing maps yet: the guest's memory is read-only to
         it, so the copy is one mmu_update of 8-byte data words (untyped frame)."""
@@ -299,6 +336,28 @@ class BufferedOps(TrapOps):
         self.lazy.commit_ptes(table, indexes, new)
         await self._send_ready()
 
+    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+        """Linux's context switch: leave a lazy-MMU section (flushing), queue
+        the base pointers as one multicall entry (``xen_write_cr3``), flush
+        at the end of the switch (``xen_end_context_switch``), and re-enter
+        the section if one was open."""
+        self.lazy.pause()
+        buf = self.buffer
+        for i, (cmd, arg1, arg2) in enumerate(switch_mm_ops(l4, user_l4, pin=pin)):
+            buf.queue_mmuext(cmd, arg1, arg2, extend=i > 0)
+        buf.flush(FLUSH_CONTEXT_SWITCH)
+        self.lazy.resume()
+        await self._send_ready()
+
+    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
+        """The unpins extend one ``mmuext_op`` entry (``xen_extend_mmuext_op``),
+        issued at once (``xen_mc_issue(0)``)."""
+        buf = self.buffer
+        for cmd, arg1, arg2 in unpin_ops(l4, tables):
+            buf.queue_mmuext(cmd, arg1, arg2, extend=True)
+        buf.issue(lazy=False)
+        await self._send_ready()
+
     async def lazy_enter(self) -> None:
         self.lazy.enter()
 
@@ -372,6 +431,13 @@ class NativeOps(PvOps):
     async def clear_frame(self, mfn: int) -> None:
         self.native.write_bytes(mfn * PAGE_SIZE, bytes(PAGE_SIZE))
 
+    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+        """A local CR3 load (a full local TLB flush): no trap."""
+        self.native.hw.set_cr3(self.vcpu, l4)
+
+    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
+        """Bare metal pins nothing."""
+
     async def write_frame(self, mfn: int, data: bytes) -> None:
         self.native.write_bytes(mfn * PAGE_SIZE, data)
 
@@ -404,7 +470,9 @@ class NativeOps(PvOps):
 __all__ = [
     "TLB_SINGLE_PAGE_FLUSH_CEILING",
     "HypercallFailed",
+    "switch_mm_ops",
     "tlb_flush_ops",
+    "unpin_ops",
     "TlbGather",
     "PvOps",
     "TrapOps",

@@ -1,0 +1,74 @@
+"""Processes of the guest kernel: one address space each.
+
+A :class:`Process` is what Linux keeps in an ``mm_struct`` (the part pvemu
+models): its page-table root (an L4 frame, pinned while the process lives),
+its VMAs, its page-table locks (the split PTE locks, one per PTE page, and
+``page_table_lock`` for building tables), the upper tables it built and
+pinned, and which vCPUs have its tree loaded (``mm_cpumask``).
+
+pvemu gives a process one L4 that is both its kernel and its user base
+pointer: a context switch loads it with ``MMUEXT_NEW_BASEPTR`` and
+``MMUEXT_NEW_USER_BASEPTR`` (the same frame twice) in one ``mmuext_op``, the
+shape and cost of Linux's ``xen_write_cr3``, which passes the user pgd as
+the second. The kernel's own tree (``init_mm``, pid 0 here) has no user
+half: it is loaded with user base 0, as ``leave_mm`` does.
+
+Scheduling is the workload's business: it says which process runs on which
+vCPU (:meth:`pvemu.guest.kernel.Kernel.switch_to`); a user access on a vCPU
+runs in the process loaded there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+from .vma import AddressSpace
+
+#: The process the booted tree belongs to (``init``).
+INIT_PID: Final = 1
+#: The kernel's own tree (``init_mm``): no user mappings, loaded on a vCPU
+#: that must leave a process's tree (``leave_mm``).
+IDLE_PID: Final = 0
+
+
+@dataclass(eq=False)
+class Process:
+    """One address space: its tree, VMAs, locks and where it is loaded."""
+
+    pid: int
+    #: The L4 frame: kernel and user base pointer both.
+    l4: int
+    mm: AddressSpace = field(default_factory=AddressSpace)
+    #: Split PTE locks, one per PTE page (its frame), created on first use.
+    ptl: dict[int, trio.Lock] = field(default_factory=dict)
+    #: ``page_table_lock``: held while tables are built above the PTE level.
+    table_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Tables below the L4 this process pinned one by one (frame -> level),
+    #: in the order built; the booted tree's first L3/L2/L1 are validated
+    #: through the L4's pin and are not here.
+    pinned: dict[int, int] = field(default_factory=dict)
+    #: vCPUs with this tree loaded (``mm_cpumask``).
+    cpus: set[int] = field(default_factory=set)
+    #: False once it has exited (its frames are back in the kernel's pool).
+    alive: bool = True
+
+    def lock(self, l1: int) -> trio.Lock:
+        """The PTE lock of the PTE page in frame ``l1``."""
+        lock = self.ptl.get(l1)
+        if lock is None:
+            lock = self.ptl[l1] = trio.Lock()
+        return lock
+
+
+class NoSuchProcess(LookupError):
+    """A pid that is not (or no longer) a live process (ESRCH)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"no process {pid}")
+        self.pid = pid
+
+
+__all__ = ["IDLE_PID", "INIT_PID", "NoSuchProcess", "Process"]
