@@ -369,7 +369,10 @@ class RecordingTransport(LoopbackTransport):
 
 def tamper(rng: random.Random, pte: int) -> int:
     """A PTE value a kernel might find: the page's own with random flags,
-    a non-present (swap-like) value, or nothing."""
+    a non-present (swap-like) value, or nothing. A present user PTE always
+    has _PAGE_USER (Linux never makes one without it, and Xen adds it to a
+    PV guest's): without it a native user store would fault forever on a
+    PTE the kernel sees nothing wrong with."""
     roll = rng.random()
     if roll < 0.15:
         return 0
@@ -377,7 +380,7 @@ def tamper(rng: random.Random, pte: int) -> int:
         return swap_like(rng)
     if not pte & _PAGE_PRESENT:
         return pte
-    flags = _PAGE_PRESENT
+    flags = _PAGE_PRESENT | _PAGE_USER
     for bits in FLAG_BITS:
         if rng.random() < 0.5:
             flags |= bits
