@@ -55,6 +55,24 @@ def _session_leader(argv: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
+def _interrupt(proc: subprocess.Popen[str], how: str) -> str:
+    """SIGTERM to pvemu alone, as ``kill PID`` sends it, or SIGINT to its whole
+    process group, as Ctrl-C does; waits for it to end; its stderr."""
+    if how.startswith("SIGTERM"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    return stderr
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """However the test ends, nothing of the session it started lives on."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def _started_in(tmp_path: Path) -> list[int]:
     """Processes started under this test's TMPDIR (every pvemu child inherits
     it), by their environment or, for the non-dumpable hypervisor, whose
@@ -417,15 +435,9 @@ def test_a_signal_stops_every_child_and_removes_every_temporary_file(
             assert time.monotonic() < deadline, f"{command} never got under way"
             time.sleep(0.05)
         time.sleep(0.5)  # in the middle of the work, not at its first step
-        if how.startswith("SIGTERM"):
-            proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        stderr = _interrupt(proc, how)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        _kill_group(proc)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     # bench says what it did not do: "interrupted: nothing was stored".
     assert _one_line(stderr).startswith(f"pvemu {command}: interrupted")
@@ -446,15 +458,9 @@ def test_a_signal_stops_trace_record_and_the_traced_program(tmp_path: Path, how:
             assert time.monotonic() < deadline, "the traced program never started"
             seen.update((pid, _start_time(pid)) for pid in descendants(proc.pid))
             time.sleep(0.05)
-        if how.startswith("SIGTERM"):
-            proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        stderr = _interrupt(proc, how)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        _kill_group(proc)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert _one_line(stderr) == "pvemu trace record: interrupted"
     _assert_nothing_left(tmp_path, seen)
