@@ -208,6 +208,30 @@ def run_reporting(
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def run_counted(
+    cmd: list[str],
+    progress: Progress,
+    label: str,
+    steps: int,
+    tmpdir: str | os.PathLike[str] | None = None,
+    *,
+    already: int = 0,
+) -> subprocess.CompletedProcess[str]:
+    """:func:`run_reporting` for a child that reports ``steps`` steps (of
+    which ``already`` were counted by the caller): each moves ``progress``
+    by one under ``label``, and whatever it did not report is added at its
+    end, so a failed child still leaves the bar where the next one starts."""
+    counted = [already]
+
+    def on_step(step: str) -> None:
+        counted[0] += 1
+        progress.update(advance=1, description=f"{label}: {step}")
+
+    done = run_reporting(cmd, on_step, tmpdir)
+    progress.update(advance=max(0, steps - counted[0]))
+    return done
+
+
 def phase_reporter(fd: int | None) -> Callable[[str], None] | None:
     """In the child: a function that writes one line per step to ``fd``."""
     if fd is None:

@@ -112,13 +112,7 @@ def _run_guest(
 ) -> dict[str, Any]:
     """One guest process; its phase reports move ``progress`` (five steps).
     Interrupted, it stops the guest (SIGTERM, then SIGKILL) before going on."""
-    from pvemu.scripts.progress import run_reporting
-
-    steps = [0]
-
-    def on_step(step: str) -> None:
-        steps[0] += 1
-        progress.update(advance=1, description=f"{label}: {step}")
+    from pvemu.scripts.progress import run_counted
 
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--pages", str(pages)]
     cmd += ["--vcpus", str(vcpus), "--json"]
@@ -126,8 +120,7 @@ def _run_guest(
         cmd += ["--socket", socket_path]
     if timeline is not None:
         cmd += ["--timeline", str(timeline)]
-    done = run_reporting(cmd, on_step, tmpdir)
-    progress.update(advance=max(0, len(STEPS) - steps[0]))
+    done = run_counted(cmd, progress, label, len(STEPS), tmpdir)
     if done.returncode not in (0, 3) or not done.stdout.strip():
         error = child_error(done.stderr, done.returncode)
         return {

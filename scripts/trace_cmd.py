@@ -264,21 +264,14 @@ def _replay_mode(
 ) -> dict[str, Any]:
     """One mode's replay in its own guest; its reports move ``progress``
     (:func:`replay_steps` steps); its temporary files go in ``tmpdir``."""
-    from pvemu.scripts.progress import run_reporting
+    from pvemu.scripts.progress import run_counted
 
-    steps = [1]  # boot
     progress.update(advance=1, description=f"{label}: boot")
-
-    def on_step(step: str) -> None:
-        steps[0] += 1
-        progress.update(advance=1, description=f"{label}: {step}")
-
     cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode, "--json"]
     cmd += ["--workload", f"trace:{path}", "--memory-mib", str(memory_mib)]
     if mode != "native":
         cmd += ["--socket", socket_path]
-    done = run_reporting(cmd, on_step, tmpdir)
-    progress.update(advance=max(0, replay_steps() - steps[0]))
+    done = run_counted(cmd, progress, label, replay_steps(), tmpdir, already=1)
     if done.returncode not in (0, 3) or not done.stdout.strip():
         error = child_error(done.stderr, done.returncode)
         return {"mode": mode, "error": error, "counts_agree": False, "audit_clean": False}
