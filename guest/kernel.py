@@ -33,6 +33,7 @@ from typing import Any, Final
 import numpy as np
 import trio
 
+from pvemu.shared import abi
 from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -60,6 +61,7 @@ from .client import Domain
 from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
+from .pagetree import alloc_table_entries, pin_entries, unpin_entries, walk_user_tree
 from .process import IDLE_PID, INIT_PID, NoSuchProcess, Process
 from .ptes import (
     _PAGE_PROTNONE,
@@ -74,7 +76,7 @@ from .ptes import (
     ptes_present,
     read_ptes,
 )
-from .pvops import PvOps, TlbGather
+from .pvops import HypercallFailed, PvOps, TlbGather
 from .vma import AddressSpace
 from .vma_tree import FileBacking, MprotectError, ProtChange, Vma
 
@@ -83,8 +85,10 @@ TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 ACCESS_BATCH: Final = 256
 _RW: Final = np.uint64(_PAGE_RW)
 _MFN: Final = np.uint64(PTE_MFN_MASK)
-#: L4 slots of the user half (below the Xen slots): what exit walks.
-USER_L4_SLOTS: Final = 256
+#: Where exec puts the new image's stack (its argument pages end here).
+STACK_TOP: Final = 0x7FFF_F000_0000
+_FLUSH_ALL_ENTRY: Final = ("ext", abi.MMUEXT_TLB_FLUSH_ALL, 0, 1)
+_A: Final = np.uint64(_PAGE_ACCESSED)
 #: Index shifts of the L4, L3 and L2 entries on the way to a PTE page.
 _UPPER_SHIFTS: Final = (L4_PAGETABLE_SHIFT, L3_PAGETABLE_SHIFT, L2_PAGETABLE_SHIFT)
 _INDEX_MASK: Final = ENTRIES_PER_TABLE - 1
@@ -163,6 +167,9 @@ class Kernel:
         self._cache = _PageCache()
         self._files: dict[tuple[str, bool], FileBacking] = {}
         self._free_frames: list[int] = []
+        #: Mappings of each private frame that more than one PTE maps (after
+        #: fork); a frame not here has one. A write fault copies such a page.
+        self._mapcount: dict[int, int] = {}
         init = Process(INIT_PID, machine.l4_mfn, cpus=set(range(machine.nr_vcpus)))
         #: Live processes by pid; the booted tree is ``init`` (pid 1).
         self.processes: dict[int, Process] = {INIT_PID: init}
@@ -272,23 +279,30 @@ class Kernel:
     async def spawn(self, *, vcpu: int = 0) -> int:
         """A new process with an empty address space; returns its pid.
 
-        Its L4 is a zeroed frame (fresh, or recycled and cleared: one more
-        trap) pinned with ``MMUEXT_PIN_L4_TABLE``, as boot pins the first
+        Its kernel and user L4 are zeroed frames pinned with
+        ``MMUEXT_PIN_L4_TABLE`` in one ``mmuext_op``, as boot pins the first
         tree: one trap in every hypervisor mode, none natively. Nothing
         loads it yet (:meth:`switch_to`)."""
-        backend = self.backends[vcpu]
-        l4 = await self._new_frame(backend)
-        await backend.pin_table(l4, 4)
+        l4 = await self._new_frame(vcpu)
+        user_l4 = await self._new_frame(vcpu)
+        pins = [("ext", abi.MMUEXT_PIN_L4_TABLE, root, 1) for root in (l4, user_l4)]
+        await self.backends[vcpu].send_batch(pins)
+        return self._add_process(Process(self._take_pid(), l4, user_l4=user_l4))
+
+    def _take_pid(self) -> int:
         pid = self._next_pid
         self._next_pid += 1
-        self.processes[pid] = Process(pid, l4)
         return pid
+
+    def _add_process(self, proc: Process) -> int:
+        self.processes[proc.pid] = proc
+        return proc.pid
 
     async def switch_to(self, vcpu: int, pid: int) -> None:
         """Context switch ``vcpu`` to process ``pid`` (0: the kernel's own
-        tree, as ``leave_mm`` loads): its L4 becomes the kernel and the user
-        base pointer in one ``mmuext_op`` (one trap; in the batching modes
-        one multicall entry of two ops, flushed at the end of the switch).
+        tree, as ``leave_mm`` loads): its kernel and user L4 become the base
+        pointers in one ``mmuext_op`` (one trap; in the batching modes one
+        multicall entry of two ops, flushed at the end of the switch).
         Natively a local CR3 load, no trap. Loading the tree already loaded
         costs nothing (``switch_mm`` sees ``prev == next``)."""
         if not 0 <= vcpu < self.machine.nr_vcpus:
@@ -306,40 +320,191 @@ class Kernel:
         prev = self._loaded[vcpu]
         if prev is proc:
             return
-        user_l4 = 0 if proc.pid == IDLE_PID else proc.l4
         try:
-            await self.backends[vcpu].switch_mm(proc.l4, user_l4, pin=pin)
+            await self.backends[vcpu].switch_mm(proc.l4, self._user_base(proc), pin=pin)
         except BaseException:
             if pin:
                 self._idle = None
             raise
-        prev.cpus.discard(vcpu)
+        self._note_loaded(vcpu, proc)
+
+    @staticmethod
+    def _user_base(proc: Process) -> int:
+        if proc.pid == IDLE_PID:
+            return 0
+        return proc.user_l4 if proc.user_l4 is not None else proc.l4
+
+    def _note_loaded(self, vcpu: int, proc: Process) -> None:
+        self._loaded[vcpu].cpus.discard(vcpu)
         proc.cpus.add(vcpu)
         self._loaded[vcpu] = proc
+
+    async def fork(self, pid: int | None = None, *, vcpu: int = 0) -> int:
+        """Linux's fork of process ``pid`` (default 1), run on ``vcpu``;
+        returns the child's pid (docs/architecture.md, "fork").
+
+        ``dup_mmap``: the VMAs are copied; for every private VMA each PTE
+        page of the parent is copied in one lazy-MMU section
+        (``copy_pte_range``): a writable PTE is write-protected in the parent
+        (an atomic RMW on a pinned table: a trapped ``lock btr`` in Linux's
+        modes, one ``PRESERVE_AD`` record per PTE page in ``batched``) and
+        installed read-only and old in the child, whose tables nothing has
+        typed yet (built with plain stores); each page's frame gains a
+        mapping (copy-on-write). Shared mappings are not copied: the child
+        faults them in from the page cache. Then the child's tree is pinned
+        in one batch and the parent's TLBs are flushed (``flush_tlb_mm``);
+        ``batched`` folds both into the last PTE page's multicall.
+        """
+        parent = self.process(pid)
+        backend = self.backends[vcpu]
+        child = Process(
+            self._take_pid(),
+            await self._new_frame(vcpu),
+            mm=parent.mm.fork(),
+            user_l4=await self._new_frame(vcpu),
+        )
+        pieces: list[tuple[Vma, int, int, int, int]] = []
+        for vma in parent.mm.vmas():
+            if vma.file is not None and vma.is_shared:
+                continue
+            va = vma.start
+            while va < vma.end:
+                stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
+                parent_l1 = self._lookup_l1(va, parent)
+                if parent_l1 is not None:
+                    child_l1 = await self._build_unpinned(va, child, vcpu)
+                    pieces.append((vma, va, stop, parent_l1, child_l1))
+                va = stop
+        pages = walk_user_tree(self._read_table, child.l4)
+        pin = pin_entries(pages, child.l4, child.user_l4, self.machine.pfn_of)
+        child.pinned = {page.mfn for page in pages if page.level == 1}
+        folded = backend.folds_tlb_flush and bool(pieces)
+        for i, (vma, va, stop, parent_l1, child_l1) in enumerate(pieces):
+            fold = [*pin, _FLUSH_ALL_ENTRY] if folded and i == len(pieces) - 1 else None
+            await self._copy_pte_range(vma, parent, parent_l1, child_l1, va, stop, backend, fold)
+        if not folded:
+            await backend.send_batch(pin)
+            await backend.flush_tlb_all()
+        return self._add_process(child)
+
+    async def _copy_pte_range(
+        self,
+        vma: Vma,
+        parent: Process,
+        parent_l1: int,
+        child_l1: int,
+        start: int,
+        end: int,
+        backend: PvOps,
+        fold: list[tuple[str, int, int, int]] | None,
+    ) -> None:
+        """``copy_pte_range``: one PTE page's part of ``[start, end)``, under
+        the parent's PTE lock, in one lazy-MMU section (``fold``: a batch to
+        queue in the section before it is left)."""
+        first = (start >> PAGE_SHIFT) % ENTRIES_PER_TABLE
+        count = (end - start) >> PAGE_SHIFT
+        cow = vma.is_private
+        async with parent.lock(parent_l1):
+            await backend.lazy_enter()
+            window = read_ptes(self.machine, parent_l1, first, count)
+            _, indexes, seen = present_run(window, first)
+            wrprotect = (seen & _RW != 0) if cow else np.zeros(len(seen), dtype=bool)
+            child_vals = np.where(wrprotect, seen & ~_RW, seen) & ~_A  # pte_mkold
+            if backend.range_form and not self.per_pte:
+                await backend.fork_copy_run(
+                    parent_l1, child_l1, indexes, seen, wrprotect, child_vals
+                )
+            else:
+                parent_base, child_base = parent_l1 << PAGE_SHIFT, child_l1 << PAGE_SHIFT
+                each = zip(indexes.tolist(), wrprotect.tolist(), child_vals.tolist(), strict=True)
+                for index, mark, val in each:
+                    if mark:
+                        await backend.ptep_set_wrprotect(parent_base | (index * PTE_SIZE))
+                    await backend.set_pte_unpinned(child_base | (index * PTE_SIZE), val)
+            for mfn in ((seen & _MFN) >> np.uint64(PAGE_SHIFT)).tolist():
+                self._mapcount[mfn] = self._mapcount.get(mfn, 1) + 1
+            if fold is not None:
+                backend.fold_batch(fold)
+            await backend.lazy_leave()
+            backend.note_unlock(parent_l1)
+
+    async def exec(self, pid: int, *, vcpu: int, arg_pages: int = 1) -> None:
+        """Linux's execve of process ``pid``, running on ``vcpu``.
+
+        A fresh address space (new kernel and user L4) gets a stack VMA ending
+        at :data:`STACK_TOP` whose ``arg_pages`` argument pages are filled
+        and installed before anything pins the tree (``copy_strings``: one
+        ``set_pte`` each, an ``mmu_update`` not in a lazy section; the tables
+        are plain stores). Then ``activate_mm``: the new tree is pinned (one
+        batch) and loaded; the old address space is torn down as at exit,
+        but this vCPU has already left it (:meth:`exit_process`).
+        ``batched`` sends the pin and the switch as one multicall.
+        """
+        if arg_pages < 1:
+            raise ValueError("exec needs at least one argument page")
+        old = self.process(pid)
+        if self._loaded[vcpu] is not old:
+            raise ValueError(f"process {pid} is not running on vCPU {vcpu}")
+        backend = self.backends[vcpu]
+        new = Process(pid, await self._new_frame(vcpu), user_l4=await self._new_frame(vcpu))
+        length = arg_pages * PAGE_SIZE
+        rw = mman.PROT_READ | mman.PROT_WRITE
+        stack = new.mm.do_mmap(
+            length, rw, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, addr=STACK_TOP - length
+        ).addr
+        vma = new.mm.find(stack)
+        assert vma is not None
+        for i in range(arg_pages):
+            va = stack + i * PAGE_SIZE
+            l1 = await self._build_unpinned(va, new, vcpu)
+            mfn = await self._new_frame(vcpu)
+            await self._store(mfn << PAGE_SHIFT, _argument_page(pid, i), vcpu)
+            pte = make_pte(mfn, vm_page_prot(vma) | _PAGE_RW | _PAGE_DIRTY)
+            await backend.set_pte_unpinned(maddr_of_entry(l1, va_indexes(va).l1), pte)
+        pages = walk_user_tree(self._read_table, new.l4)
+        pin = pin_entries(pages, new.l4, new.user_l4, self.machine.pfn_of)
+        new.pinned = {page.mfn for page in pages if page.level == 1}
+        assert new.user_l4 is not None
+        if backend.folds_tlb_flush:
+            await backend.switch_mm(new.l4, new.user_l4, before=pin)
+        else:
+            await backend.send_batch(pin)
+            await backend.switch_mm(new.l4, new.user_l4)
+        self._note_loaded(vcpu, new)
+        self.processes[pid] = new
+        await self._exit_mmap(old, vcpu)
 
     async def exit_process(self, pid: int, *, vcpu: int = 0) -> None:
         """Tear down process ``pid``'s address space (exit_mmap), from ``vcpu``.
 
         As ``xen_exit_mmap`` does: every vCPU that has the tree loaded first
         switches to the kernel's own tree (``xen_drop_mm_ref``, one switch
-        each), then the tree is unpinned (one ``mmuext_op``: the L4, then
-        each table pinned on its own), and only then is it taken apart: on
-        unpinned, plain memory, so freeing pages and tables costs no trap.
-        Every data frame and table frame goes back to the kernel's pool;
-        shared file pages stay in the page cache (dirty ones written back).
+        each), then the whole tree is unpinned in one batch (both L4s, each
+        PTE page pinned on its own, every table's linear mapping made
+        writable again), and only then is it taken apart: on unpinned, plain
+        memory, so freeing pages and tables costs no trap. Every frame no
+        other process maps goes back to the kernel's pool; shared file pages
+        stay in the page cache (dirty ones written back).
         """
         proc = self.process(pid)
+        await self._exit_mmap(proc, vcpu)
+        del self.processes[pid]
+
+    async def _exit_mmap(self, proc: Process, vcpu: int) -> None:
         for cpu in sorted(proc.cpus):
             await self.switch_to(cpu, IDLE_PID)
-        await self.backends[vcpu].unpin_tree(proc.l4, list(proc.pinned))
+        pages = walk_user_tree(self._read_table, proc.l4)
+        unpin = unpin_entries(pages, proc.l4, proc.user_l4, proc.pinned, self.machine.pfn_of)
+        await self.backends[vcpu].send_batch(unpin)
         for vma in proc.mm.vmas():
             self._release_range(vma, proc)
-        self._free_frames.extend(self._user_tables(proc.l4))
+        self._free_frames.extend(page.mfn for page in pages)
         self._free_frames.append(proc.l4)
+        if proc.user_l4 is not None:
+            self._free_frames.append(proc.user_l4)
         proc.alive = False
         proc.ptl.clear()
         proc.pinned.clear()
-        del self.processes[pid]
 
     def _release_range(self, vma: Vma, proc: Process) -> None:
         """Release every page ``vma`` maps in ``proc``'s (unpinned) tree."""
@@ -354,20 +519,8 @@ class Kernel:
                     self._release_page(vma, va + (offset << PAGE_SHIFT), int(window[offset]))
             va = stop
 
-    def _user_tables(self, l4: int) -> list[int]:
-        """The L3, L2 and L1 frames under the user half of ``l4`` (read, no trap)."""
-        tables: list[int] = []
-        level_tables = [l4]
-        for _ in range(3):
-            children: list[int] = []
-            for table in level_tables:
-                slots = USER_L4_SLOTS if table == l4 else ENTRIES_PER_TABLE
-                entries = read_ptes(self.machine, table, 0, slots)
-                present = entries[(entries & np.uint64(_PAGE_PRESENT)) != 0]
-                children.extend(((present & _MFN) >> np.uint64(PAGE_SHIFT)).tolist())
-            tables.extend(children)
-            level_tables = children
-        return tables
+    def _read_table(self, table: int, first: int, count: int) -> bytes:
+        return self.machine.read_bytes((table << PAGE_SHIFT) | (first * PTE_SIZE), count * PTE_SIZE)
 
     def free_frame_count(self) -> int:
         """Frames nothing uses: the domain's never-used ones plus the kernel's pool."""
@@ -486,9 +639,9 @@ class Kernel:
             if write and vma.writable:  # do_shared_fault + page_mkwrite
                 prot |= _PAGE_RW  # clean: the retried store sets D (see _write_fault)
         else:
-            mfn = await self._new_frame(backend)
+            mfn = await self._new_frame(backend.vcpu)
             if vma.file is not None:
-                await self._fill_from_file(mfn, vma, va, backend)
+                await self._fill_from_file(mfn, vma, va, backend.vcpu)
             if write and vma.writable:  # an exclusive anonymous page
                 prot |= _PAGE_RW | _PAGE_DIRTY
         await backend.set_pte(ptep, make_pte(mfn, prot & ~PTE_MFN_MASK))
@@ -501,12 +654,45 @@ class Kernel:
         writebacks that D bit is the page's only dirty record (dirtiness is
         transferred to the page at writeback and unmap, ``pte_dirty`` ->
         ``set_page_dirty``): exactly the state the seed patch must not lose.
-        An exclusive anonymous page is simply made writable and dirty.
+        A private page another process still maps (after fork) is copied
+        (``wp_page_copy``); one only this PTE maps is made writable and
+        dirty where it is (``wp_page_reuse``).
         """
         if vma.file is not None and vma.is_shared:
             await backend.set_pte(ptep, pte | _PAGE_RW | _PAGE_ACCESSED)
             return
+        mfn = (pte & PTE_MFN_MASK) >> PAGE_SHIFT
+        if vma.is_private and self._mapcount.get(mfn, 1) > 1:
+            await self._copy_on_write(va, ptep, mfn, backend)
+            return
         await backend.set_pte(ptep, pte | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
+
+    async def _copy_on_write(self, va: int, ptep: int, mfn: int, backend: PvOps) -> None:
+        """``wp_page_copy``: the page is copied into a new frame (plain
+        memory), the PTE taken with ``ptep_clear_flush`` (a trapped
+        get-and-clear and a one-page flush), the new writable dirty PTE
+        installed (``set_pte``), and the old frame loses this mapping."""
+        data = self.machine.read_bytes(mfn << PAGE_SHIFT, PAGE_SIZE)
+        new = self._free_frames.pop() if self._free_frames else self.machine.alloc_frame()
+        await self._store(new << PAGE_SHIFT, data, backend.vcpu)
+        old = await backend.ptep_get_and_clear(ptep)
+        await backend.flush_tlb([va])
+        flags = (old & ~PTE_MFN_MASK) | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+        await backend.set_pte(ptep, make_pte(new, flags & ~PTE_MFN_MASK))
+        self._unmap_frame(mfn)
+
+    def _unmap_frame(self, mfn: int) -> bool:
+        """One mapping of private frame ``mfn`` is gone; True (and the frame
+        back in the pool) if it was the last."""
+        count = self._mapcount.get(mfn, 1)
+        if count > 2:
+            self._mapcount[mfn] = count - 1
+        elif count == 2:
+            del self._mapcount[mfn]
+        else:
+            self._free_frames.append(mfn)
+            return True
+        return False
 
     # --- change_protection -------------------------------------------------------------
 
@@ -627,7 +813,7 @@ class Kernel:
             if page.dirty:
                 self._write_page_to_file(vma, va, page)
         else:
-            self._free_frames.append((old & PTE_MFN_MASK) >> PAGE_SHIFT)
+            self._unmap_frame((old & PTE_MFN_MASK) >> PAGE_SHIFT)
 
     async def _writeback_range(self, vma: Vma, backend: PvOps, proc: Process) -> None:
         """Write back every dirty page of the range (clear_page_dirty_for_io +
@@ -680,29 +866,39 @@ class Kernel:
 
     # --- frames, tables and the page cache -------------------------------------------------
 
-    async def _new_frame(self, backend: PvOps) -> int:
-        """A zeroed frame: fresh from the domain, or recycled and cleared."""
+    async def _new_frame(self, vcpu: int) -> int:
+        """A zeroed frame: fresh from the domain, or recycled and cleared
+        with a plain store (``clear_page`` through the linear map: no trap)."""
         if self._free_frames:
             mfn = self._free_frames.pop()
-            await backend.clear_frame(mfn)
+            await self._store(mfn << PAGE_SHIFT, _ZERO_PAGE, vcpu)
             return mfn
         return self.machine.alloc_frame()
+
+    async def _store(self, maddr: int, data: bytes, vcpu: int) -> None:
+        """A plain kernel store through the linear map (no trap); refused
+        only if the frame is a live page table, a kernel bug."""
+        rc = await self.machine.kernel_write(maddr, data, vcpu=vcpu)
+        if rc:
+            raise HypercallFailed(f"kernel store at {maddr:#x} refused: {abi.errno_name(rc)}")
 
     async def _file_page(self, vma: Vma, va: int, backend: PvOps) -> FilePage:
         assert vma.file is not None
         key = (vma.file.path, vma.pgoff_at(va))
         page = self._cache.pages.get(key)
         if page is None:
-            mfn = await self._new_frame(backend)
-            await self._fill_from_file(mfn, vma, va, backend)
+            mfn = await self._new_frame(backend.vcpu)
+            await self._fill_from_file(mfn, vma, va, backend.vcpu)
             page = self._cache.pages[key] = FilePage(mfn)
         return page
 
-    async def _fill_from_file(self, mfn: int, vma: Vma, va: int, backend: PvOps) -> None:
+    async def _fill_from_file(self, mfn: int, vma: Vma, va: int, vcpu: int) -> None:
+        """Read a file page into ``mfn``: the page cache fills it with plain
+        stores (no trap)."""
         assert vma.file is not None
         data = read_file_page(vma.file.path, vma.file_offset(va))
         if data.strip(b"\0"):
-            await backend.write_frame(mfn, data.ljust(PAGE_SIZE, b"\0"))
+            await self._store(mfn << PAGE_SHIFT, data, vcpu)
 
     def _lookup_l1(self, va: int, proc: Process | None = None) -> int | None:
         """The L1 frame covering ``va`` (a VMA's, so canonical) in ``proc``'s
@@ -717,21 +913,50 @@ class Kernel:
         return table
 
     async def _ensure_tables(self, va: int, backend: PvOps, proc: Process) -> int:
-        """Build missing L3/L2/L1 tables for ``va`` in ``proc``'s tree
-        (pinned before use)."""
+        """Build missing L3/L2/L1 tables for ``va`` in ``proc``'s pinned tree.
+
+        As ``xen_alloc_ptpage`` on a pinned mm: the new table's linear
+        mapping is made read-only and a PTE page is also pinned (one batch),
+        then the entry pointing to it is written with ``mmu_update``, which
+        validates it (an L4 entry goes to both L4s in the same call)."""
         idx = va_indexes(va)
         table = proc.l4
         for level, index in ((4, idx.l4), (3, idx.l3), (2, idx.l2)):
             entry_maddr = maddr_of_entry(table, index)
             entry = self.machine.read_u64(entry_maddr)
             if not entry & _PAGE_PRESENT:
-                child = await self._new_frame(backend)
-                await backend.pin_table(child, level - 1)
-                proc.pinned[child] = level - 1
-                await backend.set_upper(entry_maddr, make_pte(child, TABLE_FLAGS))
+                child = await self._new_frame(backend.vcpu)
+                await backend.send_batch(alloc_table_entries(child, level - 1, self.machine.pfn_of))
+                if level == 2:
+                    proc.pinned.add(child)
+                link = make_pte(child, TABLE_FLAGS)
+                links = [(entry_maddr, link)]
+                if level == 4 and proc.user_l4 is not None:
+                    links.append((maddr_of_entry(proc.user_l4, index), link))
+                await backend.set_upper(links)
                 table = child
             else:
                 table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+        return table
+
+    async def _build_unpinned(self, va: int, proc: Process, vcpu: int) -> int:
+        """Missing tables for ``va`` in a tree nothing has pinned (fork's
+        child, exec's new mm): zeroed frames linked with plain stores, an L4
+        entry mirrored into the user L4. Returns the PTE page."""
+        idx = va_indexes(va)
+        table = proc.l4
+        for level, index in ((4, idx.l4), (3, idx.l3), (2, idx.l2)):
+            entry_maddr = maddr_of_entry(table, index)
+            entry = self.machine.read_u64(entry_maddr)
+            if entry & _PAGE_PRESENT:
+                table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+                continue
+            child = await self._new_frame(vcpu)
+            link = make_pte(child, TABLE_FLAGS).to_bytes(8, "little")
+            await self._store(entry_maddr, link, vcpu)
+            if level == 4 and proc.user_l4 is not None:
+                await self._store(maddr_of_entry(proc.user_l4, index), link, vcpu)
+            table = child
         return table
 
     def _lock(self, l1: int, proc: Process | None = None) -> trio.Lock:
@@ -753,6 +978,14 @@ class Kernel:
 
     async def audit(self) -> list[str]:
         return await self.machine.audit()
+
+
+_ZERO_PAGE: Final = bytes(PAGE_SIZE)
+
+
+def _argument_page(pid: int, index: int) -> bytes:
+    """What exec copies into argument page ``index`` (``copy_strings``)."""
+    return f"argv page {index} of pid {pid}\0".encode().ljust(PAGE_SIZE, b"\0")
 
 
 def kernel_for(domain: Domain, mode_name: str, **mode_params: int) -> Kernel:

@@ -44,6 +44,10 @@ class Machine(Protocol):
 
     def read_bytes(self, maddr: int, length: int) -> bytes: ...
 
+    def pfn_of(self, mfn: int) -> int: ...
+
+    async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int: ...
+
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
     ) -> dict[str, Any]: ...
@@ -134,6 +138,15 @@ class NativeMachine:
 
     def write_bytes(self, maddr: int, data: bytes) -> None:
         self.memory.write_bytes(maddr, data)
+
+    def pfn_of(self, mfn: int) -> int:
+        """Bare metal: PFN == MFN."""
+        return mfn
+
+    async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int:
+        """A plain store of the kernel's (bare metal: its own memory); rc 0."""
+        self.memory.write_bytes(maddr, data)
+        return 0
 
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]

@@ -6,12 +6,15 @@ its VMAs, its page-table locks (the split PTE locks, one per PTE page, and
 ``page_table_lock`` for building tables), the upper tables it built and
 pinned, and which vCPUs have its tree loaded (``mm_cpumask``).
 
-pvemu gives a process one L4 that is both its kernel and its user base
-pointer: a context switch loads it with ``MMUEXT_NEW_BASEPTR`` and
-``MMUEXT_NEW_USER_BASEPTR`` (the same frame twice) in one ``mmuext_op``, the
-shape and cost of Linux's ``xen_write_cr3``, which passes the user pgd as
-the second. The kernel's own tree (``init_mm``, pid 0 here) has no user
-half: it is loaded with user base 0, as ``leave_mm`` does.
+A process made by ``fork`` or ``exec`` has two L4s, as on 64-bit Linux on
+Xen PV: the kernel L4 and a user L4 whose user half mirrors it (every L4
+entry is written to both); a context switch loads them with
+``MMUEXT_NEW_BASEPTR`` and ``MMUEXT_NEW_USER_BASEPTR`` in one
+``mmuext_op`` (Linux's ``xen_write_cr3``). The booted process and those
+made by :meth:`~pvemu.guest.kernel.Kernel.spawn` have one L4 that serves as
+both. The hardware model walks the kernel L4 for user accesses too, which
+the mirror makes equivalent. The kernel's own tree (``init_mm``, pid 0
+here) has no user half: it is loaded with user base 0, as ``leave_mm`` does.
 
 Scheduling is the workload's business: it says which process runs on which
 vCPU (:meth:`pvemu.guest.kernel.Kernel.switch_to`); a user access on a vCPU
@@ -46,10 +49,12 @@ class Process:
     ptl: dict[int, trio.Lock] = field(default_factory=dict)
     #: ``page_table_lock``: held while tables are built above the PTE level.
     table_lock: trio.Lock = field(default_factory=trio.Lock)
-    #: Tables below the L4 this process pinned one by one (frame -> level),
-    #: in the order built; the booted tree's first L3/L2/L1 are validated
-    #: through the L4's pin and are not here.
-    pinned: dict[int, int] = field(default_factory=dict)
+    #: The user L4 (``NEW_USER_BASEPTR``), or None when ``l4`` serves as both.
+    user_l4: int | None = None
+    #: PTE pages pinned on their own (``PIN_L1``: Linux's split PTE locks),
+    #: by the tree's pin or when added to the pinned tree; the booted tree's
+    #: first L1 is validated through the L4's pin and is not here.
+    pinned: set[int] = field(default_factory=set)
     #: vCPUs with this tree loaded (``mm_cpumask``).
     cpus: set[int] = field(default_factory=set)
     #: False once it has exited (its frames are back in the kernel's pool).

@@ -24,26 +24,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import numpy as np
+
 from pvemu.shared import abi, wire
-from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE, maddr_of_entry
+from pvemu.shared.x86 import _PAGE_RW, PAGE_SHIFT
 
 from .lazy import LazyMmu
 from .machine import NativeMachine
 from .multicall import FLUSH_CONTEXT_SWITCH, McBuffer
+from .pagetree import Entry
+from .ptes import mmu_update_records
 
 if TYPE_CHECKING:
     from .client import Domain
-    from .ptes import Indexes, Ptes
+    from .ptes import Indexes, Mask, Ptes
 
 #: Modern x86: up to this many pages one INVLPG each, else a full flush.
 TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
-
-_PIN: Final = {
-    1: abi.MMUEXT_PIN_L1_TABLE,
-    2: abi.MMUEXT_PIN_L2_TABLE,
-    3: abi.MMUEXT_PIN_L3_TABLE,
-    4: abi.MMUEXT_PIN_L4_TABLE,
-}
 
 
 def switch_mm_ops(l4: int, user_l4: int, *, pin: bool = False) -> list[tuple[int, int, int]]:
@@ -56,10 +53,13 @@ def switch_mm_ops(l4: int, user_l4: int, *, pin: bool = False) -> list[tuple[int
     return ops
 
 
-def unpin_ops(l4: int, tables: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Unpin a tree: its L4 first (Xen drops the tree's type references),
-    then each table pinned on its own, parents before children."""
-    return [(abi.MMUEXT_UNPIN_TABLE, mfn, 0) for mfn in (l4, *tables)]
+def queue_entries(buffer: McBuffer, entries: Sequence[Entry]) -> None:
+    """Queue Linux's batch entries (``guest.pagetree``) on ``buffer``."""
+    for kind, a, b, c in entries:
+        if kind == "uvm":
+            buffer.queue_update_va_mapping(a, b, c)
+        else:
+            buffer.queue_mmuext(a, b, extend=bool(c))
 
 
 class HypercallFailed(Exception):
@@ -72,6 +72,10 @@ def tlb_flush_ops(vas: Sequence[int]) -> list[tuple[int, int, int]]:
     if len(vas) <= TLB_SINGLE_PAGE_FLUSH_CEILING:
         return [(abi.MMUEXT_INVLPG_ALL, va, 0) for va in vas]
     return [(abi.MMUEXT_TLB_FLUSH_ALL, 0, 0)]
+
+
+_FULL_FLUSH_OP: Final = (abi.MMUEXT_TLB_FLUSH_ALL, 0, 0)
+_RW: Final = np.uint64(_PAGE_RW)
 
 
 class TlbGather:
@@ -124,32 +128,55 @@ class PvOps:
         """Install a PTE now (the fault path)."""
         raise NotImplementedError
 
-    async def set_upper(self, maddr: int, val: int) -> None:
-        """Write an L2/L3/L4 entry."""
+    async def set_upper(self, links: Sequence[tuple[int, int]]) -> None:
+        """Write L2/L3/L4 entries ``(maddr, val)`` of a pinned tree (an L4
+        entry and its user-L4 mirror together, as ``xen_set_p4d`` does)."""
         raise NotImplementedError
 
-    async def pin_table(self, mfn: int, level: int) -> None:
-        raise NotImplementedError
-
-    async def clear_frame(self, mfn: int) -> None:
+    async def send_batch(self, entries: Sequence[Entry]) -> None:
+        """Send one of Linux's explicit multicall batches (a tree's pin or
+        unpin, a table added to a pinned tree): issued at once
+        (``xen_mc_issue(0)``), one hypercall per 32 entries in Linux's
+        buffer, one in all in a whole-page batcher."""
         raise NotImplementedError
 
     # --- processes -------------------------------------------------------------
 
-    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+    async def switch_mm(
+        self, l4: int, user_l4: int, *, pin: bool = False, before: Sequence[Entry] = ()
+    ) -> None:
         """Load ``l4`` as this vCPU's base pointer (``user_l4`` the user
         one, 0 for none): a context switch's CR3 write, a full local TLB
-        flush. ``pin`` pins ``l4`` first."""
+        flush. ``pin`` pins ``l4`` first; ``before`` is a batch (a new
+        tree's pin) the batching modes send in the same multicall."""
         raise NotImplementedError
 
-    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
-        """Unpin the tree rooted at ``l4`` and the ``tables`` pinned on their
-        own (exit): after it the tree is plain memory."""
+    # --- fork ------------------------------------------------------------------
+
+    async def ptep_set_wrprotect(self, ptep: int) -> int:
+        """Clear RW in a live (pinned) PTE atomically, keeping any A/D bit the
+        hardware sets meanwhile (x86 ``lock btr``); returns the old value."""
         raise NotImplementedError
 
-    async def write_frame(self, mfn: int, data: bytes) -> None:
-        """Fill a frame nothing maps yet."""
+    async def set_pte_unpinned(self, ptep: int, val: int) -> None:
+        """Write a PTE of a tree nothing has pinned yet (fork's child, exec's
+        new mm): ``set_pte``, which Xen applies unchecked to an untyped frame."""
         raise NotImplementedError
+
+    async def fork_copy_run(
+        self,
+        parent: int,
+        child: int,
+        indexes: Indexes,
+        seen: Ptes,
+        wrprotect: Mask,
+        child_vals: Ptes,
+    ) -> None:
+        """The range form of one PTE page's fork copy: entries ``indexes`` of
+        the parent's PTE page ``parent`` were read as ``seen``; clear RW in
+        those ``wrprotect`` marks and install ``child_vals`` at the same
+        entries of the child's PTE page ``child``."""
+        raise NotImplementedError(f"{self.name} has no range form")
 
     # --- the mprotect transaction ------------------------------------------------
 
@@ -186,8 +213,16 @@ class PvOps:
     async def flush_tlb(self, vas: Sequence[int]) -> None:
         raise NotImplementedError
 
+    async def flush_tlb_all(self) -> None:
+        """``flush_tlb_mm``: a full flush of the mm's CPUs (one op)."""
+        raise NotImplementedError
+
     def fold_tlb_flush(self, vas: Sequence[int]) -> None:
         raise NotImplementedError(f"{self.name} does not fold TLB flushes into a batch")
+
+    def fold_batch(self, entries: Sequence[Entry]) -> None:
+        """Queue ``entries`` in the open lazy section (batching modes only)."""
+        raise NotImplementedError(f"{self.name} does not fold batches")
 
     def stats(self) -> dict[str, Any]:
         return {}
@@ -227,31 +262,51 @@ class TrapOps(PvOps):
         """Install a PTE now (the fault path): ``mmu_update`` count=1."""
         await self._mmu([(ptep, val)])
 
-    async def set_upper(self, maddr: int, val: int) -> None:
-        """Write an L2/L3/L4 entry (never emulated by Xen: always a hypercall)."""
-        await self._mmu([(maddr, val)])
+    async def set_upper(self, links: Sequence[tuple[int, int]]) -> None:
+        """One ``mmu_update`` (upper entries are never emulated by Xen)."""
+        await self._mmu(links)
 
-    async def pin_table(self, mfn: int, level: int) -> None:
-        await self._ext([(_PIN[level], mfn, 0)])
-
-    async def clear_frame(self, mfn: int) -> None:
-        await self._ext([(abi.MMUEXT_CLEAR_PAGE, mfn, 0)])
-
-    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
-        """One ``mmuext_op``: one trap."""
+    async def switch_mm(
+        self, l4: int, user_l4: int, *, pin: bool = False, before: Sequence[Entry] = ()
+    ) -> None:
+        """One ``mmuext_op``: one trap (after ``before``, sent on its own)."""
+        if before:
+            await self.send_batch(before)
         await self._ext(switch_mm_ops(l4, user_l4, pin=pin))
 
-    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
-        """One ``mmuext_op`` carrying every unpin: one trap."""
-        await self._ext(unpin_ops(l4, tables))
+    async def send_batch(self, entries: Sequence[Entry]) -> None:
+        """No lazy-MMU batching here, but Linux's explicit batches stay
+        batches: queued in a buffer with Linux's limits, sent at once."""
+        buffer = McBuffer()
+        queue_entries(buffer, entries)
+        buffer.flush()
+        await self._send_batches(buffer)
 
-    async def write_frame(self, mfn: int, data: bytes) -> None:
-        """Fill a frame nothing maps yet: the guest's memory is read-only to
-        it, so the copy is one mmu_update of 8-byte data words (untyped frame)."""
-        words = memoryview(data).cast("Q")
-        reqs = [(maddr_of_entry(mfn, i), int(w)) for i, w in enumerate(words) if w]
-        if reqs:
-            await self._mmu(reqs)
+    async def _send_batches(self, buffer: McBuffer) -> None:
+        """Send every flushed batch of ``buffer``, in order, and hand back
+        its results (a failed entry raises ``KernelBug``)."""
+        if not buffer.has_ready:
+            return
+        for batch in buffer.take_ready():
+            reply = await self.domain.call(batch.hypercall(), vcpu=self.vcpu)
+            if isinstance(reply, wire.MulticallResult):
+                buffer.complete(batch, reply.results)
+            else:
+                buffer.complete(batch, [reply.rc])
+
+    async def ptep_set_wrprotect(self, ptep: int) -> int:
+        """A locked ``btr`` on a read-only page table: Xen emulates it (one trap)."""
+        rc, old = await self.domain.ptwr_clear_bits(ptep, _PAGE_RW, vcpu=self.vcpu)
+        if rc:
+            raise HypercallFailed(f"trapped wrprotect at {ptep:#x} refused: {abi.errno_name(rc)}")
+        return old
+
+    async def set_pte_unpinned(self, ptep: int, val: int) -> None:
+        """``mmu_update`` count=1: one trap."""
+        await self._mmu([(ptep, val)])
+
+    async def flush_tlb_all(self) -> None:
+        await self._ext([_FULL_FLUSH_OP])
 
     async def ptep_get_and_clear(self, ptep: int) -> int:
         """Native xchg on a read-only page table: Xen emulates it (one trap)."""
@@ -286,6 +341,12 @@ class PtwrOps(TrapOps):
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         await self._store(ptep, new)
 
+    async def set_pte_unpinned(self, ptep: int, val: int) -> None:
+        """A store into a page nothing has typed as a page table: plain memory."""
+        rc = await self.domain.kernel_write(ptep, val.to_bytes(8, "little"), vcpu=self.vcpu)
+        if rc:
+            raise HypercallFailed(f"store into unpinned table {ptep:#x}: {abi.errno_name(rc)}")
+
 
 class BufferedOps(TrapOps):
     """Linux's Xen backend: start is a plain read, commit queues a record in
@@ -302,15 +363,7 @@ class BufferedOps(TrapOps):
 
     async def _send_ready(self) -> None:
         """Send every flushed batch, in order, and hand back its results."""
-        buf = self.buffer
-        if not buf.has_ready:
-            return
-        for batch in buf.take_ready():
-            reply = await self.domain.call(batch.hypercall(), vcpu=self.vcpu)
-            if isinstance(reply, wire.MulticallResult):
-                buf.complete(batch, reply.results)
-            else:
-                buf.complete(batch, [reply.rc])
+        await self._send_batches(self.buffer)
 
     async def set_pte(self, ptep: int, val: int) -> None:
         self.lazy.set_pte(ptep, val)
@@ -336,26 +389,37 @@ class BufferedOps(TrapOps):
         self.lazy.commit_ptes(table, indexes, new)
         await self._send_ready()
 
-    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+    async def switch_mm(
+        self, l4: int, user_l4: int, *, pin: bool = False, before: Sequence[Entry] = ()
+    ) -> None:
         """Linux's context switch: leave a lazy-MMU section (flushing), queue
         the base pointers as one multicall entry (``xen_write_cr3``), flush
         at the end of the switch (``xen_end_context_switch``), and re-enter
-        the section if one was open."""
+        the section if one was open. ``before`` rides in the same batch."""
         self.lazy.pause()
         buf = self.buffer
+        queue_entries(buf, before)
         for i, (cmd, arg1, arg2) in enumerate(switch_mm_ops(l4, user_l4, pin=pin)):
             buf.queue_mmuext(cmd, arg1, arg2, extend=i > 0)
         buf.flush(FLUSH_CONTEXT_SWITCH)
         self.lazy.resume()
         await self._send_ready()
 
-    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
-        """The unpins extend one ``mmuext_op`` entry (``xen_extend_mmuext_op``),
-        issued at once (``xen_mc_issue(0)``)."""
-        buf = self.buffer
-        for cmd, arg1, arg2 in unpin_ops(l4, tables):
-            buf.queue_mmuext(cmd, arg1, arg2, extend=True)
-        buf.issue(lazy=False)
+    async def send_batch(self, entries: Sequence[Entry]) -> None:
+        """Queued in this CPU's buffer and issued at once (``xen_mc_issue(0)``)."""
+        queue_entries(self.buffer, entries)
+        self.buffer.issue(lazy=False)
+        await self._send_ready()
+
+    async def set_pte_unpinned(self, ptep: int, val: int) -> None:
+        """``xen_set_pte``: a queued record in a lazy section (sent with the
+        section), an immediate ``mmu_update`` outside one."""
+        self.lazy.set_pte(ptep, val)
+        await self._send_ready()
+
+    async def flush_tlb_all(self) -> None:
+        self.buffer.queue_mmuext(*_FULL_FLUSH_OP)
+        self.lazy.issue()
         await self._send_ready()
 
     async def lazy_enter(self) -> None:
@@ -400,6 +464,35 @@ class BatchedOps(BufferedOps):
         for cmd, arg1, arg2 in tlb_flush_ops(vas):
             self.buffer.queue_mmuext(cmd, arg1, arg2, extend=True)
 
+    def fold_batch(self, entries: Sequence[Entry]) -> None:
+        """Queue a pin (or any batch) in the open section: it rides in the
+        section's multicall, after the PTE page's records."""
+        if not self.lazy.active:
+            raise HypercallFailed("a folded batch needs an open lazy section")
+        queue_entries(self.buffer, entries)
+
+    async def fork_copy_run(
+        self,
+        parent: int,
+        child: int,
+        indexes: Indexes,
+        seen: Ptes,
+        wrprotect: Mask,
+        child_vals: Ptes,
+    ) -> None:
+        """One ``mmu_update`` entry for the PTE page: the parent's
+        write-protects as transactions committed with the mode's command
+        (``PRESERVE_AD``: a Dirty bit the hardware set since the read is
+        kept; ``naive``'s ``NORMAL``: it is lost), then the child's
+        installs (``NORMAL``: an untyped frame)."""
+        if np.any(wrprotect):
+            targets = indexes[wrprotect]
+            self.lazy.start_ptes(parent, targets)
+            self.lazy.commit_ptes(parent, targets, seen[wrprotect] & ~_RW)
+        records = mmu_update_records(child, indexes, abi.MMU_NORMAL_PT_UPDATE, child_vals)
+        self.buffer.queue_mmu_updates(records)
+        await self._send_ready()
+
 
 class NaiveOps(BatchedOps):
     """UNSAFE: commits with MMU_NORMAL_PT_UPDATE, overwriting the A/D bits the
@@ -422,24 +515,53 @@ class NativeOps(PvOps):
     async def set_pte(self, ptep: int, val: int) -> None:
         self.native.write_u64(ptep, val)
 
-    async def set_upper(self, maddr: int, val: int) -> None:
-        self.native.write_u64(maddr, val)
+    async def set_upper(self, links: Sequence[tuple[int, int]]) -> None:
+        for maddr, val in links:
+            self.native.write_u64(maddr, val)
 
-    async def pin_table(self, mfn: int, level: int) -> None:
-        """Bare metal needs no pinning."""
-
-    async def clear_frame(self, mfn: int) -> None:
-        self.native.write_bytes(mfn * PAGE_SIZE, bytes(PAGE_SIZE))
-
-    async def switch_mm(self, l4: int, user_l4: int, *, pin: bool = False) -> None:
+    async def switch_mm(
+        self, l4: int, user_l4: int, *, pin: bool = False, before: Sequence[Entry] = ()
+    ) -> None:
         """A local CR3 load (a full local TLB flush): no trap."""
         self.native.hw.set_cr3(self.vcpu, l4)
 
-    async def unpin_tree(self, l4: int, tables: Sequence[int]) -> None:
-        """Bare metal pins nothing."""
+    async def send_batch(self, entries: Sequence[Entry]) -> None:
+        """Bare metal pins and remaps nothing."""
 
-    async def write_frame(self, mfn: int, data: bytes) -> None:
-        self.native.write_bytes(mfn * PAGE_SIZE, data)
+    def fold_batch(self, entries: Sequence[Entry]) -> None:
+        """Bare metal pins and remaps nothing."""
+
+    async def ptep_set_wrprotect(self, ptep: int) -> int:
+        """``lock btr``: no ``await`` between the read and the write, so the
+        hardware model cannot set a bit in between."""
+        old = self.native.read_u64(ptep)
+        self.native.write_u64(ptep, old & ~_PAGE_RW)
+        return old
+
+    async def set_pte_unpinned(self, ptep: int, val: int) -> None:
+        self.native.write_u64(ptep, val)
+
+    async def fork_copy_run(
+        self,
+        parent: int,
+        child: int,
+        indexes: Indexes,
+        seen: Ptes,
+        wrprotect: Mask,
+        child_vals: Ptes,
+    ) -> None:
+        """The write-protects as one read-modify-write of the run (atomic: no
+        ``await`` inside), the child's run as one write."""
+        if np.any(wrprotect):
+            targets = indexes[wrprotect]
+            page = self.native.read_bytes(parent << PAGE_SHIFT, 1 << PAGE_SHIFT)
+            now = np.frombuffer(page, dtype="<u8")[targets]
+            self.native.write_ptes(parent, targets, now & ~_RW)
+        self.native.write_ptes(child, indexes, child_vals)
+
+    async def flush_tlb_all(self) -> None:
+        self.native.hw.flush_tlb_all()
+        self.native.oracle.flushed_all()
 
     async def ptep_get_and_clear(self, ptep: int) -> int:
         return self.native.xchg_u64(ptep, 0)
@@ -472,7 +594,7 @@ __all__ = [
     "HypercallFailed",
     "switch_mm_ops",
     "tlb_flush_ops",
-    "unpin_ops",
+    "queue_entries",
     "TlbGather",
     "PvOps",
     "TrapOps",

@@ -46,6 +46,7 @@ import for users of the VMA layer.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 
@@ -155,6 +156,14 @@ class AddressSpace(VmaTree):
         self.mmap_base = mmap_base
         self.legacy_base = legacy_base
         self._next_shmem_id = 1
+
+    def fork(self) -> AddressSpace:
+        """A copy for a child process (``dup_mmap``): the same VMAs (they are
+        immutable, so shared) and layout; the page tables are the kernel's."""
+        child = copy.copy(self)
+        child._starts = list(self._starts)
+        child._vmas = list(self._vmas)
+        return child
 
     # ------------------------------------------------------------------ mmap
 

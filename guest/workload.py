@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mmap as mman
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -89,6 +89,37 @@ def _snapshot(stats: dict[str, Any]) -> tuple[PhaseCounts, int]:
     return counts, stats["guest"]["total"].get("traps", 0)
 
 
+async def measure(
+    kernel: Kernel,
+    result: WorkloadResult,
+    name: str,
+    action: Callable[[], Awaitable[None]],
+    on_step: Callable[[str], None] | None = None,
+) -> None:
+    """Run ``action`` as phase ``name`` of ``result``: the counters' change
+    and the wall time. A phase measured again (a loop) adds up."""
+    if on_step is not None:
+        on_step(name)
+    before, guest_before = _snapshot(await kernel.stats())
+    started_ns = now_ns()
+    started = time.perf_counter()
+    await action()
+    wall = time.perf_counter() - started
+    ended_ns = now_ns()
+    after, guest_after = _snapshot(await kernel.stats())
+    phase = PhaseResult(after - before, guest_after - guest_before, wall, started_ns, ended_ns)
+    earlier = result.phases.get(name)
+    if earlier is not None:
+        phase = PhaseResult(
+            earlier.counts + phase.counts,
+            earlier.guest_traps + phase.guest_traps,
+            earlier.wall_s + phase.wall_s,
+            earlier.started_ns,
+            ended_ns,
+        )
+    result.phases[name] = phase
+
+
 async def run_mprotect_workload(
     kernel: Kernel, pages: int, *, vcpu: int = 1, on_step: Callable[[str], None] | None = None
 ) -> WorkloadResult:
@@ -120,17 +151,7 @@ async def run_mprotect_workload(
         ("protect_ro", protect_ro),
         ("protect_rw", protect_rw),
     ):
-        if on_step is not None:
-            on_step(name)
-        before, guest_before = _snapshot(await kernel.stats())
-        started_ns = now_ns()
-        started = time.perf_counter()
-        await action()
-        wall = time.perf_counter() - started
-        ended_ns = now_ns()
-        after, guest_after = _snapshot(await kernel.stats())
-        counts, guest_traps = after - before, guest_after - guest_before
-        result.phases[name] = PhaseResult(counts, guest_traps, wall, started_ns, ended_ns)
+        await measure(kernel, result, name, action, on_step)
 
     if on_step is not None:
         on_step("check")

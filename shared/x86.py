@@ -11,6 +11,10 @@ from typing import Final, NamedTuple
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
+#: Where Linux x86-64 maps all of memory for the kernel (``PAGE_OFFSET``):
+#: a page-table page's address there is what Xen PV remaps read-only
+#: before pinning it.
+LINEAR_MAP_BASE: Final = 0xFFFF_8880_0000_0000
 PAGE_MASK: Final = ~(PAGE_SIZE - 1)
 PTE_SIZE: Final = 8
 ENTRIES_PER_TABLE: Final = 512

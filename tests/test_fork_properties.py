@@ -1,0 +1,148 @@
+"""Random fork / exit / exec / write / mprotect / munmap sequences over several
+processes, against a model of what each process must read, with
+``audit()`` after every step; at the end every process exits and every
+frame is back in the pool."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pvemu.guest.kernel import Kernel, SegmentationFault, boot, kernel_for
+from pvemu.guest.pagetree import walk_user_tree
+from pvemu.guest.process import INIT_PID
+from pvemu.hypervisor import Hypervisor
+from pvemu.shared.x86 import PAGE_SIZE
+from tests.loopback import loopback_domain
+
+#: 24 pages across a PTE-page boundary: 12 before it, 12 after.
+PAGES = 24
+BASE = 0x4000_0000 + (512 - 12) * PAGE_SIZE
+RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+op = st.one_of(
+    st.tuples(st.just("fork"), st.integers(0, 7)),
+    st.tuples(st.just("exit"), st.integers(0, 7)),
+    st.tuples(st.just("exec"), st.integers(0, 7)),
+    st.tuples(st.just("write"), st.integers(0, 7), st.integers(0, PAGES - 1), st.integers(1, 255)),
+    st.tuples(
+        st.just("mprotect"),
+        st.integers(0, 7),
+        st.integers(0, PAGES - 1),
+        st.integers(1, 8),
+        st.sampled_from([mmap.PROT_READ, RW, 0]),
+    ),
+    st.tuples(st.just("munmap"), st.integers(0, 7), st.integers(0, PAGES - 1), st.integers(1, 8)),
+)
+
+
+class Model:
+    """What each live process must read: page -> byte (0 for untouched),
+    and its protections (page -> prot; absent: unmapped)."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, dict[int, int]] = {INIT_PID: {}}
+        self.prot: dict[int, dict[int, int]] = {INIT_PID: dict.fromkeys(range(PAGES), RW)}
+
+    def pick(self, index: int) -> int:
+        pids = sorted(self.data)
+        return pids[index % len(pids)]
+
+
+async def run_ops(kernel: Kernel, ops: list[tuple[object, ...]]) -> None:
+    start_free = kernel.free_frame_count()
+    booted = 1 + len(walk_user_tree(kernel._read_table, kernel.process().l4))
+    kernel.mmap(PAGES * PAGE_SIZE, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, addr=BASE)
+    model = Model()
+    for step in ops:
+        kind = step[0]
+        if not model.data:
+            break
+        pid = model.pick(int(step[1]))  # type: ignore[call-overload]
+        if kind == "fork":
+            child = await kernel.fork(pid)
+            model.data[child] = dict(model.data[pid])
+            model.prot[child] = dict(model.prot[pid])
+        elif kind == "exit":
+            await kernel.exit_process(pid)
+            del model.data[pid], model.prot[pid]
+        elif kind == "exec":
+            await kernel.switch_to(1, pid)
+            await kernel.exec(pid, vcpu=1)
+            model.data[pid], model.prot[pid] = {}, {}
+        elif kind == "write":
+            _, _, page, value = step
+            assert isinstance(page, int) and isinstance(value, int)
+            await kernel.switch_to(1, pid)
+            try:
+                await kernel.write(BASE + page * PAGE_SIZE, bytes([value]), vcpu=1)
+            except SegmentationFault:
+                assert model.prot[pid].get(page) != RW
+            else:
+                assert model.prot[pid].get(page) == RW
+                model.data[pid][page] = value
+        else:
+            _, _, first, count, *rest = step
+            assert isinstance(first, int) and isinstance(count, int)
+            count = min(count, PAGES - first)
+            addr = BASE + first * PAGE_SIZE
+            if kind == "mprotect":
+                prot = rest[0]
+                assert isinstance(prot, int)
+                try:
+                    await kernel.mprotect(addr, count * PAGE_SIZE, prot, pid=pid)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOMEM  # a hole: pages before it changed
+                    for page in range(first, first + count):
+                        if page not in model.prot[pid]:
+                            break
+                        model.prot[pid][page] = prot
+                else:
+                    for page in range(first, first + count):
+                        model.prot[pid][page] = prot
+            else:
+                await kernel.munmap(addr, count * PAGE_SIZE, pid=pid)
+                for page in range(first, first + count):
+                    model.prot[pid].pop(page, None)
+                    model.data[pid].pop(page, None)
+        assert await kernel.audit() == [], step
+    for pid in sorted(model.data):
+        readable = sorted(p for p, prot in model.prot[pid].items() if prot & mmap.PROT_READ)
+        if readable:
+            await kernel.switch_to(1, pid)
+            reads = await kernel.run_user(1, [(BASE + p * PAGE_SIZE, "r", 1) for p in readable])
+            assert reads == [bytes([model.data[pid].get(p, 0)]) for p in readable], pid
+    for pid in sorted(model.data):
+        await kernel.exit_process(pid)
+    assert await kernel.audit() == []
+    # Every frame is back, the booted tree's too, but the kernel's own tree
+    # (one frame, built the first time a vCPU left a process).
+    idle = 1 if kernel._idle is not None else 0
+    assert kernel.free_frame_count() == start_free + booted - idle
+
+
+SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@SETTINGS
+@given(ops=st.lists(op, min_size=1, max_size=14))
+async def test_native_processes(ops: list[tuple[object, ...]]) -> None:
+    async with boot(mode="native", memory_mib=32) as kernel:
+        await run_ops(kernel, ops)
+
+
+@pytest.mark.parametrize("mode", ["xen", "batched", "trap", "ptwr"])
+@SETTINGS
+@given(ops=st.lists(op, min_size=1, max_size=14))
+async def test_pv_processes(mode: str, ops: list[tuple[object, ...]]) -> None:
+    hv = Hypervisor(48)
+    domain = await loopback_domain(hv, memory_mib=32, vcpus=2)
+    await run_ops(kernel_for(domain, mode), ops)
