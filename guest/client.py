@@ -509,8 +509,25 @@ class Domain:
     ) -> tuple[int, int]:
         """A trapped xchg: returns (rc, previous value)."""
         channel = self._channels[vcpu]
+        return await self._ptwr(wire.Ptwr(channel.next_id(), maddr, val, exchange), vcpu)
+
+    async def ptwr_clear_bits(self, maddr: int, bits: int, *, vcpu: int = 0) -> tuple[int, int]:
+        """A trapped atomic clear of ``bits`` in a page-table entry (x86 ``lock
+        btr``, Linux's ``ptep_set_wrprotect`` on a pinned L1): one ptwr trap.
+        The hypervisor stores ``old & ~bits`` when it applies it, so A/D bits
+        the hardware set meanwhile stay. Returns (rc, previous value).
+
+        ``bits`` must not be 0: that request would be a plain store of 0.
+        """
+        if not bits:
+            raise ValueError("ptwr_clear_bits needs at least one bit to clear")
+        channel = self._channels[vcpu]
+        return await self._ptwr(wire.Ptwr(channel.next_id(), maddr, 0, clear_bits=bits), vcpu)
+
+    async def _ptwr(self, request: wire.Ptwr, vcpu: int) -> tuple[int, int]:
+        """Send a trapped page-table write, counted as one ptwr trap."""
+        channel = self._channels[vcpu]
         self._counters[vcpu].ptwr += 1
-        request = wire.Ptwr(channel.next_id(), maddr, val, exchange)
         if self.timeline is None:
             reply = await channel.request(request)
         else:

@@ -206,10 +206,21 @@ class Hypervisor:
         return pending.result
 
     def ptwr_write(
-        self, domid: int, vcpu: int, maddr: int, val: int, *, exchange: bool = False
+        self,
+        domid: int,
+        vcpu: int,
+        maddr: int,
+        val: int,
+        *,
+        exchange: bool = False,
+        clear_bits: int = 0,
     ) -> tuple[int, int]:
+        """A trapped write into a page table (``clear_bits``: an atomic clear
+        of those bits instead, ``val`` 0, as ``wire.Ptwr`` says)."""
+        if clear_bits and val:
+            raise ValueError("a ptwr with clear_bits carries no value (val must be 0)")
         domain = self._vcpu_domain(domid, vcpu)
-        return ptwr_write(self.state, domain, vcpu, maddr, val, exchange)
+        return ptwr_write(self.state, domain, vcpu, maddr, val, exchange, clear_bits)
 
     # --- the hardware -------------------------------------------------------------------------
 

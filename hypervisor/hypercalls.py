@@ -514,9 +514,22 @@ def multicall(
 
 
 def ptwr_write(
-    m: MachineState, dom: Domain, vcpu: int, maddr: int, val: int, exchange: bool
+    m: MachineState,
+    dom: Domain,
+    vcpu: int,
+    maddr: int,
+    val: int,
+    exchange: bool,
+    clear_bits: int = 0,
 ) -> tuple[int, int]:
     """Emulate a trapped 8-byte write (or xchg) into one of the guest's L1s (docs/sources.md §8).
+
+    With ``clear_bits`` the trapped instruction is a locked read-modify-write
+    (``lock btr``/``and``, Linux's ``ptep_set_wrprotect``): the new value is
+    ``old & ~clear_bits`` computed here, at apply time, so an Accessed or
+    Dirty bit the hardware set after the guest last read the entry is kept,
+    and ``old`` comes back as from an exchange (``val`` is unused; the wire
+    makes it 0).
 
     Returns (rc, old): rc 0 when emulated; otherwise the #PF is reflected to
     the guest and nothing was written (rc says why: -EFAULT when the write is
@@ -536,12 +549,20 @@ def ptwr_write(
     ):
         return -abi.EFAULT, 0
     old = m.memory.read_u64(maddr)
-    if exchange:
-        dom.oracle.guest_saw(maddr)  # xchg hands the old value, D included, back
+    if clear_bits:
+        val = old & ~clear_bits
+        # The old value goes back to the guest: only a D bit this op clears
+        # is the guest's to keep; one it leaves stays in the PTE, unseen.
+        saw = bool(clear_bits & _PAGE_DIRTY)
+        returns_old = True
+    else:
+        saw = returns_old = exchange  # xchg hands the old value, D included, back
+    if saw:
+        dom.oracle.guest_saw(maddr)
     rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
-    if rc and exchange and old & _PAGE_DIRTY:
+    if rc and saw and old & _PAGE_DIRTY:
         dom.oracle.hardware_set_dirty(maddr)  # nothing was exchanged after all
-    return rc, old if exchange and rc == 0 else 0
+    return rc, old if returns_old and rc == 0 else 0
 
 
 # --- dispatch ---------------------------------------------------------------------------------

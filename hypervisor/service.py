@@ -322,6 +322,8 @@ class HypervisorService:
         if type(reply) is wire.PtwrResult:
             assert type(request) is wire.Ptwr
             args = {"maddr": request.maddr, "exchange": request.exchange, "rc": reply.rc}
+            if request.clear_bits:
+                args["clear_bits"] = request.clear_bits
             timeline.complete("ptwr", TRAP, domid, vcpu, start, now_ns(), args)
         elif type(reply) is wire.UserResult and reply.fault is not None:
             args = {"va": reply.fault.va, "error_code": reply.fault.error_code}
@@ -363,7 +365,12 @@ class HypervisorService:
         match request:
             case wire.Ptwr():
                 rc, old = hv.ptwr_write(
-                    domid, session.vcpu, request.maddr, request.val, exchange=request.exchange
+                    domid,
+                    session.vcpu,
+                    request.maddr,
+                    request.val,
+                    exchange=request.exchange,
+                    clear_bits=request.clear_bits,
                 )
                 return Work(wire.PtwrResult(request.id, rc, old))
             case wire.RunUser():

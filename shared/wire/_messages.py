@@ -64,6 +64,10 @@ class Message(_Validated):
     ANCILLARY_FDS: ClassVar[int] = 0
     _FIELDS: ClassVar[tuple[str, ...]]
     _KEYS: ClassVar[frozenset[str]]
+    #: Fields a map may leave out, with the value they then decode as: a
+    #: field added to a message that already shipped, so older maps (and
+    #: the bytes of every message that leaves it at its default) are unchanged.
+    _OMITTABLE: ClassVar[tuple[tuple[str, object], ...]] = ()
 
     id: Any  # narrowed by each subclass (int, or int | None for ErrorReply)
 
@@ -87,6 +91,8 @@ class Message(_Validated):
             LocalProtocolError: missing or extra keys, or invalid values (the
                 connection reports these as non-fatal RemoteProtocolError).
         """
+        if cls._OMITTABLE and data.keys() != cls._KEYS:
+            data = {**dict(cls._OMITTABLE), **data}
         if data.keys() != cls._KEYS:
             missing = sorted(cls._KEYS.difference(k for k in data if isinstance(k, str)))
             extra = sorted(repr(k) for k in data if k not in cls._KEYS)
@@ -256,13 +262,20 @@ class Ptwr(Request):
     """A trapped direct 8-byte write of ``val`` at machine address ``maddr``.
 
     ``exchange``: an atomic exchange (``xchg``/``cmpxchg``) rather than a store.
+    ``clear_bits``: when nonzero, an atomic clear of those bits instead of a
+    write (x86 ``lock btr``/``and``, e.g. ``ptep_set_wrprotect``): the
+    hypervisor stores ``old & ~clear_bits`` at apply time and returns ``old``;
+    ``val`` must then be 0. The key is left out of the map when it is 0, so
+    every other ptwr is encoded as before and a map without it decodes as 0.
     """
 
     TYPE: ClassVar[str] = "ptwr"
+    _OMITTABLE: ClassVar[tuple[tuple[str, object], ...]] = (("clear_bits", 0),)
     id: int
     maddr: int
     val: int
     exchange: bool = False
+    clear_bits: int = 0
 
     def _validate(self) -> None:
         _request_id(self.id)
@@ -270,15 +283,20 @@ class Ptwr(Request):
         _int(self.val, "val", 0, _U64)
         if type(self.exchange) is not bool:
             _fail(_BAD_TYPE, f"exchange must be a bool, not {_tname(self.exchange)}")
+        if _int(self.clear_bits, "clear_bits", 0, _U64) and self.val:
+            _fail(_OUT_OF_RANGE, f"val must be 0 with clear_bits, not {self.val:#x}")
 
     def to_wire(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "t": "ptwr",
             "id": self.id,
             "maddr": self.maddr,
             "val": self.val,
             "exchange": self.exchange,
         }
+        if self.clear_bits:
+            out["clear_bits"] = self.clear_bits
+        return out
 
 
 @_register

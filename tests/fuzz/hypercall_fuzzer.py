@@ -246,7 +246,7 @@ class HypercallRun:
             if (
                 reply.rc > 0
                 or (reply.rc and -reply.rc not in ERRNOS)
-                or (reply.old and not request.exchange)
+                or (reply.old and not (request.exchange or request.clear_bits))
             ):
                 raise self.fail(f"{request!r} -> {reply!r}", "bad ptwr result")
         elif isinstance(reply, UserResult):

@@ -471,6 +471,9 @@ class RequestMaker:
             maddr = (self.frame(link) << 12) + e.pick(SLOTS) * 8
             if e.chance(5):
                 maddr += e.below(8)
+            if e.chance(20):  # an atomic clear of PTE bits (ptep_set_wrprotect's lock btr)
+                bits = e.pick((0x2, 0x40, 0x42, 0x1, 0x63)) if e.flag() else e.u64()
+                return Ptwr(rid, maddr & U64, 0, e.flag(), bits)
             return Ptwr(rid, maddr & U64, self.pte(link, maddr), e.flag())
         if kind == "user":
             return RunUser(rid, self.accesses(link))

@@ -128,6 +128,8 @@ def build_request(e: Entropy, rid: int, state: State) -> Request:
             accesses.append(Access(e.u64(), kind, data))
         return RunUser(rid, tuple(accesses))
     if k == 3:
+        if e.chance(25):  # an atomic clear of PTE bits: val must be 0
+            return Ptwr(rid, e.u64(), 0, e.flag(), e.u64())
         return Ptwr(rid, e.u64(), e.u64(), e.flag())
     if k == 4:
         return Bye(rid)

@@ -1,0 +1,223 @@
+"""The hypervisor primitives behind a guest kernel's fork and exit on Xen PV:
+an atomic clear of PTE bits by ptwr emulation (``ptep_set_wrprotect``).
+
+Every test drives a booted domain through the client's ``Domain`` served
+in-process (``tests/loopback.py``: the hypervisor service, as the socket
+server runs it), and checks the hypervisor's own tables where the rule is
+about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgpack
+import pytest
+
+from pvemu.guest.client import Domain
+from pvemu.hypervisor import Hypervisor
+from pvemu.hypervisor.domain import Domain as HvDomain
+from pvemu.shared import abi, wire
+from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
+from pvemu.shared.x86 import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_USER,
+    PAGE_SIZE,
+    maddr_of_entry,
+    make_pte,
+    pte_mfn,
+)
+from tests.loopback import loopback_domain
+
+USER_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
+USER_RO = _PAGE_PRESENT | _PAGE_USER
+#: The page the tests map at VA ``PAGE_SIZE`` (entry 1 of the booted L1).
+VA = PAGE_SIZE
+
+
+@dataclass
+class Booted:
+    """A booted domain over loopback, its hypervisor, and its tree."""
+
+    hv: Hypervisor
+    dom: Domain
+    l4: int
+    l3: int
+    l2: int
+    l1: int
+
+    @property
+    def hv_dom(self) -> HvDomain:
+        return self.hv.domain(self.dom.domid)
+
+    def l1e(self, index: int) -> int:
+        return maddr_of_entry(self.l1, index)
+
+    async def map_rw(self, index: int = 1) -> tuple[int, int]:
+        """A fresh data frame mapped read-write at VA ``index`` pages: (ptep, mfn)."""
+        frame = self.dom.alloc_frame()
+        ptep = self.l1e(index)
+        assert await self.dom.mmu_update([(ptep, make_pte(frame, USER_RW))]) == (0, 1)
+        return ptep, frame
+
+    async def stats(self) -> dict[str, int]:
+        """The hypervisor's counters for vCPU 0."""
+        stats = await self.dom.stats()
+        counters: dict[str, int] = stats["hypervisor"]["vcpus"]["0"]
+        return counters
+
+    async def lost_dirty(self) -> int:
+        return int((await self.dom.stats())["hypervisor"]["hardware"]["lost_dirty"])
+
+
+def _child(dom: Domain, table: int, index: int = 0) -> int:
+    return pte_mfn(dom.read_u64(maddr_of_entry(table, index)))
+
+
+async def _booted(hv: Hypervisor) -> Booted:
+    dom = await loopback_domain(hv, memory_mib=2, vcpus=2)
+    l3 = _child(dom, dom.l4_mfn)
+    l2 = _child(dom, l3)
+    return Booted(hv, dom, dom.l4_mfn, l3, l2, _child(dom, l2))
+
+
+@pytest.fixture
+async def b() -> AsyncIterator[Booted]:
+    booted = await _booted(Hypervisor(16))
+    yield booted
+    assert booted.hv.audit() == []
+    await booted.dom.close()
+
+
+# --- ptwr clear_bits: ptep_set_wrprotect as one trapped lock btr ------------------------------
+
+
+async def test_clear_bits_keeps_a_dirty_bit_the_hardware_set_after_the_guest_read(
+    b: Booted,
+) -> None:
+    """The guest reads the PTE (clean), the hardware then sets A and D on a
+    user write: clearing RW keeps them, where a store of the value the guest
+    read loses D (the race the atomic op exists for)."""
+    ptep, frame = await b.map_rw()
+    seen = b.dom.read_u64(ptep)
+    assert not seen & _PAGE_DIRTY
+    assert (await b.dom.run_user(1, [(VA, "w", b"x")]))["fault"] is None
+    dirty = b.dom.read_u64(ptep)
+    assert dirty & _PAGE_DIRTY
+    assert dirty & _PAGE_ACCESSED
+    before = await b.stats()
+    rc, old = await b.dom.ptwr_clear_bits(ptep, _PAGE_RW)
+    assert (rc, old) == (0, dirty)
+    assert b.dom.read_u64(ptep) == dirty & ~_PAGE_RW
+    assert await b.lost_dirty() == 0
+    after = await b.stats()
+    assert after["ptwr"] - before["ptwr"] == 1
+    assert after["traps"] - before["traps"] == 1
+    assert b.dom.vcpu_counters(0).ptwr == after["ptwr"]
+    # The frame lost its writable type reference with its last RW mapping.
+    assert b.hv.state.frames.type_count[frame] == 0
+    # The same step done as a store of the stale read loses the D bit.
+    ptep2, _ = await b.map_rw(2)
+    stale = b.dom.read_u64(ptep2)
+    assert (await b.dom.run_user(1, [(2 * VA, "w", b"y")]))["fault"] is None
+    assert await b.dom.ptwr_write(ptep2, stale & ~_PAGE_RW) == 0
+    assert await b.lost_dirty() == 1
+
+
+async def test_clear_bits_of_dirty_hands_it_to_the_guest(b: Booted) -> None:
+    """Clearing D itself returns it in ``old``: the guest saw it, nothing is lost."""
+    ptep, _ = await b.map_rw()
+    assert (await b.dom.run_user(0, [(VA, "w", b"x")]))["fault"] is None
+    dirty = b.dom.read_u64(ptep)
+    assert await b.dom.ptwr_clear_bits(ptep, _PAGE_DIRTY | _PAGE_RW) == (0, dirty)
+    assert b.dom.read_u64(ptep) == dirty & ~(_PAGE_DIRTY | _PAGE_RW)
+    assert await b.lost_dirty() == 0
+
+
+async def test_clear_bits_follows_the_l1_rules(b: Booted) -> None:
+    """The cleared value goes through mod_l1_entry: clearing PRESENT unmaps
+    the frame (its references dropped), so the frame can then become a page
+    table."""
+    ptep, frame = await b.map_rw()
+    ft = b.hv.state.frames
+    assert (ft.count[frame], ft.type_count[frame]) == (2, 1)
+    mapped = b.dom.read_u64(ptep)
+    assert await b.dom.ptwr_clear_bits(ptep, _PAGE_PRESENT) == (0, mapped)
+    assert b.dom.read_u64(ptep) == mapped & ~_PAGE_PRESENT
+    assert (ft.count[frame], ft.type_count[frame]) == (1, 0)
+    assert await b.dom.mmuext_op([(abi.MMUEXT_PIN_L1_TABLE, frame, 0)]) == (0, 1)
+    # Set again RO (a new mapping by ptwr), then clear RW of an RO entry: no change.
+    assert await b.dom.ptwr_write(ptep, make_pte(frame, USER_RO)) == 0
+    entry = b.dom.read_u64(ptep)
+    assert await b.dom.ptwr_clear_bits(ptep, _PAGE_RW) == (0, entry)
+    assert b.dom.read_u64(ptep) == entry
+
+
+@pytest.mark.parametrize(
+    "where", ["l2", "data", "untyped", "unpinned", "foreign", "misaligned", "disabled"]
+)
+async def test_clear_bits_is_not_emulated_where_a_ptwr_is_not(b: Booted, where: str) -> None:
+    """A non-L1 frame, one no longer (or never) a page table, another domain's
+    L1, a misaligned address, or no writable-pagetables assist: -EFAULT (the
+    #PF is reflected), nothing written, still one ptwr trap."""
+    other = await _booted(b.hv)
+    ptep, frame = await b.map_rw()
+    untyped = b.dom.alloc_frame()
+    # An L1 that was pinned and is not any more: type count 0.
+    unpinned = b.dom.alloc_frame()
+    entry = make_pte(frame, USER_RO)
+    assert await b.dom.mmu_update([(maddr_of_entry(untyped, 0), entry)]) == (0, 1)
+    assert await b.dom.mmu_update([(maddr_of_entry(unpinned, 0), entry)]) == (0, 1)
+    pin = [(abi.MMUEXT_PIN_L1_TABLE, unpinned, 0), (abi.MMUEXT_UNPIN_TABLE, unpinned, 0)]
+    assert await b.dom.mmuext_op(pin) == (0, 2)
+    await other.map_rw()
+    target = {
+        "l2": maddr_of_entry(b.l2, 0),
+        "data": maddr_of_entry(frame, 0),
+        "untyped": maddr_of_entry(untyped, 0),
+        "unpinned": maddr_of_entry(unpinned, 0),
+        "foreign": other.l1e(1),
+        "misaligned": ptep + 2,
+        "disabled": ptep,
+    }[where]
+    if where == "disabled":
+        assist = abi.VMASST_TYPE_writable_pagetables
+        assert await b.dom.vm_assist(abi.VMASST_CMD_disable, assist) == 0
+    owner = other if where == "foreign" else b
+    word = target & ~7
+    before_word = owner.hv.state.memory.read_u64(word)
+    before = await b.stats()
+    assert await b.dom.ptwr_clear_bits(target, _PAGE_RW | _PAGE_PRESENT) == (-abi.EFAULT, 0)
+    assert owner.hv.state.memory.read_u64(word) == before_word
+    after = await b.stats()
+    assert (after["ptwr"] - before["ptwr"], after["traps"] - before["traps"]) == (1, 1)
+    await other.dom.close()
+
+
+async def test_clear_bits_with_a_value_is_a_bad_request(b: Booted) -> None:
+    """``val`` must be 0 with clear_bits: the message cannot be built, a map
+    that says so is refused by the decoder (non-fatal out_of_range), and
+    the core will not take it either."""
+    ptep, _ = await b.map_rw()
+    with pytest.raises(LocalProtocolError) as info:
+        wire.Ptwr(1, ptep, 0x67, clear_bits=_PAGE_RW)
+    assert info.value.code == WireErrorCode.OUT_OF_RANGE
+    client, server = wire.Connection("client"), wire.Connection("server")
+    hello = wire.Hello(0, wire.PROTOCOL_VERSION, 1, 1)
+    server.receive_data(client.send(hello))
+    assert server.next_event() == hello
+    server.send(wire.Welcome(0, 1, 0, 1, bytes(16), {}, ()))
+    bad = {"t": "ptwr", "id": 5, "maddr": ptep, "val": 0x67, "exchange": False, "clear_bits": 2}
+    server.receive_data(msgpack.packb(bad))
+    with pytest.raises(RemoteProtocolError) as refused:
+        server.next_event()
+    assert (refused.value.code, refused.value.fatal) == (WireErrorCode.OUT_OF_RANGE, False)
+    with pytest.raises(ValueError):
+        b.hv.ptwr_write(b.dom.domid, 0, ptep, 0x67, clear_bits=_PAGE_RW)
+    with pytest.raises(ValueError):
+        await b.dom.ptwr_clear_bits(ptep, 0)
+    assert b.dom.read_u64(ptep) & _PAGE_RW
