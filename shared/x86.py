@@ -51,6 +51,14 @@ MAX_U64: Final = (1 << 64) - 1
 CANONICAL_LOW_END: Final = 1 << (VADDR_BITS - 1)
 CANONICAL_HIGH_START: Final = MAX_U64 + 1 - CANONICAL_LOW_END
 
+#: Linux's ``PAGE_OFFSET`` (``page_offset_base`` with 4-level paging, no
+#: KASLR): where the kernel's linear map of all guest memory starts, just
+#: above Xen's reserved hole and the PTI LDT remap. A Xen PV kernel remaps a
+#: page read-only there before pinning it as a page table (Xen refuses a
+#: writable mapping of a page table), so the hypervisor must know this range:
+#: pfn = (va - LINEAR_MAP_BASE) >> PAGE_SHIFT.
+LINEAR_MAP_BASE: Final = 0xFFFF_8880_0000_0000
+
 
 class VaIndexes(NamedTuple):
     """The four table indexes and byte offset of a virtual address."""

@@ -1,5 +1,7 @@
 """The hypervisor primitives behind a guest kernel's fork and exit on Xen PV:
-an atomic clear of PTE bits by ptwr emulation (``ptep_set_wrprotect``).
+an atomic clear of PTE bits by ptwr emulation (``ptep_set_wrprotect``) and
+the kernel's linear map as one read-only flag per frame (remapped by
+``update_va_mapping`` around pinning).
 
 Every test drives a booted domain through the client's ``Domain`` served
 in-process (``tests/loopback.py``: the hypervisor service, as the socket
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import pytest
@@ -23,9 +26,13 @@ from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErr
 from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
+    _PAGE_GLOBAL,
+    _PAGE_NX,
+    _PAGE_PAT,
     _PAGE_PRESENT,
     _PAGE_RW,
     _PAGE_USER,
+    LINEAR_MAP_BASE,
     PAGE_SIZE,
     maddr_of_entry,
     make_pte,
@@ -37,6 +44,9 @@ USER_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 USER_RO = _PAGE_PRESENT | _PAGE_USER
 #: The page the tests map at VA ``PAGE_SIZE`` (entry 1 of the booted L1).
 VA = PAGE_SIZE
+#: Linux's PAGE_KERNEL and PAGE_KERNEL_RO, the linear map's protections.
+KERNEL_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_GLOBAL | _PAGE_NX
+KERNEL_RO = KERNEL_RW & ~_PAGE_RW
 
 
 @dataclass
@@ -64,10 +74,21 @@ class Booted:
         assert await self.dom.mmu_update([(ptep, make_pte(frame, USER_RW))]) == (0, 1)
         return ptep, frame
 
-    async def stats(self) -> dict[str, int]:
+    def linear_va(self, mfn: int) -> int:
+        """The frame's address in the kernel's linear map."""
+        return LINEAR_MAP_BASE + (self.dom.pfn_of(mfn) << 12)
+
+    async def remap(self, mfn: int, flags: int, uvmf: int = abi.UVMF_INVLPG) -> int:
+        """update_va_mapping of the frame's linear address to ``flags``."""
+        return await self.dom.update_va_mapping(self.linear_va(mfn), make_pte(mfn, flags), uvmf)
+
+    def linear_ro(self, mfn: int) -> bool:
+        return self.hv.state.frames.linear_ro(mfn)
+
+    async def stats(self) -> dict[str, Any]:
         """The hypervisor's counters for vCPU 0."""
         stats = await self.dom.stats()
-        counters: dict[str, int] = stats["hypervisor"]["vcpus"]["0"]
+        counters: dict[str, Any] = stats["hypervisor"]["vcpus"]["0"]
         return counters
 
     async def lost_dirty(self) -> int:
@@ -221,3 +242,154 @@ async def test_clear_bits_with_a_value_is_a_bad_request(b: Booted) -> None:
     with pytest.raises(ValueError):
         await b.dom.ptwr_clear_bits(ptep, 0)
     assert b.dom.read_u64(ptep) & _PAGE_RW
+
+
+# --- the kernel's linear map: one read-only flag per frame -------------------------------------
+
+
+async def test_linear_map_read_only_then_writable(b: Booted) -> None:
+    """RO then RW round trip: the flag follows, one hypercall each, the
+    flush flags honoured as for any update_va_mapping."""
+    frame = b.dom.alloc_frame()
+    assert not b.linear_ro(frame)
+    before = await b.stats()
+    assert await b.remap(frame, KERNEL_RO) == 0
+    assert b.linear_ro(frame)
+    assert await b.remap(frame, KERNEL_RW, abi.UVMF_NONE) == 0
+    assert not b.linear_ro(frame)
+    after = await b.stats()
+    assert after["traps"] - before["traps"] == 2
+    uvm = str(abi.HYPERVISOR_update_va_mapping)
+    assert after["hypercalls_by_op"][uvm] - before["hypercalls_by_op"].get(uvm, 0) == 2
+    assert after["tlb_flush_ops"] - before["tlb_flush_ops"] == 1  # INVLPG, then none
+    # Only the flag moved: no reference or type was taken.
+    ft = b.hv.state.frames
+    assert (ft.count[frame], ft.type_count[frame], ft.type[frame]) == (1, 0, abi.PGT_none)
+
+
+async def test_linear_map_flushes_as_any_update_va_mapping(b: Booted) -> None:
+    frame = b.dom.alloc_frame()
+    hw = b.hv_dom.hw.stats
+    flushes = hw.tlb_flushes
+    assert await b.remap(frame, KERNEL_RO, abi.UVMF_TLB_FLUSH | abi.UVMF_ALL) == 0
+    assert hw.tlb_flushes == flushes + b.dom.nr_vcpus
+    invlpgs = hw.invlpgs
+    assert await b.remap(frame, KERNEL_RW, abi.UVMF_INVLPG | abi.UVMF_LOCAL) == 0
+    assert hw.invlpgs == invlpgs + 1
+    # A refused remap flushes nothing.
+    assert await b.remap(frame, KERNEL_RO & ~_PAGE_PRESENT, abi.UVMF_TLB_FLUSH) == -abi.EINVAL
+    assert hw.tlb_flushes == flushes + b.dom.nr_vcpus
+
+
+async def test_linear_map_writable_refused_while_pinned(b: Booted) -> None:
+    """Linux's pin: remap RO, pin; Xen refuses the RW remap while the frame
+    is a page table; after the unpin it is allowed."""
+    frame = b.dom.alloc_frame()
+    assert await b.remap(frame, KERNEL_RO) == 0
+    assert await b.dom.mmuext_op([(abi.MMUEXT_PIN_L1_TABLE, frame, 0)]) == (0, 1)
+    assert await b.remap(frame, KERNEL_RW) == -abi.EINVAL
+    assert b.linear_ro(frame)
+    assert await b.remap(frame, KERNEL_RO) == 0  # RO again is fine
+    assert await b.dom.mmuext_op([(abi.MMUEXT_UNPIN_TABLE, frame, 0)]) == (0, 1)
+    assert await b.remap(frame, KERNEL_RW) == 0
+    assert not b.linear_ro(frame)
+
+
+@pytest.mark.parametrize("level", ["l1", "l2", "l3", "l4"])
+async def test_linear_map_writable_refused_for_a_table_in_use(b: Booted, level: str) -> None:
+    """Any page-table type with references blocks RW: the booted tree's
+    tables are in use (the L4 pinned and loaded, the others referenced)."""
+    frame = getattr(b, level)
+    assert await b.remap(frame, KERNEL_RW) == -abi.EINVAL
+    assert await b.remap(frame, KERNEL_RO) == 0
+    assert await b.remap(frame, KERNEL_RW) == -abi.EINVAL
+
+
+async def test_pinning_a_frame_with_a_writable_linear_mapping_is_not_refused(b: Booted) -> None:
+    """pvemu does not check the linear map at pin time (its own table
+    building pins new tables directly)."""
+    frame = b.dom.alloc_frame()
+    assert not b.linear_ro(frame)
+    assert await b.dom.mmuext_op([(abi.MMUEXT_PIN_L1_TABLE, frame, 0)]) == (0, 1)
+    assert await b.dom.mmuext_op([(abi.MMUEXT_UNPIN_TABLE, frame, 0)]) == (0, 1)
+
+
+async def test_linear_map_in_a_multicall_around_pin_and_unpin(b: Booted) -> None:
+    """Linux's pin and unpin batches: update_va_mapping and the mmuext_op in
+    one multicall, one trap each."""
+    frame = b.dom.alloc_frame()
+    va = b.linear_va(frame)
+    pin = [
+        (abi.HYPERVISOR_update_va_mapping, va, make_pte(frame, KERNEL_RO), abi.UVMF_NONE),
+        (abi.HYPERVISOR_mmuext_op, [(abi.MMUEXT_PIN_L1_TABLE, frame, 0)], abi.DOMID_SELF),
+        (abi.HYPERVISOR_update_va_mapping, va, make_pte(frame, KERNEL_RW), abi.UVMF_NONE),
+    ]
+    assert await b.dom.multicall(pin) == [0, 0, -abi.EINVAL]
+    assert b.linear_ro(frame)
+    assert b.hv.state.frames.pinned(frame)
+    unpin = [
+        (abi.HYPERVISOR_mmuext_op, [(abi.MMUEXT_UNPIN_TABLE, frame, 0)], abi.DOMID_SELF),
+        (abi.HYPERVISOR_update_va_mapping, va, make_pte(frame, KERNEL_RW), abi.UVMF_TLB_FLUSH),
+    ]
+    assert await b.dom.multicall(unpin) == [0, 0]
+    assert not b.linear_ro(frame)
+
+
+@pytest.mark.parametrize("bad", ["wrong_mfn", "not_present", "pat", "other_domain_mfn"])
+async def test_linear_map_value_must_map_that_frame(b: Booted, bad: str) -> None:
+    """``val`` must be present and map exactly the frame of the pfn the
+    address names, with no bit an L1 entry may not hold: else -EINVAL."""
+    frame, other = b.dom.alloc_frame(), b.dom.alloc_frame()
+    foreign = await _booted(b.hv)
+    val = {
+        "wrong_mfn": make_pte(other, KERNEL_RO),
+        "not_present": make_pte(frame, KERNEL_RO & ~_PAGE_PRESENT),
+        "pat": make_pte(frame, KERNEL_RO | _PAGE_PAT),
+        "other_domain_mfn": make_pte(foreign.dom.alloc_frame(), KERNEL_RO),
+    }[bad]
+    assert await b.dom.update_va_mapping(b.linear_va(frame), val, abi.UVMF_INVLPG) == -abi.EINVAL
+    assert not b.linear_ro(frame)
+    assert not b.linear_ro(other)
+    await foreign.dom.close()
+
+
+async def test_linear_map_ends_with_the_domain(b: Booted) -> None:
+    """Past the domain's last pfn nothing is mapped (pvemu's trees have no
+    kernel half): -EINVAL; just below it is the last frame."""
+    nr = len(b.dom.p2m)
+    last = b.dom.p2m[nr - 1]
+    end = LINEAR_MAP_BASE + (nr << 12)
+    assert await b.dom.update_va_mapping(end, make_pte(last, KERNEL_RO), 0) == -abi.EINVAL
+    assert await b.dom.update_va_mapping(end - PAGE_SIZE, make_pte(last, KERNEL_RO), 0) == 0
+    assert b.linear_ro(last)
+    below = LINEAR_MAP_BASE - PAGE_SIZE
+    first = b.dom.p2m[0]
+    assert await b.dom.update_va_mapping(below, make_pte(first, KERNEL_RO), 0) == -abi.EINVAL
+
+
+async def test_linear_map_otherdomain_self_is_the_same_call(b: Booted) -> None:
+    frame = b.dom.alloc_frame()
+    pte = make_pte(frame, KERNEL_RO)
+    va = b.linear_va(frame)
+    rc = await b.dom.update_va_mapping_otherdomain(va, pte, 0, abi.DOMID_SELF)
+    assert rc == 0
+    assert b.linear_ro(frame)
+    other = await _booted(b.hv)
+    rc = await b.dom.update_va_mapping_otherdomain(va, pte, 0, other.dom.domid)
+    assert rc == -abi.EPERM
+    await other.dom.close()
+
+
+async def test_a_freed_frame_comes_back_writable() -> None:
+    """The flag lives in the frame table's flags: a domain's death zeroes
+    them, so the audit's 'free frames hold no state' holds and the next
+    owner starts with a writable linear mapping."""
+    hv = Hypervisor(16)
+    first = await _booted(hv)
+    frames = [first.dom.alloc_frame() for _ in range(3)]
+    for frame in frames:
+        assert await first.remap(frame, KERNEL_RO) == 0
+    await first.dom.close()
+    assert hv.audit() == []
+    assert not any(hv.state.frames.linear_ro(frame) for frame in frames)
+    assert "linear_ro" not in hv.state.frames.describe(frames[0])

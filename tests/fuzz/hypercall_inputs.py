@@ -40,6 +40,7 @@ from pvemu.shared.x86 import (
     _PAGE_PWT,
     _PAGE_RW,
     _PAGE_USER,
+    LINEAR_MAP_BASE,
     PAGE_SIZE,
     PTE_MFN_MASK,
     maddr_of_entry,
@@ -265,6 +266,20 @@ class RequestMaker:
             return e.u64()
         return ((self.frame(link) << 12) + e.pick(SLOTS) * 8 + e.pick(MMU_CMDS)) & U64
 
+    def linear(self, link: VcpuLink) -> tuple[int, int]:
+        """(va, pte) for update_va_mapping of the kernel's linear map: the
+        address of a frame's pfn (sometimes just past the domain), mapping
+        that frame read-only or writable, or any PTE."""
+        e = self.e
+        ft = self.hv.state.frames
+        mfn = self.frame(link)
+        pfn = ft.slot[mfn] if ft.valid(mfn) else e.below(1 << 12)
+        va = LINEAR_MAP_BASE + ((pfn + e.pick((0, 0, 0, 1, 256))) << 12)
+        if e.chance(25):
+            return va & U64, self.pte(link)
+        flags = e.pick((_PAGE_PRESENT | _PAGE_ACCESSED, _PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY))
+        return va & U64, ((mfn << 12) & PTE_MFN_MASK) | flags | e.pick((0, _PAGE_NX, _PAGE_PAT))
+
     def va(self) -> int:
         e = self.e
         k = e.byte()
@@ -348,11 +363,14 @@ class RequestMaker:
             if e.chance(5):
                 flags = e.u64()
             va = self.user_va() if e.flag() else self.va()
+            pte = self.pte(link)
+            if e.chance(25):  # the kernel's linear map: a frame's pfn, often that frame
+                va, pte = self.linear(link)
             if e.chance(25):  # the _otherdomain form (-ENOSYS where not implemented)
                 op = abi.HYPERVISOR_update_va_mapping_otherdomain
                 domid = self.foreigndom(link)
-                return wire.make_call(op, va, self.pte(link), flags & U64, domid)
-            return wire.make_call(abi.HYPERVISOR_update_va_mapping, va, self.pte(link), flags & U64)
+                return wire.make_call(op, va, pte, flags & U64, domid)
+            return wire.make_call(abi.HYPERVISOR_update_va_mapping, va, pte, flags & U64)
         if kind == "assist":
             cmd = e.pick((abi.VMASST_CMD_enable, abi.VMASST_CMD_disable, 2, U32))
             typ = e.pick(
