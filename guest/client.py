@@ -535,6 +535,23 @@ class Domain:
         assert isinstance(reply, wire.PtwrResult)
         return reply.rc, reply.old
 
+    async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int:
+        """A plain store of the kernel through its linear map (not a trap):
+        0, or -EFAULT when the frame's linear mapping is read-only, it is a
+        page table in use, or not this domain's (nothing is written).
+
+        ``data`` is 1..4096 bytes within the frame of ``maddr``
+        (``LocalProtocolError`` otherwise).
+        """
+        channel = self._channels[vcpu]
+        request = wire.KernelWrite(channel.next_id(), maddr, data)
+        if self.timeline is None:
+            reply = await channel.request(request)
+        else:
+            reply = await self._recorded(channel, request, vcpu, "kernel_write")
+        assert isinstance(reply, wire.KernelWriteResult)
+        return reply.rc
+
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
     ) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Everything the server does for a guest's request except sockets, descriptor
 passing and the CPU gate lives here: the handshakes (a Hello creates a
 domain, a Join attaches a vCPU with the domain's secret), hypercalls run in
-slices (:class:`Work`), trapped page-table writes, user runs, stats, audit,
+slices (:class:`Work`), trapped page-table writes, user runs, the kernel's
+stores through its linear map, stats, audit,
 the canonical log line per hypercall, the timeline of traps (when
 recording), and errors by blame. The trio server, the in-process loopback
 transport of the tests and the fuzzers all serve requests through
@@ -373,6 +374,9 @@ class HypervisorService:
                     clear_bits=request.clear_bits,
                 )
                 return Work(wire.PtwrResult(request.id, rc, old))
+            case wire.KernelWrite():
+                rc = hv.kernel_write(domid, session.vcpu, request.maddr, request.data)
+                return Work(wire.KernelWriteResult(request.id, rc))
             case wire.RunUser():
                 outcome = hv.run_user(domid, session.vcpu, request.accesses)
                 fault = None

@@ -1,12 +1,13 @@
 """The hypervisor primitives behind a guest kernel's fork and exit on Xen PV:
-an atomic clear of PTE bits by ptwr emulation (``ptep_set_wrprotect``) and
-the kernel's linear map as one read-only flag per frame (remapped by
-``update_va_mapping`` around pinning).
+an atomic clear of PTE bits by ptwr emulation (``ptep_set_wrprotect``), the
+kernel's linear map as one read-only flag per frame (remapped by
+``update_va_mapping`` around pinning), and the kernel's plain stores through
+that map (``kernel_write``, no trap).
 
-Every test drives a booted domain through the client's ``Domain`` served
+The tests drive a booted domain through the client's ``Domain`` served
 in-process (``tests/loopback.py``: the hypervisor service, as the socket
-server runs it), and checks the hypervisor's own tables where the rule is
-about them.
+server runs it) and check the hypervisor's own tables where the rule is
+about them; the last one runs all three over a real hypervisor process.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from pvemu.guest.client import Domain
+from pvemu.guest.client import Domain, connect
+from pvemu.guest.machine import NativeMachine
 from pvemu.hypervisor import Hypervisor
 from pvemu.hypervisor.domain import Domain as HvDomain
+from pvemu.hypervisor.frametable import NO_OWNER
 from pvemu.shared import abi, wire
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError, WireErrorCode
 from pvemu.shared.x86 import (
@@ -38,6 +41,7 @@ from pvemu.shared.x86 import (
     make_pte,
     pte_mfn,
 )
+from tests.hvproc import hypervisor_process
 from tests.loopback import loopback_domain
 
 USER_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
@@ -393,3 +397,156 @@ async def test_a_freed_frame_comes_back_writable() -> None:
     assert hv.audit() == []
     assert not any(hv.state.frames.linear_ro(frame) for frame in frames)
     assert "linear_ro" not in hv.state.frames.describe(frames[0])
+
+
+# --- kernel_write: the kernel's plain stores through its linear map ----------------------------
+
+
+async def test_kernel_write_lands_on_a_fresh_frame_without_a_trap(b: Booted) -> None:
+    frame = b.dom.alloc_frame()
+    before, guest_before = await b.stats(), b.dom.counters.traps
+    assert await b.dom.kernel_write((frame << 12) + 0x10, b"hello") == 0
+    assert await b.dom.kernel_write((frame << 12) + 0xFF8, bytes(range(8)), vcpu=1) == 0
+    assert b.dom.read_bytes((frame << 12) + 0x10, 5) == b"hello"
+    assert b.dom.read_bytes((frame << 12) + 0xFF8, 8) == bytes(range(8))
+    after = await b.stats()
+    assert after["kernel_writes"] - before["kernel_writes"] == 1
+    assert after["kernel_write_bytes"] - before["kernel_write_bytes"] == 5
+    total = (await b.dom.stats())["hypervisor"]["total"]
+    assert (total["kernel_writes"], total["kernel_write_bytes"]) == (2, 13)
+    assert after["traps"] == before["traps"]
+    assert b.dom.counters.traps == guest_before
+    # Writing a whole frame is one store.
+    assert await b.dom.kernel_write(frame << 12, b"\xaa" * PAGE_SIZE) == 0
+    assert b.dom.read_bytes(frame << 12, PAGE_SIZE) == b"\xaa" * PAGE_SIZE
+
+
+async def test_kernel_write_reaches_a_page_user_code_maps(b: Booted) -> None:
+    """A data frame mapped writable by a user PTE (typed writable) takes the
+    kernel's store, and user code reads it back."""
+    _, frame = await b.map_rw()
+    assert await b.dom.kernel_write((frame << 12) + 8, b"kernel") == 0
+    result = await b.dom.run_user(0, [(VA + 8, "r", 6)])
+    assert result["reads"] == [b"kernel"]
+
+
+async def _refused(b: Booted, maddr: int, data: bytes = b"xyz") -> None:
+    """-EFAULT, not one byte written (where there is memory to write), counted
+    as a kernel write of 0 bytes, no trap."""
+    ft, memory = b.hv.state.frames, b.hv.state.memory
+    mfn = maddr >> 12
+    backed = ft.valid(mfn) and ft.owner[mfn] != NO_OWNER
+    content = memory.read_bytes(maddr, len(data)) if backed else b""
+    before = await b.stats()
+    assert await b.dom.kernel_write(maddr, data) == -abi.EFAULT
+    if backed:
+        assert memory.read_bytes(maddr, len(data)) == content
+    after = await b.stats()
+    assert after["kernel_writes"] - before["kernel_writes"] == 1
+    assert after["kernel_write_bytes"] == before["kernel_write_bytes"]
+    assert after["traps"] == before["traps"]
+
+
+async def test_kernel_write_refused_on_a_pinned_table(b: Booted) -> None:
+    """Pinned with its linear mapping still writable (pvemu does not refuse
+    that pin): the store faults all the same, as Xen would never have
+    left the mapping writable. After the unpin it lands again."""
+    frame = b.dom.alloc_frame()
+    assert await b.dom.mmuext_op([(abi.MMUEXT_PIN_L1_TABLE, frame, 0)]) == (0, 1)
+    await _refused(b, frame << 12)
+    assert await b.dom.mmuext_op([(abi.MMUEXT_UNPIN_TABLE, frame, 0)]) == (0, 1)
+    assert await b.dom.kernel_write(frame << 12, b"xyz") == 0
+
+
+@pytest.mark.parametrize("level", ["l1", "l2", "l3", "l4"])
+async def test_kernel_write_refused_on_every_table_in_use(b: Booted, level: str) -> None:
+    await _refused(b, (getattr(b, level) << 12) + 16)
+
+
+async def test_kernel_write_refused_through_a_read_only_linear_mapping(b: Booted) -> None:
+    """Linux's pin sequence: remap RO, pin, unpin, remap RW. Between the
+    first remap and the last, every store faults."""
+    frame = b.dom.alloc_frame()
+    assert await b.remap(frame, KERNEL_RO) == 0
+    await _refused(b, (frame << 12) + 100)
+    assert await b.dom.mmuext_op([(abi.MMUEXT_PIN_L1_TABLE, frame, 0)]) == (0, 1)
+    await _refused(b, (frame << 12) + 100)
+    assert await b.dom.mmuext_op([(abi.MMUEXT_UNPIN_TABLE, frame, 0)]) == (0, 1)
+    await _refused(b, (frame << 12) + 100)  # still read-only: the flag, not the type
+    assert await b.remap(frame, KERNEL_RW) == 0
+    assert await b.dom.kernel_write((frame << 12) + 100, b"xyz") == 0
+    assert b.dom.read_bytes((frame << 12) + 100, 3) == b"xyz"
+
+
+async def test_kernel_write_refused_outside_the_domain(b: Booted) -> None:
+    """Another domain's frame, Xen's frame, a free frame, beyond RAM."""
+    other = await _booted(b.hv)
+    victim = other.dom.alloc_frame()
+    owned = {*b.dom.p2m, *other.dom.p2m, b.hv.xen_mfn}
+    free = next(m for m in range(b.hv.state.frames.nr_frames) if m not in owned)
+    for mfn in (victim, other.l1, b.hv.xen_mfn, free):
+        await _refused(b, (mfn << 12) + 8)
+    await _refused(b, b.hv.state.frames.nr_frames << 12)
+    assert other.dom.read_bytes(victim << 12, 16) == bytes(16)
+    await other.dom.close()
+
+
+async def test_kernel_write_may_not_cross_a_frame(b: Booted) -> None:
+    """The message cannot be built (the decoder refuses such a map); the
+    core, called directly, faults it without writing."""
+    frame = b.dom.alloc_frame()
+    for maddr, data in (((frame << 12) + 0xFFF, b"ab"), (frame << 12, b""), (0, bytes(4097))):
+        with pytest.raises(LocalProtocolError):
+            await b.dom.kernel_write(maddr, data)
+    assert b.hv.kernel_write(b.dom.domid, 0, (frame << 12) + 0xFFF, b"ab") == -abi.EFAULT
+    assert b.hv.kernel_write(b.dom.domid, 0, frame << 12, b"") == -abi.EFAULT
+    assert b.dom.read_bytes((frame << 12) + 0xFFF, 1) == b"\0"
+
+
+async def test_native_kernel_write_is_a_plain_store() -> None:
+    machine = NativeMachine(1, 1)
+    frame = machine.alloc_frame()
+    assert await machine.kernel_write((frame << 12) + 4, b"abc") == 0
+    assert machine.read_bytes((frame << 12) + 4, 3) == b"abc"
+    with pytest.raises(ValueError):
+        await machine.kernel_write((frame << 12) + 0xFFF, b"ab")
+
+
+# --- all three over a real hypervisor process ---------------------------------------------------
+
+
+async def test_primitives_over_the_socket() -> None:
+    """The server decodes and serves each one (the fast ptwr decoder
+    included): fork's write-protect keeps D, the pin dance on the linear
+    map, kernel stores refused then allowed; counts agree on both sides."""
+    with hypervisor_process(memory_mib=16, tag="prim") as hvp:
+        async with connect(hvp.socket_path, memory_mib=1, vcpus=2) as dom:
+            l3 = _child(dom, dom.l4_mfn)
+            l1 = _child(dom, _child(dom, l3))
+            data, table = dom.alloc_frame(), dom.alloc_frame()
+            ptep = maddr_of_entry(l1, 1)
+            assert await dom.mmu_update([(ptep, make_pte(data, USER_RW))]) == (0, 1)
+            assert (await dom.run_user(1, [(VA, "w", b"x")]))["fault"] is None
+            dirty = dom.read_u64(ptep)
+            assert await dom.ptwr_clear_bits(ptep, _PAGE_RW) == (0, dirty)
+            assert dom.read_u64(ptep) == dirty & ~_PAGE_RW
+            va = LINEAR_MAP_BASE + (dom.pfn_of(table) << 12)
+            # Byte 1 of entry 0: never a present entry, so the frame still pins.
+            assert await dom.kernel_write((table << 12) + 1, b"\1") == 0
+            pin = [
+                (abi.HYPERVISOR_update_va_mapping, va, make_pte(table, KERNEL_RO), 0),
+                (abi.HYPERVISOR_mmuext_op, [(abi.MMUEXT_PIN_L1_TABLE, table, 0)], abi.DOMID_SELF),
+            ]
+            assert await dom.multicall(pin) == [0, 0]
+            assert await dom.kernel_write((table << 12) + 1, b"\2") == -abi.EFAULT
+            assert await dom.update_va_mapping(va, make_pte(table, KERNEL_RW), 0) == -abi.EINVAL
+            assert await dom.mmuext_op([(abi.MMUEXT_UNPIN_TABLE, table, 0)]) == (0, 1)
+            assert await dom.update_va_mapping(va, make_pte(table, KERNEL_RW), 0) == 0
+            assert await dom.kernel_write((table << 12) + 1, b"\3") == 0
+            assert dom.read_bytes(table << 12, 2) == b"\0\3"
+            stats = await dom.stats()
+            total = stats["hypervisor"]["total"]
+            assert stats["guest"]["total"]["traps"] == total["traps"]
+            assert (total["kernel_writes"], total["kernel_write_bytes"]) == (3, 2)
+            assert stats["hypervisor"]["hardware"]["lost_dirty"] == 0
+            assert await dom.audit() == []

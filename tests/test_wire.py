@@ -39,6 +39,8 @@ from pvemu.shared.wire import (
     Hello,
     Hypercall,
     Join,
+    KernelWrite,
+    KernelWriteResult,
     Message,
     MmuextOpArgs,
     MmuUpdateArgs,
@@ -114,6 +116,7 @@ REQUESTS: list[Request] = [
     Stats(12),
     Audit(13),
     Ptwr(14, 0x5010, 0, clear_bits=0x2),
+    KernelWrite(15, 0x6FF8, b"12345678"),
 ]
 
 #: A valid reply for each request in REQUESTS, same order.
@@ -130,6 +133,7 @@ REPLIES: list[Reply] = [
     StatsResult(12, {"guest": {"traps": 3}, "hypervisor": {"traps": 3, "ops": {"mmu_update": 1}}}),
     AuditResult(13, ("frame 7: type count 2, expected 1",)),
     PtwrResult(14, 0, 0x67),
+    KernelWriteResult(15, -abi.EFAULT),
 ]
 
 
@@ -701,6 +705,28 @@ BAD_REQUESTS = [
     pytest.param(with_field(Ptwr(1, 0, 0), clear_bits=True), "bad_type", id="clear-bits-bool"),
     pytest.param(with_field(Ptwr(1, 0, 0), clear_bits=-(1 << 63)), "bad_type", id="clear-bits-s64"),
     pytest.param(with_field(Ptwr(1, 0, 5), clear_bits=2), "out_of_range", id="clear-bits-with-val"),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), data=b""), "out_of_range", id="kernel-write-empty"
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), data=bytes(4097)),
+        "too_large",
+        id="kernel-write-too-long",
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), maddr=0x1FF9, data=bytes(8)),
+        "out_of_range",
+        id="kernel-write-crosses-frame",
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), data="x"), "bad_type", id="kernel-write-str-data"
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), maddr=-1), "bad_type", id="kernel-write-maddr"
+    ),
+    pytest.param(
+        {"t": "kernel_write", "id": 1, "maddr": 0}, "malformed", id="kernel-write-no-data"
+    ),
     pytest.param(with_field(RunUser(1, ()), accesses=[[0, "q", 1]]), "bad_type", id="access-kind"),
     pytest.param(
         with_field(RunUser(1, ()), accesses=[[0, b"r", 1]]), "bad_type", id="access-kind-bin"
@@ -762,6 +788,12 @@ BAD_REPLIES = [
         "bad_type",
     ),
     pytest.param(Ptwr(1, 0, 0), {"t": "ptwr_result", "id": 1, "rc": 1 << 63, "old": 0}, "bad_type"),
+    pytest.param(
+        KernelWrite(1, 0, b"x"), {"t": "kernel_write_result", "id": 1, "rc": "0"}, "bad_type"
+    ),
+    pytest.param(
+        KernelWrite(1, 0, b"x"), {"t": "result", "id": 1, "rc": 0, "done": 0}, "bad_state"
+    ),
     pytest.param(Stats(1), {"t": "error", "id": 1, "code": 5, "message": ""}, "bad_type"),
     pytest.param(Stats(1), {"t": "hello", "id": 1}, "unknown_message"),
     pytest.param(Stats(1), {"t": "result", "id": 2, "rc": 0, "done": 0}, "bad_state"),
@@ -1021,6 +1053,10 @@ def test_constructor_arguments() -> None:
         (Ptwr, (1, -1, 0)),
         (Ptwr, (1, 0, 7, False, 2)),  # clear_bits needs val 0
         (Ptwr, (1, 0, 0, False, -1)),
+        (KernelWrite, (1, 0, b"")),
+        (KernelWrite, (1, 0xFFF, b"ab")),  # crosses into the next frame
+        (KernelWrite, (1, 0, bytearray(b"ab"))),
+        (KernelWriteResult, (1, 1 << 63)),
         (Result, (1, 1 << 63, 0)),
         (Result, (1, 0, -1)),
         (MmuUpdateArgs, (bytearray(16),)),
@@ -1157,6 +1193,12 @@ requests = st.one_of(
     hypercalls,
     st.builds(Ptwr, ids, u64s, u64s, st.booleans()),
     st.builds(Ptwr, ids, u64s, st.just(0), st.booleans(), u64s),
+    st.builds(
+        lambda i, m, n: KernelWrite(i, m, bytes(min(n, 4096 - m % 4096))),
+        ids,
+        u64s,
+        st.integers(1, 4096),
+    ),
     st.builds(RunUser, ids, st.lists(accesses, max_size=4).map(tuple)),
     st.builds(Stats, ids),
     st.builds(Audit, ids),
@@ -1188,6 +1230,7 @@ replies = st.one_of(
     st.builds(Result, ids, s64s, u64s),
     st.builds(MulticallResult, ids, s64s, st.lists(s64s, max_size=8).map(tuple)),
     st.builds(PtwrResult, ids, s64s, u64s),
+    st.builds(KernelWriteResult, ids, s64s),
     st.builds(
         UserResult,
         ids,

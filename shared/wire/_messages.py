@@ -38,6 +38,7 @@ from ._limits import (
     MAX_ACCESS_LEN,
     MAX_DOMAIN_FRAMES,
     MAX_FEATURES,
+    MAX_KERNEL_WRITE_LEN,
     MAX_LIMITS,
     MAX_MEMORY_MIB,
     MAX_MULTICALL_CALLS,
@@ -328,6 +329,34 @@ class RunUser(Request):
 
 @_register
 @dataclass(frozen=True, slots=True)
+class KernelWrite(Request):
+    """A plain store of ``data`` at ``maddr`` by the guest kernel through its
+    linear map (not a trap: the hypervisor only plays the MMU's part).
+
+    ``data`` is 1..4096 bytes and stays within the 4 KiB frame of ``maddr``.
+    Answered by :class:`KernelWriteResult`.
+    """
+
+    TYPE: ClassVar[str] = "kernel_write"
+    id: int
+    maddr: int
+    data: bytes
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.maddr, "maddr", 0, _U64)
+        if not _bytes(self.data, "data", MAX_KERNEL_WRITE_LEN):
+            _fail(_OUT_OF_RANGE, "kernel write data must not be empty")
+        if (self.maddr & (PAGE_SIZE - 1)) + len(self.data) > PAGE_SIZE:
+            _fail(
+                _OUT_OF_RANGE,
+                f"kernel write of {len(self.data)} bytes at {self.maddr:#x} "
+                "crosses a frame boundary",
+            )
+
+
+@_register
+@dataclass(frozen=True, slots=True)
 class Stats(Request):
     """Ask for the counters (guest- and hypervisor-side)."""
 
@@ -493,6 +522,21 @@ class PtwrResult(Reply):
 
     def to_wire(self) -> dict[str, object]:
         return {"t": "ptwr_result", "id": self.id, "rc": self.rc, "old": self.old}
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class KernelWriteResult(Reply):
+    """Result of a kernel store: 0, or -EFAULT when the linear mapping of
+    the frame does not allow it (nothing was written)."""
+
+    TYPE: ClassVar[str] = "kernel_write_result"
+    id: int
+    rc: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
 
 
 @_register

@@ -18,6 +18,7 @@ from pvemu.shared.wire import (
     Call,
     Connection,
     Hypercall,
+    KernelWrite,
     MmuUpdateArgs,
     MulticallArgs,
     Ptwr,
@@ -161,6 +162,7 @@ HC_KINDS: Final = (
     + ("assist",) * 3
     + ("unknown",) * 3
     + ("ptwr",) * 10
+    + ("kernel_write",) * 3
     + ("user",) * 7
     + ("stats",) * 2
     + ("big",) * 1
@@ -449,7 +451,7 @@ class RequestMaker:
         """A request the wire types must refuse to build (LocalProtocolError)."""
         e = self.e
         self.invalid = True
-        k = e.below(14)
+        k = e.below(16)
         if k == 0:
             return Hypercall(rid, 1, MmuUpdateArgs(b"\0" * e.pick((1, 8, 17, 24)), abi.DOMID_SELF))
         if k == 1:
@@ -480,6 +482,11 @@ class RequestMaker:
                 (Access(0, "r", 0), Access(0, "q", 1), Access(0, "x", 4097), Access(0, "w", b""))
             )
             return RunUser(rid, (bad,))
+        if k == 13:
+            return Ptwr(rid, 0, e.int_range(1, U64), False, e.int_range(1, U64))  # val with clear
+        if k == 14:
+            offset = e.int_range(1, PAGE_SIZE - 1)
+            return KernelWrite(rid, offset, bytes(PAGE_SIZE - offset + 1))  # crosses a frame
         return Stats(e.pick((-1, 1 << 63)))
 
     def request(self, link: VcpuLink, rid: int) -> Request:
@@ -493,6 +500,13 @@ class RequestMaker:
                 bits = e.pick((0x2, 0x40, 0x42, 0x1, 0x63)) if e.flag() else e.u64()
                 return Ptwr(rid, maddr & U64, 0, e.flag(), bits)
             return Ptwr(rid, maddr & U64, self.pte(link, maddr), e.flag())
+        if kind == "kernel_write":
+            offset = e.pick((0, 8, 0xFF8, 0x800)) if e.flag() else e.below(PAGE_SIZE)
+            length = (
+                e.int_range(1, PAGE_SIZE - offset) if e.chance(10) else min(8, PAGE_SIZE - offset)
+            )
+            maddr = ((self.frame(link) << 12) + offset) & U64
+            return KernelWrite(rid, maddr, e.blob(length))
         if kind == "user":
             return RunUser(rid, self.accesses(link))
         if kind == "stats":
