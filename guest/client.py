@@ -509,14 +509,48 @@ class Domain:
     ) -> tuple[int, int]:
         """A trapped xchg: returns (rc, previous value)."""
         channel = self._channels[vcpu]
+        return await self._ptwr(wire.Ptwr(channel.next_id(), maddr, val, exchange), vcpu)
+
+    async def ptwr_clear_bits(self, maddr: int, bits: int, *, vcpu: int = 0) -> tuple[int, int]:
+        """A trapped atomic clear of ``bits`` in a page-table entry (x86 ``lock
+        btr``, Linux's ``ptep_set_wrprotect`` on a pinned L1): one ptwr trap.
+        The hypervisor stores ``old & ~bits`` when it applies it, so A/D bits
+        the hardware set meanwhile stay. Returns (rc, previous value).
+
+        ``bits`` must not be 0: that request would be a plain store of 0.
+        """
+        if not bits:
+            raise ValueError("ptwr_clear_bits needs at least one bit to clear")
+        channel = self._channels[vcpu]
+        return await self._ptwr(wire.Ptwr(channel.next_id(), maddr, 0, clear_bits=bits), vcpu)
+
+    async def _ptwr(self, request: wire.Ptwr, vcpu: int) -> tuple[int, int]:
+        """Send a trapped page-table write, counted as one ptwr trap."""
+        channel = self._channels[vcpu]
         self._counters[vcpu].ptwr += 1
-        request = wire.Ptwr(channel.next_id(), maddr, val, exchange)
         if self.timeline is None:
             reply = await channel.request(request)
         else:
             reply = await self._recorded(channel, request, vcpu, "ptwr")
         assert isinstance(reply, wire.PtwrResult)
         return reply.rc, reply.old
+
+    async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int:
+        """A plain store of the kernel through its linear map (not a trap):
+        0, or -EFAULT when the frame's linear mapping is read-only, it is a
+        page table in use, or not this domain's (nothing is written).
+
+        ``data`` is 1..4096 bytes within the frame of ``maddr``
+        (``LocalProtocolError`` otherwise).
+        """
+        channel = self._channels[vcpu]
+        request = wire.KernelWrite(channel.next_id(), maddr, data)
+        if self.timeline is None:
+            reply = await channel.request(request)
+        else:
+            reply = await self._recorded(channel, request, vcpu, "kernel_write")
+        assert isinstance(reply, wire.KernelWriteResult)
+        return reply.rc
 
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 class Machine(Protocol):
     """What the guest kernel needs of the machine under it, whatever the
-    mode: frames, reading memory (no trap), running user code, counters.
+    mode: frames, reading memory and the kernel's plain stores (no trap),
+    running user code, counters.
     Changing page tables is the pv-ops backend's business: the client's
     ``Domain`` by hypercall, :class:`NativeMachine` by plain stores."""
 
@@ -46,7 +47,11 @@ class Machine(Protocol):
 
     def pfn_of(self, mfn: int) -> int: ...
 
-    async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int: ...
+    async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int:
+        """A plain store of the kernel through its linear map, no trap: 0, or
+        -EFAULT where the machine refuses it (under Xen: a read-only linear
+        mapping, a page table in use, a frame not the domain's)."""
+        ...
 
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
@@ -144,7 +149,12 @@ class NativeMachine:
         return mfn
 
     async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int:
-        """A plain store of the kernel's (bare metal: its own memory); rc 0."""
+        """Bare metal: the kernel's linear map is its own, so a store is a
+        plain write of memory, always 0 (at most one frame, 1..4096 bytes,
+        as under Xen)."""
+        offset = maddr % PAGE_SIZE
+        if not 1 <= len(data) <= PAGE_SIZE or offset + len(data) > PAGE_SIZE:
+            raise ValueError(f"kernel write of {len(data)} bytes at {maddr:#x} crosses a frame")
         self.memory.write_bytes(maddr, data)
         return 0
 

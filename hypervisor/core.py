@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Final
 from pvemu.shared import abi, wire
 from pvemu.shared.mmu import HardwareModel, RunOutcome
 from pvemu.shared.oracle import RaceOracle
-from pvemu.shared.x86 import _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, PAGE_SIZE, make_pte
+from pvemu.shared.x86 import (
+    _PAGE_ACCESSED,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    make_pte,
+)
 
 from .audit import audit_machine
 from .counters import VcpuCounters, total
@@ -206,10 +213,21 @@ class Hypervisor:
         return pending.result
 
     def ptwr_write(
-        self, domid: int, vcpu: int, maddr: int, val: int, *, exchange: bool = False
+        self,
+        domid: int,
+        vcpu: int,
+        maddr: int,
+        val: int,
+        *,
+        exchange: bool = False,
+        clear_bits: int = 0,
     ) -> tuple[int, int]:
+        """A trapped write into a page table (``clear_bits``: an atomic clear
+        of those bits instead, ``val`` 0, as ``wire.Ptwr`` says)."""
+        if clear_bits and val:
+            raise ValueError("a ptwr with clear_bits carries no value (val must be 0)")
         domain = self._vcpu_domain(domid, vcpu)
-        return ptwr_write(self.state, domain, vcpu, maddr, val, exchange)
+        return ptwr_write(self.state, domain, vcpu, maddr, val, exchange, clear_bits)
 
     # --- the hardware -------------------------------------------------------------------------
 
@@ -228,6 +246,34 @@ class Hypervisor:
         if outcome.fault is not None:
             counters.page_faults += 1
         return outcome
+
+    def kernel_write(self, domid: int, vcpu: int, maddr: int, data: bytes) -> int:
+        """A plain store of the guest kernel through its linear map: 0, or
+        -EFAULT (nothing written) where that store would fault.
+
+        Not a trap: the hypervisor only plays the MMU. The store lands iff
+        the frame is the caller's, its linear mapping is writable and it is
+        not a page table in use (Xen never lets a page table be mapped
+        writable, so such a store faults even where the guest forgot to
+        remap it read-only). It must stay within one frame.
+        """
+        domain = self._vcpu_domain(domid, vcpu)
+        counters = domain.counters[vcpu]
+        counters.kernel_writes += 1
+        ft = self.state.frames
+        mfn = maddr >> PAGE_SHIFT
+        if (
+            not data
+            or (maddr & (PAGE_SIZE - 1)) + len(data) > PAGE_SIZE
+            or not ft.valid(mfn)
+            or ft.owner[mfn] != domid
+            or ft.linear_ro(mfn)
+            or ft.table_in_use(mfn)
+        ):
+            return -abi.EFAULT
+        self.state.memory.write_bytes(maddr, data)
+        counters.kernel_write_bytes += len(data)
+        return 0
 
     # --- queries ---------------------------------------------------------------------------------
 

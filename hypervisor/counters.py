@@ -4,7 +4,8 @@ A trap is every guest -> hypervisor transition: each top-level hypercall (a
 multicall is one, whatever it carries), each emulated page-table write and each
 page fault reflected to the guest (``shared.counts.trap_count``, the formula the
 guest's own count uses too). What only drives the emulation (user
-accesses, stats, audit) is counted apart and is not a trap.
+accesses, the kernel's stores through its linear map, stats, audit) is
+counted apart and is not a trap.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class VcpuCounters:
     # not traps: requests that only drive the emulation
     user_runs: int = 0
     user_accesses: int = 0
+    #: plain stores of the guest kernel through its linear map (requests,
+    #: and the bytes that were written: a faulting store writes none)
+    kernel_writes: int = 0
+    kernel_write_bytes: int = 0
     queries: int = 0
 
     @property
@@ -49,6 +54,8 @@ class VcpuCounters:
             "tlb_flush_ops": self.tlb_flush_ops,
             "user_runs": self.user_runs,
             "user_accesses": self.user_accesses,
+            "kernel_writes": self.kernel_writes,
+            "kernel_write_bytes": self.kernel_write_bytes,
             "queries": self.queries,
         }
 
@@ -78,5 +85,7 @@ def total(counters: list[VcpuCounters]) -> VcpuCounters:
         out.tlb_flush_ops += c.tlb_flush_ops
         out.user_runs += c.user_runs
         out.user_accesses += c.user_accesses
+        out.kernel_writes += c.kernel_writes
+        out.kernel_write_bytes += c.kernel_write_bytes
         out.queries += c.queries
     return out

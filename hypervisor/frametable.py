@@ -1,7 +1,8 @@
 """The frame table: per-MFN bookkeeping as flat arrays, not one object per frame.
 
 Xen's ``struct page_info`` reduced to what a 64-bit PV domU needs (docs/sources.md
-§7): owner, general count, type, type count, validated, pinned. 16 bytes a
+§7): owner, general count, type, type count, validated, pinned, and whether
+the owner's kernel linear mapping of the frame is read-only. 16 bytes a
 frame: 1 GiB of machine memory (262 144 frames) costs 4 MiB of table.
 """
 
@@ -23,6 +24,11 @@ NO_OWNER: Final = -1
 # Flag bits in ``FrameTable.flags``.
 VALIDATED: Final = 0x1
 PINNED: Final = 0x2
+#: The owner's kernel linear mapping of the frame is read-only (clear: the
+#: default, writable). A bit here rather than a table of its own: the frame
+#: table stays 16 bytes a frame, and a freed frame's flags are zeroed, so a
+#: reused frame starts writable.
+LINEAR_RO: Final = 0x4
 
 PAGE_TABLE_TYPES: Final = frozenset(
     {
@@ -148,12 +154,22 @@ class FrameTable:
     def pinned(self, mfn: int) -> bool:
         return bool(self.flags[mfn] & PINNED)
 
+    def linear_ro(self, mfn: int) -> bool:
+        """The kernel's linear mapping of the frame is read-only."""
+        return bool(self.flags[mfn] & LINEAR_RO)
+
+    def table_in_use(self, mfn: int) -> bool:
+        """A page table something references (type L1..L4, type count > 0):
+        Xen allows no writable mapping of it."""
+        return bool(self.type_count[mfn]) and self.type[mfn] in PAGE_TABLE_TYPES
+
     def describe(self, mfn: int) -> str:
         """One-line state of a frame, for audit messages and logs."""
         return (
             f"mfn {mfn:#x} owner={self.owner[mfn]} count={self.count[mfn]} "
             f"type={TYPE_NAMES.get(self.type[mfn], '?')} type_count={self.type_count[mfn]} "
             f"validated={self.validated(mfn)} pinned={self.pinned(mfn)}"
+            + (" linear_ro" if self.linear_ro(mfn) else "")
         )
 
     def table_bytes(self) -> int:

@@ -23,6 +23,8 @@ from pvemu.shared.x86 import (
     _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,
+    _PAGE_RW,
+    LINEAR_MAP_BASE,
     PAGE_SHIFT,
     PAGE_SIZE,
     is_canonical,
@@ -31,8 +33,8 @@ from pvemu.shared.x86 import (
 )
 
 from . import mmu_batch
-from .frametable import VALIDATED
-from .pagetypes import frame_of
+from .frametable import LINEAR_RO, VALIDATED
+from .pagetypes import L1_DISALLOW_MASK, frame_of
 
 if TYPE_CHECKING:
     from .domain import Domain, MachineState
@@ -436,13 +438,17 @@ def _update_va_mapping(
     m: MachineState, dom: Domain, vcpu: int, va: int, val: int, flags: int, pg_owner: int
 ) -> int:
     """Xen's ``__do_update_va_mapping``: the L1 entry for ``va`` in the
-    caller's loaded tables, mapping a frame of ``pg_owner``."""
+    caller's loaded tables, mapping a frame of ``pg_owner``; in the domain's
+    linear-map range, that frame's linear-map flag instead. Then the flush."""
     if pg_owner != dom.domid:
         return -abi.EPERM  # XSM: an unprivileged domain acts only on itself
-    maddr = locate_l1e(m, dom, vcpu, va)
-    if maddr is None:
-        return -abi.EINVAL
-    rc = m.types.mod_l1_entry(maddr, val, False, pg_owner)
+    if LINEAR_MAP_BASE <= va < LINEAR_MAP_BASE + (len(dom.p2m) << PAGE_SHIFT):
+        rc = _linear_map_update(m, dom, va, val)
+    else:
+        maddr = locate_l1e(m, dom, vcpu, va)
+        if maddr is None:
+            return -abi.EINVAL
+        rc = m.types.mod_l1_entry(maddr, val, False, pg_owner)
     if rc:
         return rc  # no flush on error
     flush_type = flags & abi.UVMF_FLUSHTYPE_MASK
@@ -465,6 +471,31 @@ def _update_va_mapping(
             dom.hw.flush_tlb(target_vcpu)
         else:
             dom.hw.invlpg(target_vcpu, va)
+    return 0
+
+
+def _linear_map_update(m: MachineState, dom: Domain, va: int, val: int) -> int:
+    """update_va_mapping of the kernel's linear map (``va`` in the domain's
+    range from ``LINEAR_MAP_BASE``), modelled as one read-only flag per frame.
+
+    pvemu's trees have no kernel half, so there is no L1 entry to write:
+    what matters of that mapping is whether it is writable, which Xen
+    refuses for a frame in use as a page table (``get_page_from_l1e`` takes
+    a writable type reference, which a page-table type blocks). ``val`` must
+    map exactly the frame of that pfn, present, without the bits an L1 entry
+    may not have. Pinning a frame whose linear mapping is still writable is
+    not refused: pvemu's own table-building path pins new tables directly.
+    """
+    mfn = dom.p2m[(va - LINEAR_MAP_BASE) >> PAGE_SHIFT]
+    if not val & _PAGE_PRESENT or frame_of(val) != mfn or val & L1_DISALLOW_MASK:
+        return -abi.EINVAL
+    ft = m.frames
+    if val & _PAGE_RW:
+        if ft.table_in_use(mfn):
+            return -abi.EINVAL
+        ft.flags[mfn] &= ~LINEAR_RO
+    else:
+        ft.flags[mfn] |= LINEAR_RO
     return 0
 
 
@@ -514,9 +545,22 @@ def multicall(
 
 
 def ptwr_write(
-    m: MachineState, dom: Domain, vcpu: int, maddr: int, val: int, exchange: bool
+    m: MachineState,
+    dom: Domain,
+    vcpu: int,
+    maddr: int,
+    val: int,
+    exchange: bool,
+    clear_bits: int = 0,
 ) -> tuple[int, int]:
     """Emulate a trapped 8-byte write (or xchg) into one of the guest's L1s (docs/sources.md §8).
+
+    With ``clear_bits`` the trapped instruction is a locked read-modify-write
+    (``lock btr``/``and``, Linux's ``ptep_set_wrprotect``): the new value is
+    ``old & ~clear_bits`` computed here, at apply time, so an Accessed or
+    Dirty bit the hardware set after the guest last read the entry is kept,
+    and ``old`` comes back as from an exchange (``val`` is unused; the wire
+    makes it 0).
 
     Returns (rc, old): rc 0 when emulated; otherwise the #PF is reflected to
     the guest and nothing was written (rc says why: -EFAULT when the write is
@@ -536,12 +580,20 @@ def ptwr_write(
     ):
         return -abi.EFAULT, 0
     old = m.memory.read_u64(maddr)
-    if exchange:
-        dom.oracle.guest_saw(maddr)  # xchg hands the old value, D included, back
+    if clear_bits:
+        val = old & ~clear_bits
+        # The old value goes back to the guest: only a D bit this op clears
+        # is the guest's to keep; one it leaves stays in the PTE, unseen.
+        saw = bool(clear_bits & _PAGE_DIRTY)
+        returns_old = True
+    else:
+        saw = returns_old = exchange  # xchg hands the old value, D included, back
+    if saw:
+        dom.oracle.guest_saw(maddr)
     rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
-    if rc and exchange and old & _PAGE_DIRTY:
+    if rc and saw and old & _PAGE_DIRTY:
         dom.oracle.hardware_set_dirty(maddr)  # nothing was exchanged after all
-    return rc, old if exchange and rc == 0 else 0
+    return rc, old if returns_old and rc == 0 else 0
 
 
 # --- dispatch ---------------------------------------------------------------------------------

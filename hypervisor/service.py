@@ -3,7 +3,8 @@
 Everything the server does for a guest's request except sockets, descriptor
 passing and the CPU gate lives here: the handshakes (a Hello creates a
 domain, a Join attaches a vCPU with the domain's secret), hypercalls run in
-slices (:class:`Work`), trapped page-table writes, user runs, stats, audit,
+slices (:class:`Work`), trapped page-table writes, user runs, the kernel's
+stores through its linear map, stats, audit,
 the canonical log line per hypercall, the timeline of traps (when
 recording), and errors by blame. The trio server, the in-process loopback
 transport of the tests and the fuzzers all serve requests through
@@ -322,6 +323,8 @@ class HypervisorService:
         if type(reply) is wire.PtwrResult:
             assert type(request) is wire.Ptwr
             args = {"maddr": request.maddr, "exchange": request.exchange, "rc": reply.rc}
+            if request.clear_bits:
+                args["clear_bits"] = request.clear_bits
             timeline.complete("ptwr", TRAP, domid, vcpu, start, now_ns(), args)
         elif type(reply) is wire.UserResult and reply.fault is not None:
             args = {"va": reply.fault.va, "error_code": reply.fault.error_code}
@@ -363,9 +366,17 @@ class HypervisorService:
         match request:
             case wire.Ptwr():
                 rc, old = hv.ptwr_write(
-                    domid, session.vcpu, request.maddr, request.val, exchange=request.exchange
+                    domid,
+                    session.vcpu,
+                    request.maddr,
+                    request.val,
+                    exchange=request.exchange,
+                    clear_bits=request.clear_bits,
                 )
                 return Work(wire.PtwrResult(request.id, rc, old))
+            case wire.KernelWrite():
+                rc = hv.kernel_write(domid, session.vcpu, request.maddr, request.data)
+                return Work(wire.KernelWriteResult(request.id, rc))
             case wire.RunUser():
                 outcome = hv.run_user(domid, session.vcpu, request.accesses)
                 fault = None

@@ -11,10 +11,6 @@ from typing import Final, NamedTuple
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
-#: Where Linux x86-64 maps all of memory for the kernel (``PAGE_OFFSET``):
-#: a page-table page's address there is what Xen PV remaps read-only
-#: before pinning it.
-LINEAR_MAP_BASE: Final = 0xFFFF_8880_0000_0000
 PAGE_MASK: Final = ~(PAGE_SIZE - 1)
 PTE_SIZE: Final = 8
 ENTRIES_PER_TABLE: Final = 512
@@ -54,6 +50,14 @@ PTE_FLAGS_MASK: Final = ~PTE_MFN_MASK & ((1 << 64) - 1)
 MAX_U64: Final = (1 << 64) - 1
 CANONICAL_LOW_END: Final = 1 << (VADDR_BITS - 1)
 CANONICAL_HIGH_START: Final = MAX_U64 + 1 - CANONICAL_LOW_END
+
+#: Linux's ``PAGE_OFFSET`` (``page_offset_base`` with 4-level paging, no
+#: KASLR): where the kernel's linear map of all guest memory starts, just
+#: above Xen's reserved hole and the PTI LDT remap. A Xen PV kernel remaps a
+#: page read-only there before pinning it as a page table (Xen refuses a
+#: writable mapping of a page table), so the hypervisor must know this range:
+#: pfn = (va - LINEAR_MAP_BASE) >> PAGE_SHIFT.
+LINEAR_MAP_BASE: Final = 0xFFFF_8880_0000_0000
 
 
 class VaIndexes(NamedTuple):

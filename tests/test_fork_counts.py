@@ -97,7 +97,9 @@ def traps(result: WorkloadResult) -> dict[str, int]:
 
 
 def assert_valid(result: WorkloadResult) -> None:
-    assert result.counts_agree, {n: (p.counts.traps, p.guest_traps) for n, p in result.phases.items()}
+    assert result.counts_agree, {
+        n: (p.counts.traps, p.guest_traps) for n, p in result.phases.items()
+    }
     assert result.audit_clean, result.audit
 
 
@@ -111,7 +113,8 @@ async def test_fork_workload_counts(mode: str, n: int) -> None:
         result = await run_fork_workload(await make_kernel(mode), n)
     copies, reuses = len(range(0, n, 2)), len(range(1, n, 2))
     assert traps(result) == {
-        "populate": per_fault(mode, FAULT) * n + (0 if mode == "native" else 2 * len(pte_pages(n)) + 2),
+        "populate": per_fault(mode, FAULT) * n
+        + (0 if mode == "native" else 2 * len(pte_pages(n)) + 2),
         "fork": fork_traps(mode, n),
         "context_switch": per_fault(mode, 1),
         "cow_copy": per_fault(mode, COW_COPY) * copies,

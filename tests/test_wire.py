@@ -39,6 +39,8 @@ from pvemu.shared.wire import (
     Hello,
     Hypercall,
     Join,
+    KernelWrite,
+    KernelWriteResult,
     Message,
     MmuextOpArgs,
     MmuUpdateArgs,
@@ -113,6 +115,8 @@ REQUESTS: list[Request] = [
     RunUser(11, (Access(0x1000, "r", 8), Access(0x2000, "w", b"hi"), Access(0x3000, "x", 1))),
     Stats(12),
     Audit(13),
+    Ptwr(14, 0x5010, 0, clear_bits=0x2),
+    KernelWrite(15, 0x6FF8, b"12345678"),
 ]
 
 #: A valid reply for each request in REQUESTS, same order.
@@ -128,6 +132,8 @@ REPLIES: list[Reply] = [
     UserResult(11, 2, (b"12345678",), Fault(0x3000, 0x15)),
     StatsResult(12, {"guest": {"traps": 3}, "hypervisor": {"traps": 3, "ops": {"mmu_update": 1}}}),
     AuditResult(13, ("frame 7: type count 2, expected 1",)),
+    PtwrResult(14, 0, 0x67),
+    KernelWriteResult(15, -abi.EFAULT),
 ]
 
 
@@ -695,6 +701,32 @@ BAD_REQUESTS = [
     pytest.param(with_field(MMU, op=99, args=[0] * 7), "too_large", id="unknown-op-7-args"),
     pytest.param(with_field(Ptwr(1, 0, 0), exchange=1), "bad_type", id="ptwr-int-exchange"),
     pytest.param(with_field(Ptwr(1, 0, 0), maddr=-1), "bad_type", id="ptwr-maddr-negative"),
+    pytest.param(with_field(Ptwr(1, 0, 0), clear_bits=-1), "bad_type", id="clear-bits-negative"),
+    pytest.param(with_field(Ptwr(1, 0, 0), clear_bits=True), "bad_type", id="clear-bits-bool"),
+    pytest.param(with_field(Ptwr(1, 0, 0), clear_bits=-(1 << 63)), "bad_type", id="clear-bits-s64"),
+    pytest.param(with_field(Ptwr(1, 0, 5), clear_bits=2), "out_of_range", id="clear-bits-with-val"),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), data=b""), "out_of_range", id="kernel-write-empty"
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), data=bytes(4097)),
+        "too_large",
+        id="kernel-write-too-long",
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), maddr=0x1FF9, data=bytes(8)),
+        "out_of_range",
+        id="kernel-write-crosses-frame",
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), data="x"), "bad_type", id="kernel-write-str-data"
+    ),
+    pytest.param(
+        with_field(KernelWrite(1, 0, b"x"), maddr=-1), "bad_type", id="kernel-write-maddr"
+    ),
+    pytest.param(
+        {"t": "kernel_write", "id": 1, "maddr": 0}, "malformed", id="kernel-write-no-data"
+    ),
     pytest.param(with_field(RunUser(1, ()), accesses=[[0, "q", 1]]), "bad_type", id="access-kind"),
     pytest.param(
         with_field(RunUser(1, ()), accesses=[[0, b"r", 1]]), "bad_type", id="access-kind-bin"
@@ -756,6 +788,12 @@ BAD_REPLIES = [
         "bad_type",
     ),
     pytest.param(Ptwr(1, 0, 0), {"t": "ptwr_result", "id": 1, "rc": 1 << 63, "old": 0}, "bad_type"),
+    pytest.param(
+        KernelWrite(1, 0, b"x"), {"t": "kernel_write_result", "id": 1, "rc": "0"}, "bad_type"
+    ),
+    pytest.param(
+        KernelWrite(1, 0, b"x"), {"t": "result", "id": 1, "rc": 0, "done": 0}, "bad_state"
+    ),
     pytest.param(Stats(1), {"t": "error", "id": 1, "code": 5, "message": ""}, "bad_type"),
     pytest.param(Stats(1), {"t": "hello", "id": 1}, "unknown_message"),
     pytest.param(Stats(1), {"t": "result", "id": 2, "rc": 0, "done": 0}, "bad_state"),
@@ -1013,6 +1051,12 @@ def test_constructor_arguments() -> None:
         (Stats, (True,)),
         (Ptwr, (1, 0, 0, 1)),
         (Ptwr, (1, -1, 0)),
+        (Ptwr, (1, 0, 7, False, 2)),  # clear_bits needs val 0
+        (Ptwr, (1, 0, 0, False, -1)),
+        (KernelWrite, (1, 0, b"")),
+        (KernelWrite, (1, 0xFFF, b"ab")),  # crosses into the next frame
+        (KernelWrite, (1, 0, bytearray(b"ab"))),
+        (KernelWriteResult, (1, 1 << 63)),
         (Result, (1, 1 << 63, 0)),
         (Result, (1, 0, -1)),
         (MmuUpdateArgs, (bytearray(16),)),
@@ -1148,6 +1192,13 @@ requests = st.one_of(
     ),
     hypercalls,
     st.builds(Ptwr, ids, u64s, u64s, st.booleans()),
+    st.builds(Ptwr, ids, u64s, st.just(0), st.booleans(), u64s),
+    st.builds(
+        lambda i, m, n: KernelWrite(i, m, bytes(min(n, 4096 - m % 4096))),
+        ids,
+        u64s,
+        st.integers(1, 4096),
+    ),
     st.builds(RunUser, ids, st.lists(accesses, max_size=4).map(tuple)),
     st.builds(Stats, ids),
     st.builds(Audit, ids),
@@ -1179,6 +1230,7 @@ replies = st.one_of(
     st.builds(Result, ids, s64s, u64s),
     st.builds(MulticallResult, ids, s64s, st.lists(s64s, max_size=8).map(tuple)),
     st.builds(PtwrResult, ids, s64s, u64s),
+    st.builds(KernelWriteResult, ids, s64s),
     st.builds(
         UserResult,
         ids,
@@ -1432,6 +1484,16 @@ _fast_requests = st.one_of(
             "exchange": st.booleans(),
         }
     ).flatmap(_mutated),
+    st.fixed_dictionaries(
+        {
+            "t": st.just("ptwr"),
+            "id": st.sampled_from([7, 9]) | ids,
+            "maddr": u64s,
+            "val": st.sampled_from([0, 1]) | u64s,
+            "exchange": st.booleans(),
+            "clear_bits": st.sampled_from([0, 2, U64]) | u64s,
+        }
+    ).flatmap(_mutated),
 )
 _reply_ids = st.sampled_from([7, 8, 9]) | ids
 _fast_replies = st.one_of(
@@ -1513,6 +1575,10 @@ def test_fast_reply_path_decodes_as_the_general_path(obj: dict[str, object]) -> 
 _VALID_FAST_MAPS: list[tuple[str, dict[str, object]]] = [
     ("server", {"t": "hypercall", "id": 9, "op": 1, "args": (bytes(16), 0x7FF0)}),
     ("server", {"t": "ptwr", "id": 9, "maddr": 0x1000, "val": 0x2067, "exchange": False}),
+    (
+        "server",
+        {"t": "ptwr", "id": 9, "maddr": 0x1000, "val": 0, "exchange": False, "clear_bits": 2},
+    ),
     ("client", {"t": "result", "id": 7, "rc": 0, "done": 1}),
     ("client", {"t": "ptwr_result", "id": 8, "rc": 0, "old": 0x2067}),
 ]
@@ -1548,12 +1614,29 @@ def test_fast_paths_take_the_common_shapes() -> None:
 
     hypercall = Hypercall.make(3, abi.HYPERVISOR_mmu_update, [(0x1008, 0x2067)])
     ptwr = Ptwr(4, 0x1000, 0x2067, True)
-    for request in (hypercall, ptwr):
+    clear = Ptwr(5, 0x1000, 0, clear_bits=0x2)
+    for request in (hypercall, ptwr, clear):
         assert _fast.fast_request(unpackb(packb(request.to_wire()))) == request
     for reply in (Result(3, -22, 1), PtwrResult(4, 0, 0x2067)):
         assert _fast.fast_reply(unpackb(packb(reply.to_wire()))) == reply
     multicall = Hypercall.make(5, abi.HYPERVISOR_multicall, [(abi.HYPERVISOR_mmu_update, [])])
     assert _fast.fast_request(unpackb(packb(multicall.to_wire()))) is None
+
+
+def test_ptwr_clear_bits_is_left_out_when_zero() -> None:
+    """A ptwr without clear_bits is encoded as before the field existed, a
+    map without the key decodes as 0 on both paths, and an explicit 0 is
+    the same message."""
+    old_map = {"t": "ptwr", "id": 9, "maddr": 0x1000, "val": 0x2067, "exchange": True}
+    assert Ptwr(9, 0x1000, 0x2067, True).to_wire() == old_map
+    for obj in (old_map, {**old_map, "clear_bits": 0}):
+        assert feed_one(_server_with_pending(), packb(obj)) == Ptwr(9, 0x1000, 0x2067, True)
+        with _general_path_only():
+            decoded = feed_one(_server_with_pending(), packb(obj))
+        assert decoded == Ptwr(9, 0x1000, 0x2067, True)
+    clear = Ptwr(9, 0x1000, 0, True, clear_bits=0x42)
+    assert clear.to_wire() == {**old_map, "val": 0, "clear_bits": 0x42}
+    assert codec_round_trip(clear) == clear
 
 
 def test_hypercall_for_call_and_as_call() -> None:

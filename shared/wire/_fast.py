@@ -82,7 +82,13 @@ def _request(obj: dict[Any, Any]) -> Request | None:
         _set(hypercall, "args", mmu)
         return hypercall
     if kind == "ptwr":
-        if len(obj) != 5:
+        # ``clear_bits`` may be left out (then 0): five keys without it, six with.
+        size = len(obj)
+        if size == 5:
+            clear_bits = 0
+        elif size == 6:
+            clear_bits = obj["clear_bits"]
+        else:
             return None
         rid, maddr, val, exchange = obj["id"], obj["maddr"], obj["val"], obj["exchange"]
         if (
@@ -93,6 +99,9 @@ def _request(obj: dict[Any, Any]) -> Request | None:
             or type(val) is not int
             or not 0 <= val <= _U64
             or type(exchange) is not bool
+            or type(clear_bits) is not int
+            or not 0 <= clear_bits <= _U64
+            or (clear_bits and val)
         ):
             return None
         ptwr = _new(Ptwr)
@@ -100,6 +109,7 @@ def _request(obj: dict[Any, Any]) -> Request | None:
         _set(ptwr, "maddr", maddr)
         _set(ptwr, "val", val)
         _set(ptwr, "exchange", exchange)
+        _set(ptwr, "clear_bits", clear_bits)
         return ptwr
     return None
 

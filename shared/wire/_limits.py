@@ -62,6 +62,9 @@ MAX_HYPERCALL_ARGS: Final = 6
 MAX_USER_ACCESSES: Final = 512
 #: Bytes in one user access (read length or write data).
 MAX_ACCESS_LEN: Final = 4096
+#: Bytes in one kernel store through the linear map: at most one 4 KiB frame
+#: (a store may not cross into the next frame, whose mapping may differ).
+MAX_KERNEL_WRITE_LEN: Final = 4096
 #: Feature numbers in a Welcome.
 MAX_FEATURES: Final = 64
 #: Entries in Welcome.limits.

@@ -38,6 +38,7 @@ from ._limits import (
     MAX_ACCESS_LEN,
     MAX_DOMAIN_FRAMES,
     MAX_FEATURES,
+    MAX_KERNEL_WRITE_LEN,
     MAX_LIMITS,
     MAX_MEMORY_MIB,
     MAX_MULTICALL_CALLS,
@@ -64,6 +65,10 @@ class Message(_Validated):
     ANCILLARY_FDS: ClassVar[int] = 0
     _FIELDS: ClassVar[tuple[str, ...]]
     _KEYS: ClassVar[frozenset[str]]
+    #: Fields a map may leave out, with the value they then decode as: a
+    #: field added to a message that already shipped, so older maps (and
+    #: the bytes of every message that leaves it at its default) are unchanged.
+    _OMITTABLE: ClassVar[tuple[tuple[str, object], ...]] = ()
 
     id: Any  # narrowed by each subclass (int, or int | None for ErrorReply)
 
@@ -87,6 +92,8 @@ class Message(_Validated):
             LocalProtocolError: missing or extra keys, or invalid values (the
                 connection reports these as non-fatal RemoteProtocolError).
         """
+        if cls._OMITTABLE and data.keys() != cls._KEYS:
+            data = {**dict(cls._OMITTABLE), **data}
         if data.keys() != cls._KEYS:
             missing = sorted(cls._KEYS.difference(k for k in data if isinstance(k, str)))
             extra = sorted(repr(k) for k in data if k not in cls._KEYS)
@@ -256,13 +263,20 @@ class Ptwr(Request):
     """A trapped direct 8-byte write of ``val`` at machine address ``maddr``.
 
     ``exchange``: an atomic exchange (``xchg``/``cmpxchg``) rather than a store.
+    ``clear_bits``: when nonzero, an atomic clear of those bits instead of a
+    write (x86 ``lock btr``/``and``, e.g. ``ptep_set_wrprotect``): the
+    hypervisor stores ``old & ~clear_bits`` at apply time and returns ``old``;
+    ``val`` must then be 0. The key is left out of the map when it is 0, so
+    every other ptwr is encoded as before and a map without it decodes as 0.
     """
 
     TYPE: ClassVar[str] = "ptwr"
+    _OMITTABLE: ClassVar[tuple[tuple[str, object], ...]] = (("clear_bits", 0),)
     id: int
     maddr: int
     val: int
     exchange: bool = False
+    clear_bits: int = 0
 
     def _validate(self) -> None:
         _request_id(self.id)
@@ -270,15 +284,20 @@ class Ptwr(Request):
         _int(self.val, "val", 0, _U64)
         if type(self.exchange) is not bool:
             _fail(_BAD_TYPE, f"exchange must be a bool, not {_tname(self.exchange)}")
+        if _int(self.clear_bits, "clear_bits", 0, _U64) and self.val:
+            _fail(_OUT_OF_RANGE, f"val must be 0 with clear_bits, not {self.val:#x}")
 
     def to_wire(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "t": "ptwr",
             "id": self.id,
             "maddr": self.maddr,
             "val": self.val,
             "exchange": self.exchange,
         }
+        if self.clear_bits:
+            out["clear_bits"] = self.clear_bits
+        return out
 
 
 @_register
@@ -306,6 +325,34 @@ class RunUser(Request):
             plain = plain or type(access) is not Access
         if plain:  # plain (va, kind, data) tuples, e.g. decoded: name them
             object.__setattr__(self, "accesses", tuple(Access(*a) for a in self.accesses))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class KernelWrite(Request):
+    """A plain store of ``data`` at ``maddr`` by the guest kernel through its
+    linear map (not a trap: the hypervisor only plays the MMU's part).
+
+    ``data`` is 1..4096 bytes and stays within the 4 KiB frame of ``maddr``.
+    Answered by :class:`KernelWriteResult`.
+    """
+
+    TYPE: ClassVar[str] = "kernel_write"
+    id: int
+    maddr: int
+    data: bytes
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.maddr, "maddr", 0, _U64)
+        if not _bytes(self.data, "data", MAX_KERNEL_WRITE_LEN):
+            _fail(_OUT_OF_RANGE, "kernel write data must not be empty")
+        if (self.maddr & (PAGE_SIZE - 1)) + len(self.data) > PAGE_SIZE:
+            _fail(
+                _OUT_OF_RANGE,
+                f"kernel write of {len(self.data)} bytes at {self.maddr:#x} "
+                "crosses a frame boundary",
+            )
 
 
 @_register
@@ -475,6 +522,21 @@ class PtwrResult(Reply):
 
     def to_wire(self) -> dict[str, object]:
         return {"t": "ptwr_result", "id": self.id, "rc": self.rc, "old": self.old}
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class KernelWriteResult(Reply):
+    """Result of a kernel store: 0, or -EFAULT when the linear mapping of
+    the frame does not allow it (nothing was written)."""
+
+    TYPE: ClassVar[str] = "kernel_write_result"
+    id: int
+    rc: int
+
+    def _validate(self) -> None:
+        _request_id(self.id)
+        _int(self.rc, "rc", _S64_MIN, _S64_MAX)
 
 
 @_register

@@ -24,6 +24,8 @@ from ._messages import (
     Hello,
     Hypercall,
     Join,
+    KernelWrite,
+    KernelWriteResult,
     MulticallResult,
     Ptwr,
     PtwrResult,
@@ -70,7 +72,10 @@ REQUEST_TRANSITIONS: Final[dict[tuple[State, type[Request]], State]] = {
     (State.IDLE, Join): State.HANDSHAKE,
     (State.IDLE, Bye): State.CLOSING,
     (State.READY, Bye): State.CLOSING,
-    **{(State.READY, kind): State.READY for kind in (Hypercall, Ptwr, RunUser, Stats, Audit)},
+    **{
+        (State.READY, kind): State.READY
+        for kind in (Hypercall, Ptwr, KernelWrite, RunUser, Stats, Audit)
+    },
 }
 
 #: request type -> the replies that may answer it.
@@ -79,6 +84,7 @@ REPLIES: Final[dict[type[Request], tuple[type[Reply], ...]]] = {
     Join: (Welcome, ErrorReply),
     Hypercall: (Result, ErrorReply),
     Ptwr: (PtwrResult, ErrorReply),
+    KernelWrite: (KernelWriteResult, ErrorReply),
     RunUser: (UserResult, ErrorReply),
     Stats: (StatsResult, ErrorReply),
     Audit: (AuditResult, ErrorReply),

@@ -31,6 +31,8 @@ from pvemu.shared.wire import (
     Hello,
     Hypercall,
     Join,
+    KernelWrite,
+    KernelWriteResult,
     MmuextOpArgs,
     MmuUpdateArgs,
     MulticallArgs,
@@ -246,9 +248,13 @@ class HypercallRun:
             if (
                 reply.rc > 0
                 or (reply.rc and -reply.rc not in ERRNOS)
-                or (reply.old and not request.exchange)
+                or (reply.old and not (request.exchange or request.clear_bits))
             ):
                 raise self.fail(f"{request!r} -> {reply!r}", "bad ptwr result")
+        elif isinstance(reply, KernelWriteResult):
+            assert isinstance(request, KernelWrite)
+            if reply.rc not in (0, -abi.EFAULT):
+                raise self.fail(f"{request!r} -> {reply!r}", "bad kernel_write result")
         elif isinstance(reply, UserResult):
             assert isinstance(request, RunUser)
             n = len(request.accesses)

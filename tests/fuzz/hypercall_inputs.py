@@ -18,6 +18,7 @@ from pvemu.shared.wire import (
     Call,
     Connection,
     Hypercall,
+    KernelWrite,
     MmuUpdateArgs,
     MulticallArgs,
     Ptwr,
@@ -40,6 +41,7 @@ from pvemu.shared.x86 import (
     _PAGE_PWT,
     _PAGE_RW,
     _PAGE_USER,
+    LINEAR_MAP_BASE,
     PAGE_SIZE,
     PTE_MFN_MASK,
     maddr_of_entry,
@@ -160,6 +162,7 @@ HC_KINDS: Final = (
     + ("assist",) * 3
     + ("unknown",) * 3
     + ("ptwr",) * 10
+    + ("kernel_write",) * 3
     + ("user",) * 7
     + ("stats",) * 2
     + ("big",) * 1
@@ -265,6 +268,20 @@ class RequestMaker:
             return e.u64()
         return ((self.frame(link) << 12) + e.pick(SLOTS) * 8 + e.pick(MMU_CMDS)) & U64
 
+    def linear(self, link: VcpuLink) -> tuple[int, int]:
+        """(va, pte) for update_va_mapping of the kernel's linear map: the
+        address of a frame's pfn (sometimes just past the domain), mapping
+        that frame read-only or writable, or any PTE."""
+        e = self.e
+        ft = self.hv.state.frames
+        mfn = self.frame(link)
+        pfn = ft.slot[mfn] if ft.valid(mfn) else e.below(1 << 12)
+        va = LINEAR_MAP_BASE + ((pfn + e.pick((0, 0, 0, 1, 256))) << 12)
+        if e.chance(25):
+            return va & U64, self.pte(link)
+        flags = e.pick((_PAGE_PRESENT | _PAGE_ACCESSED, _PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY))
+        return va & U64, ((mfn << 12) & PTE_MFN_MASK) | flags | e.pick((0, _PAGE_NX, _PAGE_PAT))
+
     def va(self) -> int:
         e = self.e
         k = e.byte()
@@ -348,11 +365,14 @@ class RequestMaker:
             if e.chance(5):
                 flags = e.u64()
             va = self.user_va() if e.flag() else self.va()
+            pte = self.pte(link)
+            if e.chance(25):  # the kernel's linear map: a frame's pfn, often that frame
+                va, pte = self.linear(link)
             if e.chance(25):  # the _otherdomain form (-ENOSYS where not implemented)
                 op = abi.HYPERVISOR_update_va_mapping_otherdomain
                 domid = self.foreigndom(link)
-                return wire.make_call(op, va, self.pte(link), flags & U64, domid)
-            return wire.make_call(abi.HYPERVISOR_update_va_mapping, va, self.pte(link), flags & U64)
+                return wire.make_call(op, va, pte, flags & U64, domid)
+            return wire.make_call(abi.HYPERVISOR_update_va_mapping, va, pte, flags & U64)
         if kind == "assist":
             cmd = e.pick((abi.VMASST_CMD_enable, abi.VMASST_CMD_disable, 2, U32))
             typ = e.pick(
@@ -431,7 +451,7 @@ class RequestMaker:
         """A request the wire types must refuse to build (LocalProtocolError)."""
         e = self.e
         self.invalid = True
-        k = e.below(14)
+        k = e.below(16)
         if k == 0:
             return Hypercall(rid, 1, MmuUpdateArgs(b"\0" * e.pick((1, 8, 17, 24)), abi.DOMID_SELF))
         if k == 1:
@@ -462,6 +482,11 @@ class RequestMaker:
                 (Access(0, "r", 0), Access(0, "q", 1), Access(0, "x", 4097), Access(0, "w", b""))
             )
             return RunUser(rid, (bad,))
+        if k == 13:
+            return Ptwr(rid, 0, e.int_range(1, U64), False, e.int_range(1, U64))  # val with clear
+        if k == 14:
+            offset = e.int_range(1, PAGE_SIZE - 1)
+            return KernelWrite(rid, offset, bytes(PAGE_SIZE - offset + 1))  # crosses a frame
         return Stats(e.pick((-1, 1 << 63)))
 
     def request(self, link: VcpuLink, rid: int) -> Request:
@@ -471,7 +496,17 @@ class RequestMaker:
             maddr = (self.frame(link) << 12) + e.pick(SLOTS) * 8
             if e.chance(5):
                 maddr += e.below(8)
+            if e.chance(20):  # an atomic clear of PTE bits (ptep_set_wrprotect's lock btr)
+                bits = e.pick((0x2, 0x40, 0x42, 0x1, 0x63)) if e.flag() else e.u64()
+                return Ptwr(rid, maddr & U64, 0, e.flag(), bits)
             return Ptwr(rid, maddr & U64, self.pte(link, maddr), e.flag())
+        if kind == "kernel_write":
+            offset = e.pick((0, 8, 0xFF8, 0x800)) if e.flag() else e.below(PAGE_SIZE)
+            length = (
+                e.int_range(1, PAGE_SIZE - offset) if e.chance(10) else min(8, PAGE_SIZE - offset)
+            )
+            maddr = ((self.frame(link) << 12) + offset) & U64
+            return KernelWrite(rid, maddr, e.blob(length))
         if kind == "user":
             return RunUser(rid, self.accesses(link))
         if kind == "stats":

@@ -25,6 +25,8 @@ from pvemu.shared.wire import (
     Hello,
     Hypercall,
     Join,
+    KernelWrite,
+    KernelWriteResult,
     Message,
     MmuextOpArgs,
     MmuUpdateArgs,
@@ -128,8 +130,14 @@ def build_request(e: Entropy, rid: int, state: State) -> Request:
             accesses.append(Access(e.u64(), kind, data))
         return RunUser(rid, tuple(accesses))
     if k == 3:
+        if e.chance(25):  # an atomic clear of PTE bits: val must be 0
+            return Ptwr(rid, e.u64(), 0, e.flag(), e.u64())
         return Ptwr(rid, e.u64(), e.u64(), e.flag())
     if k == 4:
+        if e.chance(50):
+            maddr = e.u64()
+            room = wire.MAX_KERNEL_WRITE_LEN - maddr % wire.MAX_KERNEL_WRITE_LEN
+            return KernelWrite(rid, maddr, e.blob(e.int_range(1, room)))
         return Bye(rid)
     if k == 5:
         return Hello(
@@ -176,6 +184,8 @@ def build_reply(e: Entropy, cls: type[Reply], rid: int | None) -> Reply:
         return MulticallResult(rid, e.s64(), tuple([first] * n))
     if cls is PtwrResult:
         return PtwrResult(rid, e.s64(), e.u64())
+    if cls is KernelWriteResult:
+        return KernelWriteResult(rid, e.s64())
     if cls is UserResult:
         reads = tuple(e.blob(e.pick((8, 0, 1, 16, wire.MAX_ACCESS_LEN))) for _ in range(e.below(4)))
         fault = Fault(e.u64(), e.u32()) if e.flag() else None
@@ -220,6 +230,7 @@ def expected_replies(request: Request) -> tuple[type[Reply], ...]:
         return (first, ErrorReply)
     typed: dict[type[Request], type[Reply]] = {
         Ptwr: PtwrResult,
+        KernelWrite: KernelWriteResult,
         RunUser: UserResult,
         Stats: StatsResult,
         Audit: AuditResult,

@@ -19,7 +19,14 @@ from typing import Any, Final, Literal
 import pytest
 
 from pvemu.shared import abi
-from pvemu.shared.x86 import _PAGE_GLOBAL, _PAGE_PAT, PAGE_SIZE, maddr_of_entry
+from pvemu.shared.x86 import (
+    _PAGE_GLOBAL,
+    _PAGE_PAT,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    PAGE_SIZE,
+    maddr_of_entry,
+)
 from pvemu.shared.x86 import make_pte as pte
 from tests.hostile.scene import (
     BEYOND,
@@ -90,7 +97,10 @@ MMU: Final = ("mmu_update", "multicall.mmu_update")
 L1: Final = (*MMU, "update_va_mapping", "ptwr", "ptwr.xchg")
 EXT: Final = ("mmuext_op", "multicall.mmuext_op")
 UVM: Final = ("update_va_mapping", "multicall.update_va_mapping")
-PTWR: Final = ("ptwr", "ptwr.xchg")
+#: A trapped store, exchange, or atomic clear of bits (``ptep_set_wrprotect``).
+PTWR: Final = ("ptwr", "ptwr.xchg", "ptwr.clear")
+#: The kernel's plain store through its linear map (no trap).
+KERNEL_WRITE: Final = ("kernel_write",)
 CALL: Final = ("hypercall", "multicall.call")
 
 
@@ -354,6 +364,20 @@ async def via_ptwr_xchg(s: Scene, rule: Rule, off: Offence) -> Outcome:
     return Outcome(deltas={"traps": 1, "ptwr": 1})
 
 
+async def via_ptwr_clear(s: Scene, rule: Rule, off: Offence) -> Outcome:
+    # The clear carries no value: it must be refused for the address alone.
+    bits = _PAGE_RW | _PAGE_PRESENT
+    assert await s.a.dom.ptwr_clear_bits(off.ptr, bits) == (-rule.errno, 0)
+    return Outcome(deltas={"traps": 1, "ptwr": 1})
+
+
+async def via_kernel_write(s: Scene, rule: Rule, off: Offence) -> Outcome:
+    """A store of eight bytes of ``val`` at ``ptr``: refused, it writes
+    nothing and is no trap (a kernel write of 0 bytes)."""
+    assert await s.a.dom.kernel_write(off.ptr, off.val.to_bytes(8, "little")) == -rule.errno
+    return Outcome(deltas={"kernel_writes": 1})
+
+
 async def via_hypercall(s: Scene, rule: Rule, off: Offence) -> Outcome:
     assert await s.a.dom.raw_hypercall(*off.call) == -rule.errno
     return Outcome(deltas=ONE_TRAP)
@@ -375,6 +399,8 @@ PATHS: Final = {
     "multicall.update_va_mapping": via_multicall_uvm,
     "ptwr": via_ptwr,
     "ptwr.xchg": via_ptwr_xchg,
+    "ptwr.clear": via_ptwr_clear,
+    "kernel_write": via_kernel_write,
     "hypercall": via_hypercall,
     "multicall.call": via_multicall_call,
 }

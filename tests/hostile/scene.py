@@ -134,6 +134,8 @@ COUNTERS: Final = (
     "tlb_flush_ops",
     "user_runs",
     "user_accesses",
+    "kernel_writes",
+    "kernel_write_bytes",
 )
 
 

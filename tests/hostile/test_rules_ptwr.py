@@ -1,8 +1,8 @@
 """Hostile guests: writable page tables (§7).
 
-A trapped write or exchange that the emulation does not accept (into an
-upper-level table, a data or untyped frame, another domain's or Xen's frame,
-beyond RAM, misaligned) is refused with -EFAULT; without
+A trapped write, exchange or atomic clear of bits that the emulation does not
+accept (into an upper-level table, a data or untyped frame, another domain's
+or Xen's frame, beyond RAM, misaligned) is refused with -EFAULT; without
 VMASST_TYPE_writable_pagetables nothing is emulated at all.
 """
 
