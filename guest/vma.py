@@ -77,6 +77,7 @@ from .vma_tree import (
     PROT_WRITE,
     TASK_SIZE,
     FileBacking,
+    MadviseResult,
     MmapResult,
     MprotectError,
     MsyncResult,
@@ -515,4 +516,48 @@ class AddressSpace(VmaTree):
             start = vma.end
             if start >= end:
                 return MsyncResult(ranges, unmapped_error)
+            i += 1
+
+    # ------------------------------------------------------------------ madvise
+
+    def madvise_free(self, addr: int, length: int) -> MadviseResult:
+        """Linux ``madvise(addr, length, MADV_FREE)``: which pieces the kernel
+        must clean (their pages may then be freed lazily, under memory
+        pressure, unless written again).
+
+        EINVAL for an unaligned ``addr`` or a wrapping range; length 0 does
+        nothing. The VMAs are walked in address order (``madvise_walk_vmas``):
+        one that is not private anonymous (a file or shmem mapping, which
+        ``madvise_free_single_vma`` refuses) stops the walk with EINVAL after
+        the earlier ones; a hole makes the result ENOMEM, reported at the end.
+        """
+        addr &= _U64
+        length &= _U64
+        if addr & _PAGE_OFFSET_MASK:
+            raise _err(errno.EINVAL, f"madvise address {addr:#x} not page aligned")
+        aligned = page_align(length)
+        end = addr + aligned
+        if (length and not aligned) or end > _U64:
+            raise _err(errno.EINVAL, "madvise range wraps around")
+        ranges: list[Vma] = []
+        if end == addr:
+            return MadviseResult(ranges)
+        unmapped_error = 0
+        start = addr
+        i = self._index_after(start)
+        while True:
+            if i >= len(self._vmas):
+                return MadviseResult(ranges, errno.ENOMEM)
+            vma = self._vmas[i]
+            if start < vma.start:
+                unmapped_error = errno.ENOMEM
+                start = vma.start
+                if start >= end:
+                    return MadviseResult(ranges, errno.ENOMEM)
+            if not (vma.is_private and vma.is_anonymous):
+                return MadviseResult(ranges, errno.EINVAL)
+            ranges.append(vma.piece(start, min(end, vma.end)))
+            start = vma.end
+            if start >= end:
+                return MadviseResult(ranges, unmapped_error)
             i += 1

@@ -12,6 +12,7 @@ Linux's ``mmap``/``mprotect``/``munmap``/``msync`` semantics, are
 
 from __future__ import annotations
 
+import errno
 import mmap as _mmap
 import os
 from bisect import bisect_left, bisect_right
@@ -49,6 +50,7 @@ __all__ = [
     "Vma",
     "vmas_mergeable",
     "ProtChange",
+    "MadviseResult",
     "MmapResult",
     "MsyncResult",
     "MprotectError",
@@ -302,6 +304,24 @@ class MsyncResult:
     def raise_if_error(self) -> None:
         if self.errno:
             raise _err(self.errno, "msync range has unmapped holes")
+
+
+@dataclass(frozen=True, slots=True)
+class MadviseResult:
+    """What ``madvise(MADV_FREE)`` must do: clean the pages of ``ranges``
+    (pieces of private anonymous mappings) and then fail with ``errno`` if
+    it is non-zero: EINVAL where the walk met a mapping it may not advise
+    (the earlier ones were advised already, as in Linux), ENOMEM when the
+    range had unmapped holes (reported after the rest was advised)."""
+
+    ranges: list[Vma]
+    errno: int = 0
+
+    def raise_if_error(self) -> None:
+        if self.errno == errno.EINVAL:
+            raise _err(self.errno, "MADV_FREE of a mapping that is not private anonymous")
+        if self.errno:
+            raise _err(self.errno, "madvise range has unmapped holes")
 
 
 class MprotectError(OSError):

@@ -666,6 +666,43 @@ def test_msync_errnos_and_holes(asp: AddressSpace, rw_file: FileBacking) -> None
     asp.msync(B, P).raise_if_error()
 
 
+# --------------------------------------------------------------------------- madvise
+
+
+def test_madvise_free_takes_private_anonymous_pieces(asp: AddressSpace) -> None:
+    anon_at(asp, 0, 2)
+    anon_at(asp, 2, 2, RO)  # another VMA, still private anonymous
+    result = asp.madvise_free(B + P, 2 * P)
+    assert result.errno == 0
+    assert [(v.start, v.end) for v in result.ranges] == [(B + P, B + 2 * P), (B + 2 * P, B + 3 * P)]
+    assert asp.madvise_free(B, 0).ranges == []
+    assert [v.end for v in asp.madvise_free(B, 1).ranges] == [B + P]  # length rounds up
+
+
+def test_madvise_free_errnos_stop_or_report_like_linux(
+    asp: AddressSpace, rw_file: FileBacking
+) -> None:
+    expect(errno.EINVAL, asp.madvise_free, B + 1, P)
+    expect(errno.EINVAL, asp.madvise_free, (1 << 64) - P, 2 * P)
+    expect(errno.EINVAL, asp.madvise_free, B, (1 << 64) - 1)
+    anon_at(asp, 0, 1)
+    asp.mmap(P, RW, SHM, addr=B + P, fixed=True)
+    anon_at(asp, 2, 1)
+    asp.mmap(P, RW, MAP_PRIVATE, addr=B + 3 * P, file=rw_file, fixed=True)
+    anon_at(asp, 5, 1)
+    stopped = asp.madvise_free(B, 3 * P)  # shmem: EINVAL after the first page
+    assert (stopped.errno, [v.start for v in stopped.ranges]) == (errno.EINVAL, [B])
+    with pytest.raises(OSError, match="not private anonymous"):
+        stopped.raise_if_error()
+    assert asp.madvise_free(B + 3 * P, P).errno == errno.EINVAL  # a private file mapping
+    holes = asp.madvise_free(B + 4 * P, 2 * P)  # a hole, then a page: advised, then ENOMEM
+    assert (holes.errno, [v.start for v in holes.ranges]) == (errno.ENOMEM, [B + 5 * P])
+    with pytest.raises(OSError, match="holes"):
+        holes.raise_if_error()
+    assert asp.madvise_free(B + 6 * P, P).errno == errno.ENOMEM
+    asp.madvise_free(B + 2 * P, P).raise_if_error()
+
+
 # --------------------------------------------------------------------------- scale
 
 
