@@ -259,6 +259,60 @@ class Kernel:
             await self._writeback_range(vma, self.backends[vcpu], proc)
         result.raise_if_error()
 
+    async def madvise_free(
+        self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None
+    ) -> None:
+        """Linux's ``madvise(MADV_FREE)`` on private anonymous memory, run on
+        ``vcpu``.
+
+        Each PTE page's part is cleaned under its lock in one lazy-MMU
+        section (``madvise_free_pte_range``): a present PTE that is young or
+        dirty and whose page no other PTE maps is taken with a trapped
+        ``ptep_get_and_clear`` and reinstalled old and clean but still
+        writable (``set_pte``); the TLB is flushed once at the end. From
+        then on the Dirty bit the hardware sets at the next store is all
+        that says the page was written again: the state a lost D bit would
+        hurt (reclaim may drop a clean lazy-free page; pvemu has no reclaim,
+        so the pages stay). Pages another process maps are left alone
+        (Linux skips a shared folio it would have to clean).
+        """
+        proc = self.process(pid)
+        result = proc.mm.madvise_free(addr, length)
+        backend = self.backends[vcpu]
+        gather = TlbGather()
+        for vma in result.ranges:
+            va = vma.start
+            while va < vma.end:
+                stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
+                l1 = self._lookup_l1(va, proc)
+                if l1 is not None:
+                    await self._free_pte_range(l1, va, stop, backend, gather, proc)
+                va = stop
+        if gather:
+            await backend.flush_tlb(gather.vas)
+        result.raise_if_error()
+
+    async def _free_pte_range(
+        self, l1: int, start: int, end: int, backend: PvOps, gather: TlbGather, proc: Process
+    ) -> None:
+        """One PTE page's part of a MADV_FREE: see :meth:`madvise_free`."""
+        first = (start >> PAGE_SHIFT) % ENTRIES_PER_TABLE
+        young_or_dirty = _PAGE_ACCESSED | _PAGE_DIRTY
+        async with proc.lock(l1):
+            await backend.lazy_enter()
+            window = read_ptes(self.machine, l1, first, (end - start) >> PAGE_SHIFT)
+            for offset in np.flatnonzero(ptes_present(window)).tolist():
+                pte = int(window[offset])
+                mfn = (pte & PTE_MFN_MASK) >> PAGE_SHIFT
+                if not pte & young_or_dirty or self._mapcount.get(mfn, 1) > 1:
+                    continue
+                ptep = maddr_of_entry(l1, first + offset)
+                old = await backend.ptep_get_and_clear(ptep)
+                await backend.set_pte(ptep, old & ~young_or_dirty)
+                gather.add(start + (offset << PAGE_SHIFT))
+            await backend.lazy_leave()
+            backend.note_unlock(l1)
+
     def vmas(self, *, pid: int | None = None) -> list[tuple[int, int, int, int]]:
         """(start, end, prot, flags) per VMA, like /proc/<pid>/maps."""
         return [(v.start, v.end, v.prot, v.flags) for v in self.process(pid).mm.vmas()]
