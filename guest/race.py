@@ -102,14 +102,20 @@ class RaceResult:
         }
 
 
-class _Ledger:
-    """The last completed store per page (what msync must make durable)."""
+class Ledger:
+    """Per page, the last store that completed (what msync must make
+    durable, what a fork's child must see at least) and the last one
+    issued (a value no process may see before its store was issued)."""
 
     def __init__(self, pages: int) -> None:
         self.last = [0] * pages
+        self.started = [0] * pages
 
     def expected(self) -> list[int]:
         return list(self.last)
+
+    def issued(self) -> list[int]:
+        return list(self.started)
 
 
 def _file_values(path: str, pages: int) -> list[int]:
@@ -118,11 +124,11 @@ def _file_values(path: str, pages: int) -> list[int]:
     return [struct.unpack_from("<Q", data, p * PAGE_SIZE)[0] for p in range(pages)]
 
 
-async def _writer(
+async def run_writer(
     kernel: Kernel,
     vcpu: int,
     my_pages: list[int],
-    ledger: _Ledger,
+    ledger: Ledger,
     result: RaceResult,
     rng: random.Random,
     stop: trio.Event,
@@ -133,6 +139,7 @@ async def _writer(
         for page in batch:
             seq += 1
             value = seq * 64 + vcpu  # grows per page: one writer owns each page
+            ledger.started[page] = value
             try:
                 await kernel.write(
                     RACE_ADDR + page * PAGE_SIZE, struct.pack("<Q", value), vcpu=vcpu
@@ -156,7 +163,7 @@ async def _flusher(
 
 
 async def _writeback_and_check(
-    kernel: Kernel, path: str, ledger: _Ledger, result: RaceResult
+    kernel: Kernel, path: str, ledger: Ledger, result: RaceResult
 ) -> None:
     expected = ledger.expected()
     await kernel.msync(RACE_ADDR, result.pages * PAGE_SIZE)
@@ -191,13 +198,13 @@ async def run_race(
         addr = kernel.mmap(pages * PAGE_SIZE, RW, mman.MAP_SHARED, addr=RACE_ADDR, path=path)
         assert addr == RACE_ADDR
         before = await kernel.stats()
-        ledger = _Ledger(pages)
+        ledger = Ledger(pages)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             for w in range(writers):
                 mine = [p for p in range(pages) if p % writers == w]
                 rng = random.Random(seed * 1000 + w)
-                nursery.start_soon(_writer, kernel, w + 1, mine, ledger, result, rng, stop)
+                nursery.start_soon(run_writer, kernel, w + 1, mine, ledger, result, rng, stop)
             nursery.start_soon(_flusher, kernel, writers + 1, pages, result, stop)
             for _ in range(iterations):
                 await kernel.mprotect(RACE_ADDR, pages * PAGE_SIZE, mman.PROT_READ)
@@ -206,16 +213,22 @@ async def run_race(
                 await trio.sleep(RW_WINDOW_S)  # let the writers run on a writable region
             stop.set()
         await _writeback_and_check(kernel, path, ledger, result)  # the final msync
-        after = await kernel.stats()
-        hardware = after["hypervisor"].get("hardware", {})
-        result.lost_dirty = hardware.get("lost_dirty", 0)
-        result.stale_tlb_writes = hardware.get("stale_tlb_writes", 0)
-        result.stale_tlb_writes_in_flight = hardware.get("stale_tlb_writes_in_flight", 0)
-        hyp, guest = after["hypervisor"]["total"], after["guest"]["total"]
-        result.traps = hyp["traps"] - before["hypervisor"]["total"]["traps"]
-        result.counts_agree = guest["traps"] == hyp["traps"]
-        result.page_faults = after["kernel"]["page_faults"] - before["kernel"]["page_faults"]
-        result.audit = await kernel.audit()
+        await collect_verdicts(kernel, before, result)
     finally:
         os.unlink(path)
     return result
+
+
+async def collect_verdicts(kernel: Kernel, before: dict[str, Any], result: RaceResult) -> None:
+    """The hardware oracles, the traps and faults since ``before`` (a
+    ``stats()``), whether guest and hypervisor counted alike, the audit."""
+    after = await kernel.stats()
+    hardware = after["hypervisor"].get("hardware", {})
+    result.lost_dirty = hardware.get("lost_dirty", 0)
+    result.stale_tlb_writes = hardware.get("stale_tlb_writes", 0)
+    result.stale_tlb_writes_in_flight = hardware.get("stale_tlb_writes_in_flight", 0)
+    hyp, guest = after["hypervisor"]["total"], after["guest"]["total"]
+    result.traps = hyp["traps"] - before["hypervisor"]["total"]["traps"]
+    result.counts_agree = guest["traps"] == hyp["traps"]
+    result.page_faults = after["kernel"]["page_faults"] - before["kernel"]["page_faults"]
+    result.audit = await kernel.audit()
