@@ -97,23 +97,30 @@ def max_machine_mib(host_mib: int) -> int:
 # --- sizes and counts ----------------------------------------------------------------------
 
 
-def check_domain_pages(pages: int, option: str = "--pages") -> None:
-    """A guest region must fit in one domain."""
-    if pages > MAX_PAGES:
+def _copies_note(copies: int) -> str:
+    return "" if copies == 1 else f" (room for {copies} copies of each page)"
+
+
+def check_domain_pages(pages: int, option: str = "--pages", copies: int = 1) -> None:
+    """A guest region must fit in one domain (``copies`` times over for a
+    workload whose pages are copied, as fork's)."""
+    if pages * copies > MAX_PAGES:
         raise UserError(
-            f"{option} {pages:,} needs a {memory_for(pages):,} MiB guest, more than a domain's "
-            f"{MAX_DOMAIN_MIB:,} MiB (16 GiB): give {option} {MAX_PAGES:,} or fewer"
+            f"{option} {pages:,} needs a {memory_for(pages * copies):,} MiB guest"
+            f"{_copies_note(copies)}, more than a domain's {MAX_DOMAIN_MIB:,} MiB (16 GiB): "
+            f"give {option} {MAX_PAGES // copies:,} or fewer"
         )
 
 
-def check_pages(pages: int, host_mib: int, option: str = "--pages") -> None:
+def check_pages(pages: int, host_mib: int, option: str = "--pages", copies: int = 1) -> None:
     """A guest region must fit in one domain, and the domain in the host."""
-    check_domain_pages(pages, option)
-    need = memory_for(pages)
+    check_domain_pages(pages, option, copies)
+    need = memory_for(pages * copies)
     if need > host_mib:
         raise UserError(
-            f"{option} {pages:,} needs a {need:,} MiB guest, more than this host's "
-            f"{host_mib:,} MiB of RAM: give {option} {max_pages_for(host_mib):,} or fewer"
+            f"{option} {pages:,} needs a {need:,} MiB guest{_copies_note(copies)}, more than "
+            f"this host's {host_mib:,} MiB of RAM: give {option} "
+            f"{max_pages_for(host_mib) // copies:,} or fewer"
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts import checks
@@ -57,8 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workload",
         type=_workload,
         default="mprotect",
-        help="mprotect (the canonical workload), race (pvemu race's scenario) or "
-        "trace:FILE (replay a recorded program)",
+        help="mprotect (the canonical workload), race or race-fork (pvemu race's "
+        "scenarios: --workload mprotect and fork) or trace:FILE (replay a recorded program)",
     )
     parser.add_argument(
         "--mode", choices=MODE_NAMES, default="xen", help="pv-ops mode (default xen)"
@@ -89,7 +89,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=2,
         help=f"user threads (default 2, at most {checks.MAX_WRITERS})",
     )
-    race.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles")
+    race.add_argument(
+        "--iterations", type=positive_int, default=40, help="RW/RO toggles (race) or forks"
+    )
     race.add_argument("--seed", type=int, default=1, help="writers' random seed")
     buffer = parser.add_argument_group("multicall buffer (mode xen only)")
     buffer.add_argument("--mc-entries", type=positive_int, default=None, help="entries (Linux: 32)")
@@ -104,10 +106,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: ``pvemu race --workload W`` runs each mode's guest with these.
+RACE_WORKLOADS: Final = {"mprotect": "race", "fork": "race-fork"}
+#: vCPUs a race guest needs beside its writers (the kernel's loop; the
+#: mprotect race's background flusher too).
+_RACE_OTHER_VCPUS: Final = {"race": checks.RACE_OTHER_VCPUS, "race-fork": 1}
+
+
 def _workload(text: str) -> str:
-    if text in ("mprotect", "race") or (text.startswith("trace:") and len(text) > len("trace:")):
+    if text in ("mprotect", *RACE_WORKLOADS.values()) or (
+        text.startswith("trace:") and len(text) > len("trace:")
+    ):
         return text
-    raise argparse.ArgumentTypeError(f"expected mprotect, race or trace:FILE, got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected mprotect, race, race-fork or trace:FILE, got {text!r}"
+    )
+
+
+def guest_memory_mib(workload: str, pages: int) -> int:
+    """The guest's memory without ``--memory-mib``: room for the region, and
+    for a fork race a copy of every page (the writers' and the child's
+    copy-on-write faults)."""
+    return memory_for(2 * pages if workload == "race-fork" else pages)
 
 
 def buffer_params(args: argparse.Namespace) -> dict[str, int]:
@@ -122,11 +142,11 @@ def buffer_params(args: argparse.Namespace) -> dict[str, int]:
 
 def check(args: argparse.Namespace, host_mib: int) -> None:
     """What would make this guest fail to start, before it connects."""
-    checks.check_pages(args.pages, host_mib)
+    checks.check_pages(args.pages, host_mib, copies=2 if args.workload == "race-fork" else 1)
     checks.check_vcpus(args.vcpus)
     if args.memory_mib is not None:
         checks.check_guest_memory(args.memory_mib)
-    if args.workload == "race":
+    if args.workload in _RACE_OTHER_VCPUS:
         checks.check_writers(args.writers, args.pages)
     if args.workload.startswith("trace:"):
         checks.check_trace_file(args.workload[len("trace:") :])
@@ -150,14 +170,14 @@ def run(args: argparse.Namespace) -> int:
 
     timeline = Timeline() if args.timeline else None
     on_step = phase_reporter(args.progress_fd)
-    race = args.workload == "race"
-    vcpus = max(args.vcpus, args.writers + 2) if race else args.vcpus
+    race = args.workload in _RACE_OTHER_VCPUS
+    vcpus = max(args.vcpus, args.writers + _RACE_OTHER_VCPUS[args.workload]) if race else args.vcpus
 
     async def main() -> dict[str, object]:
         async with boot(
             args.socket,
             mode=args.mode,
-            memory_mib=args.memory_mib or memory_for(args.pages),
+            memory_mib=args.memory_mib or guest_memory_mib(args.workload, args.pages),
             vcpus=vcpus,
             **params,
         ) as kernel:
@@ -165,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
                 _start_timeline(timeline, kernel.machine, args.mode)
             if race:
                 from pvemu.guest.race import run_race
+                from pvemu.guest.race_fork import run_fork_race
 
-                outcome = await run_race(
+                scenario = run_fork_race if args.workload == "race-fork" else run_race
+                outcome = await scenario(
                     kernel,
                     pages=args.pages,
                     writers=args.writers,

@@ -1,9 +1,11 @@
 """``pvemu race``: the A/D race of the seed patch, in every mode, for real.
 
 A hypervisor process (small preemption quantum, so user writes land between
-the slices of a kernel batch) and one guest process per mode: vCPU 0 toggles a
-shared file mapping RW <-> RO and writes it back while vCPUs 1..W write into
-it. Reports what each mode lost.
+the slices of a kernel batch) and one guest process per mode. The default
+workload (``mprotect``): vCPU 0 toggles a shared file mapping RW <-> RO and
+writes it back while vCPUs 1..W write into it. ``--workload fork``: vCPU 0
+cleans a private anonymous region (MADV_FREE) and forks, again and again,
+while vCPUs 1..W write into it. Reports what each mode lost.
 """
 
 from __future__ import annotations
@@ -18,15 +20,26 @@ from typing import Any
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts import checks
 from pvemu.scripts.argtypes import mode_list, positive_int
+from pvemu.scripts.guest_cmd import RACE_WORKLOADS, guest_memory_mib
 from pvemu.scripts.procs import child_error, maybe_hypervisor, run_child
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 
 EPILOG = """\
+workloads: mprotect (default) toggles a shared file mapping RW <-> RO and
+writes it back (msync) while the writers store into it; fork cleans a private
+anonymous region with MADV_FREE and forks at once, again and again, while the
+writers store into it; each child reads its snapshot, writes some pages and
+exits (docs/race.md).
+
 columns: writes (stores that completed), lost dirty (D bits set by hardware
-that vanished unseen), lost writes (pages whose file held less than the last
-completed store after an msync), stale TLB (stores through a stale TLB entry
-after the guest's flush; stores still in flight before the flush are legal
-and shown in the JSON), faults and traps.
+that vanished unseen), lost writes (mprotect: pages whose file held less than
+the last completed store after an msync; fork: a page older than the last
+store completed before the parent's read or, in a child, before the fork
+began), leaked writes (fork: a child's store seen by the parent, or a store
+issued after fork returned seen by the child), stale TLB (stores through a
+stale TLB entry after the guest's flush; stores still in flight before the
+flush are legal and shown in the JSON), faults and traps. In the fork race a
+lost D bit loses no data: pvemu has no reclaim and no swap.
 
 Exit status 1 if any mode other than naive lost anything, or if a mode's
 guest did not run (its row then says DID NOT RUN and why: that is no loss of
@@ -34,16 +47,36 @@ data). naive is UNSAFE by design: it commits without PRESERVE_AD and is
 expected to lose data. Sizes, writers and memory are checked before any
 process starts (exit 2).
 
-example:
+examples:
   pvemu race --modes xen,naive --iterations 80 --json
+  pvemu race --workload fork --pages 48 --iterations 30
 """
 
 REPORTED = ("iterations", "writes", "lost_dirty", "lost_writes", "stale_tlb_writes", "traps")
+#: The fork race's columns: its leaked writes too.
+FORK_REPORTED = (
+    "iterations",
+    "writes",
+    "lost_dirty",
+    "lost_writes",
+    "leaked_writes",
+    "stale_tlb_writes",
+    "traps",
+)
+#: What each workload's guest runs (``pvemu guest --workload``).
+WORKLOADS = RACE_WORKLOADS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--workload",
+        choices=tuple(WORKLOADS),
+        default="mprotect",
+        help="mprotect (default: RW/RO toggles and msync of a shared file mapping) or "
+        "fork (MADV_FREE and fork of a private anonymous region)",
+    )
     parser.add_argument(
         "--modes",
         type=mode_list,
@@ -54,7 +87,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--pages",
         type=positive_int,
         default=64,
-        help=f"shared mapping size (64; at most {checks.MAX_PAGES:,}, a 16 GiB guest)",
+        help=f"region size (64; at most {checks.MAX_PAGES:,}, a 16 GiB guest; half that "
+        "for fork, whose pages may all be copied)",
     )
     parser.add_argument(
         "--writers",
@@ -63,7 +97,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"user threads, one vCPU each (default 2, at most {checks.MAX_WRITERS}: a "
         f"domain's {checks.MAX_VCPUS} vCPUs less the kernel loop's and the flusher's)",
     )
-    parser.add_argument("--iterations", type=positive_int, default=40, help="RW/RO toggles (40)")
+    parser.add_argument(
+        "--iterations", type=positive_int, default=40, help="RW/RO toggles or forks (40)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="writers' random seed (default 1)")
     parser.add_argument("--quantum", type=positive_int, default=8, help="hypervisor quantum (8)")
     parser.add_argument(
@@ -80,7 +116,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _run_mode(
     mode: str, socket_path: str, args: argparse.Namespace, tmpdir: Path
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--workload", "race", "--mode", mode]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "guest", "--mode", mode]
+    cmd += ["--workload", WORKLOADS[args.workload]]
     cmd += ["--pages", str(args.pages), "--writers", str(args.writers)]
     cmd += ["--iterations", str(args.iterations), "--seed", str(args.seed), "--json"]
     if mode != "native":
@@ -106,7 +143,8 @@ def _lost(result: dict[str, Any]) -> bool:
     """A mode that ran lost data or failed its own checks."""
     if not result.get("audit_clean", False) or not result.get("counts_agree", False):
         return True
-    return any(result[k] for k in ("lost_dirty", "lost_writes", "stale_tlb_writes"))
+    lost = ("lost_dirty", "lost_writes", "leaked_writes", "stale_tlb_writes")
+    return any(result.get(k, 0) for k in lost)
 
 
 def race_headline(results: list[dict[str, Any]]) -> str:
@@ -127,6 +165,8 @@ def race_headline(results: list[dict[str, Any]]) -> str:
                 f"{r['mode']} (UNSAFE) lost {r['lost_dirty']:,} dirty bit(s) and "
                 f"{r['lost_writes']:,} write(s) of {r['writes']:,}, as expected"
             )
+            if r.get("workload") == "fork":
+                parts[-1] += " (without reclaim or swap a lost D bit loses no anonymous data)"
     not_run = [r["mode"] for r in results if not _ran(r)]
     if not_run:
         parts.append(f"did not run (guest failed to start or crashed): {', '.join(not_run)}")
@@ -134,44 +174,63 @@ def race_headline(results: list[dict[str, Any]]) -> str:
 
 
 def race_tabular(args: argparse.Namespace, results: list[dict[str, Any]]) -> Tabular:
+    fork = args.workload == "fork"
+    reported = FORK_REPORTED if fork else REPORTED
     headers = {"stale_tlb_writes": "stale tlb"}
+    if fork:
+        headers["iterations"] = "forks"
+        title = (
+            f"fork race: {args.pages} private pages, {args.writers} writers, "
+            f"{args.iterations} MADV_FREE + forks, seed {args.seed}"
+        )
+    else:
+        title = (
+            f"A/D race: {args.pages} shared pages, {args.writers} writers, "
+            f"{args.iterations} RW/RO toggles, seed {args.seed}"
+        )
     tab = Tabular(
-        title=f"A/D race: {args.pages} shared pages, {args.writers} writers, "
-        f"{args.iterations} RW/RO toggles, seed {args.seed}",
-        header=[headers.get(c, c.replace("_", " ")) for c in ("mode", *REPORTED)]
+        title=title,
+        header=[headers.get(c, c.replace("_", " ")) for c in ("mode", *reported)]
         + ["faults", "verdict"],
-        csv_header=["mode", *REPORTED, "page_faults", "verdict"],
+        csv_header=["mode", *reported, "page_faults", "verdict"],
         keys=1,
         left=frozenset({"verdict"}),
-        priority=("lost dirty", "lost writes", "stale tlb", "verdict"),
+        priority=("lost dirty", "lost writes", "leaked writes", "stale tlb", "verdict"),
         headline=race_headline(results),
     )
     for r in results:
         name = r["mode"] + (" (UNSAFE)" if r.get("unsafe") else "")
         if not _ran(r):
-            tab.rows.append([name, *["-"] * (len(REPORTED) + 1), f"DID NOT RUN: {r['error']}"])
+            tab.rows.append([name, *["-"] * (len(reported) + 1), f"DID NOT RUN: {r['error']}"])
             continue
         if not _lost(r):
             verdict = "nothing lost"
         else:
             verdict = "expected loss" if r["mode"] in UNSAFE_MODES else "LOST DATA"
-        tab.rows.append([name, *(str(r[k]) for k in REPORTED), str(r["page_faults"]), verdict])
+        tab.rows.append([name, *(str(r[k]) for k in reported), str(r["page_faults"]), verdict])
     return tab
 
 
-def hypervisor_memory(pages: int) -> int:
+def copies(workload: str) -> int:
+    """How many times over a guest's memory must hold the region: a fork's
+    pages may all be copied (by the parent's writers or the child)."""
+    return 2 if workload == "fork" else 1
+
+
+def hypervisor_memory(pages: int, workload: str = "mprotect") -> int:
     """What ``race`` gives the hypervisor without ``--memory-mib``."""
-    return max(checks.RACE_MIN_MEMORY_MIB, checks.memory_for(pages) * 2 + checks.HEADROOM_MIB)
+    guest = guest_memory_mib(WORKLOADS[workload], pages)
+    return max(checks.RACE_MIN_MEMORY_MIB, guest * 2 + checks.HEADROOM_MIB)
 
 
 def check(args: argparse.Namespace, host_mib: int) -> None:
     """Everything that would keep a guest from starting, before anything does."""
     checks.check_modes(args.modes)
-    checks.check_pages(args.pages, host_mib)
+    checks.check_pages(args.pages, host_mib, copies=copies(args.workload))
     checks.check_writers(args.writers, args.pages)
     if args.memory_mib is not None:
         checks.check_machine_memory(args.memory_mib, host_mib)
-        need = checks.memory_for(args.pages) + 1
+        need = guest_memory_mib(WORKLOADS[args.workload], args.pages) + 1
         checks.check_enough_memory(args.memory_mib, need, f"a {args.pages:,}-page guest and Xen")
 
 
@@ -179,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     from pvemu.scripts.progress import Progress
 
     check(args, checks.host_memory_mib())
-    memory = args.memory_mib or hypervisor_memory(args.pages)
+    memory = args.memory_mib or hypervisor_memory(args.pages, args.workload)
     results: list[dict[str, Any]] = []
     needs_hypervisor = any(m != "native" for m in args.modes)
     with (
@@ -199,9 +258,8 @@ def run(args: argparse.Namespace) -> int:
         from pvemu.scripts.bench.documents import RACE_SCHEMA
         from pvemu.scripts.bench.provenance import document
 
-        config = {
-            k: getattr(args, k) for k in ("pages", "writers", "iterations", "seed", "quantum")
-        }
+        keys = ("workload", "pages", "writers", "iterations", "seed", "quantum")
+        config = {k: getattr(args, k) for k in keys}
         config["modes"] = list(args.modes)
         print(json.dumps(document(RACE_SCHEMA, config, {"results": results})))
     else:

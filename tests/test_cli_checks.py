@@ -202,6 +202,41 @@ def test_race_still_reports_real_loss_as_lost_data() -> None:
     assert "LOST DATA or failed checks: xen" in headline
 
 
+def test_fork_race_table_has_leaked_writes_and_counts_them_as_loss() -> None:
+    fork = {"workload": "fork", "leaked_writes": 0}
+    results = [
+        {**_race_result("xen"), **fork, "leaked_writes": 1},
+        {**_race_result("batched"), **fork},
+        {**_race_result("naive", lost_dirty=5), **fork},
+    ]
+    args = cli.build_parser().parse_args(["race", "--workload", "fork"])
+    tab = race_cmd.race_tabular(args, results)
+    assert tab.title.startswith("fork race:")
+    assert tab.header[:2] == ["mode", "forks"]
+    assert "leaked writes" in tab.header
+    assert {row[0]: row[-1] for row in tab.rows} == {
+        "xen": "LOST DATA",
+        "batched": "nothing lost",
+        "naive (UNSAFE)": "expected loss",
+    }
+    headline = race_cmd.race_headline(results)
+    assert "LOST DATA or failed checks: xen" in headline
+    assert "naive (UNSAFE) lost 5 dirty bit(s)" in headline
+    assert "without reclaim or swap" in headline
+
+
+def test_fork_race_gives_room_for_a_copy_of_every_page() -> None:
+    assert race_cmd.hypervisor_memory(64, "fork") == race_cmd.hypervisor_memory(64) == 512
+    big = 200_000
+    assert race_cmd.hypervisor_memory(big, "fork") >= 2 * checks.memory_for(2 * big)
+    race_cmd.check(cli.build_parser().parse_args(["race", "--pages", "2000000"]), BIG_HOST_MIB)
+    with pytest.raises(UserError, match="room for 2 copies of each page"):
+        race_cmd.check(
+            cli.build_parser().parse_args(["race", "--workload", "fork", "--pages", "2000000"]),
+            BIG_HOST_MIB,
+        )
+
+
 # --- nothing starts: in process, with process creation forbidden ------------------------------
 
 
@@ -213,6 +248,7 @@ REFUSED = [
     ["race", "--pages", "100000000"],
     ["race", "--writers", "63"],
     ["race", "--pages", "4", "--writers", "8"],
+    ["race", "--workload", "fork", "--pages", "2000000"],
     ["bench", "--mc-bytes", "7", "--modes", "xen", "--no-store"],
     ["bench", "--pages", "99999999", "--no-store"],
     ["bench", "--vcpus", "65", "--no-store"],
@@ -288,6 +324,7 @@ SUBPROCESS_CASES = [
     # modes and workloads
     (["load", "--mode", "bogus"], "argument --mode: unknown mode 'bogus'", False),
     (["race", "--modes", "xen,bogus"], "unknown mode(s) ['bogus']", False),
+    (["race", "--workload", "bogus"], "argument --workload: invalid choice: 'bogus'", False),
     # guests
     (["load", "--guests", "10000"], "pvemu load: --guests 10,000: at most 511", True),
     (["load", "--guests", "100", "--memory-mib", "1000"], "give --memory-mib 1713", True),
