@@ -268,7 +268,8 @@ async def run_fork_race(
             # until the writers' faults have made every page writable again.
             await rounds.one_whole_round_since(mark)
         stop.set()
-    oracle.parent_read(await _read_all(kernel, 0, pages), ledger.expected(), ledger.issued())
+    completed = ledger.expected()  # the writers have stopped: all of them
+    oracle.parent_read(await _read_all(kernel, 0, pages), completed, ledger.issued())
     oracle.report(result)
     await collect_verdicts(kernel, before, result)
     return result
