@@ -473,7 +473,8 @@ class RequestMaker:
                 maddr += e.below(8)
             return Ptwr(rid, maddr & U64, self.pte(link, maddr), e.flag())
         if kind == "user":
-            return RunUser(rid, self.accesses(link))
+            # resume (an iret) is refused on a vCPU with no fault pending
+            return RunUser(rid, self.accesses(link), e.chance(30))
         if kind == "stats":
             return Audit(rid) if e.chance(15) else Stats(rid)
         if kind == "invalid":
