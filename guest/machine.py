@@ -45,8 +45,12 @@ class Machine(Protocol):
     def read_bytes(self, maddr: int, length: int) -> bytes: ...
 
     async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
-    ) -> dict[str, Any]: ...
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]], *, resume: bool = False
+    ) -> dict[str, Any]:
+        """Run user accesses on ``vcpu`` until the first page fault.
+        ``resume``: the vCPU returns to user mode after the kernel handled
+        the fault that ended its previous run (an iret: a hypercall on PV)."""
+        ...
 
     async def stats(self) -> dict[str, Any]: ...
 
@@ -136,8 +140,9 @@ class NativeMachine:
         self.memory.write_bytes(maddr, data)
 
     async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]], *, resume: bool = False
     ) -> dict[str, Any]:
+        # ``resume`` is ignored: bare metal's iret is an instruction, not a trap.
         # Another CPU's user thread runs concurrently: let other tasks go first.
         await trio.lowlevel.checkpoint()
         stale_before = len(self.hw.stale_writes)
