@@ -158,7 +158,9 @@ class NativeMachine:
         as under Xen)."""
         offset = maddr % PAGE_SIZE
         if not 1 <= len(data) <= PAGE_SIZE or offset + len(data) > PAGE_SIZE:
-            raise ValueError(f"kernel write of {len(data)} bytes at {maddr:#x} crosses a frame")
+            raise ValueError(
+                f"a kernel write is 1..4096 bytes in one frame: {len(data)} at {maddr:#x}"
+            )
         self.memory.write_bytes(maddr, data)
         return 0
 
