@@ -95,9 +95,10 @@ async def test_the_oracles_catch_a_fork_that_forgets_copy_on_write() -> None:
 
 # --- the real race, two processes -------------------------------------------------------
 
-#: 48 pages, 10 forks: naive lost 16 to 22 Dirty bits in each of our runs
-#: (seeds 1 to 5; about 2 per fork), the other modes nothing. Fewer pages
-#: lose fewer: a fork's batch is shorter (5 to 8 per 10 forks with 32).
+#: 48 pages, 10 forks: naive lost 16 to 27 Dirty bits in each of our runs
+#: (seeds 1 to 5; about 2 per fork), the other modes nothing; 36 s on a
+#: shared 2-core machine. Fewer pages lose fewer: a fork's batch is shorter
+#: (5 to 8 per 10 forks with 32).
 FORK_PAGES = 48
 FORK_ITERATIONS = 10
 
