@@ -27,7 +27,6 @@ from typing import Final
 
 from pvemu.shared.addrmap import AddressMap
 from pvemu.shared.trace import (
-    EVENT_TYPES,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_GROWSDOWN,
@@ -516,7 +515,7 @@ class _Replay:
         if self.on_step is not None:
             self._report(total, total, reported)
         await self.meter.close()
-        self.result.replayed = {op: replayed.get(op, 0) for op in EVENT_TYPES}
+        self.result.replayed = {op: replayed.get(op, 0) for op in self.trace.ops()}
         self.result.phases = dict(self.meter.phases)
 
     def _report(self, done: int, total: int, reported: int) -> int:

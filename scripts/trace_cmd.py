@@ -47,8 +47,9 @@ examples:
   pvemu guest --mode xen --workload trace:node.json   # against 'pvemu hypervisor'
 """
 
-#: The syscalls recorded: memory, plus what tells threads from processes.
-STRACE_FILTER = "trace=%memory,clone,clone3,fork,vfork,execve"
+#: The syscalls recorded: memory, plus the process tree (what tells threads
+#: from processes, what replaces an address space and what ends one).
+STRACE_FILTER = "trace=%memory,clone,clone3,fork,vfork,execve,exit_group"
 STRACE_FLAGS = ("-f", "-qq", "-y", "-e", STRACE_FILTER)
 #: What 'replay' compares by default: bare metal, the unbatched worst case,
 #: Linux's multicall batching and pvemu's headline mode.
@@ -64,8 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     record = sub.add_parser(
         "record",
         help="run a command under strace and save its normalised trace",
-        description="Run CMD under strace -f (memory syscalls, clone/execve to tell "
-        "threads from processes) and save the normalised trace to FILE.",
+        description="Run CMD under strace -f (memory syscalls, and fork/clone/vfork/"
+        "execve/exit_group for the process tree) and save the normalised trace to FILE.",
         epilog="example:\n  pvemu trace record -o py.json -- python3 -c 'import json'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -207,6 +208,13 @@ def print_summary(summary: dict[str, Any], out: Any) -> None:
     print(f"command:       {shlex.join(summary['command'])}", file=out)
     print(f"recorded with: {summary['recorded_with']}", file=out)
     print(f"events:        {summary['events']} ({by_op})", file=out)
+    if summary.get("trace_schema", 1) >= 2:
+        by_op = summary["by_op"]
+        print(
+            f"processes:     {summary['processes']} ({by_op['fork']} fork, {by_op['vfork']} "
+            f"vfork, {by_op['exec']} exec, {by_op['exit']} exit)",
+            file=out,
+        )
     print(f"threads:       {summary['threads']}", file=out)
     print(
         f"pages:         {summary['pages_mapped']} mapped, {summary['pages_protected']} "
