@@ -5,6 +5,7 @@ the trace format (schema 2), and its replay as guest processes
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pvemu.guest.kernel import Kernel, boot, kernel_for
+from pvemu.guest.replay import DEFAULT_FORK_TOUCH, replay_trace, run_trace_workload
+from pvemu.guest.replay_result import PROCESS_PHASES, REPLAY_PHASES, TraceResult
+from pvemu.hypervisor import Hypervisor
 from pvemu.scripts.strace import parse_strace
 from pvemu.shared.trace import (
     MAP_ANONYMOUS,
@@ -25,6 +30,7 @@ from pvemu.shared.trace import (
     Exit,
     Fork,
     Mmap,
+    Mprotect,
     Munmap,
     Trace,
     TraceError,
@@ -35,6 +41,7 @@ from pvemu.shared.trace import (
     save_trace,
     trace_from_json,
 )
+from tests.loopback import loopback_domain
 
 TRACES = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
 PAGE = 4096
@@ -304,3 +311,187 @@ def test_load_names_the_file_in_its_error(tmp_path: Path) -> None:
     path.write_text(json.dumps(_doc(2, {"op": "exit", "pid": 4})))
     with pytest.raises(TraceError, match=r"bad\.json: event 0 \(exit\): process 4"):
         load_trace(path)
+
+
+# --- replay: processes as guest processes ----------------------------------------------------
+
+#: 2 MiB aligned, far from the exec'd stack the kernel puts at STACK_TOP.
+BASE = 0x5000_0000_0000
+#: A shell: it maps 64 pages, forks a child that execs and maps 4 pages of
+#: its own, vforks one that execs, then mprotects its pages and exits.
+SHELL = [
+    Exec(1, "/bin/sh"),
+    Mmap(1, BASE, 64 * PAGE, RW, ANON),
+    Fork(1, 2),
+    Exec(2, "/bin/ls"),
+    Mmap(2, BASE, 4 * PAGE, RW, ANON),
+    Exit(2),
+    Vfork(1, 3),
+    Exec(3, "/bin/cat"),
+    Exit(3),
+    Mprotect(1, BASE, 64 * PAGE, PROT_READ),
+    Exit(1),
+]
+HYPERVISOR_MODES = ["trap", "ptwr", "xen", "batched", "naive"]
+
+
+def shell_trace(events: list[Any] | None = None) -> Trace:
+    return Trace(["sh"], "hand-written", list(SHELL if events is None else events))
+
+
+async def kernel_in(mode: str, memory_mib: int = 18) -> Kernel:
+    if mode == "native":
+        async with boot(mode="native", memory_mib=memory_mib) as kernel:
+            return kernel  # the native machine lives on after the context exits
+    hv = Hypervisor(memory_mib + 8)
+    domain = await loopback_domain(hv, memory_mib=memory_mib, vcpus=2)
+    return kernel_for(domain, mode)
+
+
+def fork_traps(mode: str) -> int:
+    """The shell's fork (docs/architecture.md, "fork, exec and exit"): its
+    tree has two PTE pages, the 64 written pages' and the exec'd stack's one
+    argument page (N = W = 65, under one PMD and PUD page each: E_pin = 12,
+    one pin batch)."""
+    n = w = 65
+    return {
+        "native": 0,
+        "trap": w + n + 1 + 1,
+        "ptwr": w + 1 + 1,
+        "xen": w + math.ceil(64 / 31) + math.ceil(1 / 31) + 1 + 1,
+        "batched": 2,
+        "naive": 2,
+    }[mode]
+
+
+def exec_traps(mode: str) -> int:
+    """Three execs, each of a tree unpinned in one batch: the shell's (over
+    the empty tree the replay spawned for it), the forked child's, and the
+    vfork child's (over an empty tree spawned for it: one pin, 1 trap)."""
+    one = {"native": 0, "trap": 4, "xen": 4, "ptwr": 3, "batched": 3, "naive": 3}[mode]
+    return 3 * one + (0 if mode == "native" else 1)
+
+
+@pytest.mark.parametrize("mode", ["native", *HYPERVISOR_MODES])
+async def test_a_forking_shell_replays_as_processes(mode: str) -> None:
+    kernel = await kernel_in(mode)
+    frames = kernel.free_frame_count()
+    result = await replay_trace(kernel, shell_trace())
+    assert result.counts_agree
+    assert result.audit_clean, result.audit
+    assert result.replay_clean, result.error_samples
+    # The shell's write-after-fork comes at its next event (the vfork), once
+    # the child is gone: its 8 pages are reused; the child's 8 were copies.
+    assert result.processes == {
+        "forks": 1,
+        "vforks": 1,
+        "execs": 3,
+        "exits": 3,
+        # to the shell (its exec), the child (its writes), the shell (its
+        # writes), the vfork child (its exec), the shell (its exit)
+        "context_switches": 5,
+        "cow_copies": 8,
+        "cow_reuses": 8,
+    }
+    assert result.pages == 64 + 4
+    assert result.replayed == shell_trace().counts()
+    assert list(result.phases) == [*REPLAY_PHASES, *PROCESS_PHASES]
+    traps = {name: phase.counts["traps"] for name, phase in result.phases.items()}
+    switch = 0 if mode == "native" else 1
+    assert traps["fork"] == fork_traps(mode)
+    assert traps["context_switch"] == 5 * switch
+    assert traps["exec"] == exec_traps(mode)
+    assert traps["exit"] == 3 * 2 * switch  # each leaves its vCPU, then one unpin batch
+    assert result.phases["cow"].counts["page_faults"] == 16
+    # Every process has exited: every frame is back but the kernel's own L4.
+    assert set(kernel.processes) == {1}
+    assert kernel.free_frame_count() == frames - 1
+    doc = result.as_dict()
+    assert doc["trace"]["processes"] == result.processes
+    assert doc["trace"]["policy"]["fork_touch"] == DEFAULT_FORK_TOUCH
+
+
+async def test_cow_costs_the_same_in_every_hypervisor_mode() -> None:
+    costs = set()
+    for mode in HYPERVISOR_MODES:
+        result = await replay_trace(await kernel_in(mode), shell_trace())
+        costs.add(result.phases["cow"].counts["traps"])
+    (cost,) = costs
+    assert cost > 16  # each fault and more: a copy's flush and install, a reuse's
+
+
+async def test_without_write_after_fork_nothing_is_copied() -> None:
+    result = await replay_trace(await kernel_in("native"), shell_trace(), fork_touch=0)
+    assert result.processes["cow_copies"] == result.processes["cow_reuses"] == 0
+    assert result.processes["context_switches"] == 4  # the shell writes nothing at the vfork
+    assert result.policy["fork_touch"] == 0
+
+
+async def test_a_vfork_child_runs_in_its_parents_address_space() -> None:
+    kernel = await kernel_in("native")
+    trace = shell_trace(
+        [
+            Mmap(1, BASE, 2 * PAGE, RW, ANON),
+            Vfork(1, 2),
+            Mmap(2, BASE + (1 << 21), PAGE, RW, ANON),  # before its exec: the parent's
+            Exec(2, "/bin/true"),
+            Mmap(2, BASE, PAGE, PROT_READ, ANON),  # after: its own
+        ]
+    )
+    result = await replay_trace(kernel, trace)
+    assert result.replay_clean, result.error_samples
+    shell, child = sorted(set(kernel.processes) - {1})
+    assert [v[:2] for v in kernel.vmas(pid=shell)] == [
+        (BASE, BASE + 2 * PAGE),
+        (BASE + (1 << 21), BASE + (1 << 21) + PAGE),
+    ]
+    assert (BASE, BASE + PAGE, PROT_READ) in [v[:3] for v in kernel.vmas(pid=child)]
+    assert result.processes["vforks"] == 1
+    assert result.processes["cow_copies"] == 0
+    assert result.pages == 2 + 1 + 1  # both left alive, both read back by verify()
+
+
+async def test_an_address_space_goes_with_the_last_process_in_it() -> None:
+    """clone(CLONE_VM) without CLONE_THREAD: the parent exits first; its tree
+    stays for the child, and goes when the child execs."""
+    kernel = await kernel_in("native")
+    frames = kernel.free_frame_count()
+    trace = shell_trace(
+        [
+            Mmap(1, BASE, 2 * PAGE, RW, ANON),
+            Vfork(1, 2),
+            Exit(1),
+            Mprotect(2, BASE, 2 * PAGE, PROT_READ),
+            Exec(2, "/bin/next"),
+            Exit(2),
+        ]
+    )
+    result = await replay_trace(kernel, trace)
+    assert result.replay_clean, result.error_samples
+    assert result.phases["mprotect"].wall_s > 0  # the shared tree was still there
+    assert set(kernel.processes) == {1}
+    assert kernel.free_frame_count() == frames - 1
+
+
+async def test_a_trace_that_breaks_the_tree_is_refused() -> None:
+    with pytest.raises(TraceError, match="process 2 was never forked"):
+        await replay_trace(await kernel_in("native"), shell_trace([Exit(2)]))
+
+
+async def test_schema_1_replays_exactly_as_before() -> None:
+    """A shipped schema-1 trace replays in process 1, with the phases, counts
+    and report it always had (its mprotect traps as docs/traces.md gives)."""
+    path = TRACES / "python-json.json"
+    kernel = await kernel_in("xen")
+    result = await run_trace_workload(kernel, path)
+    assert isinstance(result, TraceResult)
+    assert result.phases["mprotect"].counts["traps"] == 16
+    assert list(result.phases) == list(REPLAY_PHASES)
+    assert result.replayed == load_trace(path).counts()
+    assert "fork" not in result.replayed
+    assert result.processes == {}
+    doc = result.as_dict()["trace"]
+    assert "processes" not in doc
+    assert list(doc["policy"]) == ["touch_limit", "max_resident", "relocation"]
+    assert set(kernel.processes) == {1}
+    assert kernel.loaded(1) == 1  # nothing switched
