@@ -495,3 +495,43 @@ async def test_schema_1_replays_exactly_as_before() -> None:
     assert list(doc["policy"]) == ["touch_limit", "max_resident", "relocation"]
     assert set(kernel.processes) == {1}
     assert kernel.loaded(1) == 1  # nothing switched
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_the_replay_table_notes_each_modes_process_counts() -> None:
+    from pvemu.scripts.trace_cmd import replay_tabular
+
+    counts = {"forks": 1, "vforks": 1, "execs": 3, "exits": 3, "context_switches": 5}
+    phase = {f: 1 for f in ("traps", "hypercalls", "multicall_entries", "records", "ptwr")}
+    phase |= {"page_faults": 0, "flush_ops": 0, "wall_s": 0.001}
+    result = {
+        "mode": "xen",
+        "phases": {"fork": phase},
+        "counts_agree": True,
+        "audit_clean": True,
+        "trace": {"replay_clean": True, "processes": {**counts, "cow_copies": 8}},
+    }
+    tab = replay_tabular("t.json", [result, {**result, "mode": "trap", "trace": {}}])
+    assert tab.notes == [
+        "xen: 1 fork, 1 vfork, 3 exec, 3 exit, 5 context switch, 8 COW copy, 0 COW reuse"
+    ]
+    assert [row[:2] for row in tab.rows] == [["xen", "fork"], ["trap", "fork"]]
+
+
+def test_pvemu_guest_names_a_broken_trace_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from pvemu.scripts import guest_cmd
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_doc(2, {"op": "exit", "pid": 4})))
+    parser = argparse.ArgumentParser()
+    guest_cmd.configure(parser)
+    args = parser.parse_args(["--mode", "native", "--workload", f"trace:{bad}", "--json"])
+    assert guest_cmd.run(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"pvemu guest: {bad}: event 0 (exit): process 4 was never forked"
