@@ -325,6 +325,7 @@ def test_the_traces_are_shipped() -> None:
         "node-alloc",
         "python-json",
         "java-version",
+        "sh-fork-vfork",
     }
     assert (TRACES / "README.md").is_file()
 

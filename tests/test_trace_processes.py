@@ -497,6 +497,76 @@ async def test_schema_1_replays_exactly_as_before() -> None:
     assert kernel.loaded(1) == 1  # nothing switched
 
 
+# --- the shipped trace of a program that forks ------------------------------------------------
+
+FORKING = TRACES / "sh-fork-vfork.json"
+
+
+def test_the_shipped_forking_trace_is_a_process_tree() -> None:
+    trace = load_trace(FORKING)
+    assert trace.schema == 2
+    assert trace.command[:2] == ["sh", "-c"]
+    assert [(e.OP, e.pid) for e in trace.events if e.OP in ("fork", "vfork", "exec", "exit")] == [
+        ("exec", 1),
+        ("fork", 1),
+        ("exec", 2),
+        ("exit", 2),
+        ("vfork", 1),
+        ("exec", 3),
+        ("exit", 3),
+        ("exit", 1),
+    ]
+    assert len(trace.events) < 300
+
+
+@pytest.mark.parametrize("mode", ["native", *HYPERVISOR_MODES])
+async def test_the_shipped_forking_trace_replays_in_every_mode(mode: str) -> None:
+    kernel = await kernel_in(mode)
+    frames = kernel.free_frame_count()
+    result = await run_trace_workload(kernel, FORKING)
+    assert isinstance(result, TraceResult)
+    assert result.counts_agree
+    assert result.audit_clean, result.audit
+    assert result.errors == 0, result.error_samples
+    assert result.replayed == load_trace(FORKING).counts()
+    assert result.processes == {
+        "forks": 1,
+        "vforks": 1,
+        "execs": 3,
+        "exits": 3,
+        "context_switches": 5,
+        "cow_copies": 8,  # the subshell's, before it execs cat
+        "cow_reuses": 8,  # the shell's, at its vfork: the subshell is gone
+    }
+    assert result.phases["fork"].counts["traps"] > 0 or mode == "native"
+    # Every process exited: every frame is back but the kernel's own L4 and
+    # the page cache's (a shared file mapping, gconv-modules.cache).
+    assert set(kernel.processes) == {1}
+    cached = len(kernel._cache.pages)
+    assert kernel.free_frame_count() == frames - 1 - cached
+
+
+def test_the_shipped_forking_trace_over_a_real_hypervisor(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``pvemu trace replay`` starts a hypervisor process; each guest is a
+    process of its own talking to it over the socket."""
+    from pvemu.scripts import trace_cmd
+    from tests.test_trace import _parser
+
+    args = _parser().parse_args(["replay", str(FORKING), "--modes", "xen", "--json"])
+    assert trace_cmd.run(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"]
+    (result,) = doc["results"]
+    assert result["counts_agree"]
+    assert result["audit_clean"]
+    assert result["trace"]["replay_clean"]
+    assert result["trace"]["processes"]["execs"] == 3
+    assert list(result["phases"]) == [*REPLAY_PHASES, *PROCESS_PHASES]
+    assert result["phases"]["context_switch"]["traps"] == 5
+
+
 # --- the command line -------------------------------------------------------------------------
 
 
@@ -518,6 +588,20 @@ def test_the_replay_table_notes_each_modes_process_counts() -> None:
         "xen: 1 fork, 1 vfork, 3 exec, 3 exit, 5 context switch, 8 COW copy, 0 COW reuse"
     ]
     assert [row[:2] for row in tab.rows] == [["xen", "fork"], ["trap", "fork"]]
+
+
+def test_show_counts_the_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    from pvemu.scripts import trace_cmd
+    from tests.test_trace import _parser
+
+    assert trace_cmd.run(_parser().parse_args(["show", str(FORKING)])) == 0
+    out = capsys.readouterr().out
+    assert "processes:     3 (1 fork, 1 vfork, 3 exec, 3 exit)" in out
+    assert trace_cmd.run(_parser().parse_args(["show", "--json", str(FORKING)])) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["schema"] == "pvemu-trace-show/1"  # the document's, not the trace's
+    assert summary["trace_schema"] == 2
+    assert summary["processes"] == 3
 
 
 def test_pvemu_guest_names_a_broken_trace_in_one_line(
