@@ -133,6 +133,13 @@ class PhaseCounter:
 
     page_faults: int = 0
     segfaults: int = 0
+    #: Write faults on a present read-only private page: copied because
+    #: another PTE still maps its frame (``wp_page_copy``, after fork) ...
+    cow_copies: int = 0
+    #: ... or made writable in place, this PTE being its only mapper
+    #: (``wp_page_reuse``: after fork once the other mapper is gone, or a
+    #: page first read, then written).
+    cow_reuses: int = 0
 
 
 @dataclass
@@ -725,8 +732,11 @@ class Kernel:
             return
         mfn = (pte & PTE_MFN_MASK) >> PAGE_SHIFT
         if vma.is_private and self._mapcount.get(mfn, 1) > 1:
+            self.counters.cow_copies += 1
             await self._copy_on_write(va, ptep, mfn, backend)
             return
+        if vma.is_private:
+            self.counters.cow_reuses += 1
         await backend.set_pte(ptep, pte | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
 
     async def _copy_on_write(self, va: int, ptep: int, mfn: int, backend: PvOps) -> None:

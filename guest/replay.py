@@ -10,6 +10,13 @@ writes (or reads, for read-only memory) to the first pages of every range
 that becomes accessible. Both policies, and what cannot be reproduced, are in
 ``docs/traces.md``.
 
+A schema-2 trace names processes: each runs as a kernel process (the
+program as one the replay spawns, children made by ``Kernel.fork``), execs
+with ``Kernel.exec`` and exits with ``Kernel.exit_process``; its syscalls
+name it (``pid=``) and its user accesses run on the user vCPU with its tree
+loaded (a context switch when another is). A schema-1 trace replays as it
+always did, in process 1.
+
 The replay only talks to :class:`guest.kernel.Kernel`; what it measures and
 reports is :mod:`pvemu.guest.replay_result`.
 """
@@ -22,12 +29,12 @@ import tempfile
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Final
 
 from pvemu.shared.addrmap import AddressMap
 from pvemu.shared.trace import (
-    EVENT_TYPES,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_GROWSDOWN,
@@ -38,20 +45,31 @@ from pvemu.shared.trace import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    ROOT_PID,
     Brk,
     Event,
     Exec,
+    Exit,
+    Fork,
     Madvise,
     Mmap,
     Mprotect,
     Mremap,
     Munmap,
     Trace,
+    Vfork,
+    check_trace,
     load_trace,
 )
 
 from .kernel import Kernel, SegmentationFault
-from .replay_result import PhaseMeter, TraceResult
+from .replay_result import (
+    PROCESS_COUNTS,
+    PROCESS_PHASES,
+    REPLAY_PHASES,
+    PhaseMeter,
+    TraceResult,
+)
 from .vma_tree import MMAP_MIN_ADDR, PAGE_SIZE, TASK_SIZE, page_align
 from .workload import WorkloadError, WorkloadResult
 
@@ -59,6 +77,7 @@ __all__ = [
     "RELOCATIONS",
     "DEFAULT_TOUCH_LIMIT",
     "DEFAULT_MAX_RESIDENT",
+    "DEFAULT_FORK_TOUCH",
     "replay_trace",
     "run_trace_workload",
 ]
@@ -71,15 +90,41 @@ RELOCATIONS: Final = ("preserve", "compact")
 DEFAULT_TOUCH_LIMIT: Final = 64
 #: Pages the replay keeps populated at once, at most (frames are finite).
 DEFAULT_MAX_RESIDENT: Final = 2048
+#: Pages each side of a fork writes when it next runs (write-after-fork).
+DEFAULT_FORK_TOUCH: Final = 8
+#: Where a schema-2 replay forks (as the guest's other syscalls run).
+_SYSCALL_VCPU: Final = 0
 #: How many ``events N%`` steps a replay reports (then ``verify``), so that a
 #: parent's progress bar moves inside a long trace, not only between modes.
 PROGRESS_STEPS: Final = 20
 _PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
 
 
+@dataclass(eq=False)
+class _Space:
+    """One address space of the replayed program: the kernel process whose
+    tree it is (None: process 1, a schema-1 replay), the map of original
+    ranges into it, the pages populated in it and the byte each holds, its
+    program's break, and the trace processes running in it (more than one
+    while a vfork child runs in its parent's)."""
+
+    kpid: int | None
+    map: AddressMap = field(default_factory=AddressMap)
+    touched: dict[int, int] = field(default_factory=dict)
+    brk_start: int | None = None
+    brk_cur: int = 0
+    users: set[int] = field(default_factory=set)
+
+    def forked(self, kpid: int, child: int) -> _Space:
+        """The child's copy: same map, same pages and bytes, same break."""
+        return _Space(
+            kpid, self.map.copy(), dict(self.touched), self.brk_start, self.brk_cur, {child}
+        )
+
+
 class _Replay:
-    """One replay: the address map, the populated pages and the break of the
-    trace's current program, and one handler per event kind (``on_*``)."""
+    """One replay: the address spaces of the trace's processes (the current
+    event's in ``space``), and one handler per event kind (``on_*``)."""
 
     def __init__(
         self,
@@ -91,6 +136,7 @@ class _Replay:
         max_resident: int,
         relocation: str,
         scratch: str,
+        fork_touch: int = DEFAULT_FORK_TOUCH,
         on_step: Callable[[str], None] | None = None,
     ) -> None:
         self.kernel = kernel
@@ -101,13 +147,21 @@ class _Replay:
         self.max_resident = max_resident
         self.relocation = relocation
         self.scratch = scratch
-        self.map = AddressMap()
-        self.meter = PhaseMeter(kernel)
+        self.fork_touch = fork_touch
+        phases = REPLAY_PHASES + (PROCESS_PHASES if trace.has_processes else ())
+        self.meter = PhaseMeter(kernel, phases)
+        #: The vCPU user code runs on (the syscalls run on vCPU 0).
         self.vcpu = min(1, kernel.machine.nr_vcpus - 1)
-        #: guest page -> the byte it holds (written or read by the policy)
-        self.touched: dict[int, int] = {}
-        self.brk_start: int | None = None
-        self.brk_cur = 0
+        #: The current event's address space.
+        self.space = _Space(None, users={ROOT_PID})
+        #: Each running trace process's address space (schema 2).
+        self.spaces: dict[int, _Space] = {}
+        #: Address spaces that exist, each once.
+        self.live: list[_Space] = [self.space]
+        #: Processes that write after a fork when they next run.
+        self.fork_pending: set[int] = set()
+        #: Whether two processes ever existed (shared pages may differ then).
+        self.forked = False
         self.files: dict[str, str] = {}
         self.out_of_memory = False
         self.index = 0
@@ -132,8 +186,13 @@ class _Replay:
     def _untracked(self, op: str) -> None:
         self.result.untracked[op] = self.result.untracked.get(op, 0) + 1
 
+    def _resident(self) -> int:
+        """Pages populated in every address space (a forked copy's count too:
+        its PTEs are the tree's)."""
+        return sum(len(space.touched) for space in self.live)
+
     def _forget(self, start: int, end: int) -> None:
-        touched = self.touched
+        touched = self.space.touched
         if (end - start) // PAGE_SIZE <= len(touched):
             for va in range(start, end, PAGE_SIZE):
                 touched.pop(va, None)
@@ -142,7 +201,7 @@ class _Replay:
                 del touched[va]
 
     def _vma_list(self) -> list[tuple[int, int, int, int]]:
-        return self.kernel.vmas()
+        return self.kernel.vmas(pid=self.space.kpid)
 
     def _guest_free(self, start: int, end: int, vmas: list[tuple[int, int, int, int]]) -> bool:
         if start < MMAP_MIN_ADDR or end > TASK_SIZE or start % PAGE_SIZE:
@@ -174,14 +233,16 @@ class _Replay:
         offset: int = 0,
     ) -> int | None:
         try:
-            return self.kernel.mmap(length, prot, flags, addr=addr, path=path, offset=offset)
+            return self.kernel.mmap(
+                length, prot, flags, addr=addr, path=path, offset=offset, pid=self.space.kpid
+            )
         except OSError as exc:
             self._error(event, "mmap", exc)
             return None
 
     async def _munmap(self, event: Event, start: int, end: int) -> bool:
         try:
-            await self.kernel.munmap(start, end - start)
+            await self.kernel.munmap(start, end - start, pid=self.space.kpid)
         except OSError as exc:
             self._error(event, "munmap", exc)
             return False
@@ -190,7 +251,7 @@ class _Replay:
 
     async def _mprotect(self, event: Event, start: int, end: int, prot: int) -> bool:
         try:
-            await self.kernel.mprotect(start, end - start, prot)
+            await self.kernel.mprotect(start, end - start, prot, pid=self.space.kpid)
         except OSError as exc:
             self._error(event, "mprotect", exc)
             return False
@@ -236,17 +297,17 @@ class _Replay:
         left neighbour, right before that of the right neighbour; else the
         guest's own top-down choice."""
         length = end - start
-        overlap, _ = self.map.runs(start, end)
+        overlap, _ = self.space.map.runs(start, end)
         for run in overlap:  # only if the map went stale: keep it consistent
             await self._munmap(event, run.start, run.end)
-        self.map.remove(start, end)
+        self.space.map.remove(start, end)
         candidates: list[int] = []
         if self.relocation == "preserve":
             candidates.append(start)
-        left = self.map.translate(start - 1) if start else None
+        left = self.space.map.translate(start - 1) if start else None
         if left is not None:
             candidates.append(left + 1)
-        right = self.map.translate(end)
+        right = self.space.map.translate(end)
         if right is not None:
             candidates.append(right - length)
         vmas = self._vma_list()
@@ -258,7 +319,7 @@ class _Replay:
             return None
         if guest != start:
             self.result.relocated += 1
-        self.map.insert(start, end, guest, stack=stack)
+        self.space.map.insert(start, end, guest, stack=stack)
         return guest
 
     # --- population ------------------------------------------------------------------------
@@ -269,7 +330,7 @@ class _Replay:
         than ``max_resident`` pages are populated."""
         if not prot & _PROT_ACCESS or self.out_of_memory or start >= end:
             return
-        budget = min(self.touch_limit, self.max_resident - len(self.touched))
+        budget = min(self.touch_limit, self.max_resident - self._resident())
         if budget <= 0:
             if self.touch_limit > 0:
                 self.result.budget_exhausted += 1
@@ -277,7 +338,7 @@ class _Replay:
         pages = range(start, end, PAGE_SIZE)
         chosen: list[int] = []
         for va in reversed(pages) if stack else pages:
-            if va not in self.touched:
+            if va not in self.space.touched:
                 chosen.append(va)
                 if len(chosen) == budget:
                     break
@@ -301,7 +362,8 @@ class _Replay:
         """Run the accesses; record what each page now holds. ``pages``
         counts the pages populated for the first time (not a copy's sources)."""
         event = self.trace.events[self.index]
-        fresh = {va for va, _, _ in accesses if va not in self.touched}
+        fresh = {va for va, _, _ in accesses if va not in self.space.touched}
+        await self._load(self.space)
         try:
             reads = await self.kernel.run_user(self.vcpu, accesses)
         except SegmentationFault as exc:
@@ -314,11 +376,11 @@ class _Replay:
         it = iter(reads)
         for va, kind, _ in accesses:
             if kind == "r":
-                self.touched[va] = next(it)[0]
+                self.space.touched[va] = next(it)[0]
             elif va in written:
-                self.touched[va] = written[va]
+                self.space.touched[va] = written[va]
         self.result.pages += len(fresh)
-        self.result.peak_resident = max(self.result.peak_resident, len(self.touched))
+        self.result.peak_resident = max(self.result.peak_resident, self._resident())
 
     # --- events ----------------------------------------------------------------------------
 
@@ -329,13 +391,13 @@ class _Replay:
         await self.meter.enter("mmap")
         guest: int | None = None
         if e.flags & MAP_FIXED:
-            runs, uncovered = self.map.runs(start, end)
+            runs, uncovered = self.space.map.runs(start, end)
             if runs and not uncovered and all(a.end == b.start for a, b in pairwise(runs)):
                 # MAP_FIXED over the program's own mappings: Linux unmaps them
                 # first (zap + flush) and maps in their place; so do we.
                 target = runs[0].start
                 if await self._munmap(e, target, target + (end - start)):
-                    self.map.remove(start, end)
+                    self.space.map.remove(start, end)
                     prot = e.prot & _PROT_ACCESS
                     fixed = flags | MAP_FIXED
                     guest = self._mmap(
@@ -343,7 +405,7 @@ class _Replay:
                     )
                     if guest is None:
                         return
-                    self.map.insert(start, end, guest, stack=stack)
+                    self.space.map.insert(start, end, guest, stack=stack)
         if guest is None:
             guest = await self._place(
                 e, start, end, e.prot, flags, path=path, offset=offset, stack=stack
@@ -353,7 +415,7 @@ class _Replay:
 
     async def on_mprotect(self, e: Mprotect) -> None:
         start, end = e.addr, e.addr + page_align(e.length)
-        runs, uncovered = self.map.runs(start, end)
+        runs, uncovered = self.space.map.runs(start, end)
         if uncovered:
             self._untracked("mprotect")
         if not runs:
@@ -370,21 +432,21 @@ class _Replay:
 
     async def on_munmap(self, e: Munmap) -> None:
         start, end = e.addr, e.addr + page_align(e.length)
-        runs, uncovered = self.map.runs(start, end)
+        runs, uncovered = self.space.map.runs(start, end)
         if uncovered:
             self._untracked("munmap")
         if runs:
             await self.meter.enter("munmap")
             for run in runs:
                 await self._munmap(e, run.start, run.end)
-        self.map.remove(start, end)
+        self.space.map.remove(start, end)
 
     async def on_brk(self, e: Brk) -> None:
-        if self.brk_start is None:
-            self.brk_start = self.brk_cur = e.result
+        if self.space.brk_start is None:
+            self.space.brk_start = self.space.brk_cur = e.result
             return
-        old, new = page_align(self.brk_cur), page_align(e.result)
-        self.brk_cur = e.result
+        old, new = page_align(self.space.brk_cur), page_align(e.result)
+        self.space.brk_cur = e.result
         if new > old:
             await self.meter.enter("brk")
             rw = PROT_READ | PROT_WRITE
@@ -392,12 +454,12 @@ class _Replay:
             if guest is not None:
                 await self._grant(guest, guest + (new - old), rw, False)
         elif new < old:
-            runs, _ = self.map.runs(new, old)
+            runs, _ = self.space.map.runs(new, old)
             if runs:
                 await self.meter.enter("brk")
                 for run in runs:
                     await self._munmap(e, run.start, run.end)
-            self.map.remove(new, old)
+            self.space.map.remove(new, old)
 
     async def _discard(self, e: Event, start: int, end: int) -> None:
         """Drop the pages of private anonymous memory, as MADV_DONTNEED does:
@@ -410,7 +472,7 @@ class _Replay:
                 self._mmap(e, t - s, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, addr=s)
 
     async def on_madvise(self, e: Madvise) -> None:
-        runs, uncovered = self.map.runs(e.addr, e.addr + page_align(e.length))
+        runs, uncovered = self.space.map.runs(e.addr, e.addr + page_align(e.length))
         if uncovered:
             self._untracked("madvise")
         if runs:
@@ -422,7 +484,7 @@ class _Replay:
         old_start = e.addr
         old_end = old_start + page_align(e.old_length)
         new_len = page_align(e.length)
-        runs, _ = self.map.runs(old_start, max(old_end, old_start + PAGE_SIZE))
+        runs, _ = self.space.map.runs(old_start, max(old_end, old_start + PAGE_SIZE))
         if not runs:
             self._untracked("mremap")
             return
@@ -436,10 +498,10 @@ class _Replay:
         stack = runs[0].stack
         if e.old_length and e.new_addr == old_start:  # resized in place
             if new_len < old_end - old_start:
-                tail, _ = self.map.runs(old_start + new_len, old_end)
+                tail, _ = self.space.map.runs(old_start + new_len, old_end)
                 for run in tail:
                     await self._munmap(e, run.start, run.end)
-                self.map.remove(old_start + new_len, old_end)
+                self.space.map.remove(old_start + new_len, old_end)
             elif old_start + new_len > old_end:
                 grown = await self._place(e, old_end, old_start + new_len, prot, flags, stack=stack)
                 if grown is not None:
@@ -455,11 +517,11 @@ class _Replay:
         accesses: list[tuple[int, str, bytes | int]] = []
         written: dict[int, int] = {}
         for off in range(0, copy if prot & _PROT_ACCESS else 0, PAGE_SIZE):
-            src = self.map.translate(old_start + off)
-            if src is None or src not in self.touched:
+            src = self.space.map.translate(old_start + off)
+            if src is None or src not in self.space.touched:
                 continue
             if prot & PROT_WRITE:  # the copy a realloc would make
-                byte = self.touched[src]
+                byte = self.space.touched[src]
                 accesses += [(src, "r", 1), (guest + off, "w", bytes([byte]))]
                 written[guest + off] = byte
             else:  # read-only memory cannot be copied into: just populate it
@@ -475,48 +537,189 @@ class _Replay:
             else:
                 for run in runs:
                     await self._munmap(e, run.start, run.end)
-                self.map.remove(old_start, old_end)
+                self.space.map.remove(old_start, old_end)
         if new_len > copy:
             await self._grant(guest + copy, guest + new_len, prot, stack)
 
     async def on_exec(self, e: Exec) -> None:
-        """A new program: its address space starts empty."""
-        if len(self.map):
+        """A new program (schema 1): its address space starts empty."""
+        if len(self.space.map):
             await self.meter.enter("munmap")
-            for seg in self.map.segments():
+            for seg in self.space.map.segments():
                 await self._munmap(e, seg.guest, seg.guest + (seg.end - seg.start))
-            self.map.clear()
-        self.brk_start = None
-        self.brk_cur = 0
+            self.space.map.clear()
+        self.space.brk_start = None
+        self.space.brk_cur = 0
+
+    # --- processes (schema 2) -----------------------------------------------------------------
+
+    async def _load(self, space: _Space, *, measured: bool = True) -> None:
+        """Make ``space``'s tree the one loaded on the user vCPU: a context
+        switch (its own phase) unless it already is."""
+        if space.kpid is None or self.kernel.loaded(self.vcpu) == space.kpid:
+            return
+        resume = self.meter.current
+        if measured:
+            await self.meter.enter("context_switch")
+        await self.kernel.switch_to(self.vcpu, space.kpid)
+        if measured:
+            self.result.processes["context_switches"] += 1
+            if resume is not None:
+                await self.meter.enter(resume)
+
+    async def _end(self, space: _Space) -> None:
+        """The last process in ``space`` is gone: tear its tree down
+        (``exit_process`` on the user vCPU, where the leaver ran)."""
+        await self.meter.enter("exit")
+        assert space.kpid is not None
+        await self.kernel.exit_process(space.kpid, vcpu=self.vcpu)
+        self.live.remove(space)
+
+    async def _write_after_fork(self, pid: int) -> None:
+        """Write-after-fork: the first time a process runs after a fork, it
+        writes the ``fork_touch`` pages it populated last in private writable
+        memory, as a process returning from fork writes its stack and data:
+        each a copy-on-write fault (a copy while the other side still maps
+        the frame, a reuse once it is the only mapper)."""
+        self.fork_pending.discard(pid)
+        space = self.space
+        vmas = self._vma_list()
+        starts = [v[0] for v in vmas]
+        chosen: list[int] = []
+        for va in reversed(space.touched):
+            i = bisect_right(starts, va) - 1
+            if i < 0 or vmas[i][1] <= va:
+                continue
+            _, _, prot, flags = vmas[i]
+            if prot & PROT_WRITE and not flags & MAP_SHARED:
+                chosen.append(va)
+                if len(chosen) == self.fork_touch:
+                    break
+        if not chosen:
+            return
+        await self.meter.enter("cow")
+        accesses: list[tuple[int, str, bytes | int]] = []
+        written: dict[int, int] = {}
+        for va in sorted(chosen):
+            self._byte = self._byte % 255 + 1
+            written[va] = self._byte
+            accesses.append((va, "w", bytes([self._byte])))
+        await self._user(accesses, written)
+
+    async def on_fork(self, e: Fork) -> None:
+        """``Kernel.fork`` of the parent's address space (on the syscall
+        vCPU); the child's is a copy with the same pages."""
+        parent = self.space
+        await self.meter.enter("fork")
+        assert parent.kpid is not None
+        kpid = await self.kernel.fork(parent.kpid, vcpu=_SYSCALL_VCPU)
+        child = parent.forked(kpid, e.child)
+        self.spaces[e.child] = child
+        self.live.append(child)
+        self.forked = True
+        self.result.processes["forks"] += 1
+        if self.fork_touch > 0:
+            self.fork_pending |= {e.pid, e.child}
+
+    async def on_vfork(self, e: Vfork) -> None:
+        """The child runs in the parent's address space: nothing to copy."""
+        self.space.users.add(e.child)
+        self.spaces[e.child] = self.space
+        self.forked = True
+        self.result.processes["vforks"] += 1
+
+    async def on_process_exec(self, e: Exec) -> None:
+        """``Kernel.exec`` on the user vCPU, the process loaded there first.
+        A process alone in its address space execs in place; one sharing
+        it (a vfork child) first gets a kernel process of its own
+        (``Kernel.spawn``: an empty tree, which the exec then replaces)."""
+        space = self.space
+        if space.users == {e.pid}:
+            await self._load(space)
+            await self.meter.enter("exec")
+            assert space.kpid is not None
+            kpid = space.kpid
+            await self.kernel.exec(kpid, vcpu=self.vcpu)
+            self.live.remove(space)
+        else:
+            space.users.discard(e.pid)
+            await self.meter.enter("exec")
+            kpid = await self.kernel.spawn(vcpu=_SYSCALL_VCPU)
+            await self._load(_Space(kpid))
+            await self.meter.enter("exec")
+            await self.kernel.exec(kpid, vcpu=self.vcpu)
+            if not space.users:  # its owner exited before: the tree goes now
+                await self._end(space)
+        self.space = self.spaces[e.pid] = _Space(kpid, users={e.pid})
+        self.live.append(self.space)
+        self.result.processes["execs"] += 1
+
+    async def on_exit(self, e: Exit) -> None:
+        """``Kernel.exit_process`` of the process's address space, from the
+        user vCPU where it ran; a vfork child leaving its parent's address
+        space tears nothing down."""
+        space = self.spaces.pop(e.pid)
+        space.users.discard(e.pid)
+        self.fork_pending.discard(e.pid)
+        self.result.processes["exits"] += 1
+        if not space.users:
+            await self._load(space)
+            await self._end(space)
+
+    async def _event(self, event: Event) -> None:
+        if self.trace.has_processes:
+            self.space = self.spaces[event.pid]
+            if event.pid in self.fork_pending:
+                await self._write_after_fork(event.pid)
+        match event:
+            case Mmap():
+                await self.on_mmap(event)
+            case Mprotect():
+                await self.on_mprotect(event)
+            case Munmap():
+                await self.on_munmap(event)
+            case Mremap():
+                await self.on_mremap(event)
+            case Brk():
+                await self.on_brk(event)
+            case Madvise():
+                await self.on_madvise(event)
+            case Exec() if self.trace.has_processes:
+                await self.on_process_exec(event)
+            case Exec():
+                await self.on_exec(event)
+            case Fork():
+                await self.on_fork(event)
+            case Vfork():
+                await self.on_vfork(event)
+            case Exit():
+                await self.on_exit(event)
 
     async def run(self) -> None:
         replayed: Counter[str] = Counter()
         total = len(self.trace.events)
         reported = 0
+        counters = self.kernel.counters
+        copies, reuses = counters.cow_copies, counters.cow_reuses
+        if self.trace.has_processes:
+            # The program's process exists before its first event, as the
+            # one strace forked did: made outside every phase.
+            self.space.kpid = await self.kernel.spawn(vcpu=_SYSCALL_VCPU)
+            self.spaces[ROOT_PID] = self.space
+            self.result.processes = dict.fromkeys(PROCESS_COUNTS, 0)
         for index, event in enumerate(self.trace.events):
             self.index = index
             if self.on_step is not None:
                 reported = self._report(index, total, reported)
-            match event:
-                case Mmap():
-                    await self.on_mmap(event)
-                case Mprotect():
-                    await self.on_mprotect(event)
-                case Munmap():
-                    await self.on_munmap(event)
-                case Mremap():
-                    await self.on_mremap(event)
-                case Brk():
-                    await self.on_brk(event)
-                case Madvise():
-                    await self.on_madvise(event)
-                case Exec():
-                    await self.on_exec(event)
+            await self._event(event)
             replayed[event.OP] += 1
         if self.on_step is not None:
             self._report(total, total, reported)
         await self.meter.close()
-        self.result.replayed = {op: replayed.get(op, 0) for op in EVENT_TYPES}
+        if self.trace.has_processes:
+            self.result.processes["cow_copies"] = counters.cow_copies - copies
+            self.result.processes["cow_reuses"] = counters.cow_reuses - reuses
+        self.result.replayed = {op: replayed.get(op, 0) for op in self.trace.ops()}
         self.result.phases = dict(self.meter.phases)
 
     def _report(self, done: int, total: int, reported: int) -> int:
@@ -530,20 +733,31 @@ class _Replay:
         return reported
 
     async def verify(self) -> None:
-        """Read back every populated page that is still readable."""
-        vmas = self._vma_list()
-        starts = [v[0] for v in vmas]
-        pages = []
-        for va in sorted(self.touched):
-            i = bisect_right(starts, va) - 1
-            if i >= 0 and vmas[i][1] > va and vmas[i][2] & _PROT_ACCESS:
+        """Read back every populated page that is still readable, in every
+        address space that is left (its tree loaded on the user vCPU). Once
+        processes have forked, pages of shared mappings are left out: another
+        process may have written them since."""
+        for space in self.live:
+            self.space = space
+            await self._load(space, measured=False)
+            vmas = self._vma_list()
+            starts = [v[0] for v in vmas]
+            pages = []
+            for va in sorted(space.touched):
+                i = bisect_right(starts, va) - 1
+                if i < 0 or vmas[i][1] <= va or not vmas[i][2] & _PROT_ACCESS:
+                    continue
+                if self.forked and vmas[i][3] & MAP_SHARED:
+                    continue
                 pages.append(va)
-        reads = await self.kernel.run_user(self.vcpu, [(va, "r", 1) for va in pages])
-        for va, data in zip(pages, reads, strict=True):
-            if data[0] != self.touched[va]:
-                raise WorkloadError(
-                    f"page {va:#x} read back {data[0]:#x}, expected {self.touched[va]:#x}"
-                )
+            reads = await self.kernel.run_user(self.vcpu, [(va, "r", 1) for va in pages])
+            for va, data in zip(pages, reads, strict=True):
+                if data[0] != space.touched[va]:
+                    where = "" if space.kpid is None else f" of process {space.kpid}"
+                    raise WorkloadError(
+                        f"page {va:#x}{where} read back {data[0]:#x}, "
+                        f"expected {space.touched[va]:#x}"
+                    )
 
 
 async def replay_trace(
@@ -553,31 +767,39 @@ async def replay_trace(
     touch_limit: int = DEFAULT_TOUCH_LIMIT,
     max_resident: int = DEFAULT_MAX_RESIDENT,
     relocation: str = "preserve",
+    fork_touch: int = DEFAULT_FORK_TOUCH,
     name: str = "",
     on_step: Callable[[str], None] | None = None,
 ) -> TraceResult:
-    """Replay ``trace`` in ``kernel``, phase by phase (``REPLAY_PHASES``),
-    then read back every populated page and run ``audit()``.
+    """Replay ``trace`` in ``kernel``, phase by phase (``REPLAY_PHASES``,
+    and ``PROCESS_PHASES`` for a trace of processes), then read back every
+    populated page and run ``audit()``.
 
-    Raises WorkloadError if a page reads back wrong (a broken kernel);
-    syscalls that fail are counted in ``TraceResult.errors``. ``on_step``
-    hears ``events N%`` ``PROGRESS_STEPS`` times, then ``verify``.
+    Raises TraceError if the trace is not a consistent one
+    (:func:`~pvemu.shared.trace.check_trace`) and WorkloadError if a page
+    reads back wrong (a broken kernel); syscalls that fail are counted in
+    ``TraceResult.errors``. ``on_step`` hears ``events N%``
+    ``PROGRESS_STEPS`` times, then ``verify``.
     """
-    if touch_limit < 0 or max_resident < 0:
-        raise ValueError("touch_limit and max_resident must be >= 0")
+    if touch_limit < 0 or max_resident < 0 or fork_touch < 0:
+        raise ValueError("touch_limit, max_resident and fork_touch must be >= 0")
     if relocation not in RELOCATIONS:
         raise ValueError(f"relocation must be one of {RELOCATIONS}, not {relocation!r}")
+    check_trace(trace.events, trace.schema)
+    policy: dict[str, int | str] = {
+        "touch_limit": touch_limit,
+        "max_resident": max_resident,
+        "relocation": relocation,
+    }
+    if trace.has_processes:
+        policy["fork_touch"] = fork_touch
     result = TraceResult(
         kernel.mode,
         0,
         unsafe=kernel.unsafe,
         trace=name,
         command=list(trace.command),
-        policy={
-            "touch_limit": touch_limit,
-            "max_resident": max_resident,
-            "relocation": relocation,
-        },
+        policy=policy,
     )
     with tempfile.TemporaryDirectory(prefix="pvemu-trace-") as scratch:
         replay = _Replay(
@@ -588,6 +810,7 @@ async def replay_trace(
             max_resident=max_resident,
             relocation=relocation,
             scratch=scratch,
+            fork_touch=fork_touch,
             on_step=on_step,
         )
         await replay.run()
@@ -605,6 +828,7 @@ async def run_trace_workload(
     touch_limit: int = DEFAULT_TOUCH_LIMIT,
     max_resident: int = DEFAULT_MAX_RESIDENT,
     relocation: str = "preserve",
+    fork_touch: int = DEFAULT_FORK_TOUCH,
     on_step: Callable[[str], None] | None = None,
 ) -> WorkloadResult:
     """``pvemu guest --workload trace:FILE``: load the trace and replay it.
@@ -618,6 +842,7 @@ async def run_trace_workload(
         touch_limit=touch_limit,
         max_resident=max_resident,
         relocation=relocation,
+        fork_touch=fork_touch,
         name=os.fspath(path),
         on_step=on_step,
     )

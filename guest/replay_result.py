@@ -17,12 +17,26 @@ from pvemu.shared.counts import PhaseCounts
 from .kernel import Kernel
 from .workload import PhaseResult, WorkloadResult, _snapshot
 
-__all__ = ["REPLAY_PHASES", "TraceResult", "PhaseMeter"]
+__all__ = ["REPLAY_PHASES", "PROCESS_PHASES", "PROCESS_COUNTS", "TraceResult", "PhaseMeter"]
 
 #: Phases of a replay, in report order. Each accumulates every event of its
 #: kind; ``touch`` is the user accesses of the population policy (and the
 #: data copy of a moved mremap).
 REPLAY_PHASES: Final = ("mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "touch")
+#: The phases a trace of processes adds: ``fork`` (Kernel.fork), ``cow``
+#: (the writes after a fork: copy-on-write faults), ``context_switch`` (the
+#: user vCPU loading another process's tree), ``exec`` and ``exit``.
+PROCESS_PHASES: Final = ("fork", "cow", "context_switch", "exec", "exit")
+#: What a trace of processes counts besides the phases' traps.
+PROCESS_COUNTS: Final = (
+    "forks",
+    "vforks",
+    "execs",
+    "exits",
+    "context_switches",
+    "cow_copies",
+    "cow_reuses",
+)
 
 
 @dataclass
@@ -32,7 +46,9 @@ class TraceResult(WorkloadResult):
     ``pages`` is the number of pages the population policy touched.
     ``errors`` counts guest syscalls that failed although the program saw
     them succeed (the first ones are kept in ``error_samples``); a clean
-    replay has none.
+    replay has none. ``processes`` (:data:`PROCESS_COUNTS`; empty for a
+    schema-1 trace) counts the process events run, the context switches
+    the replay made and the copy-on-write faults the kernel took.
     """
 
     trace: str = ""
@@ -45,6 +61,7 @@ class TraceResult(WorkloadResult):
     peak_resident: int = 0
     budget_exhausted: int = 0
     policy: dict[str, Any] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
 
     @property
     def replay_clean(self) -> bool:
@@ -67,6 +84,8 @@ class TraceResult(WorkloadResult):
             "replay_clean": self.replay_clean,
             "policy": self.policy,
         }
+        if self.processes:
+            out["trace"]["processes"] = self.processes
         return out
 
 
@@ -74,12 +93,12 @@ class PhaseMeter:
     """Per-phase counts and wall time; a phase is measured from when the
     replay enters it until it enters another, and accumulates."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, phases: tuple[str, ...] = REPLAY_PHASES) -> None:
         self.kernel = kernel
         self.current: str | None = None
         self.before: tuple[PhaseCounts, int] = (PhaseCounts(), 0)
         self.started = 0.0
-        self.phases = {name: PhaseResult(PhaseCounts(), 0, 0.0) for name in REPLAY_PHASES}
+        self.phases = {name: PhaseResult(PhaseCounts(), 0, 0.0) for name in phases}
 
     async def enter(self, phase: str) -> None:
         if phase == self.current:

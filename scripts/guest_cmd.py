@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from pvemu.guest.workload import run_mprotect_workload
     from pvemu.scripts.progress import phase_reporter
     from pvemu.shared.timeline import Timeline
+    from pvemu.shared.trace import TraceError
 
     check(args, checks.host_memory_mib())
     params = buffer_params(args)
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trio.run(main)
     except BaseException as exc:
-        failure = _guest_failure(exc, (OSError, HypervisorError))
+        failure = _guest_failure(exc, (OSError, HypervisorError, TraceError))
         if failure is None:
             raise
         print(f"pvemu guest: {failure}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """The strace parser: ``strace -f`` output to a :class:`~pvemu.shared.trace.Trace`.
 
 ``pvemu trace record`` runs a program under ``strace -f -qq -y -e
-trace=%memory,clone,clone3,fork,vfork,execve`` and hands the text to
-:func:`parse_strace`, which keeps the successful memory syscalls of the
-traced program's own address space as trace events (``docs/traces.md``,
+trace=%memory,clone,clone3,fork,vfork,execve,exit_group`` and hands the
+text to :func:`parse_strace`, which keeps the successful memory syscalls of
+the traced program and of every process it starts, with the process tree
+(fork, vfork, execve, exit_group), as trace events (``docs/traces.md``,
 "Recording"). It is tool code: the guest kernel only ever sees the
 normalised trace (:mod:`pvemu.shared.trace`).
 """
@@ -23,9 +24,12 @@ from pvemu.shared.trace import (
     MREMAP_FIXED,
     MREMAP_NAMES,
     PROT_NAMES,
+    ROOT_PID,
     Brk,
     Event,
     Exec,
+    Exit,
+    Fork,
     Madvise,
     Mmap,
     Mprotect,
@@ -33,6 +37,7 @@ from pvemu.shared.trace import (
     Munmap,
     Trace,
     TraceError,
+    Vfork,
     check_event,
     parse_symbols,
 )
@@ -51,11 +56,13 @@ _CALL: Final = re.compile(
 )
 _ERRNO: Final = re.compile(r"^\s+E[A-Z0-9]+\b")
 _CLONE_VM: Final = re.compile(r"\bCLONE_VM\b")
+_CLONE_THREAD: Final = re.compile(r"\bCLONE_THREAD\b")
 _FD: Final = re.compile(r"^(?P<fd>-?\d+)(?:<(?P<path>.*)>)?$")
 _MEMORY_CALLS: Final = frozenset(
     {"mmap", "mmap2", "mprotect", "pkey_mprotect", "munmap", "mremap", "brk", "madvise"}
 )
-_PROCESS_CALLS: Final = frozenset({"clone", "clone2", "clone3", "fork", "vfork", "execve"})
+_CLONE_CALLS: Final = frozenset({"clone", "clone2", "clone3", "fork", "vfork"})
+_PROCESS_CALLS: Final = _CLONE_CALLS | {"execve", "exit_group"}
 
 
 @dataclass
@@ -117,6 +124,17 @@ def _ret_value(text: str) -> int | None:
     return int(text, 16) if text.startswith("0x") else int(text)
 
 
+def _first_task(text: str) -> int:
+    """The task of the first line: the traced program (its first completed
+    call may come after a child's)."""
+    for raw in text.splitlines():
+        if raw.strip():
+            m = _PREFIX.match(raw)
+            assert m is not None
+            return int(m.group("pid1") or m.group("pid2") or 0)
+    return 0
+
+
 def _calls(text: str, stats: Counter[str]) -> Iterator[_Call]:
     """Complete calls in completion order, unfinished/resumed pairs joined."""
     pending: dict[int, tuple[str, str]] = {}
@@ -134,10 +152,16 @@ def _calls(text: str, stats: Counter[str]) -> Iterator[_Call]:
         unfinished = _UNFINISHED.match(body)
         if unfinished is not None:
             stats["unfinished"] += 1
+            if unfinished.group("name") == "exit_group":
+                # It never returns: the process ends from here on.
+                yield _Call(pid, "exit_group", [], None, False)
+                continue
             pending[pid] = (unfinished.group("name"), unfinished.group("text"))
             continue
         resumed = _RESUMED.match(body)
         if resumed is not None:
+            if resumed.group("name") == "exit_group":
+                continue  # already taken at its start
             before = pending.pop(pid, None)
             if before is None or before[0] != resumed.group("name"):
                 stats["orphan_resumed"] += 1
@@ -153,7 +177,7 @@ def _calls(text: str, stats: Counter[str]) -> Iterator[_Call]:
     stats["never_resumed"] += len(pending)
 
 
-def _parse_mmap(c: _Call, ret: int, stats: Counter[str]) -> Mmap:
+def _parse_mmap(c: _Call, pid: int, ret: int, stats: Counter[str]) -> Mmap:
     if len(c.args) != 6:
         raise ValueError("mmap takes 6 arguments")
     unknown: list[str] = []
@@ -167,88 +191,119 @@ def _parse_mmap(c: _Call, ret: int, stats: Counter[str]) -> Mmap:
     hint = _number(c.args[0]) or None
     if flags & MAP_ANONYMOUS or fd < 0:
         flags |= MAP_ANONYMOUS
-        return Mmap(c.pid, ret, _number(c.args[1]), prot, flags, hint)
+        return Mmap(pid, ret, _number(c.args[1]), prot, flags, hint)
     offset = _number(c.args[5])
     if c.name == "mmap2":
         offset *= PAGE_SIZE
-    return Mmap(
-        c.pid, ret, _number(c.args[1]), prot, flags, hint, fd, fd_match.group("path"), offset
-    )
+    return Mmap(pid, ret, _number(c.args[1]), prot, flags, hint, fd, fd_match.group("path"), offset)
 
 
-def _parse_memory(c: _Call, stats: Counter[str]) -> Event | None:
+def _parse_memory(c: _Call, pid: int, stats: Counter[str]) -> Event | None:
     ret = c.ret
     assert ret is not None
     name = c.name
     if name in ("mmap", "mmap2"):
-        return _parse_mmap(c, ret, stats)
+        return _parse_mmap(c, pid, ret, stats)
     if name in ("mprotect", "pkey_mprotect"):
         unknown: list[str] = []
         prot = parse_symbols(c.args[2], PROT_NAMES, unknown=unknown)
         stats["unknown_flag_names"] += len(unknown)
-        return Mprotect(c.pid, _number(c.args[0]), _number(c.args[1]), prot)
+        return Mprotect(pid, _number(c.args[0]), _number(c.args[1]), prot)
     if name == "munmap":
-        return Munmap(c.pid, _number(c.args[0]), _number(c.args[1]))
+        return Munmap(pid, _number(c.args[0]), _number(c.args[1]))
     if name == "mremap":
         flags = 0 if c.args[3] == "0" else parse_symbols(c.args[3], MREMAP_NAMES)
         target = _number(c.args[4]) if len(c.args) > 4 and flags & MREMAP_FIXED else None
         return Mremap(
-            c.pid, _number(c.args[0]), _number(c.args[1]), _number(c.args[2]), flags, ret, target
+            pid, _number(c.args[0]), _number(c.args[1]), _number(c.args[2]), flags, ret, target
         )
     if name == "brk":
-        return Brk(c.pid, ret, _number(c.args[0]) or None)
+        return Brk(pid, ret, _number(c.args[0]) or None)
     if name == "madvise":
         advice = c.args[2].strip()
         if advice not in DISCARD_ADVICES:
             stats["ignored_madvise"] += 1
             return None
-        return Madvise(c.pid, _number(c.args[0]), _number(c.args[1]), advice)
+        return Madvise(pid, _number(c.args[0]), _number(c.args[1]), advice)
     raise AssertionError(name)
 
 
-def _clone_parents(calls: list[_Call]) -> dict[int, tuple[int, bool]]:
-    """Each child pid -> (its parent, whether it shares the parent's address
-    space: CLONE_VM or vfork). Read before any event is kept, since a
-    child's first lines may come before its parent's clone returns."""
-    parent: dict[int, tuple[int, bool]] = {}
+#: How a clone made its child: a new process with a copy of the address
+#: space, a new process in the same one (vfork), or a thread.
+_FORK, _VFORK, _THREAD = "fork", "vfork", "thread"
+
+
+def _clone_kind(c: _Call) -> str:
+    if c.name == "fork":
+        return _FORK
+    if c.name == "vfork":
+        return _VFORK
+    flags = ",".join(c.args)
+    if _CLONE_THREAD.search(flags) is not None:
+        return _THREAD
+    return _VFORK if _CLONE_VM.search(flags) is not None else _FORK
+
+
+def _clones(calls: list[_Call]) -> dict[int, tuple[int, str]]:
+    """Each child task -> (the task that cloned it, how). Read before any
+    event is kept, since a child's first lines may come before its parent's
+    clone returns."""
+    made: dict[int, tuple[int, str]] = {}
     for c in calls:
-        if c.name in ("clone", "clone2", "clone3", "fork", "vfork") and not c.failed:
-            if c.ret is None or c.ret <= 0:
-                continue
-            shared_vm = c.name == "vfork" or _CLONE_VM.search(",".join(c.args)) is not None
-            parent[c.ret] = (c.pid, shared_vm)
-    return parent
+        if c.name in _CLONE_CALLS and not c.failed and c.ret is not None and c.ret > 0:
+            made[c.ret] = (c.pid, _clone_kind(c))
+    return made
 
 
 @dataclass
-class _MainAddressSpace:
-    """Which pids run in the first process's (``root``'s) address space:
-    threads of it, transitively, until they exec (``left``)."""
+class _Tree:
+    """The process tree as the events see it: each task's process, numbered
+    in order of appearance (the first task's is 1). A process appears with
+    its first event or its parent's clone, whichever completes first, and
+    its fork or vfork event is emitted then, so it precedes the child's own
+    events."""
 
     root: int
-    parent: dict[int, tuple[int, bool]]
-    left: set[int] = field(default_factory=set)
+    clones: dict[int, tuple[int, str]]
+    events: list[Event]
+    stats: Counter[str]
+    process: dict[int, int] = field(default_factory=dict)
+    exited: set[int] = field(default_factory=set)
+    next_pid: int = ROOT_PID + 1
 
-    def has(self, pid: int) -> bool:
-        seen: set[int] = set()
-        while pid != self.root:
-            if pid in self.left or pid in seen:
-                return False
-            seen.add(pid)
-            link = self.parent.get(pid)
-            if link is None:
-                return True  # no process lines: assume a thread
-            if not link[1]:
-                return False
-            pid = link[0]
-        return self.root not in self.left
+    def of(self, task: int) -> int:
+        """The process of ``task``, made (and its creation emitted) on first sight."""
+        chain: list[int] = []
+        while task not in self.process:
+            link = self.clones.get(task)
+            if task == self.root or link is None or link[0] in chain or link[0] == task:
+                # the root, or a task no clone line made: a thread of the program
+                self.process[task] = ROOT_PID
+                break
+            chain.append(task)
+            task = link[0]
+        for child in reversed(chain):
+            parent_task, kind = self.clones[child]
+            parent = self.process[parent_task]
+            if kind == _THREAD or parent in self.exited:
+                # A thread is its process's; a task whose parent has exited
+                # (odd input) too: its calls are dropped as after_exit.
+                self.process[child] = parent
+                self.stats["threads" if kind == _THREAD else "after_exit"] += 1
+                continue
+            pid = self.next_pid
+            self.next_pid += 1
+            self.process[child] = pid
+            self.events.append(Fork(parent, pid) if kind == _FORK else Vfork(parent, pid))
+        return self.process[chain[0] if chain else task]
 
 
-def _memory_event(c: _Call, stats: Counter[str]) -> Event | None:
-    """The event of a successful memory call; None if it is not one a trace
-    keeps (a non-discard madvise) or malformed (counted in ``stats``)."""
+def _memory_event(c: _Call, pid: int, stats: Counter[str]) -> Event | None:
+    """The event of process ``pid``'s successful memory call; None if it is
+    not one a trace keeps (a non-discard madvise) or malformed (counted in
+    ``stats``)."""
     try:
-        event = _parse_memory(c, stats)
+        event = _parse_memory(c, pid, stats)
     except (ValueError, IndexError):
         stats["malformed_calls"] += 1
         return None
@@ -263,43 +318,51 @@ def _memory_event(c: _Call, stats: Counter[str]) -> Event | None:
 
 
 def parse_strace(text: str, *, command: Sequence[str] = (), recorded_with: str = "strace") -> Trace:
-    """Parse ``strace -f -e trace=memory`` output (any of ``-o``'s pid
-    column, ``[pid N]`` prefixes, ``-t``/``-tt``/``-ttt`` timestamps, ``-T``
-    times, ``-y`` paths) into a trace of the traced program's address space.
+    """Parse ``strace -f`` output (any of ``-o``'s pid column, ``[pid N]``
+    prefixes, ``-t``/``-tt``/``-ttt`` timestamps, ``-T`` times, ``-y`` paths)
+    into a schema-2 trace of the traced program and every process it started.
 
-    Failed calls are skipped; unknown lines, unknown syscalls and non-discard
-    madvises are counted in ``Trace.stats`` and skipped. If the text also
-    traces clone/clone3/fork/vfork/execve, only the first process's address
-    space is kept (threads created with CLONE_VM share it; processes that
-    fork or exec elsewhere are counted in ``other_address_space``) and a
-    successful execve of the first process becomes an :class:`Exec` event.
-    Without those lines every pid is taken to be a thread of one process.
+    Successful memory calls become events of their process; fork/clone/
+    clone3/vfork make processes (a clone with CLONE_THREAD a thread of the
+    same one), a successful execve gives a process a new address space and
+    exit_group ends it. Processes are numbered in order of appearance, the
+    first task's being 1; a task no clone line made (a recording without
+    process calls) is a thread of process 1. Failed calls are skipped;
+    unknown lines, unknown syscalls and non-discard madvises are counted in
+    ``Trace.stats`` and skipped.
     """
     stats: Counter[str] = Counter()
     calls = list(_calls(text, stats))
-    root = calls[0].pid if calls else 0
-    main = _MainAddressSpace(root, _clone_parents(calls))
     events: list[Event] = []
+    tree = _Tree(_first_task(text), _clones(calls), events, stats)
     for c in calls:
+        if c.name == "exit_group":  # it never returns: its result is always '?'
+            pid = tree.of(c.pid)
+            if pid not in tree.exited:
+                tree.exited.add(pid)
+                events.append(Exit(pid))
+            continue
         if c.name not in _MEMORY_CALLS and c.name not in _PROCESS_CALLS:
             stats[f"ignored_{c.name}"] += 1
             continue
         if c.failed or c.ret is None:
             stats["failed" if c.failed else "no_result"] += 1
             continue
-        if c.name in _PROCESS_CALLS:
-            if c.name == "execve" and main.has(c.pid):
-                if c.pid == root:
-                    path = c.args[0].strip('"') if c.args else ""
-                    events.append(Exec(c.pid, path))
-                else:
-                    main.left.add(c.pid)  # a vfork child or thread leaving for a new program
+        if c.name in _CLONE_CALLS:
+            if c.ret > 0:
+                tree.of(c.pid)
+                tree.of(c.ret)  # the creation event, unless the child was seen first
             continue
-        if not main.has(c.pid):
-            stats["other_address_space"] += 1
+        pid = tree.of(c.pid)
+        if pid in tree.exited:  # a thread's call completing after exit_group
+            stats["after_exit"] += 1
             continue
-        event = _memory_event(c, stats)
+        if c.name == "execve":
+            events.append(Exec(pid, c.args[0].strip('"') if c.args else ""))
+            continue
+        event = _memory_event(c, pid, stats)
         if event is not None:
             events.append(event)
+    stats["processes"] = tree.next_pid - 1
     stats["events"] = len(events)
     return Trace(list(command), recorded_with, events, {k: v for k, v in stats.items() if v})

@@ -27,17 +27,22 @@ HELP = "record a real program's memory syscalls (strace) and replay them in the 
 
 DESCRIPTION = """\
 Real programs as workloads. 'record' runs a command under strace, following
-threads, and keeps its mmap, mprotect, munmap, mremap, brk, discarding madvise
-and execve calls as a normalised JSON trace (schema 1). 'show' summarises a
-trace. 'replay' runs it in one guest per mode, like 'pvemu run' does for the
-mprotect workload, and prints what each phase cost; the same replay is
-'pvemu guest --workload trace:FILE' and 'pvemu bench --workload trace:FILE'.
+threads and child processes, and keeps their mmap, mprotect, munmap, mremap,
+brk and discarding madvise calls with the process tree (fork, vfork, execve,
+exit_group) as a normalised JSON trace (schema 2; schema-1 traces still
+load). 'show' summarises a trace. 'replay' runs it in one guest per mode,
+like 'pvemu run' does for the mprotect workload, and prints what each phase
+cost; the same replay is 'pvemu guest --workload trace:FILE' and 'pvemu
+bench --workload trace:FILE'.
 
 Replay policy (docs/traces.md): every range keeps the program's own address
 when it is free in the guest, else the guest places it and later calls are
 translated; pages are populated by writing (or reading, for read-only memory)
 the first 64 pages of every range that becomes accessible (an mmap, brk or
-mremap growth, an mprotect from PROT_NONE), at most 2048 pages at once."""
+mremap growth, an mprotect from PROT_NONE), at most 2048 pages at once. Each
+process runs as a guest process: forks, execs and exits are the kernel's,
+and after a fork each side writes 8 of its pages when it next runs
+(copy-on-write faults)."""
 
 EPILOG = """\
 examples:
@@ -47,8 +52,9 @@ examples:
   pvemu guest --mode xen --workload trace:node.json   # against 'pvemu hypervisor'
 """
 
-#: The syscalls recorded: memory, plus what tells threads from processes.
-STRACE_FILTER = "trace=%memory,clone,clone3,fork,vfork,execve"
+#: The syscalls recorded: memory, plus the process tree (what tells threads
+#: from processes, what replaces an address space and what ends one).
+STRACE_FILTER = "trace=%memory,clone,clone3,fork,vfork,execve,exit_group"
 STRACE_FLAGS = ("-f", "-qq", "-y", "-e", STRACE_FILTER)
 #: What 'replay' compares by default: bare metal, the unbatched worst case,
 #: Linux's multicall batching and pvemu's headline mode.
@@ -64,8 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     record = sub.add_parser(
         "record",
         help="run a command under strace and save its normalised trace",
-        description="Run CMD under strace -f (memory syscalls, clone/execve to tell "
-        "threads from processes) and save the normalised trace to FILE.",
+        description="Run CMD under strace -f (memory syscalls, and fork/clone/vfork/"
+        "execve/exit_group for the process tree) and save the normalised trace to FILE.",
         epilog="example:\n  pvemu trace record -o py.json -- python3 -c 'import json'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -98,7 +104,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Replay FILE in one guest process per mode (a hypervisor process "
         "is started unless --socket names one) and print the traps of every phase.",
         epilog="phases: mmap, mprotect, munmap, mremap, brk, madvise (the syscalls) and "
-        "touch (the user accesses that populate pages).",
+        "touch (the user accesses that populate pages); a trace of processes adds fork, "
+        "cow (the writes after a fork), context_switch, exec and exit.",
     )
     replay.add_argument("file", metavar="FILE")
     replay.add_argument(
@@ -207,6 +214,13 @@ def print_summary(summary: dict[str, Any], out: Any) -> None:
     print(f"command:       {shlex.join(summary['command'])}", file=out)
     print(f"recorded with: {summary['recorded_with']}", file=out)
     print(f"events:        {summary['events']} ({by_op})", file=out)
+    if summary.get("trace_schema", 1) >= 2:
+        by_op = summary["by_op"]
+        print(
+            f"processes:     {summary['processes']} ({by_op['fork']} fork, {by_op['vfork']} "
+            f"vfork, {by_op['exec']} exec, {by_op['exit']} exit)",
+            file=out,
+        )
     print(f"threads:       {summary['threads']}", file=out)
     print(
         f"pages:         {summary['pages_mapped']} mapped, {summary['pages_protected']} "
@@ -376,8 +390,24 @@ def replay_tabular(name: str, results: list[dict[str, Any]]) -> Tabular:
             )
         if not phases:
             tab.rows.append([result["mode"], "(all)", *["0"] * len(PHASE_FIELDS), "-", ok])
+        if trace.get("processes"):
+            tab.notes.append(f"{result['mode']}: {process_note(trace['processes'])}")
     tab.headline = headline(mode_entries(results, None), "the whole replay (every phase)")
     return tab
+
+
+def process_note(counts: dict[str, int]) -> str:
+    """One line of a replay's process counts (``TraceResult.processes``)."""
+    names = {
+        "forks": "fork",
+        "vforks": "vfork",
+        "execs": "exec",
+        "exits": "exit",
+        "context_switches": "context switch",
+        "cow_copies": "COW copy",
+        "cow_reuses": "COW reuse",
+    }
+    return ", ".join(f"{counts.get(key, 0)} {name}" for key, name in names.items())
 
 
 def print_replay_table(

@@ -137,6 +137,13 @@ class AddressMap:
         self._segs[lo:hi] = keep
         self._starts[lo:hi] = [s.start for s in keep]
 
+    def copy(self) -> AddressMap:
+        """An independent map with the same segments (a forked process's)."""
+        other = AddressMap()
+        other._starts = list(self._starts)
+        other._segs = list(self._segs)
+        return other
+
     def clear(self) -> None:
         self._starts.clear()
         self._segs.clear()

@@ -1,19 +1,25 @@
-"""The trace format: what a program did to its address space, normalised.
+"""The trace format: what a program did to its address spaces, normalised.
 
-A trace is what ``strace -f -e trace=memory,...`` saw a program do to its
-address space (mmap, mprotect, munmap, mremap, brk, madvise that discards
-pages, and execve, which starts a new address space), normalised into
-versioned JSON (``docs/traces.md`` is the reference)::
+A trace is what ``strace -f -e trace=memory,...`` saw a program and the
+processes it started do to their address spaces (mmap, mprotect, munmap,
+mremap, brk, madvise that discards pages), and the calls that make and end
+address spaces (fork, vfork, execve, exit_group), normalised into versioned
+JSON (``docs/traces.md`` is the reference)::
 
-    {"schema": 1, "command": ["node", "-e", "..."], "recorded_with": "strace ...",
+    {"schema": 2, "command": ["sh", "-c", "..."], "recorded_with": "strace ...",
      "stats": {...parser counts...},
      "events": [
-       {"op": "mmap", "pid": 7, "addr": "0x7f3a00000000", "length": 8192,
+       {"op": "mmap", "pid": 1, "addr": "0x7f3a00000000", "length": 8192,
         "prot": "PROT_READ|PROT_WRITE", "flags": "MAP_PRIVATE|MAP_ANONYMOUS"},
-       {"op": "mprotect", "pid": 7, "addr": "0x7f3a00000000", "length": 4096,
-        "prot": "PROT_READ"}, ...]}
+       {"op": "fork", "pid": 1, "child": 2},
+       {"op": "exec", "pid": 2, "path": "/usr/bin/ls"},
+       {"op": "exit", "pid": 2}, ...]}
 
-Every event keeps the program's own addresses. The format is the contract
+In schema 2 ``pid`` is the process an event belongs to, numbered in order of
+appearance (the traced program is 1); :func:`check_trace` holds the events
+to a consistent process tree. Schema 1 traces (one address space, ``pid``
+the thread's OS id, no fork, vfork or exit) still load and replay as they
+always did. Every event keeps the program's own addresses. The format is the contract
 between the recorder (``scripts.strace``, a tool) and the replay
 (``guest.replay``, guest-kernel code), so it lives in ``shared``: the event
 dataclasses, :class:`Trace`, JSON encoding and decoding with validation
@@ -35,6 +41,10 @@ from pvemu.shared.x86 import PAGE_SIZE
 
 __all__ = [
     "SCHEMA",
+    "SCHEMAS",
+    "PROCESS_OPS",
+    "SCHEMA_OPS",
+    "ROOT_PID",
     "TraceError",
     "Mmap",
     "Mprotect",
@@ -43,6 +53,9 @@ __all__ = [
     "Brk",
     "Madvise",
     "Exec",
+    "Fork",
+    "Vfork",
+    "Exit",
     "Event",
     "EVENT_TYPES",
     "Trace",
@@ -54,6 +67,7 @@ __all__ = [
     "event_to_json",
     "event_from_json",
     "check_event",
+    "check_trace",
     "format_prot",
     "format_map_flags",
     "format_mremap_flags",
@@ -66,7 +80,14 @@ __all__ = [
     "DISCARD_ADVICES",
 ]
 
-SCHEMA: Final = 1
+#: The schema :func:`dump_trace` writes for a new trace (the recorder's).
+SCHEMA: Final = 2
+#: Every schema :func:`load_trace` reads: 1 is one address space, 2 adds processes.
+SCHEMAS: Final = (1, 2)
+#: Ops only schema 2 has: processes made and ended.
+PROCESS_OPS: Final = ("fork", "vfork", "exit")
+#: The traced program's process number in a schema-2 trace.
+ROOT_PID: Final = 1
 
 PROT_READ: Final = 0x1
 PROT_WRITE: Final = 0x2
@@ -319,16 +340,51 @@ class Madvise:
 
 @dataclass(frozen=True, slots=True)
 class Exec:
-    """A successful execve of the traced process: a new, empty address space."""
+    """A successful execve: process ``pid`` (schema 1: the traced program)
+    continues in a new, empty address space."""
 
     OP: ClassVar[str] = "exec"
     pid: int = field(metadata=_meta("int"))
     path: str = field(metadata=_meta("str"))
 
 
-Event = Mmap | Mprotect | Munmap | Mremap | Brk | Madvise | Exec
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """fork, or clone without CLONE_VM: process ``child`` starts with a copy
+    of ``pid``'s address space (copy-on-write)."""
+
+    OP: ClassVar[str] = "fork"
+    pid: int = field(metadata=_meta("int"))
+    child: int = field(metadata=_meta("int"))
+
+
+@dataclass(frozen=True, slots=True)
+class Vfork:
+    """vfork, or clone with CLONE_VM but not CLONE_THREAD: process ``child``
+    runs in ``pid``'s address space (no copy) until it execs or exits."""
+
+    OP: ClassVar[str] = "vfork"
+    pid: int = field(metadata=_meta("int"))
+    child: int = field(metadata=_meta("int"))
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """exit_group: process ``pid`` ends, and its address space with it
+    unless a vfork child still runs in it."""
+
+    OP: ClassVar[str] = "exit"
+    pid: int = field(metadata=_meta("int"))
+
+
+Event = Mmap | Mprotect | Munmap | Mremap | Brk | Madvise | Exec | Fork | Vfork | Exit
 EVENT_TYPES: Final[Mapping[str, type[Event]]] = {
-    cls.OP: cls for cls in (Mmap, Mprotect, Munmap, Mremap, Brk, Madvise, Exec)
+    cls.OP: cls for cls in (Mmap, Mprotect, Munmap, Mremap, Brk, Madvise, Exec, Fork, Vfork, Exit)
+}
+#: The ops of each schema, in report order.
+SCHEMA_OPS: Final[Mapping[int, tuple[str, ...]]] = {
+    1: tuple(op for op in EVENT_TYPES if op not in PROCESS_OPS),
+    2: tuple(EVENT_TYPES),
 }
 
 
@@ -429,6 +485,45 @@ def check_event(event: Event, where: str) -> None:
         value = getattr(event, name, 0)
         if not 0 <= value < 1 << 64:
             raise TraceError(f"{where} ({event.OP}): {name} out of range")
+    if isinstance(event, Fork | Vfork) and event.child == event.pid:
+        raise TraceError(f"{where} ({event.OP}): process {event.pid} cannot be its own child")
+
+
+def check_trace(events: list[Event], schema: int) -> None:
+    """Hold a whole trace to its schema: schema 1 has no process ops;
+    schema 2 is one process tree. There process 1 runs from the start;
+    every other process is made by a fork or vfork that comes before its
+    first event and numbers it next (2, 3, ... in order of appearance); no
+    event comes from a process that has exited. TraceError names the first
+    event that breaks a rule."""
+    if schema not in SCHEMAS:
+        raise TraceError(f"unsupported trace schema {schema!r} (expected one of {SCHEMAS})")
+    if schema == 1:
+        for index, event in enumerate(events):
+            if event.OP in PROCESS_OPS:
+                raise TraceError(f"event {index}: op {event.OP!r} needs schema 2, this is schema 1")
+        return
+    running = {ROOT_PID}
+    exited: dict[int, int] = {}
+    next_pid = ROOT_PID + 1
+    for index, event in enumerate(events):
+        where = f"event {index} ({event.OP})"
+        if event.pid not in running:
+            if event.pid in exited:
+                raise TraceError(
+                    f"{where}: process {event.pid} exited at event {exited[event.pid]}"
+                )
+            raise TraceError(f"{where}: process {event.pid} was never forked")
+        if isinstance(event, Fork | Vfork):
+            if event.child != next_pid:
+                raise TraceError(
+                    f"{where}: child {event.child} is not the next process number ({next_pid})"
+                )
+            running.add(event.child)
+            next_pid += 1
+        elif isinstance(event, Exit):
+            running.discard(event.pid)
+            exited[event.pid] = index
 
 
 # --- the trace -------------------------------------------------------------------------
@@ -436,8 +531,9 @@ def check_event(event: Event, where: str) -> None:
 
 @dataclass
 class Trace:
-    """A normalised trace: the command, how it was recorded, the events of
-    its main address space in completion order, and the parser's counts."""
+    """A normalised trace: the command, how it was recorded, the events in
+    completion order, and the parser's counts. ``schema`` 1 is a trace of
+    one address space (:func:`check_trace`)."""
 
     command: list[str]
     recorded_with: str
@@ -445,19 +541,31 @@ class Trace:
     stats: dict[str, int] = field(default_factory=dict)
     schema: int = SCHEMA
 
+    @property
+    def has_processes(self) -> bool:
+        """Whether ``pid`` names processes (schema 2), not threads of one."""
+        return self.schema >= 2
+
+    def ops(self) -> tuple[str, ...]:
+        """The ops this trace's schema has, in report order."""
+        return SCHEMA_OPS[self.schema]
+
     def counts(self) -> dict[str, int]:
-        """Events per op, every op listed."""
+        """Events per op, every op of the schema listed."""
         found = Counter(e.OP for e in self.events)
-        return {op: found.get(op, 0) for op in EVENT_TYPES}
+        return {op: found.get(op, 0) for op in self.ops()}
 
     def summary(self) -> dict[str, Any]:
         """What ``pvemu trace show`` prints: event counts and page volumes."""
         mapped = protected = unmapped = discarded = brk_grown = 0
         pids: set[int] = set()
-        brk: int | None = None
+        #: The break of each address space's program (schema 1: one, key 0).
+        brk: dict[int, int | None] = {}
         prots: Counter[str] = Counter()
+        processes = 1
         for e in self.events:
             pids.add(e.pid)
+            space = e.pid if self.has_processes else 0
             if isinstance(e, Mmap):
                 mapped += _page_align(e.length) // PAGE_SIZE
             elif isinstance(e, Mprotect):
@@ -470,17 +578,26 @@ class Trace:
             elif isinstance(e, Mremap) and e.length > e.old_length:
                 mapped += (_page_align(e.length) - _page_align(e.old_length)) // PAGE_SIZE
             elif isinstance(e, Brk):
-                if brk is not None and e.result > brk:
-                    brk_grown += (_page_align(e.result) - _page_align(brk)) // PAGE_SIZE
-                brk = e.result
+                old = brk.get(space)
+                if old is not None and e.result > old:
+                    brk_grown += (_page_align(e.result) - _page_align(old)) // PAGE_SIZE
+                brk[space] = e.result
             elif isinstance(e, Exec):
-                brk = None
+                brk[space] = None
+            elif isinstance(e, Fork | Vfork):
+                processes += 1
+                brk[e.child] = brk.get(space)
+        threads = len(pids)
+        if self.has_processes:  # pids are processes; the parser counted the threads
+            threads = processes + self.stats.get("threads", 0)
         return {
             "command": self.command,
             "recorded_with": self.recorded_with,
+            "trace_schema": self.schema,
             "events": len(self.events),
             "by_op": self.counts(),
-            "threads": len(pids),
+            "processes": processes,
+            "threads": threads,
             "pages_mapped": mapped,
             "pages_protected": protected,
             "pages_unmapped": unmapped,
@@ -513,8 +630,9 @@ def dump_trace(trace: Trace) -> str:
 def trace_from_json(doc: Any) -> Trace:
     if not isinstance(doc, dict):
         raise TraceError("a trace is a JSON object")
-    if doc.get("schema") != SCHEMA:
-        raise TraceError(f"unsupported trace schema {doc.get('schema')!r} (expected {SCHEMA})")
+    schema = doc.get("schema")
+    if schema not in SCHEMAS or isinstance(schema, bool):
+        raise TraceError(f"unsupported trace schema {schema!r} (expected one of {SCHEMAS})")
     command = doc.get("command")
     if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
         raise TraceError("'command' must be a list of strings")
@@ -530,23 +648,23 @@ def trace_from_json(doc: Any) -> Trace:
     events = doc.get("events")
     if not isinstance(events, list):
         raise TraceError("'events' must be a list")
-    return Trace(
-        list(command),
-        recorded_with,
-        [event_from_json(e, i) for i, e in enumerate(events)],
-        dict(stats),
-    )
+    parsed = [event_from_json(e, i) for i, e in enumerate(events)]
+    check_trace(parsed, schema)
+    return Trace(list(command), recorded_with, parsed, dict(stats), schema)
 
 
 def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read a trace file; TraceError if it is not a valid schema-1 trace."""
+    """Read a trace file; TraceError if it is not a valid trace of a known schema."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TraceError(f"{os.fspath(path)}: not JSON: {exc}") from None
-    return trace_from_json(doc)
+    try:
+        return trace_from_json(doc)
+    except TraceError as exc:
+        raise TraceError(f"{os.fspath(path)}: {exc}") from None
 
 
 def save_trace(trace: Trace, path: str | os.PathLike[str]) -> None:
