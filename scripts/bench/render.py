@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.scripts.bench.comparison import Comparison
 from pvemu.scripts.bench.documents import run_to_json
-from pvemu.scripts.bench.sweep import MPROTECT
 from pvemu.scripts.report import (
-    MPROTECT_PHASES,
     PIPE_WIDTH,
     Entry,
     Tabular,
@@ -22,8 +20,10 @@ from pvemu.scripts.report import (
     markdown_table,
     print_tabular,
     wide_console,
+    workload_headline,
 )
 from pvemu.scripts.results import GATED_COUNTS, Point, Run, param_words
+from pvemu.scripts.workloads import HEADLINES, MPROTECT, effective_loops
 
 if TYPE_CHECKING:
     from pvemu.scripts.costmodel import CostModel
@@ -81,7 +81,8 @@ def run_document(run: Run, model: CostModel | None) -> dict[str, Any]:
 
 
 def point_label(point: Point) -> str:
-    """``xen 600 mc_bytes=256``; trace workloads lead with the workload."""
+    """``xen 600 mc_bytes=256``; other workloads than mprotect lead with
+    the workload (``fork xen 600``)."""
     parts = [] if point.workload == MPROTECT else [point.workload]
     parts.append(point.mode + (" (UNSAFE)" if point.unsafe else ""))
     if point.pages:
@@ -140,31 +141,53 @@ def _phase_cells(point: Point, phase: str, estimates: dict[str, float] | None) -
     return cells
 
 
+def _mode_label(point: Point) -> str:
+    """``xen mc_bytes=256``: a point within a sentence that names its workload and size."""
+    return " ".join(
+        [point.mode + (" (UNSAFE)" if point.unsafe else ""), *param_words(point.params)]
+    )
+
+
+def _entries(run: Run, workload: str, pages: int) -> list[Entry]:
+    """The valid points of one workload and size, summed over the phases
+    its headline compares (``workloads.HEADLINES``)."""
+    phases = HEADLINES[workload].phases
+    return [
+        Entry(
+            label=point_label(p) if workload == MPROTECT else _mode_label(p),
+            mode=p.mode,
+            traps=sum(p.counts[ph].get("traps", 0) for ph in phases),
+            seconds=total.median if (total := p.total_timing(phases)) else None,
+            unsafe=p.unsafe,
+        )
+        for p in run.points
+        if p.valid
+        and p.workload == workload
+        and p.pages == pages
+        and all(ph in p.counts for ph in phases)
+    ]
+
+
 def run_headline(run: Run) -> str:
-    """One sentence per region size: the best safe mode's two mprotects
-    against ``trap`` (:func:`report.headline`), from the run's own numbers.
-    Points with --mc-* limits compete too, under their own label."""
-    sizes = sorted({p.pages for p in run.points if p.workload == MPROTECT and p.pages})
+    """One sentence per workload and region size, from the run's own
+    numbers: the best safe mode's two mprotects against ``trap``
+    (:func:`report.headline`), a process workload's mode-dependent phases
+    against ``xen`` (:func:`report.workload_headline`). Points with --mc-*
+    limits compete too, under their own label."""
     sentences = []
-    for pages in sizes:
-        entries = [
-            Entry(
-                label=point_label(p),
-                mode=p.mode,
-                traps=sum(p.counts[ph].get("traps", 0) for ph in MPROTECT_PHASES),
-                seconds=total.median if (total := p.total_timing(MPROTECT_PHASES)) else None,
-                unsafe=p.unsafe,
-            )
-            for p in run.points
-            if p.valid
-            and p.workload == MPROTECT
-            and p.pages == pages
-            and all(ph in p.counts for ph in MPROTECT_PHASES)
-        ]
-        if entries:
-            sentences.append(headline(entries, f"mprotect RO + RW of {pages:,} pages"))
+    for workload in dict.fromkeys(p.workload for p in run.points if p.workload in HEADLINES):
+        sizes = sorted({p.pages for p in run.points if p.workload == workload and p.pages})
+        for pages in sizes:
+            entries = _entries(run, workload, pages)
+            if not entries:
+                continue
+            if workload == MPROTECT:
+                sentences.append(headline(entries, f"mprotect RO + RW of {pages:,} pages"))
+            else:
+                loops = effective_loops(workload, None)
+                sentences.append(workload_headline(workload, pages, loops, entries))
     if not sentences:
-        return "headline: no valid mprotect point to compare"
+        return "headline: no valid point of a workload with a headline to compare"
     return "\n".join(sentences)
 
 
