@@ -15,14 +15,22 @@ from typing import Any
 
 import pytest
 
-from pvemu.scripts import bench_cmd, costmodel, results
+from pvemu.guest.proc_workloads import DEFAULT_LOOPS, PROCESS_PHASES
+from pvemu.scripts import bench_cmd, checks, costmodel, results
 from pvemu.scripts.bench import documents, provenance
 from pvemu.scripts.bench.options import sweep_from_args
 from pvemu.scripts.bench.render import print_run
-from pvemu.scripts.bench.runner import DEFAULT_REPEAT, guest_command, record_repeat
+from pvemu.scripts.bench.runner import (
+    DEFAULT_REPEAT,
+    guest_command,
+    hypervisor_memory,
+    record_repeat,
+)
 from pvemu.scripts.bench.store import ResultStore
 from pvemu.scripts.bench.sweep import DEFAULT_MODES, Sweep, UsageError
+from pvemu.scripts.errors import UserError
 from pvemu.scripts.results import Point, Run
+from tests import test_fork_counts as fork_counts
 from tests.test_kernel_counts import expected_traps, pte_pages
 from tests.test_results import counts, make_point, make_run
 
@@ -130,12 +138,38 @@ def test_sweep_plan_applies_buffer_limits_to_xen_only() -> None:
     assert [p.key for p in twice.plan()] == [f"trace:{trace} batched pages=0"]
 
 
+def test_process_workloads_sweep_pages_and_need_two_vcpus() -> None:
+    sweep = Sweep(modes=("xen", "batched"), pages=(8,), workloads=("fork", "forkexec"))
+    assert [p.key for p in sweep.plan()] == [
+        "fork xen pages=8",
+        "fork batched pages=8",
+        "forkexec xen pages=8",
+        "forkexec batched pages=8",
+    ]
+    assert Sweep.from_json(sweep.as_json()) == sweep
+    with pytest.raises(UserError, match="the fork workload needs 2 vCPUs"):
+        Sweep(pages=(8,), workloads=("fork",), vcpus=1).check()
+    with pytest.raises(UsageError, match="unknown workload 'spawn': mprotect, fork, exec"):
+        Sweep(workloads=("spawn",)).check()
+    # fork's guest holds the child's copies: the hypervisor is sized for them
+    big = Sweep(pages=(4096,), workloads=("mprotect", "fork"))
+    assert hypervisor_memory(big) == 2 * checks.guest_memory("fork", 4096) + checks.HEADROOM_MIB
+    assert checks.guest_memory("fork", 4096) > checks.memory_for(4096)
+    cmd = guest_command(Point("exec", "batched", 8), socket_path="/s", vcpus=2, memory_pages=8)
+    assert "--pages 8 --vcpus 2 --workload exec --json" in " ".join(cmd)
+
+
 def test_sweep_options_are_checked() -> None:
     def sweep_of(*argv: str) -> Sweep:
         return sweep_from_args(pvemu_parser().parse_args(["bench", *argv]))
 
     assert sweep_of().modes == DEFAULT_MODES
     assert sweep_of("--workload", "mprotect,mprotect").workloads == ("mprotect", "mprotect")
+    assert sweep_of("--workload", "fork,exec", "--workload", "forkexec").workloads == (
+        "fork",
+        "exec",
+        "forkexec",
+    )
     assert sweep_of("--mc-bytes", "default,256").mc_bytes == (None, 256)
     with pytest.raises(UsageError, match="xen only"):
         sweep_of("--modes", "trap", "--mc-bytes", "256")
@@ -237,6 +271,33 @@ def test_table_markdown_and_json_outputs(capsys: pytest.CaptureFixture[str]) -> 
         costmodel.DEFAULT.estimate_ns(run.points[0].counts["protect_ro"], 600) / 1000, abs=1e-3
     )
     assert ro["time"]["median_s"] == pytest.approx(0.011)
+
+
+def test_run_documents_of_process_workloads_compare_as_their_points() -> None:
+    meta = {"created_utc": "2026-01-01T00:00:00Z"}
+    result = {"mode": "xen", "counts_agree": True, "audit_clean": True, "phases": {}}
+    fork = documents.run_from_json(
+        {
+            "schema": documents.RUN_CMD_SCHEMA,
+            "run": meta,
+            "pages": 8,
+            "workload": "fork",
+            "results": [result],
+        }
+    )
+    assert [p.key for p in fork.points] == ["fork xen pages=8"]
+    loops = {
+        "schema": documents.RUN_CMD_SCHEMA,
+        "run": meta,
+        "pages": 8,
+        "workload": "forkexec",
+        "results": [result],
+    }
+    assert documents.run_from_json({**loops, "loops": 4}).points[0].key == "forkexec xen pages=8"
+    other = documents.run_from_json({**loops, "loops": 2}).points[0].key
+    assert other == "forkexec xen pages=8 loops=2"  # never compared with bench's 4 rounds
+    old = {"schema": documents.RUN_CMD_SCHEMA, "run": meta, "pages": 8, "results": [result]}
+    assert documents.run_from_json(old).points[0].key == "mprotect xen pages=8"
 
 
 # --- compare exit codes ------------------------------------------------------------
@@ -503,6 +564,32 @@ def test_a_real_sweep_stores_and_prints_json(tmp_path: Path) -> None:
         stored = store.load_run(store.resolve("smoke"))
     assert [p.key for p in stored.points] == [p["key"] for p in doc["points"]]
     assert stored.points[1].counts["protect_ro"]["traps"] == expected_traps("xen", 40, "protect_ro")
+
+
+def test_a_real_sweep_of_the_process_workloads() -> None:
+    done = bench(
+        *("--workload", "fork,exec", "--workload", "forkexec", "--modes", "xen,batched"),
+        *("--pages", "5", "--repeat", "1", "--no-store", "--json"),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["run"]["config"]["sweep"]["workloads"] == ["fork", "exec", "forkexec"]
+    points = {p["key"]: p for p in doc["points"]}
+    assert list(points) == [
+        f"{w} {m} pages=5" for w in ("fork", "exec", "forkexec") for m in ("xen", "batched")
+    ]
+    for point in points.values():
+        assert point["valid"] is True, point["reason"]
+        assert list(point["phases"]) == list(PROCESS_PHASES[point["workload"]])
+    for mode in ("xen", "batched"):
+        fork = points[f"fork {mode} pages=5"]["phases"]
+        assert fork["fork"]["counts"]["traps"] == fork_counts.fork_traps(mode, 5)
+        exec_ = points[f"exec {mode} pages=5"]["phases"]["exec"]["counts"]["traps"]
+        assert exec_ == fork_counts.exec_traps(mode, 5)
+        rounds = points[f"forkexec {mode} pages=5"]["phases"]
+        assert rounds["fork"]["counts"]["traps"] == DEFAULT_LOOPS * fork_counts.fork_traps(mode, 5)
+        assert rounds["cow_reuse"]["counts"]["page_faults"] == DEFAULT_LOOPS * 5
 
 
 def test_bench_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -250,6 +250,7 @@ REFUSED = [
     (["run", "--loops", "3"], "--loops counts the forkexec workload's rounds"),
     (["guest", "--workload", "fork", "--loops", "3"], "drop it for --workload fork"),
     (["run", "--workload", "fork", "--pages", "9000000"], "(fork's child copies half the pages)"),
+    (["bench", "--workload", "exec", "--vcpus", "1", "--no-store"], "the exec workload needs 2"),
 ]
 
 
