@@ -29,6 +29,7 @@ from pvemu.scripts.bench.runner import (
 from pvemu.scripts.bench.store import ResultStore
 from pvemu.scripts.bench.sweep import DEFAULT_MODES, Sweep, UsageError
 from pvemu.scripts.errors import UserError
+from pvemu.scripts.report import TIMES as X
 from pvemu.scripts.results import Point, Run
 from tests import test_fork_counts as fork_counts
 from tests.test_kernel_counts import expected_traps, pte_pages
@@ -273,6 +274,49 @@ def test_table_markdown_and_json_outputs(capsys: pytest.CaptureFixture[str]) -> 
     assert ro["time"]["median_s"] == pytest.approx(0.011)
 
 
+def process_point(workload: str, mode: str, phases: dict[str, int]) -> Point:
+    point = Point(workload, mode, 600)
+    point.counts = {phase: counts(traps) for phase, traps in phases.items()}
+    point.samples = {phase: [0.01 * traps or 0.001] for phase, traps in phases.items()}
+    return point
+
+
+def test_process_points_print_by_phase_with_a_headline_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fork = {"populate": 1809, "fork": 622, "context_switch": 1, "exit": 2}
+    run = make_run(
+        process_point("fork", "xen", fork),
+        process_point("fork", "batched", {**fork, "fork": 2}),
+        process_point("exec", "xen", {"context_switch": 1, "exec": 4, "exit": 2}),
+        make_point("trap", 600, 601, samples=[0.1]),
+    )
+    run.points[-1].counts["protect_rw"] = counts(600)
+    run.points[-1].samples["protect_rw"] = [0.1]
+    print_run(run, costmodel.DEFAULT, "table")
+    out = capsys.readouterr().out
+    for label in ("fork xen 600", "fork batched 600", "exec xen 600", "trap 600"):
+        assert label in out, label
+    assert (
+        f"headline: 600 pages: fork costs 622 traps in xen (Linux on Xen PV), 2 in batched: 311{X}"
+        in out
+    )
+    assert (
+        "headline: 600 pages: exec costs 4 traps in xen (Linux on Xen PV); nothing to compare"
+        in out
+    )
+    assert "mprotect RO + RW of 600 pages" in out
+    assert "published, for scale (recalled, UNCONFIRMED)" in out
+    print_run(run, costmodel.DEFAULT, "json")
+    doc = json.loads(capsys.readouterr().out)
+    xen_fork = doc["points"][0]["phases"]["fork"]
+    assert xen_fork["estimate_us"] == pytest.approx(
+        costmodel.DEFAULT.estimate_ns(counts(622), 1200) / 1000, abs=1e-3
+    )
+    print_run(make_run(run.points[-1]), costmodel.DEFAULT, "table")  # mprotect only
+    assert "published" not in capsys.readouterr().out
+
+
 def test_run_documents_of_process_workloads_compare_as_their_points() -> None:
     meta = {"created_utc": "2026-01-01T00:00:00Z"}
     result = {"mode": "xen", "counts_agree": True, "audit_clean": True, "phases": {}}
@@ -446,6 +490,53 @@ def test_every_default_cost_has_a_documented_source() -> None:
         assert f"`{name}`" in doc, name
         assert name in sources, name
         assert f"{value:g}" in doc or f"{value:,g}" in doc, (name, value)
+
+
+def test_process_phases_are_estimated_with_the_ptes_bare_metal_writes() -> None:
+    n, ptes = 600, costmodel.ptes_changed
+    assert [ptes("mprotect", ph, n) for ph in ("populate", "protect_ro", "protect_rw")] == [n] * 3
+    fork = {ph: ptes("fork", ph, 9) for ph in ("populate", "fork", "context_switch")}
+    assert fork == {"populate": 9, "fork": 18, "context_switch": 0}
+    assert (ptes("fork", "cow_copy", 9), ptes("fork", "cow_reuse", 9), ptes("fork", "exit", 9)) == (
+        5,
+        4,
+        9,
+    )
+    assert (ptes("exec", "exec", n), ptes("exec", "exit", n)) == (n + 1, 1)
+    assert ptes("forkexec", "fork", n, loops=3) == 3 * 2 * n
+    assert ptes("forkexec", "cow_reuse", n) == 4 * n  # bench runs the default 4 rounds
+    assert ptes("trace:x.json", "mmap", n) == ptes("fork", "unknown", n) == 0
+
+    # The xen fork phase of 600 pages (pvemu bench --workload fork): 600
+    # trapped write-protects, 20 mmu_updates of the child's PTEs, the pin's
+    # multicall, the flush.
+    model = costmodel.DEFAULT
+    xen_fork = {"traps": 622, "hypercalls": 22, "ptwr": 600, "records": 600, "flush_ops": 3}
+    parts = model.breakdown_ns(xen_fork, ptes("fork", "fork", n))
+    assert parts["page_faults"] == 0
+    assert parts["native_ptes"] == 1200 * 17.0
+    point = Point("fork", "xen", n)
+    point.counts = {"fork": xen_fork}
+    from pvemu.scripts.bench.render import estimates_us
+
+    assert estimates_us(point, model) == {"fork": pytest.approx(sum(parts.values()) / 1000)}
+    assert estimates_us(point, model)["fork"] == pytest.approx(884.8, abs=0.1)
+
+
+def test_published_figures_are_kept_once_and_marked_unconfirmed() -> None:
+    doc = json.loads((REPO / "benchmarks" / "costs.json").read_text())
+    assert doc["published"]["rows"] == costmodel.published_json()
+    assert "UNCONFIRMED" in doc["published"]["source"]
+    rows = {p.name: p for p in costmodel.PUBLISHED}
+    assert (rows["fork proc"].linux_us, rows["fork proc"].xenolinux_us) == (110, 198)
+    assert rows["exec proc"].xen_over_linux == pytest.approx(768 / 530)
+    note = costmodel.published_note()
+    for words in ("UNCONFIRMED", "fork proc 110 µs Linux vs 198 µs XenoLinux", "768"):
+        assert words in note, words
+    text = (REPO / "docs" / "cost-model.md").read_text()
+    assert "unconfirmed" in text.lower()
+    for row in costmodel.PUBLISHED:
+        assert f"| {row.name} |" in text, row.name
 
 
 # --- plots ---------------------------------------------------------------------------

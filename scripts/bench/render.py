@@ -53,15 +53,13 @@ TitledTable = tuple[str, list[str], list[list[str]]]
 # --- cost-model estimates --------------------------------------------------------
 
 
-def ptes_changed(point: Point, phase: str) -> int:
-    """PTEs one phase changes, for the cost model's native term: every phase
-    of the mprotect workload changes one PTE per page; traces are not known."""
-    return point.pages if point.workload == MPROTECT else 0
-
-
 def estimates_us(point: Point, model: CostModel) -> dict[str, float]:
+    """Each phase's estimate; the native term from
+    :func:`costmodel.ptes_changed` (0 for traces, whose PTEs are not known)."""
+    from pvemu.scripts.costmodel import ptes_changed
+
     return {
-        phase: model.estimate_ns(counts, ptes_changed(point, phase)) / 1000.0
+        phase: model.estimate_ns(counts, ptes_changed(point.workload, phase, point.pages)) / 1000.0
         for phase, counts in point.counts.items()
     }
 
@@ -196,6 +194,12 @@ def run_tabular(run: Run, model: CostModel | None) -> Tabular:
     header, rows = table_rows(run, model)
     repeats = run.config.get("repeat", "?")
     notes = [ESTIMATE_NOTE.format(name=model.name)] if model is not None else []
+    if model is not None and any(
+        p.workload in HEADLINES and p.workload != MPROTECT for p in run.points
+    ):
+        from pvemu.scripts.costmodel import published_note
+
+        notes.append(published_note())
     return Tabular(
         title=f"pvemu bench: exact counts per phase, wall time over {repeats} repeat(s)",
         header=header,
