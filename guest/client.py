@@ -553,16 +553,26 @@ class Domain:
         return reply.rc
 
     async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]], *, resume: bool = False
     ) -> dict[str, Any]:
-        """User accesses on ``vcpu``; stops at the first page fault."""
+        """User accesses on ``vcpu``; stops at the first page fault.
+
+        ``resume``: return to user mode through ``HYPERVISOR_iret`` after the
+        kernel handled the fault that ended this vCPU's previous run (64-bit
+        PV). It is a hypercall, counted here once the hypervisor has taken it
+        (a refusal, ``out_of_range`` when no fault is pending, counts nothing
+        on either side).
+        """
         channel = self._channels[vcpu]
-        request = wire.RunUser(channel.next_id(), tuple(wire.Access(*a) for a in accesses))
+        named = tuple(wire.Access(*a) for a in accesses)
+        request = wire.RunUser(channel.next_id(), named, resume)
         if self.timeline is None:
             reply = await channel.request(request)
         else:
             reply = await self._recorded(channel, request, vcpu, "run_user")
         assert isinstance(reply, wire.UserResult)
+        if resume:
+            self._counters[vcpu].hypercalls[abi.HYPERVISOR_iret] += 1
         fault = None
         if reply.fault is not None:
             self._counters[vcpu].page_faults += 1

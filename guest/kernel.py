@@ -555,18 +555,26 @@ class Kernel:
     async def run_user(
         self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
     ) -> list[bytes]:
-        """Run accesses on ``vcpu``, servicing page faults; returns the reads."""
+        """Run accesses on ``vcpu``, servicing page faults; returns the reads.
+
+        After a fault is handled the kernel returns to user mode, which on
+        64-bit PV is ``HYPERVISOR_iret``: the request that retries the
+        faulting access says so (``resume``). A fault that ends in a
+        SegmentationFault never returns to that code, so it has no iret.
+        """
         if not 0 <= vcpu < self.machine.nr_vcpus:
             raise ValueError(f"no vCPU {vcpu}")
         reads: list[bytes] = []
         position = 0
         batch_size = ACCESS_BATCH
+        resume = False
         while position < len(accesses):
             batch = accesses[position : position + batch_size]
-            outcome = await self.machine.run_user(vcpu, batch)
+            outcome = await self.machine.run_user(vcpu, batch, resume=resume)
             reads.extend(outcome["reads"])
             done = outcome["executed"]
             fault = outcome["fault"]
+            resume = fault is not None
             if fault is not None:
                 await self.handle_fault(fault["va"], fault["error_code"], vcpu=vcpu)
                 # Faults come in runs (first touch of a region): send a little

@@ -54,8 +54,12 @@ class Machine(Protocol):
         ...
 
     async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
-    ) -> dict[str, Any]: ...
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]], *, resume: bool = False
+    ) -> dict[str, Any]:
+        """Run user accesses on ``vcpu`` until the first page fault.
+        ``resume``: the vCPU returns to user mode after the kernel handled
+        the fault that ended its previous run (an iret: a hypercall on PV)."""
+        ...
 
     async def stats(self) -> dict[str, Any]: ...
 
@@ -154,13 +158,16 @@ class NativeMachine:
         as under Xen)."""
         offset = maddr % PAGE_SIZE
         if not 1 <= len(data) <= PAGE_SIZE or offset + len(data) > PAGE_SIZE:
-            raise ValueError(f"kernel write of {len(data)} bytes at {maddr:#x} crosses a frame")
+            raise ValueError(
+                f"a kernel write is 1..4096 bytes in one frame: {len(data)} at {maddr:#x}"
+            )
         self.memory.write_bytes(maddr, data)
         return 0
 
     async def run_user(
-        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]]
+        self, vcpu: int, accesses: Sequence[tuple[int, str, bytes | int]], *, resume: bool = False
     ) -> dict[str, Any]:
+        # ``resume`` is ignored: bare metal's iret is an instruction, not a trap.
         # Another CPU's user thread runs concurrently: let other tasks go first.
         await trio.lowlevel.checkpoint()
         stale_before = len(self.hw.stale_writes)

@@ -77,6 +77,27 @@ def _check_size(kernel: Kernel, pages: int) -> None:
         raise ValueError("process workloads need 2 vCPUs (syscalls on 0, user code on 1)")
 
 
+class _Child:
+    """The parent's latest child, and the steps a workload measures on it:
+    forked on the syscall vCPU, run, exec'd and exited on the user vCPU."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.pid = 0
+
+    async def fork(self) -> None:
+        self.pid = await self.kernel.fork(INIT_PID, vcpu=_SYSCALL_VCPU)
+
+    async def switch(self) -> None:
+        await self.kernel.switch_to(_USER_VCPU, self.pid)
+
+    async def exec(self) -> None:
+        await self.kernel.exec(self.pid, vcpu=_USER_VCPU)
+
+    async def exit(self) -> None:
+        await self.kernel.exit_process(self.pid, vcpu=_USER_VCPU)
+
+
 def _map_region(kernel: Kernel, pages: int, pid: int) -> None:
     addr = kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON, addr=REGION_ADDR, pid=pid)
     if addr != REGION_ADDR:
@@ -90,35 +111,26 @@ async def run_fork_workload(kernel: Kernel, pages: int, *, on_step: Step = None)
     _map_region(kernel, pages, INIT_PID)
     everything, child_half = range(pages), range(0, pages, 2)
     rest = range(1, pages, 2)
-    child = 0
+    child = _Child(kernel)
 
     async def populate() -> None:
         await kernel.run_user(_USER_VCPU, _writes(everything, 1))
 
-    async def fork() -> None:
-        nonlocal child
-        child = await kernel.fork(INIT_PID, vcpu=_SYSCALL_VCPU)
-
-    async def switch() -> None:
-        await kernel.switch_to(_USER_VCPU, child)
-
     async def cow_copy() -> None:
         await kernel.run_user(_USER_VCPU, _writes(child_half, 2))
-
-    async def exit_child() -> None:
-        await kernel.exit_process(child, vcpu=_USER_VCPU)
 
     async def cow_reuse() -> None:
         await kernel.run_user(_SYSCALL_VCPU, _writes(rest, 3))
 
-    for name, action in (("populate", populate), ("fork", fork), ("context_switch", switch)):
-        await measure(kernel, result, name, action, on_step)
+    await measure(kernel, result, "populate", populate, on_step)
+    await measure(kernel, result, "fork", child.fork, on_step)
+    await measure(kernel, result, "context_switch", child.switch, on_step)
     await measure(kernel, result, "cow_copy", cow_copy, on_step)
     if on_step is not None:
         on_step("check")
     seen_by_child = _pattern(everything, 1) | _pattern(child_half, 2)
     await _expect(kernel, _USER_VCPU, seen_by_child, "the child")
-    await measure(kernel, result, "exit", exit_child, on_step)
+    await measure(kernel, result, "exit", child.exit, on_step)
     await measure(kernel, result, "cow_reuse", cow_reuse, on_step)
     await _expect(kernel, _SYSCALL_VCPU, _pattern(everything, 1) | _pattern(rest, 3), "the parent")
     result.audit = await kernel.audit()
@@ -166,23 +178,10 @@ async def run_forkexec_workload(
     result = WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe)
     _map_region(kernel, pages, INIT_PID)
     everything = range(pages)
-    child = 0
+    child = _Child(kernel)
 
     async def populate() -> None:
         await kernel.run_user(_SYSCALL_VCPU, _writes(everything, 1))
-
-    async def fork() -> None:
-        nonlocal child
-        child = await kernel.fork(INIT_PID, vcpu=_SYSCALL_VCPU)
-
-    async def switch() -> None:
-        await kernel.switch_to(_USER_VCPU, child)
-
-    async def execve() -> None:
-        await kernel.exec(child, vcpu=_USER_VCPU)
-
-    async def exit_child() -> None:
-        await kernel.exit_process(child, vcpu=_USER_VCPU)
 
     tag = 1
     await measure(kernel, result, "populate", populate, on_step)
@@ -193,10 +192,10 @@ async def run_forkexec_workload(
         async def rewrite(writes: list[tuple[int, str, bytes | int]] = writes) -> None:
             await kernel.run_user(_SYSCALL_VCPU, writes)
 
-        await measure(kernel, result, "fork", fork, on_step)
-        await measure(kernel, result, "context_switch", switch, on_step)
-        await measure(kernel, result, "exec", execve, on_step)
-        await measure(kernel, result, "exit", exit_child, on_step)
+        await measure(kernel, result, "fork", child.fork, on_step)
+        await measure(kernel, result, "context_switch", child.switch, on_step)
+        await measure(kernel, result, "exec", child.exec, on_step)
+        await measure(kernel, result, "exit", child.exit, on_step)
         await measure(kernel, result, "cow_reuse", rewrite, on_step)
     if on_step is not None:
         on_step("check")

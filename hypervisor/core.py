@@ -42,6 +42,12 @@ class DomainError(Exception):
     """A domain cannot be created or found (bad size, no memory, no domain)."""
 
 
+class NoFaultToResume(DomainError):
+    """A run with ``resume`` on a vCPU that has no page fault to return from:
+    its last run did not fault, or it already returned (the guest's error;
+    refused like any other request the vCPU's state does not allow)."""
+
+
 class PendingCall:
     """A hypercall in progress, runnable in slices (Xen's continuation).
 
@@ -232,19 +238,36 @@ class Hypervisor:
     # --- the hardware -------------------------------------------------------------------------
 
     def run_user(
-        self, domid: int, vcpu: int, accesses: Iterable[tuple[int, str, bytes | int]]
+        self,
+        domid: int,
+        vcpu: int,
+        accesses: Iterable[tuple[int, str, bytes | int]],
+        *,
+        resume: bool = False,
     ) -> RunOutcome:
-        """Run user accesses on a vCPU; a page fault is a trap to the guest."""
+        """Run user accesses on a vCPU; a page fault is a trap to the guest.
+
+        ``resume``: the guest kernel returns to user mode after handling the
+        vCPU's pending fault with ``HYPERVISOR_iret``, a trap of its own
+        (64-bit PV: docs/sources.md §1), counted before the accesses run.
+        Raises NoFaultToResume, counting nothing, when no fault is pending.
+        """
         domain = self._vcpu_domain(domid, vcpu)
         counters = domain.counters[vcpu]
+        if resume:
+            if not domain.fault_pending[vcpu]:
+                raise NoFaultToResume(f"vCPU {vcpu} has no page fault to return from")
+            counters.hypercalls[abi.HYPERVISOR_iret] += 1
         counters.user_runs += 1
         stale_before = len(domain.hw.stale_writes)
         outcome = domain.hw.run(vcpu, accesses)
         for stale in domain.hw.stale_writes[stale_before:]:
             domain.oracle.stale_write(stale.va, stale.pte_maddr)
         counters.user_accesses += outcome.executed
-        if outcome.fault is not None:
+        faulted = outcome.fault is not None
+        if faulted:
             counters.page_faults += 1
+        domain.fault_pending[vcpu] = faulted
         return outcome
 
     def kernel_write(self, domid: int, vcpu: int, maddr: int, data: bytes) -> int:

@@ -1,8 +1,9 @@
 """Trap counters, per vCPU, split by kind (docs/sources.md §1).
 
 A trap is every guest -> hypervisor transition: each top-level hypercall (a
-multicall is one, whatever it carries), each emulated page-table write and each
-page fault reflected to the guest (``shared.counts.trap_count``, the formula the
+multicall is one, whatever it carries; the iret back to user mode after a page
+fault is one too), each emulated page-table write and each page fault reflected
+to the guest (``shared.counts.trap_count``, the formula the
 guest's own count uses too). What only drives the emulation (user
 accesses, the kernel's stores through its linear map, stats, audit) is
 counted apart and is not a trap.
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pvemu.shared.abi import HYPERCALL_NAMES
+from pvemu.shared.abi import COUNTED_HYPERCALL_NAMES
 from pvemu.shared.counts import trap_count
 
 
@@ -61,12 +62,13 @@ class VcpuCounters:
 
 
 def by_op(counts: Counter[int]) -> dict[str, int]:
-    """Counts keyed by hypercall number; numbers pvemu does not implement are
-    summed under ``"other"``, so a guest cannot grow the map (and its stats
-    reply) without bound by calling made-up hypercalls."""
+    """Counts keyed by hypercall number; numbers pvemu neither serves nor
+    counts on its own (iret) are summed under ``"other"``, so a guest cannot
+    grow the map (and its stats reply) without bound by calling made-up
+    hypercalls."""
     out: dict[str, int] = {}
     for op, n in sorted(counts.items()):
-        key = str(op) if op in HYPERCALL_NAMES else "other"
+        key = str(op) if op in COUNTED_HYPERCALL_NAMES else "other"
         out[key] = out.get(key, 0) + n
     return out
 

@@ -40,6 +40,14 @@ class Domain:
     secret: bytes = field(default=b"", repr=False)
     #: Lost-D and stale-TLB bookkeeping for this domain's page tables.
     oracle: RaceOracle = field(default_factory=RaceOracle, repr=False)
+    #: Per vCPU: its last user run ended in a page fault reflected to the
+    #: guest and it has not returned to user mode since (the one state in
+    #: which ``HYPERVISOR_iret`` back to user mode is legal).
+    fault_pending: list[bool] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.fault_pending:
+            self.fault_pending = [False] * len(self.counters)
 
     @property
     def nr_vcpus(self) -> int:

@@ -11,8 +11,9 @@ transport of the tests and the fuzzers all serve requests through
 :meth:`HypervisorService.begin`.
 
 Errors by blame: a request the guest got wrong is refused with its typed
-code (``out_of_range`` for a domain that cannot be made or a vCPU that is
-not free, ``too_large`` for an over-limit batch, ...). An unexpected
+code (``out_of_range`` for a domain that cannot be made, a vCPU that is not
+free or a ``run_user`` resuming a vCPU with no page fault to return from,
+``too_large`` for an over-limit batch, ...). An unexpected
 exception inside the hypervisor is a hypervisor bug: it is logged with its
 traceback and the guest gets ``internal``; the other domains are unaffected.
 """
@@ -305,7 +306,8 @@ class HypervisorService:
 
     def _begin_recorded(self, session: Session, request: wire.Request, timeline: Timeline) -> Work:
         """:meth:`begin`, recording what it counts: a hypercall (when it ends
-        or is abandoned), an emulated page-table write, a page fault."""
+        or is abandoned), an emulated page-table write, the iret of a
+        resumed user run, a page fault."""
         start = now_ns()
         try:
             if type(request) is wire.Hypercall:
@@ -326,10 +328,17 @@ class HypervisorService:
             if request.clear_bits:
                 args["clear_bits"] = request.clear_bits
             timeline.complete("ptwr", TRAP, domid, vcpu, start, now_ns(), args)
-        elif type(reply) is wire.UserResult and reply.fault is not None:
-            args = {"va": reply.fault.va, "error_code": reply.fault.error_code}
-            args["accesses_before"] = reply.executed
-            timeline.complete("page_fault", TRAP, domid, vcpu, start, now_ns(), args)
+        elif type(reply) is wire.UserResult:
+            assert type(request) is wire.RunUser
+            if request.resume:  # the iret, then the fault the run took (if it did)
+                ended = now_ns()
+                iret = {"op": abi.HYPERVISOR_iret}
+                timeline.complete("iret", TRAP, domid, vcpu, start, ended, iret)
+                start = ended
+            if reply.fault is not None:
+                args = {"va": reply.fault.va, "error_code": reply.fault.error_code}
+                args["accesses_before"] = reply.executed
+                timeline.complete("page_fault", TRAP, domid, vcpu, start, now_ns(), args)
         elif type(reply) is wire.Welcome and type(request) is wire.Hello:
             self._born[domid] = start
             domain = self.hv.domain(domid)
@@ -378,7 +387,7 @@ class HypervisorService:
                 rc = hv.kernel_write(domid, session.vcpu, request.maddr, request.data)
                 return Work(wire.KernelWriteResult(request.id, rc))
             case wire.RunUser():
-                outcome = hv.run_user(domid, session.vcpu, request.accesses)
+                outcome = hv.run_user(domid, session.vcpu, request.accesses, resume=request.resume)
                 fault = None
                 if outcome.fault is not None:
                     fault = wire.Fault(outcome.fault.va, outcome.fault.error_code)
@@ -432,6 +441,7 @@ class HypervisorService:
         if not 0 <= join.vcpu < domain.nr_vcpus or join.vcpu in membership.vcpus:
             return _refused(join, WireErrorCode.OUT_OF_RANGE, f"vCPU {join.vcpu} is not free")
         membership.vcpus.add(join.vcpu)
+        domain.fault_pending[join.vcpu] = False  # a fresh vCPU has no fault to return from
         session.domid, session.vcpu = join.domid, join.vcpu
         structlog.contextvars.bind_contextvars(domid=join.domid, vcpu=join.vcpu)
         log.info("vcpu_joined")

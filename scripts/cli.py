@@ -93,6 +93,9 @@ def info_body() -> dict[str, object]:
         "hypercalls": [
             {"nr": nr, "name": name} for nr, name in sorted(abi.HYPERCALL_NAMES.items())
         ],
+        "implicit_hypercalls": [
+            {"nr": nr, "name": name} for nr, name in sorted(abi.IMPLICIT_HYPERCALL_NAMES.items())
+        ],
         "unknown_hypercall_rc": -abi.ENOSYS,
         "features": [
             {"bit": bit, "name": name, "meaning": meaning}
@@ -130,6 +133,11 @@ def _run_info(args: argparse.Namespace) -> int:
 
     console.print(f"pvemu {package_version()}: Xen PV MMU ABI implemented")
     console.print(calls)
+    for nr, name in sorted(abi.IMPLICIT_HYPERCALL_NAMES.items()):
+        console.print(
+            f"Counted, not served: {name} ({nr}), the return to user space that "
+            "a run_user with resume carries."
+        )
     console.print(f"Any other hypercall number returns -ENOSYS ({-abi.ENOSYS}).")
     console.print(features)
     return 0

@@ -3,7 +3,8 @@
 pvemu's wall times measure Python and Unix sockets, not a CPU. The counts are
 exact, so an *estimate* of real time is a weighted sum of them::
 
-    est = hypercalls    x hypercall cost      (one guest->hypervisor entry each)
+    est = hypercalls    x hypercall cost      (one guest->hypervisor entry each,
+                                               the iret after each fault included)
         + ptwr          x ptwr cost           (trapped PTE write, decoded and emulated)
         + trapped faults x page-fault cost    (a #PF that enters the hypervisor first)
         + records       x per-record cost     (mmu_update validation, per PTE)

@@ -63,6 +63,18 @@ HYPERCALL_NAMES: Final[dict[int, str]] = {
     HYPERVISOR_mmuext_op: "mmuext_op",
 }
 
+#: Hypercalls pvemu counts but does not serve as a ``hypercall`` request:
+#: ``iret``, the return to user mode after a page fault, rides on the
+#: ``run_user`` that resumes the vCPU (``resume``, docs/protocol.md §3), so a
+#: ``hypercall`` with its number is -ENOSYS like any other unserved one.
+IMPLICIT_HYPERCALL_NAMES: Final[dict[int, str]] = {HYPERVISOR_iret: "iret"}
+
+#: Every hypercall the counters report by number (served or implicit).
+COUNTED_HYPERCALL_NAMES: Final[dict[int, str]] = {
+    **HYPERCALL_NAMES,
+    **IMPLICIT_HYPERCALL_NAMES,
+}
+
 # --- mmu_update sub-commands (ptr & 7) -----------------------------------------
 MMU_NORMAL_PT_UPDATE: Final = 0
 MMU_MACHPHYS_UPDATE: Final = 1

@@ -237,6 +237,14 @@ def test_hypercall_names_are_the_served_set() -> None:
         assert getattr(abi, f"HYPERVISOR_{name}") == nr
 
 
+def test_iret_is_counted_by_name_but_not_served() -> None:
+    """The iret rides on a resumed run_user (docs/protocol.md §3): the
+    counters name it, ``pvemu info``'s served set does not."""
+    assert abi.IMPLICIT_HYPERCALL_NAMES == {23: "iret"}
+    assert abi.HYPERVISOR_iret not in abi.HYPERCALL_NAMES
+    assert abi.COUNTED_HYPERCALL_NAMES == {**abi.HYPERCALL_NAMES, 23: "iret"}
+
+
 def test_errno_names_cover_every_errno() -> None:
     expected = {value: name for name, value in ERRNOS.items()}
     assert dict(abi.ERRNO_NAMES) == expected

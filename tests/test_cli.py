@@ -106,6 +106,7 @@ def test_info_json_has_the_metadata_block_and_the_same_abi(
         (1, "mmu_update"),
         (26, "mmuext_op"),
     }
+    assert doc["implicit_hypercalls"] == [{"nr": 23, "name": "iret"}]
     assert doc["unknown_hypercall_rc"] == -38
     assert [f["name"] for f in doc["features"]] == ["XENFEAT_mmu_pt_update_preserve_ad"]
 

@@ -1,7 +1,7 @@
 """Faults (issue "Robustness", section 4), with real processes throughout.
 
 - Guests SIGKILLed at random points (mid-boot, mid-batch, mid-user-access,
-  mid-mprotect workload): the domain is torn down, every frame returns to the
+  mid-mprotect workload, mid-fork): the domain is torn down, every frame returns to the
   pool, ``audit()`` is clean and a bystander domain never notices.
 - The hypervisor SIGTERMed with guests attached: it exits 0 at once, removes its
   socket, and every guest's pending or next request raises ``HypervisorGone``.
@@ -140,10 +140,34 @@ async def access_loop(socket_path: str, pages: int) -> None:
             await kernel.munmap(addr, length)
 
 
+async def fork_loop(socket_path: str, pages: int) -> None:
+    """fork forever: a parent of ``pages`` written pages forks, the child
+    writes a few of them (copy-on-write) and exits; a kill lands in a fork's
+    copy, its pin, a COW fault or an exit's unpin."""
+    from pvemu.guest.kernel import boot
+
+    async with boot(socket_path, mode="xen", memory_mib=16, vcpus=2) as kernel:
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        addr = kernel.mmap(pages * PAGE_SIZE, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        await kernel.run_user(1, [(addr + i * PAGE_SIZE, "w", b"p") for i in range(pages)])
+        n = 0
+        while True:
+            n += 1
+            print(f"fork {n}", flush=True)
+            child = await kernel.fork()
+            await kernel.switch_to(1, child)
+            await kernel.run_user(
+                1, [(addr + i * PAGE_SIZE, "w", b"c") for i in range(0, pages, 9)]
+            )
+            await kernel.exit_process(child, vcpu=1)
+            await kernel.switch_to(1, 1)
+
+
 CHILD_KINDS: Final[dict[str, Callable[[str, int], Awaitable[None]]]] = {
     "boot": boot_loop,
     "batch": batch_loop,
     "user": access_loop,
+    "fork": fork_loop,
 }
 
 
@@ -213,10 +237,10 @@ class Bystander:
 # --- 1. guests killed at random points -----------------------------------------------------
 
 SEEDS: Final = (1, 2, 3)
-KINDS: Final = ("boot", "batch", "user", "mprotect")
+KINDS: Final = ("boot", "batch", "user", "mprotect", "fork")
 #: The longest random delay after a kind's marker; each is well under the
 #: operation the marker announces, so the kill lands inside it.
-MAX_DELAY_S: Final = {"boot": 0.03, "batch": 0.25, "user": 0.2, "mprotect": 1.0}
+MAX_DELAY_S: Final = {"boot": 0.03, "batch": 0.25, "user": 0.2, "mprotect": 1.0, "fork": 0.3}
 
 
 class LineReader:
@@ -274,6 +298,8 @@ async def kill_at_random(
             n = rng.randint(1, 8)  # vCPUs
         elif kind == "batch":
             n = rng.randrange(20000, 60001, 2000)  # records per vCPU
+        elif kind == "fork":
+            n = rng.randrange(64, 257, 64)  # pages
         else:
             n = rng.randrange(64, 257, 64)  # pages
         cmd = [sys.executable, "-m", "tests.test_faults", kind, hvp.socket_path, str(n)]
@@ -304,7 +330,7 @@ async def kill_at_random(
 
 @pytest.mark.slow
 async def test_guests_killed_at_random_points_leave_the_machine_clean(tmp_path: Path) -> None:
-    """3 seeds x 4 kinds of guest process, each SIGKILLed mid-operation; after
+    """3 seeds x 5 kinds of guest process, each SIGKILLed mid-operation; after
     each: the frames all come back, audit() is clean, the bystander works,
     and the hypervisor finally exits 0."""
     with hypervisor_process(memory_mib=160, quantum=1, tag="kill") as hvp:

@@ -21,6 +21,7 @@ The xen column is the reference formula for Linux on Xen PV.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -36,6 +37,7 @@ from pvemu.hypervisor import Hypervisor
 from tests.loopback import loopback_domain
 
 SIZES = [1, 31, 32, 512, 513, 1100]
+Workload = Callable[..., Awaitable[WorkloadResult]]
 HYPERVISOR_MODES = [m for m in MODE_NAMES if m != "native"]
 #: A first-touch fault in a pinned tree: the fault, the PTE install, the iret.
 FAULT = 3
@@ -92,6 +94,14 @@ async def make_kernel(mode: str, memory_mib: int = 48) -> Kernel:
     return kernel_for(domain, mode)
 
 
+async def run(mode: str, workload: Workload, n: int, **params: int) -> WorkloadResult:
+    """``workload`` over ``n`` pages in ``mode`` (native: no hypervisor)."""
+    if mode == "native":
+        async with boot(mode="native", memory_mib=48) as kernel:
+            return await workload(kernel, n, **params)
+    return await workload(await make_kernel(mode), n, **params)
+
+
 def traps(result: WorkloadResult) -> dict[str, int]:
     return {name: phase.counts["traps"] for name, phase in result.phases.items()}
 
@@ -106,11 +116,7 @@ def assert_valid(result: WorkloadResult) -> None:
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("mode", MODE_NAMES)
 async def test_fork_workload_counts(mode: str, n: int) -> None:
-    if mode == "native":
-        async with boot(mode="native", memory_mib=48) as kernel:
-            result = await run_fork_workload(kernel, n)
-    else:
-        result = await run_fork_workload(await make_kernel(mode), n)
+    result = await run(mode, run_fork_workload, n)
     copies, reuses = len(range(0, n, 2)), len(range(1, n, 2))
     assert traps(result) == {
         "populate": per_fault(mode, FAULT) * n
@@ -129,11 +135,7 @@ async def test_fork_workload_counts(mode: str, n: int) -> None:
 @pytest.mark.parametrize("n", [1, 513])
 @pytest.mark.parametrize("mode", MODE_NAMES)
 async def test_exec_workload_counts(mode: str, n: int) -> None:
-    if mode == "native":
-        async with boot(mode="native", memory_mib=48) as kernel:
-            result = await run_exec_workload(kernel, n)
-    else:
-        result = await run_exec_workload(await make_kernel(mode), n)
+    result = await run(mode, run_exec_workload, n)
     counts = traps(result)
     assert counts["context_switch"] == per_fault(mode, 1)
     assert counts["exec"] == exec_traps(mode, n)
@@ -144,11 +146,7 @@ async def test_exec_workload_counts(mode: str, n: int) -> None:
 @pytest.mark.parametrize("mode", MODE_NAMES)
 async def test_forkexec_loop_counts(mode: str) -> None:
     n, loops = 600, 3
-    if mode == "native":
-        async with boot(mode="native", memory_mib=48) as kernel:
-            result = await run_forkexec_workload(kernel, n, loops=loops)
-    else:
-        result = await run_forkexec_workload(await make_kernel(mode), n, loops=loops)
+    result = await run(mode, run_forkexec_workload, n, loops=loops)
     counts = traps(result)
     assert counts["fork"] == loops * fork_traps(mode, n)
     assert counts["context_switch"] == loops * per_fault(mode, 1)

@@ -10,9 +10,9 @@ adding permissions needs no flush):
   xen           sum(ceil(k_i / 31)) + F (31 coalesced records per flush)
   batched       m                       (one hypercall per PTE page, flush folded in)
 
-populate costs, in every hypervisor mode, one page fault and one PTE install
-per page, plus a pin and a link for each new table: 2N + 2m + 2 (the region's
-L2 is new too).
+populate costs, in every hypervisor mode, per page one page fault, one PTE
+install and one iret back to user mode (64-bit PV, docs/sources.md §1), plus
+a pin and a link for each new table: 3N + 2m + 2 (the region's L2 is new too).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def expected_traps(mode: str, n: int, phase: str) -> int:
         return 0
     k = pte_pages(n)
     if phase == "populate":
-        return 2 * n + 2 * len(k) + 2
+        return 3 * n + 2 * len(k) + 2
     flush = (n if n <= 33 else 1) if phase == "protect_ro" else 0
     if mode in ("trap", "ptwr"):
         return 2 * n + flush

@@ -259,10 +259,10 @@ async def test_first_touch_sends_small_run_user_batches() -> None:
         run_user = kernel.machine.run_user
 
         async def counting(
-            vcpu: int, batch: Sequence[tuple[int, str, bytes | int]]
+            vcpu: int, batch: Sequence[tuple[int, str, bytes | int]], *, resume: bool = False
         ) -> dict[str, Any]:
             sent.append(len(batch))
-            return await run_user(vcpu, batch)
+            return await run_user(vcpu, batch, resume=resume)
 
         kernel.machine.run_user = counting  # type: ignore[method-assign]
         pages = 300

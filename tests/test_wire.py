@@ -291,6 +291,20 @@ def test_plain_tuples_become_named_tuples() -> None:
     assert isinstance(result.fault, Fault)
 
 
+def test_run_user_resume_is_optional_on_the_wire() -> None:
+    """``resume`` is only encoded when true, and a map without it (any
+    guest written before the field) decodes as a plain run."""
+    plain, resuming = RunUser(1, ()), RunUser(2, (), resume=True)
+    assert plain.to_wire() == {"t": "run_user", "id": 1, "accesses": ()}
+    assert resuming.to_wire() == {"t": "run_user", "id": 2, "accesses": (), "resume": True}
+    server = ready_server()
+    assert feed_one(server, packb(plain.to_wire())) == plain
+    assert feed_one(server, packb(resuming.to_wire())) == resuming
+    explicit = {"t": "run_user", "id": 3, "accesses": [], "resume": False}
+    assert feed_one(server, packb(explicit)) == RunUser(3, ())
+    local_error("bad_type", RunUser, 1, (), 1)
+
+
 def test_user_result_fault_decodes_as_named_tuple() -> None:
     client = client_awaiting(RunUser(1, ()))
     obj = {"t": "user_result", "id": 1, "executed": 0, "reads": [], "fault": [0x7000, 6]}
@@ -739,6 +753,11 @@ BAD_REQUESTS = [
     ),
     pytest.param(with_field(RunUser(1, ()), accesses=[[0, "r"]]), "bad_type", id="access-arity"),
     pytest.param(with_field(RunUser(1, ()), accesses=[[0, {}, 1]]), "bad_type", id="kind-map"),
+    pytest.param(with_field(RunUser(1, ()), resume=1), "bad_type", id="resume-int"),
+    pytest.param(with_field(RunUser(1, ()), resume=None), "bad_type", id="resume-nil"),
+    pytest.param(
+        with_field(RunUser(1, ()), resume=True, junk=1), "malformed", id="resume-extra-field"
+    ),
     pytest.param(with_field(Stats(1), junk=1), "malformed", id="extra-field"),
     pytest.param({"t": "ptwr", "id": 1, "maddr": 0, "val": 0}, "malformed", id="missing-field"),
     pytest.param({"id": 1}, "malformed", id="no-t"),
@@ -1199,7 +1218,7 @@ requests = st.one_of(
         u64s,
         st.integers(1, 4096),
     ),
-    st.builds(RunUser, ids, st.lists(accesses, max_size=4).map(tuple)),
+    st.builds(RunUser, ids, st.lists(accesses, max_size=4).map(tuple), st.booleans()),
     st.builds(Stats, ids),
     st.builds(Audit, ids),
     st.builds(Bye, ids),

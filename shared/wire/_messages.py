@@ -4,7 +4,7 @@ decode, one class per ``"t"`` value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Final, NamedTuple, Self, TypeVar
 
 from pvemu.shared.errors import LocalProtocolError, RemoteProtocolError
@@ -65,10 +65,10 @@ class Message(_Validated):
     ANCILLARY_FDS: ClassVar[int] = 0
     _FIELDS: ClassVar[tuple[str, ...]]
     _KEYS: ClassVar[frozenset[str]]
-    #: Fields a map may leave out, with the value they then decode as: a
-    #: field added to a message that already shipped, so older maps (and
-    #: the bytes of every message that leaves it at its default) are unchanged.
-    _OMITTABLE: ClassVar[tuple[tuple[str, object], ...]] = ()
+    #: Fields a map may leave out, decoded as their defaults (fields added
+    #: after a message first shipped, so older peers' maps stay valid).
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    _DEFAULTS: ClassVar[dict[str, object]]
 
     id: Any  # narrowed by each subclass (int, or int | None for ErrorReply)
 
@@ -92,18 +92,22 @@ class Message(_Validated):
             LocalProtocolError: missing or extra keys, or invalid values (the
                 connection reports these as non-fatal RemoteProtocolError).
         """
-        if cls._OMITTABLE and data.keys() != cls._KEYS:
-            data = {**dict(cls._OMITTABLE), **data}
         if data.keys() != cls._KEYS:
-            missing = sorted(cls._KEYS.difference(k for k in data if isinstance(k, str)))
-            extra = sorted(repr(k) for k in data if k not in cls._KEYS)
-            _fail(
-                _MALFORMED,
-                f"{cls.TYPE}: missing fields {missing}, unexpected fields {extra}",
-            )
+            data = cls._with_defaults(data)
         kwargs = {name: data[name] for name in cls._FIELDS}
         cls._convert(kwargs)
         return cls(**kwargs)
+
+    @classmethod
+    def _with_defaults(cls, data: dict[Any, Any]) -> dict[Any, Any]:
+        """``data`` with the :attr:`OPTIONAL` fields it leaves out at their
+        defaults; any other missing or extra key is ``malformed``."""
+        absent = cls._KEYS.difference(k for k in data if isinstance(k, str))
+        missing = sorted(absent - cls.OPTIONAL)
+        extra = sorted(repr(k) for k in data if k not in cls._KEYS)
+        if missing or extra:
+            _fail(_MALFORMED, f"{cls.TYPE}: missing fields {missing}, unexpected fields {extra}")
+        return {**data, **{name: cls._DEFAULTS[name] for name in absent}}
 
 
 class Request(Message):
@@ -128,6 +132,12 @@ def _register(cls: type[_M]) -> type[_M]:
     dataclass_type: Any = cls  # fields() wants a dataclass; _register runs after @dataclass
     cls._FIELDS = tuple(f.name for f in fields(dataclass_type))
     cls._KEYS = frozenset(("t", *cls._FIELDS))
+    cls._DEFAULTS = {
+        f.name: f.default
+        for f in fields(dataclass_type)
+        if f.name in cls.OPTIONAL and f.default is not MISSING
+    }
+    assert cls._DEFAULTS.keys() == cls.OPTIONAL, f"{cls.__name__}: optional fields need defaults"
     table: dict[str, Any] = REQUEST_TYPES if issubclass(cls, Request) else REPLY_TYPES
     assert cls.TYPE not in REQUEST_TYPES
     assert cls.TYPE not in REPLY_TYPES
@@ -271,7 +281,7 @@ class Ptwr(Request):
     """
 
     TYPE: ClassVar[str] = "ptwr"
-    _OMITTABLE: ClassVar[tuple[tuple[str, object], ...]] = (("clear_bits", 0),)
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"clear_bits"})
     id: int
     maddr: int
     val: int
@@ -303,14 +313,26 @@ class Ptwr(Request):
 @_register
 @dataclass(frozen=True, slots=True)
 class RunUser(Request):
-    """User accesses for this connection's vCPU; stops at the first fault."""
+    """User accesses for this connection's vCPU; stops at the first fault.
+
+    ``resume``: the vCPU returns to user mode through ``HYPERVISOR_iret``
+    after the kernel handled the fault that ended its previous run, so the
+    hypervisor counts that hypercall before running the accesses (64-bit
+    PV has no other way back to user mode). Optional on the wire: a map
+    without ``"resume"`` is False, and False is not encoded, so a plain run
+    is the same bytes as before the field existed.
+    """
 
     TYPE: ClassVar[str] = "run_user"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"resume"})
     id: int
     accesses: tuple[Access, ...]
+    resume: bool = False
 
     def _validate(self) -> None:
         _request_id(self.id)
+        if type(self.resume) is not bool:
+            _fail(_BAD_TYPE, f"resume must be a bool, not {_tname(self.resume)}")
         plain = False
         for access in _tuple(self.accesses, "accesses", MAX_USER_ACCESSES):
             va, kind, data = _shape(access, "access", 3)
@@ -325,6 +347,12 @@ class RunUser(Request):
             plain = plain or type(access) is not Access
         if plain:  # plain (va, kind, data) tuples, e.g. decoded: name them
             object.__setattr__(self, "accesses", tuple(Access(*a) for a in self.accesses))
+
+    def to_wire(self) -> dict[str, object]:
+        out: dict[str, object] = {"t": "run_user", "id": self.id, "accesses": self.accesses}
+        if self.resume:
+            out["resume"] = True
+        return out
 
 
 @_register

@@ -508,7 +508,8 @@ class RequestMaker:
             maddr = ((self.frame(link) << 12) + offset) & U64
             return KernelWrite(rid, maddr, e.blob(length))
         if kind == "user":
-            return RunUser(rid, self.accesses(link))
+            # resume (an iret) is refused on a vCPU with no fault pending
+            return RunUser(rid, self.accesses(link), e.chance(30))
         if kind == "stats":
             return Audit(rid) if e.chance(15) else Stats(rid)
         if kind == "invalid":

@@ -128,7 +128,7 @@ def build_request(e: Entropy, rid: int, state: State) -> Request:
             length = e.int_range(1, wire.MAX_ACCESS_LEN)
             data: bytes | int = e.blob(length) if kind == "w" else length
             accesses.append(Access(e.u64(), kind, data))
-        return RunUser(rid, tuple(accesses))
+        return RunUser(rid, tuple(accesses), e.chance(30))
     if k == 3:
         if e.chance(25):  # an atomic clear of PTE bits: val must be 0
             return Ptwr(rid, e.u64(), 0, e.flag(), e.u64())

@@ -1,9 +1,9 @@
 """Hostile guests: the protocol spoken by hand, over a raw socket.
 
 Joins with wrong secrets, requests before hello, a second hello or join, reply
-messages sent to the server, reused request ids and a forged page-table owner:
-each gets its typed error or Xen's refusal, and nothing of the attacker or the
-victim moved.
+messages sent to the server, reused request ids, a forged page-table owner and
+a forged iret (``run_user`` resuming with no fault pending): each gets its
+typed error or Xen's refusal, and nothing of the attacker or the victim moved.
 """
 
 from __future__ import annotations
@@ -290,5 +290,34 @@ async def test_forged_pt_owner_field_changes_nothing(hvp: HypervisorProcess) -> 
                 -abi.EPERM,
                 0,
             )
+        assert_unchanged(s, before, await snapshot(s))
+        await probe(s)
+
+
+async def test_a_forged_iret_is_refused_and_counted_nowhere(hvp: HypervisorProcess) -> None:
+    """``run_user`` with ``resume`` claims a return to user space after a
+    page fault (HYPERVISOR_iret, docs/protocol.md §3). Without a fault
+    pending it is out_of_range each time, runs nothing and counts nothing;
+    after a real fault it is taken exactly once; a non-bool is bad_type."""
+    async with scene(hvp) as s, raw(hvp.socket_path) as conn:
+        assert (await conn.ask(hello(1)))["t"] == "welcome"
+        before = await snapshot(s)
+        touch = [[0, "r", 8]]
+        for rid in (2, 3):
+            forged = {"t": "run_user", "id": rid, "accesses": touch, "resume": True}
+            assert error(await conn.ask(forged)) == ("error", rid, "out_of_range")
+        mistyped = {"t": "run_user", "id": 4, "accesses": touch, "resume": 1}
+        assert error(await conn.ask(mistyped)) == ("error", 4, "bad_type")
+        counted = (await conn.ask({"t": "stats", "id": 5}))["stats"]["total"]
+        assert (counted["traps"], counted["user_runs"]) == (0, 0)
+        # no page tables loaded: the access faults, and one resume is owed
+        faulted = await conn.ask({"t": "run_user", "id": 6, "accesses": touch})
+        assert faulted["fault"] is not None
+        resumed = {"t": "run_user", "id": 7, "accesses": [], "resume": True}
+        assert (await conn.ask(resumed))["t"] == "user_result"
+        assert error(await conn.ask({**resumed, "id": 8})) == ("error", 8, "out_of_range")
+        counted = (await conn.ask({"t": "stats", "id": 9}))["stats"]["total"]
+        assert counted["hypercalls_by_op"] == {str(abi.HYPERVISOR_iret): 1}
+        assert (counted["traps"], counted["page_faults"]) == (2, 1)
         assert_unchanged(s, before, await snapshot(s))
         await probe(s)
