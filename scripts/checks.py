@@ -80,6 +80,42 @@ def max_pages_for(memory_mib: int) -> int:
 
 #: The largest ``--pages`` whose guest fits in one domain (about 12.8 GiB).
 MAX_PAGES: Final = max_pages_for(MAX_DOMAIN_MIB)
+#: The workload whose guest fills more than its region: fork's child copies
+#: every other page on its first write (copy-on-write).
+FORK: Final = "fork"
+#: vCPUs the process workloads need: syscalls on vCPU 0, user code on vCPU 1.
+PROCESS_VCPUS: Final = 2
+
+
+#: The guest workload of ``pvemu race --workload fork``.
+RACE_FORK: Final = "race-fork"
+
+
+def workload_pages(workload: str, pages: int) -> int:
+    """Pages of memory a workload's guest fills for a region of ``pages``:
+    the region, for fork the child's copies of half of it, for the fork race
+    a copy of every page (the writers' and the child's COW faults)."""
+    if workload == RACE_FORK:
+        return 2 * pages
+    return pages + (pages + 1) // 2 if workload == FORK else pages
+
+
+def guest_memory(workload: str, pages: int) -> int:
+    """Guest memory in MiB for ``workload`` over ``pages``."""
+    return memory_for(workload_pages(workload, pages))
+
+
+def max_workload_pages(workload: str, memory_mib: int) -> int:
+    """The largest region of ``workload`` whose guest fits in ``memory_mib``."""
+    fits = max_pages_for(memory_mib)
+    if workload == RACE_FORK:
+        return fits // 2
+    if workload != FORK:
+        return fits
+    pages = fits * 2 // 3 + 1  # p + ceil(p/2) <= fits; at most one step too far
+    while pages > 0 and workload_pages(workload, pages) > fits:
+        pages -= 1
+    return pages
 
 
 def host_memory_mib() -> int:
@@ -97,30 +133,34 @@ def max_machine_mib(host_mib: int) -> int:
 # --- sizes and counts ----------------------------------------------------------------------
 
 
-def _copies_note(copies: int) -> str:
-    return "" if copies == 1 else f" (room for {copies} copies of each page)"
+def _guest_words(workload: str) -> str:
+    if workload == RACE_FORK:
+        return " (room for 2 copies of each page)"
+    return " (fork's child copies half the pages)" if workload == FORK else ""
 
 
-def check_domain_pages(pages: int, option: str = "--pages", copies: int = 1) -> None:
-    """A guest region must fit in one domain (``copies`` times over for a
-    workload whose pages are copied, as fork's)."""
-    if pages * copies > MAX_PAGES:
+def check_domain_pages(pages: int, option: str = "--pages", workload: str = "mprotect") -> None:
+    """A guest region must fit in one domain."""
+    limit = max_workload_pages(workload, MAX_DOMAIN_MIB)
+    if pages > limit:
         raise UserError(
-            f"{option} {pages:,} needs a {memory_for(pages * copies):,} MiB guest"
-            f"{_copies_note(copies)}, more than a domain's {MAX_DOMAIN_MIB:,} MiB (16 GiB): "
-            f"give {option} {MAX_PAGES // copies:,} or fewer"
+            f"{option} {pages:,} needs a {guest_memory(workload, pages):,} MiB guest"
+            f"{_guest_words(workload)}, more than a domain's {MAX_DOMAIN_MIB:,} MiB (16 GiB): "
+            f"give {option} {limit:,} or fewer"
         )
 
 
-def check_pages(pages: int, host_mib: int, option: str = "--pages", copies: int = 1) -> None:
+def check_pages(
+    pages: int, host_mib: int, option: str = "--pages", workload: str = "mprotect"
+) -> None:
     """A guest region must fit in one domain, and the domain in the host."""
-    check_domain_pages(pages, option, copies)
-    need = memory_for(pages * copies)
+    check_domain_pages(pages, option, workload)
+    need = guest_memory(workload, pages)
     if need > host_mib:
         raise UserError(
-            f"{option} {pages:,} needs a {need:,} MiB guest{_copies_note(copies)}, more than "
+            f"{option} {pages:,} needs a {need:,} MiB guest{_guest_words(workload)}, more than "
             f"this host's {host_mib:,} MiB of RAM: give {option} "
-            f"{max_pages_for(host_mib) // copies:,} or fewer"
+            f"{max_workload_pages(workload, host_mib):,} or fewer"
         )
 
 
@@ -156,6 +196,23 @@ def check_enough_memory(given: int | None, need: int, what: str) -> None:
 def check_vcpus(vcpus: int, option: str = "--vcpus") -> None:
     if vcpus > MAX_VCPUS:
         raise UserError(f"{option} {vcpus:,}: a domain has at most {MAX_VCPUS} vCPUs")
+
+
+def check_process_vcpus(workload: str, vcpus: int, option: str = "--vcpus") -> None:
+    """A process workload runs its syscalls on vCPU 0 and user code on vCPU 1."""
+    if vcpus < PROCESS_VCPUS:
+        raise UserError(
+            f"{option} {vcpus}: the {workload} workload needs {PROCESS_VCPUS} vCPUs or more "
+            f"(syscalls on vCPU 0, user code on vCPU 1); give {option} {PROCESS_VCPUS}"
+        )
+
+
+def check_loops(workload: str, loops: int | None) -> None:
+    """``--loops`` counts forkexec's fork+exec+exit rounds; nothing else loops."""
+    if loops is not None and workload != "forkexec":
+        raise UserError(
+            f"--loops counts the forkexec workload's rounds; drop it for --workload {workload}"
+        )
 
 
 def check_writers(writers: int, pages: int) -> None:

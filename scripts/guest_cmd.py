@@ -1,5 +1,6 @@
-"""``pvemu guest``: boot one guest against a running hypervisor and run the
-canonical mprotect workload in one pv-ops mode."""
+"""``pvemu guest``: boot one guest against a running hypervisor and run one
+workload (the canonical mprotect, a process workload, the race or a trace)
+in one pv-ops mode."""
 
 from __future__ import annotations
 
@@ -11,21 +12,25 @@ from typing import TYPE_CHECKING, Final
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts import checks
 from pvemu.scripts.argtypes import output_file, positive_int
-from pvemu.scripts.checks import memory_for
 from pvemu.scripts.errors import UserError
 from pvemu.scripts.hypervisor_cmd import DEFAULT_SOCKET
 from pvemu.scripts.report import add_format_options, output_format
+from pvemu.scripts.workloads import DEFAULT_LOOPS, MPROTECT, RUN_WORKLOADS, effective_loops
+from pvemu.scripts.workloads import HELP as WORKLOAD_HELP
 
 if TYPE_CHECKING:
     from pvemu.guest.machine import Machine
     from pvemu.guest.workload import WorkloadResult
     from pvemu.shared.timeline import Timeline
 
-EPILOG = """\
+EPILOG = f"""\
 modes: native (bare metal, no hypervisor), trap (unbatched traps), ptwr
 (writable page tables), xen (Linux's multicall batching), batched (a whole PTE
 page per hypercall) and naive (UNSAFE: commits without PRESERVE_AD and loses
 A/D bits; only for showing the race).
+
+{WORKLOAD_HELP}
+Also: race (pvemu race's scenario) and trace:FILE (replay a recorded program).
 
 --timeline FILE records, as Chrome trace-event JSON, each trap's round trip
 as this guest saw it (one track per vCPU) and the workload's phases; give the
@@ -57,8 +62,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workload",
         type=_workload,
         default="mprotect",
-        help="mprotect (the canonical workload), race or race-fork (pvemu race's "
-        "scenarios: --workload mprotect and fork) or trace:FILE (replay a recorded program)",
+        help=f"{', '.join(RUN_WORKLOADS)} (phases below; default mprotect), race or "
+        "race-fork (pvemu race's scenarios: --workload mprotect and fork) or trace:FILE "
+        "(replay a recorded program)",
+    )
+    parser.add_argument(
+        "--loops",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"forkexec only: fork+exec+exit rounds (default {DEFAULT_LOOPS})",
     )
     parser.add_argument(
         "--mode", choices=MODE_NAMES, default="xen", help="pv-ops mode (default xen)"
@@ -114,20 +127,16 @@ _RACE_OTHER_VCPUS: Final = {"race": checks.RACE_OTHER_VCPUS, "race-fork": 1}
 
 
 def _workload(text: str) -> str:
-    if text in ("mprotect", *RACE_WORKLOADS.values()) or (
+    if text in (*RUN_WORKLOADS, *RACE_WORKLOADS.values()) or (
         text.startswith("trace:") and len(text) > len("trace:")
     ):
         return text
-    raise argparse.ArgumentTypeError(
-        f"expected mprotect, race, race-fork or trace:FILE, got {text!r}"
-    )
+    names = ", ".join((*RUN_WORKLOADS, *RACE_WORKLOADS.values()))
+    raise argparse.ArgumentTypeError(f"expected {names} or trace:FILE, got {text!r}")
 
 
-def guest_memory_mib(workload: str, pages: int) -> int:
-    """The guest's memory without ``--memory-mib``: room for the region, and
-    for a fork race a copy of every page (the writers' and the child's
-    copy-on-write faults)."""
-    return memory_for(2 * pages if workload == "race-fork" else pages)
+def _is_process(workload: str) -> bool:
+    return workload in RUN_WORKLOADS and workload != MPROTECT
 
 
 def buffer_params(args: argparse.Namespace) -> dict[str, int]:
@@ -142,8 +151,11 @@ def buffer_params(args: argparse.Namespace) -> dict[str, int]:
 
 def check(args: argparse.Namespace, host_mib: int) -> None:
     """What would make this guest fail to start, before it connects."""
-    checks.check_pages(args.pages, host_mib, copies=2 if args.workload == "race-fork" else 1)
+    checks.check_loops(args.workload, args.loops)
+    checks.check_pages(args.pages, host_mib, workload=args.workload)
     checks.check_vcpus(args.vcpus)
+    if _is_process(args.workload):
+        checks.check_process_vcpus(args.workload, args.vcpus)
     if args.memory_mib is not None:
         checks.check_guest_memory(args.memory_mib)
     if args.workload in _RACE_OTHER_VCPUS:
@@ -159,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pvemu.guest.client import HypervisorError
     from pvemu.guest.kernel import boot
-    from pvemu.guest.workload import run_mprotect_workload
     from pvemu.scripts.progress import phase_reporter
+    from pvemu.scripts.workloads import run_workload
     from pvemu.shared.timeline import Timeline
     from pvemu.shared.trace import TraceError
 
@@ -178,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         async with boot(
             args.socket,
             mode=args.mode,
-            memory_mib=args.memory_mib or guest_memory_mib(args.workload, args.pages),
+            memory_mib=args.memory_mib or checks.guest_memory(args.workload, args.pages),
             vcpus=vcpus,
             **params,
         ) as kernel:
@@ -204,10 +216,12 @@ def run(args: argparse.Namespace) -> int:
                     kernel, args.workload[len("trace:") :], on_step=on_step
                 )
             else:
-                result = await run_mprotect_workload(kernel, args.pages, on_step=on_step)
+                result = await run_workload(
+                    kernel, args.workload, args.pages, loops=args.loops, on_step=on_step
+                )
                 if timeline is not None:
                     _record_phases(timeline, kernel.machine, result)
-        return result.as_dict()
+        return {"workload": args.workload, **_loops_field(args), **result.as_dict()}
 
     try:
         result = trio.run(main)
@@ -237,10 +251,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         from pvemu.scripts.report import print_table
 
-        print_table(args.pages, [result], fmt, wide=args.wide)
+        loops = effective_loops(args.workload, args.loops)
+        print_table(args.pages, [result], fmt, wide=args.wide, workload=args.workload, loops=loops)
         if args.mode in UNSAFE_MODES and fmt == "table":
             print(f"note: mode {args.mode} is UNSAFE (loses A/D bits)")
     return 0 if result["counts_agree"] and result["audit_clean"] else 3
+
+
+def _loops_field(args: argparse.Namespace) -> dict[str, int]:
+    """forkexec's rounds, for its JSON document."""
+    loops = effective_loops(args.workload, args.loops)
+    return {} if loops is None else {"loops": loops}
 
 
 def _pid(machine: Machine) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
 from pvemu.scripts import checks
 from pvemu.scripts.argtypes import mode_list, positive_int
-from pvemu.scripts.guest_cmd import RACE_WORKLOADS, guest_memory_mib
+from pvemu.scripts.guest_cmd import RACE_WORKLOADS
 from pvemu.scripts.procs import child_error, maybe_hypervisor, run_child
 from pvemu.scripts.report import Tabular, add_format_options, output_format, print_tabular
 
@@ -211,26 +211,20 @@ def race_tabular(args: argparse.Namespace, results: list[dict[str, Any]]) -> Tab
     return tab
 
 
-def copies(workload: str) -> int:
-    """How many times over a guest's memory must hold the region: a fork's
-    pages may all be copied (by the parent's writers or the child)."""
-    return 2 if workload == "fork" else 1
-
-
 def hypervisor_memory(pages: int, workload: str = "mprotect") -> int:
     """What ``race`` gives the hypervisor without ``--memory-mib``."""
-    guest = guest_memory_mib(WORKLOADS[workload], pages)
+    guest = checks.guest_memory(WORKLOADS[workload], pages)
     return max(checks.RACE_MIN_MEMORY_MIB, guest * 2 + checks.HEADROOM_MIB)
 
 
 def check(args: argparse.Namespace, host_mib: int) -> None:
     """Everything that would keep a guest from starting, before anything does."""
     checks.check_modes(args.modes)
-    checks.check_pages(args.pages, host_mib, copies=copies(args.workload))
+    checks.check_pages(args.pages, host_mib, workload=WORKLOADS[args.workload])
     checks.check_writers(args.writers, args.pages)
     if args.memory_mib is not None:
         checks.check_machine_memory(args.memory_mib, host_mib)
-        need = guest_memory_mib(WORKLOADS[args.workload], args.pages) + 1
+        need = checks.guest_memory(WORKLOADS[args.workload], args.pages) + 1
         checks.check_enough_memory(args.memory_mib, need, f"a {args.pages:,}-page guest and Xen")
 
 

@@ -36,9 +36,6 @@ HEADERS: Final = {
     "flush_ops": "flushes",
 }
 COLUMNS: Final = ("traps", "/PTE", *(HEADERS[f] for f in PHASE_FIELDS[1:]), "ms")
-#: The phases a headline compares: the two mprotects (populate is demand paging,
-#: the same cost in every hypervisor mode).
-MPROTECT_PHASES: Final = ("protect_ro", "protect_rw")
 #: Width of a table written to a pipe or a file when ``COLUMNS`` is not set.
 PIPE_WIDTH: Final = 160
 #: What rich's default box costs: one space either side of every cell and a
@@ -316,6 +313,41 @@ def headline(entries: Sequence[Entry], what: str) -> str:
     return text
 
 
+#: The reference of a process workload's headline: Linux on Xen PV.
+XEN: Final = "xen"
+
+
+def process_headline(entries: Sequence[Entry], size: str, what: str, verb: str) -> str:
+    """The sentence under a process workload's table: ``what`` (its
+    mode-dependent phases) in ``xen``, the reference (Linux on Xen PV), against
+    the safe mode with the fewest traps; without xen, against the mode with
+    the most traps, saying so. ``size`` leads (``4,096 pages``)."""
+    hyper = [e for e in entries if e.mode != "native"]
+    safe = [e for e in hyper if not e.unsafe]
+    if not safe:
+        return f"headline: no safe hypervisor mode ran, so there is nothing to compare {what} with"
+    best = min(safe, key=lambda e: (e.traps, e.seconds if e.seconds is not None else 0.0))
+    xen = [e for e in hyper if e.mode == XEN]
+    base = next((e for e in xen if e.label == XEN), xen[0] if xen else None)
+    if base is None:
+        base = max(hyper, key=lambda e: e.traps)
+        where = f"{base.label} (the most here; xen did not run)"
+    else:
+        where = f"{base.label} (Linux on Xen PV)" if base.label == XEN else base.label
+    if len(safe) > 1 and base.traps <= best.traps:  # every safe mode alike
+        modes = ", ".join(e.label for e in safe)
+        return f"headline: {size}: {what} {verb} {best.traps:,} traps in each of {modes}"
+    text = f"headline: {size}: {what} {verb} {base.traps:,} traps in {where}"
+    if base is best or base.traps <= best.traps:
+        return f"{text}; nothing to compare with (--modes xen,batched compares)"
+    text += f", {best.traps:,} in {best.label}: "
+    text += f"{times(base.traps / best.traps)} fewer" if best.traps else "none at all"
+    if best.seconds and base.seconds:
+        ratio = base.seconds / best.seconds
+        text += f", {times(ratio)} faster" if ratio >= 1 else f", {times(1 / ratio)} slower"
+    return text
+
+
 def mode_entries(results: Sequence[dict[str, Any]], phases: Sequence[str] | None) -> list[Entry]:
     """One :class:`Entry` per valid result (``guest --json`` documents),
     summed over ``phases`` (every phase if None)."""
@@ -342,10 +374,17 @@ def mode_entries(results: Sequence[dict[str, Any]], phases: Sequence[str] | None
 # --- the pvemu run / pvemu guest table ---------------------------------------------
 
 
-def comparison_tabular(pages: int, results: list[dict[str, Any]]) -> Tabular:
-    """The ``pvemu run`` table: one row per mode and phase."""
+def comparison_tabular(
+    pages: int,
+    results: list[dict[str, Any]],
+    workload: str = "mprotect",
+    loops: int | None = None,
+) -> Tabular:
+    """The ``pvemu run`` table: one row per mode and phase, the phases as
+    each result reports them; ``loops`` are forkexec's rounds."""
+    rounds = f", {loops} loops" if loops is not None else ""
     tab = Tabular(
-        title=f"mprotect workload, {pages} pages (traps per phase; lower is better)",
+        title=f"{workload} workload, {pages} pages{rounds} (traps per phase; lower is better)",
         header=["mode", "phase", *COLUMNS, "ok"],
         csv_header=["mode", "phase", "traps", "traps_per_pte", *PHASE_FIELDS[1:], "wall_ms", "ok"],
         left=frozenset({"ok"}),
@@ -370,11 +409,40 @@ def comparison_tabular(pages: int, results: list[dict[str, Any]]) -> Tabular:
                     valid,
                 ]
             )
-    tab.headline = headline(mode_entries(results, MPROTECT_PHASES), "mprotect RO + RW")
+    tab.headline = workload_headline(workload, pages, loops, mode_entries_for(workload, results))
     return tab
 
 
+def mode_entries_for(workload: str, results: Sequence[dict[str, Any]]) -> list[Entry]:
+    """:func:`mode_entries` over the phases ``workload``'s headline compares
+    (every phase for a trace)."""
+    from pvemu.scripts.workloads import HEADLINES
+
+    compared = HEADLINES.get(workload)
+    return mode_entries(results, compared.phases if compared is not None else None)
+
+
+def workload_headline(workload: str, pages: int, loops: int | None, entries: list[Entry]) -> str:
+    """The headline of one workload at one size: mprotect's against ``trap``,
+    a process workload's against ``xen``, a trace's over all its phases."""
+    from pvemu.scripts.workloads import HEADLINES, MPROTECT
+
+    compared = HEADLINES.get(workload)
+    if compared is None:
+        return headline(entries, "the whole replay (every phase)")
+    if workload == MPROTECT:
+        return headline(entries, compared.what)
+    size = f"{pages:,} pages" + (f", {loops} loops" if loops is not None else "")
+    return process_headline(entries, size, compared.what, compared.verb)
+
+
 def print_table(
-    pages: int, results: list[dict[str, Any]], fmt: str = "table", *, wide: bool = False
+    pages: int,
+    results: list[dict[str, Any]],
+    fmt: str = "table",
+    *,
+    wide: bool = False,
+    workload: str = "mprotect",
+    loops: int | None = None,
 ) -> None:
-    print_tabular(comparison_tabular(pages, results), fmt, wide=wide)
+    print_tabular(comparison_tabular(pages, results, workload, loops), fmt, wide=wide)

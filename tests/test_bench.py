@@ -15,14 +15,23 @@ from typing import Any
 
 import pytest
 
-from pvemu.scripts import bench_cmd, costmodel, results
+from pvemu.guest.proc_workloads import DEFAULT_LOOPS, PROCESS_PHASES
+from pvemu.scripts import bench_cmd, checks, costmodel, results
 from pvemu.scripts.bench import documents, provenance
 from pvemu.scripts.bench.options import sweep_from_args
 from pvemu.scripts.bench.render import print_run
-from pvemu.scripts.bench.runner import DEFAULT_REPEAT, guest_command, record_repeat
+from pvemu.scripts.bench.runner import (
+    DEFAULT_REPEAT,
+    guest_command,
+    hypervisor_memory,
+    record_repeat,
+)
 from pvemu.scripts.bench.store import ResultStore
 from pvemu.scripts.bench.sweep import DEFAULT_MODES, Sweep, UsageError
+from pvemu.scripts.errors import UserError
+from pvemu.scripts.report import TIMES as X
 from pvemu.scripts.results import Point, Run
+from tests import test_fork_counts as fork_counts
 from tests.test_kernel_counts import expected_traps, pte_pages
 from tests.test_results import counts, make_point, make_run
 
@@ -130,12 +139,38 @@ def test_sweep_plan_applies_buffer_limits_to_xen_only() -> None:
     assert [p.key for p in twice.plan()] == [f"trace:{trace} batched pages=0"]
 
 
+def test_process_workloads_sweep_pages_and_need_two_vcpus() -> None:
+    sweep = Sweep(modes=("xen", "batched"), pages=(8,), workloads=("fork", "forkexec"))
+    assert [p.key for p in sweep.plan()] == [
+        "fork xen pages=8",
+        "fork batched pages=8",
+        "forkexec xen pages=8",
+        "forkexec batched pages=8",
+    ]
+    assert Sweep.from_json(sweep.as_json()) == sweep
+    with pytest.raises(UserError, match="the fork workload needs 2 vCPUs"):
+        Sweep(pages=(8,), workloads=("fork",), vcpus=1).check()
+    with pytest.raises(UsageError, match="unknown workload 'spawn': mprotect, fork, exec"):
+        Sweep(workloads=("spawn",)).check()
+    # fork's guest holds the child's copies: the hypervisor is sized for them
+    big = Sweep(pages=(4096,), workloads=("mprotect", "fork"))
+    assert hypervisor_memory(big) == 2 * checks.guest_memory("fork", 4096) + checks.HEADROOM_MIB
+    assert checks.guest_memory("fork", 4096) > checks.memory_for(4096)
+    cmd = guest_command(Point("exec", "batched", 8), socket_path="/s", vcpus=2, memory_pages=8)
+    assert "--pages 8 --vcpus 2 --workload exec --json" in " ".join(cmd)
+
+
 def test_sweep_options_are_checked() -> None:
     def sweep_of(*argv: str) -> Sweep:
         return sweep_from_args(pvemu_parser().parse_args(["bench", *argv]))
 
     assert sweep_of().modes == DEFAULT_MODES
     assert sweep_of("--workload", "mprotect,mprotect").workloads == ("mprotect", "mprotect")
+    assert sweep_of("--workload", "fork,exec", "--workload", "forkexec").workloads == (
+        "fork",
+        "exec",
+        "forkexec",
+    )
     assert sweep_of("--mc-bytes", "default,256").mc_bytes == (None, 256)
     with pytest.raises(UsageError, match="xen only"):
         sweep_of("--modes", "trap", "--mc-bytes", "256")
@@ -237,6 +272,76 @@ def test_table_markdown_and_json_outputs(capsys: pytest.CaptureFixture[str]) -> 
         costmodel.DEFAULT.estimate_ns(run.points[0].counts["protect_ro"], 600) / 1000, abs=1e-3
     )
     assert ro["time"]["median_s"] == pytest.approx(0.011)
+
+
+def process_point(workload: str, mode: str, phases: dict[str, int]) -> Point:
+    point = Point(workload, mode, 600)
+    point.counts = {phase: counts(traps) for phase, traps in phases.items()}
+    point.samples = {phase: [0.01 * traps or 0.001] for phase, traps in phases.items()}
+    return point
+
+
+def test_process_points_print_by_phase_with_a_headline_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fork = {"populate": 1809, "fork": 622, "context_switch": 1, "exit": 2}
+    run = make_run(
+        process_point("fork", "xen", fork),
+        process_point("fork", "batched", {**fork, "fork": 2}),
+        process_point("exec", "xen", {"context_switch": 1, "exec": 4, "exit": 2}),
+        make_point("trap", 600, 601, samples=[0.1]),
+    )
+    run.points[-1].counts["protect_rw"] = counts(600)
+    run.points[-1].samples["protect_rw"] = [0.1]
+    print_run(run, costmodel.DEFAULT, "table")
+    out = capsys.readouterr().out
+    for label in ("fork xen 600", "fork batched 600", "exec xen 600", "trap 600"):
+        assert label in out, label
+    assert (
+        f"headline: 600 pages: fork costs 622 traps in xen (Linux on Xen PV), 2 in batched: 311{X}"
+        in out
+    )
+    assert (
+        "headline: 600 pages: exec costs 4 traps in xen (Linux on Xen PV); nothing to compare"
+        in out
+    )
+    assert "mprotect RO + RW of 600 pages" in out
+    assert "published, for scale (recalled, UNCONFIRMED)" in out
+    print_run(run, costmodel.DEFAULT, "json")
+    doc = json.loads(capsys.readouterr().out)
+    xen_fork = doc["points"][0]["phases"]["fork"]
+    assert xen_fork["estimate_us"] == pytest.approx(
+        costmodel.DEFAULT.estimate_ns(counts(622), 1200) / 1000, abs=1e-3
+    )
+    print_run(make_run(run.points[-1]), costmodel.DEFAULT, "table")  # mprotect only
+    assert "published" not in capsys.readouterr().out
+
+
+def test_run_documents_of_process_workloads_compare_as_their_points() -> None:
+    meta = {"created_utc": "2026-01-01T00:00:00Z"}
+    result = {"mode": "xen", "counts_agree": True, "audit_clean": True, "phases": {}}
+    fork = documents.run_from_json(
+        {
+            "schema": documents.RUN_CMD_SCHEMA,
+            "run": meta,
+            "pages": 8,
+            "workload": "fork",
+            "results": [result],
+        }
+    )
+    assert [p.key for p in fork.points] == ["fork xen pages=8"]
+    loops = {
+        "schema": documents.RUN_CMD_SCHEMA,
+        "run": meta,
+        "pages": 8,
+        "workload": "forkexec",
+        "results": [result],
+    }
+    assert documents.run_from_json({**loops, "loops": 4}).points[0].key == "forkexec xen pages=8"
+    other = documents.run_from_json({**loops, "loops": 2}).points[0].key
+    assert other == "forkexec xen pages=8 loops=2"  # never compared with bench's 4 rounds
+    old = {"schema": documents.RUN_CMD_SCHEMA, "run": meta, "pages": 8, "results": [result]}
+    assert documents.run_from_json(old).points[0].key == "mprotect xen pages=8"
 
 
 # --- compare exit codes ------------------------------------------------------------
@@ -387,6 +492,53 @@ def test_every_default_cost_has_a_documented_source() -> None:
         assert f"{value:g}" in doc or f"{value:,g}" in doc, (name, value)
 
 
+def test_process_phases_are_estimated_with_the_ptes_bare_metal_writes() -> None:
+    n, ptes = 600, costmodel.ptes_changed
+    assert [ptes("mprotect", ph, n) for ph in ("populate", "protect_ro", "protect_rw")] == [n] * 3
+    fork = {ph: ptes("fork", ph, 9) for ph in ("populate", "fork", "context_switch")}
+    assert fork == {"populate": 9, "fork": 18, "context_switch": 0}
+    assert (ptes("fork", "cow_copy", 9), ptes("fork", "cow_reuse", 9), ptes("fork", "exit", 9)) == (
+        5,
+        4,
+        9,
+    )
+    assert (ptes("exec", "exec", n), ptes("exec", "exit", n)) == (n + 1, 1)
+    assert ptes("forkexec", "fork", n, loops=3) == 3 * 2 * n
+    assert ptes("forkexec", "cow_reuse", n) == 4 * n  # bench runs the default 4 rounds
+    assert ptes("trace:x.json", "mmap", n) == ptes("fork", "unknown", n) == 0
+
+    # The xen fork phase of 600 pages (pvemu bench --workload fork): 600
+    # trapped write-protects, 20 mmu_updates of the child's PTEs, the pin's
+    # multicall, the flush.
+    model = costmodel.DEFAULT
+    xen_fork = {"traps": 622, "hypercalls": 22, "ptwr": 600, "records": 600, "flush_ops": 3}
+    parts = model.breakdown_ns(xen_fork, ptes("fork", "fork", n))
+    assert parts["page_faults"] == 0
+    assert parts["native_ptes"] == 1200 * 17.0
+    point = Point("fork", "xen", n)
+    point.counts = {"fork": xen_fork}
+    from pvemu.scripts.bench.render import estimates_us
+
+    assert estimates_us(point, model) == {"fork": pytest.approx(sum(parts.values()) / 1000)}
+    assert estimates_us(point, model)["fork"] == pytest.approx(884.8, abs=0.1)
+
+
+def test_published_figures_are_kept_once_and_marked_unconfirmed() -> None:
+    doc = json.loads((REPO / "benchmarks" / "costs.json").read_text())
+    assert doc["published"]["rows"] == costmodel.published_json()
+    assert "UNCONFIRMED" in doc["published"]["source"]
+    rows = {p.name: p for p in costmodel.PUBLISHED}
+    assert (rows["fork proc"].linux_us, rows["fork proc"].xenolinux_us) == (110, 198)
+    assert rows["exec proc"].xen_over_linux == pytest.approx(768 / 530)
+    note = costmodel.published_note()
+    for words in ("UNCONFIRMED", "fork proc 110 µs Linux vs 198 µs XenoLinux", "768"):
+        assert words in note, words
+    text = (REPO / "docs" / "cost-model.md").read_text()
+    assert "unconfirmed" in text.lower()
+    for row in costmodel.PUBLISHED:
+        assert f"| {row.name} |" in text, row.name
+
+
 # --- plots ---------------------------------------------------------------------------
 
 
@@ -503,6 +655,32 @@ def test_a_real_sweep_stores_and_prints_json(tmp_path: Path) -> None:
         stored = store.load_run(store.resolve("smoke"))
     assert [p.key for p in stored.points] == [p["key"] for p in doc["points"]]
     assert stored.points[1].counts["protect_ro"]["traps"] == expected_traps("xen", 40, "protect_ro")
+
+
+def test_a_real_sweep_of_the_process_workloads() -> None:
+    done = bench(
+        *("--workload", "fork,exec", "--workload", "forkexec", "--modes", "xen,batched"),
+        *("--pages", "5", "--repeat", "1", "--no-store", "--json"),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["run"]["config"]["sweep"]["workloads"] == ["fork", "exec", "forkexec"]
+    points = {p["key"]: p for p in doc["points"]}
+    assert list(points) == [
+        f"{w} {m} pages=5" for w in ("fork", "exec", "forkexec") for m in ("xen", "batched")
+    ]
+    for point in points.values():
+        assert point["valid"] is True, point["reason"]
+        assert list(point["phases"]) == list(PROCESS_PHASES[point["workload"]])
+    for mode in ("xen", "batched"):
+        fork = points[f"fork {mode} pages=5"]["phases"]
+        assert fork["fork"]["counts"]["traps"] == fork_counts.fork_traps(mode, 5)
+        exec_ = points[f"exec {mode} pages=5"]["phases"]["exec"]["counts"]["traps"]
+        assert exec_ == fork_counts.exec_traps(mode, 5)
+        rounds = points[f"forkexec {mode} pages=5"]["phases"]
+        assert rounds["fork"]["counts"]["traps"] == DEFAULT_LOOPS * fork_counts.fork_traps(mode, 5)
+        assert rounds["cow_reuse"]["counts"]["page_faults"] == DEFAULT_LOOPS * 5
 
 
 def test_bench_usage_errors_exit_2(tmp_path: Path) -> None:

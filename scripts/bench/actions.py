@@ -70,12 +70,14 @@ def _existing_db(db: Path, hint: str = "") -> Path:
 def check_run(sweep: Sweep, options: SweepOptions, host_mib: int) -> None:
     """What would fail every point of the sweep, before the hypervisor starts."""
     from pvemu.scripts import checks
+    from pvemu.scripts.workloads import RUN_WORKLOADS
 
     largest = max(sweep.pages)
-    checks.check_pages(largest, host_mib)
+    for workload in [w for w in sweep.workloads if w in RUN_WORKLOADS] or ["mprotect"]:
+        checks.check_pages(largest, host_mib, workload=workload)
     if options.memory_mib is not None and sweep.needs_hypervisor:
         checks.check_machine_memory(options.memory_mib, host_mib)
-        need = checks.memory_for(largest) + 1
+        need = sweep.largest_guest_mib() + 1
         checks.check_enough_memory(options.memory_mib, need, f"a {largest:,}-page guest and Xen")
 
 

@@ -159,21 +159,34 @@ def run_from_json(doc: Any, origin: str = "") -> Run:
 def _modes_from_json(doc: dict[str, Any], origin: str) -> Run:
     """A ``pvemu run --json`` or ``pvemu trace replay --json`` document as a
     run: one point per mode, keyed as ``pvemu bench`` keys the same
-    measurement (``mprotect MODE pages=N``, ``trace:FILE MODE pages=0``), so
-    that a run compares against a bench run or a baseline of the same size."""
+    measurement (``fork MODE pages=N``, ``trace:FILE MODE pages=0``), so
+    that a run compares against a bench run or a baseline of the same size.
+    A forkexec run of other rounds than bench's default says so in its key
+    (``loops=N``), so that it is never compared with the default's counts."""
+    from pvemu.scripts.workloads import FORKEXEC, effective_loops
+
     meta = doc.get("run")
     results = doc.get("results")
     if not isinstance(meta, dict) or not isinstance(results, list):
         raise ResultsError(f"{origin}: malformed {doc.get('schema')} document")
+    params: dict[str, int] = {}
     if doc["schema"] == TRACE_REPLAY_SCHEMA:
         workload, pages = f"trace:{doc.get('file', '')}", 0
-    else:
-        workload, pages = "mprotect", doc.get("pages", 0)
+    else:  # a run written before --workload ran mprotect
+        workload, pages = str(doc.get("workload", "mprotect")), doc.get("pages", 0)
+        loops = doc.get("loops")
+        if (
+            workload == FORKEXEC
+            and isinstance(loops, int)
+            and loops != effective_loops(workload, None)
+        ):
+            params["loops"] = loops
     points = []
     for result in results:
         if not isinstance(result, dict) or "mode" not in result:
             raise ResultsError(f"{origin}: a result must be an object with a mode")
-        point = Point(workload, str(result["mode"]), int(pages), unsafe=bool(result.get("unsafe")))
+        mode = str(result["mode"])
+        point = Point(workload, mode, int(pages), dict(params), unsafe=bool(result.get("unsafe")))
         if "error" in result:
             point.invalidate(f"the guest failed: {result['error']}")
         elif not result.get("counts_agree") or not result.get("audit_clean"):

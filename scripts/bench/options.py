@@ -26,11 +26,11 @@ from pvemu.scripts.bench.sweep import (
     DEFAULT_MODES,
     DEFAULT_PAGES,
     DEFAULT_VCPUS,
-    MPROTECT,
     Sweep,
     UsageError,
 )
 from pvemu.scripts.results import BUFFER_PARAMS, ResultsError
+from pvemu.scripts.workloads import MPROTECT
 
 #: Where ``pvemu bench plot`` writes without ``--out``.
 DEFAULT_PLOTS: Final = Path(".pvemu") / "plots"
@@ -106,8 +106,9 @@ def _add_sweep_options(sweep: Container, default: Default) -> None:
         "--workload",
         action="append",
         default=default(None),
-        metavar="mprotect|trace:FILE",
-        help="a workload; repeat the option or separate with commas (default mprotect)",
+        metavar="mprotect|fork|exec|forkexec|trace:FILE",
+        help="a workload; repeat the option or separate with commas (default mprotect; "
+        "fork, exec and forkexec need 2 vCPUs; forkexec runs 4 rounds; see pvemu run --help)",
     )
     for name, option in BUFFER_PARAMS.items():
         minimum = f"; at least {checks.MIN_MC_BYTES}" if name == "mc_bytes" else ""

@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pvemu.scripts.bench.comparison import Comparison
 from pvemu.scripts.bench.documents import run_to_json
-from pvemu.scripts.bench.sweep import MPROTECT
 from pvemu.scripts.report import (
-    MPROTECT_PHASES,
     PIPE_WIDTH,
     Entry,
     Tabular,
@@ -22,8 +20,10 @@ from pvemu.scripts.report import (
     markdown_table,
     print_tabular,
     wide_console,
+    workload_headline,
 )
 from pvemu.scripts.results import GATED_COUNTS, Point, Run, param_words
+from pvemu.scripts.workloads import HEADLINES, MPROTECT, effective_loops
 
 if TYPE_CHECKING:
     from pvemu.scripts.costmodel import CostModel
@@ -53,15 +53,13 @@ TitledTable = tuple[str, list[str], list[list[str]]]
 # --- cost-model estimates --------------------------------------------------------
 
 
-def ptes_changed(point: Point, phase: str) -> int:
-    """PTEs one phase changes, for the cost model's native term: every phase
-    of the mprotect workload changes one PTE per page; traces are not known."""
-    return point.pages if point.workload == MPROTECT else 0
-
-
 def estimates_us(point: Point, model: CostModel) -> dict[str, float]:
+    """Each phase's estimate; the native term from
+    :func:`costmodel.ptes_changed` (0 for traces, whose PTEs are not known)."""
+    from pvemu.scripts.costmodel import ptes_changed
+
     return {
-        phase: model.estimate_ns(counts, ptes_changed(point, phase)) / 1000.0
+        phase: model.estimate_ns(counts, ptes_changed(point.workload, phase, point.pages)) / 1000.0
         for phase, counts in point.counts.items()
     }
 
@@ -81,7 +79,8 @@ def run_document(run: Run, model: CostModel | None) -> dict[str, Any]:
 
 
 def point_label(point: Point) -> str:
-    """``xen 600 mc_bytes=256``; trace workloads lead with the workload."""
+    """``xen 600 mc_bytes=256``; other workloads than mprotect lead with
+    the workload (``fork xen 600``)."""
     parts = [] if point.workload == MPROTECT else [point.workload]
     parts.append(point.mode + (" (UNSAFE)" if point.unsafe else ""))
     if point.pages:
@@ -140,31 +139,53 @@ def _phase_cells(point: Point, phase: str, estimates: dict[str, float] | None) -
     return cells
 
 
+def _mode_label(point: Point) -> str:
+    """``xen mc_bytes=256``: a point within a sentence that names its workload and size."""
+    return " ".join(
+        [point.mode + (" (UNSAFE)" if point.unsafe else ""), *param_words(point.params)]
+    )
+
+
+def _entries(run: Run, workload: str, pages: int) -> list[Entry]:
+    """The valid points of one workload and size, summed over the phases
+    its headline compares (``workloads.HEADLINES``)."""
+    phases = HEADLINES[workload].phases
+    return [
+        Entry(
+            label=point_label(p) if workload == MPROTECT else _mode_label(p),
+            mode=p.mode,
+            traps=sum(p.counts[ph].get("traps", 0) for ph in phases),
+            seconds=total.median if (total := p.total_timing(phases)) else None,
+            unsafe=p.unsafe,
+        )
+        for p in run.points
+        if p.valid
+        and p.workload == workload
+        and p.pages == pages
+        and all(ph in p.counts for ph in phases)
+    ]
+
+
 def run_headline(run: Run) -> str:
-    """One sentence per region size: the best safe mode's two mprotects
-    against ``trap`` (:func:`report.headline`), from the run's own numbers.
-    Points with --mc-* limits compete too, under their own label."""
-    sizes = sorted({p.pages for p in run.points if p.workload == MPROTECT and p.pages})
+    """One sentence per workload and region size, from the run's own
+    numbers: the best safe mode's two mprotects against ``trap``
+    (:func:`report.headline`), a process workload's mode-dependent phases
+    against ``xen`` (:func:`report.workload_headline`). Points with --mc-*
+    limits compete too, under their own label."""
     sentences = []
-    for pages in sizes:
-        entries = [
-            Entry(
-                label=point_label(p),
-                mode=p.mode,
-                traps=sum(p.counts[ph].get("traps", 0) for ph in MPROTECT_PHASES),
-                seconds=total.median if (total := p.total_timing(MPROTECT_PHASES)) else None,
-                unsafe=p.unsafe,
-            )
-            for p in run.points
-            if p.valid
-            and p.workload == MPROTECT
-            and p.pages == pages
-            and all(ph in p.counts for ph in MPROTECT_PHASES)
-        ]
-        if entries:
-            sentences.append(headline(entries, f"mprotect RO + RW of {pages:,} pages"))
+    for workload in dict.fromkeys(p.workload for p in run.points if p.workload in HEADLINES):
+        sizes = sorted({p.pages for p in run.points if p.workload == workload and p.pages})
+        for pages in sizes:
+            entries = _entries(run, workload, pages)
+            if not entries:
+                continue
+            if workload == MPROTECT:
+                sentences.append(headline(entries, f"mprotect RO + RW of {pages:,} pages"))
+            else:
+                loops = effective_loops(workload, None)
+                sentences.append(workload_headline(workload, pages, loops, entries))
     if not sentences:
-        return "headline: no valid mprotect point to compare"
+        return "headline: no valid point of a workload with a headline to compare"
     return "\n".join(sentences)
 
 
@@ -173,6 +194,12 @@ def run_tabular(run: Run, model: CostModel | None) -> Tabular:
     header, rows = table_rows(run, model)
     repeats = run.config.get("repeat", "?")
     notes = [ESTIMATE_NOTE.format(name=model.name)] if model is not None else []
+    if model is not None and any(
+        p.workload in HEADLINES and p.workload != MPROTECT for p in run.points
+    ):
+        from pvemu.scripts.costmodel import published_note
+
+        notes.append(published_note())
     return Tabular(
         title=f"pvemu bench: exact counts per phase, wall time over {repeats} repeat(s)",
         header=header,

@@ -127,7 +127,7 @@ class SweepOptions:
 def hypervisor_memory(sweep: Sweep) -> int:
     """What a sweep gives its hypervisor without ``--memory-mib``: twice the
     largest guest, and room."""
-    return checks.memory_for(max(sweep.pages)) * 2 + checks.HEADROOM_MIB
+    return sweep.largest_guest_mib() * 2 + checks.HEADROOM_MIB
 
 
 def execute(sweep: Sweep, options: SweepOptions) -> list[Point]:

@@ -11,11 +11,11 @@ from typing import Any, Final
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES
 from pvemu.scripts import checks
 from pvemu.scripts.results import Point
+from pvemu.scripts.workloads import MPROTECT, RUN_WORKLOADS
 
 DEFAULT_MODES: Final = SAFE_MODES
 DEFAULT_PAGES: Final = (512, 4096)
 DEFAULT_VCPUS: Final = 2
-MPROTECT: Final = "mprotect"
 
 
 class UsageError(Exception):
@@ -72,14 +72,18 @@ class Sweep:
         numbers = (*self.pages, *(n for n in limits if n is not None), self.vcpus)
         if not self.pages or any(n <= 0 for n in numbers):
             raise UsageError("pages, --mc-* values and vcpus must be positive")
-        checks.check_domain_pages(max(self.pages))
         checks.check_vcpus(self.vcpus)
         checks.check_mc_bytes(self.mc_bytes)
         for workload in self.workloads:
-            if workload != MPROTECT and not workload.startswith("trace:"):
-                raise UsageError(f"unknown workload {workload!r}: mprotect or trace:FILE")
+            if workload not in RUN_WORKLOADS and not workload.startswith("trace:"):
+                names = ", ".join(RUN_WORKLOADS)
+                raise UsageError(f"unknown workload {workload!r}: {names} or trace:FILE")
             if workload.startswith("trace:") and not Path(workload[6:]).is_file():
                 raise UsageError(f"no trace file {workload[6:]!r}")
+            if workload in RUN_WORKLOADS:
+                checks.check_domain_pages(max(self.pages), workload=workload)
+            if workload in RUN_WORKLOADS and workload != MPROTECT:
+                checks.check_process_vcpus(workload, self.vcpus)
 
     def buffer_grid(self) -> list[dict[str, int]]:
         """Every combination of the given buffer limits (``[{}]`` if none)."""
@@ -99,11 +103,12 @@ class Sweep:
 
     def plan(self) -> list[Point]:
         """The points, in run order. Buffer limits apply to mode xen only;
-        trace workloads do not sweep pages (their key says ``pages=0``)."""
+        trace workloads do not sweep pages (their key says ``pages=0``);
+        forkexec runs its default rounds."""
         points: dict[str, Point] = {}
         for workload in dict.fromkeys(self.workloads):
             for mode in dict.fromkeys(self.modes):
-                sizes = self.pages if workload == MPROTECT else (0,)
+                sizes = self.pages if workload in RUN_WORKLOADS else (0,)
                 for pages in dict.fromkeys(sizes):
                     for params in self.buffer_grid() if mode == "xen" else [{}]:
                         point = Point(workload, mode, pages, dict(params))
@@ -113,6 +118,13 @@ class Sweep:
     @property
     def needs_hypervisor(self) -> bool:
         return any(m != "native" for m in self.modes)
+
+    def largest_guest_mib(self) -> int:
+        """The memory of the sweep's largest guest (fork's holds its copies
+        too; a trace's is sized from the largest pages, as the runner does)."""
+        largest = max(self.pages)
+        named = [w for w in self.workloads if w in RUN_WORKLOADS] or [MPROTECT]
+        return max(checks.guest_memory(w, largest) for w in named)
 
 
 def _optional_ints(values: Sequence[Any]) -> tuple[int | None, ...]:
