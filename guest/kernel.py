@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
-import trio
 
 from pvemu.shared import abi
 from pvemu.shared.x86 import (
@@ -563,7 +562,6 @@ class Kernel:
         self._free_frames.append(proc.l4)
         if proc.user_l4 is not None:
             self._free_frames.append(proc.user_l4)
-        proc.alive = False
         proc.ptl.clear()
         proc.pinned.clear()
 
@@ -1030,10 +1028,6 @@ class Kernel:
                 await self._store(maddr_of_entry(proc.user_l4, index), link, vcpu)
             table = child
         return table
-
-    def _lock(self, l1: int, proc: Process | None = None) -> trio.Lock:
-        """The PTE lock of PTE page ``l1`` of ``proc`` (default process 1)."""
-        return (proc if proc is not None else self.process(INIT_PID)).lock(l1)
 
     # --- accounting -----------------------------------------------------------------------------
 

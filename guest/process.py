@@ -3,8 +3,8 @@
 A :class:`Process` is what Linux keeps in an ``mm_struct`` (the part pvemu
 models): its page-table root (an L4 frame, pinned while the process lives),
 its VMAs, its page-table locks (the split PTE locks, one per PTE page, and
-``page_table_lock`` for building tables), the upper tables it built and
-pinned, and which vCPUs have its tree loaded (``mm_cpumask``).
+``page_table_lock`` for building tables), the PTE pages pinned on their
+own, and which vCPUs have its tree loaded (``mm_cpumask``).
 
 A process made by ``fork`` or ``exec`` has two L4s, as on 64-bit Linux on
 Xen PV: the kernel L4 and a user L4 whose user half mirrors it (every L4
@@ -57,8 +57,6 @@ class Process:
     pinned: set[int] = field(default_factory=set)
     #: vCPUs with this tree loaded (``mm_cpumask``).
     cpus: set[int] = field(default_factory=set)
-    #: False once it has exited (its frames are back in the kernel's pool).
-    alive: bool = True
 
     def lock(self, l1: int) -> trio.Lock:
         """The PTE lock of the PTE page in frame ``l1``."""

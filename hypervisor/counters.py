@@ -62,10 +62,10 @@ class VcpuCounters:
 
 
 def by_op(counts: Counter[int]) -> dict[str, int]:
-    """Counts keyed by hypercall number; numbers pvemu neither serves nor
-    counts on its own (iret) are summed under ``"other"``, so a guest cannot
-    grow the map (and its stats reply) without bound by calling made-up
-    hypercalls."""
+    """Counts keyed by hypercall number (the ones pvemu serves, and ``"23"``,
+    the iret it counts on a resuming ``run_user``); any other number is
+    summed under ``"other"``, so a guest cannot grow the map (and its stats
+    reply) without bound by calling made-up hypercalls."""
     out: dict[str, int] = {}
     for op, n in sorted(counts.items()):
         key = str(op) if op in COUNTED_HYPERCALL_NAMES else "other"

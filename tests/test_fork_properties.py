@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import mmap
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -149,3 +150,52 @@ async def test_pv_processes(mode: str, ops: list[tuple[object, ...]]) -> None:
     hv = Hypervisor(48)
     domain = await loopback_domain(hv, memory_mib=32, vcpus=2)
     await run_ops(kernel_for(domain, mode), ops)
+
+
+async def _tree_after_fork(kernel: Kernel, writes: list[int], readonly: list[int]) -> list[int]:
+    """Every user-half entry of the parent's and the child's trees after
+    writing ``writes`` pages, reading the rest, making ``readonly`` pages
+    read-only, and forking."""
+    kernel.mmap(PAGES * PAGE_SIZE, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, addr=BASE)
+    accesses: list[tuple[int, str, bytes | int]] = [
+        (BASE + p * PAGE_SIZE, "w", b"w") if p in writes else (BASE + p * PAGE_SIZE, "r", 1)
+        for p in range(PAGES)
+    ]
+    await kernel.run_user(1, accesses)
+    for page in readonly:
+        await kernel.mprotect(BASE + page * PAGE_SIZE, PAGE_SIZE, mmap.PROT_READ)
+    child = await kernel.fork()
+    entries: list[int] = []
+    for pid in (INIT_PID, child):
+        for page in walk_user_tree(kernel._read_table, kernel.process(pid).l4):
+            entries.extend(np.frombuffer(kernel._read_table(page.mfn, 0, 512), "<u8").tolist())
+    assert await kernel.audit() == []
+    return entries
+
+
+@pytest.mark.parametrize("mode", ["native", "batched", "naive"])
+@SETTINGS
+@given(
+    writes=st.lists(st.integers(0, PAGES - 1), max_size=PAGES),
+    readonly=st.lists(st.integers(0, PAGES - 1), max_size=4),
+)
+async def test_fork_range_form_equals_the_per_pte_loop(
+    mode: str, writes: list[int], readonly: list[int]
+) -> None:
+    """``fork_copy_run`` (a PTE page's write-protects and child installs as
+    arrays) leaves exactly the page tables the per-PTE reference loop
+    (``Kernel(per_pte=True)``: one ``ptep_set_wrprotect`` and one
+    ``set_pte_unpinned`` per PTE) leaves, parent and child alike."""
+    trees = []
+    for per_pte in (False, True):
+        if mode == "native":
+            async with boot(mode="native", memory_mib=32) as booted:
+                kernel = Kernel(booted.machine, booted.backends, per_pte=per_pte)
+                trees.append(await _tree_after_fork(kernel, writes, readonly))
+        else:
+            hv = Hypervisor(48)
+            domain = await loopback_domain(hv, memory_mib=32, vcpus=2)
+            base = kernel_for(domain, mode)
+            kernel = Kernel(domain, base.backends, per_pte=per_pte)
+            trees.append(await _tree_after_fork(kernel, writes, readonly))
+    assert trees[0] == trees[1]
