@@ -239,7 +239,7 @@ async def test_fault_rechecks_the_vma_under_the_pte_lock(xen: Kernel) -> None:
             outcome.append(exc)
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery, xen._lock(l1):
+        async with trio.open_nursery() as nursery, xen.process().lock(l1):
             nursery.start_soon(fault)
             await trio.testing.wait_all_tasks_blocked()
             xen.mm.mprotect(addr, PAGE, mmap.PROT_READ)  # the VMA changes meanwhile
