@@ -10,7 +10,7 @@ PACKAGES := shared hypervisor guest scripts
 # so it reads them through a tree of symlinks with the installed names.
 MYPY_ROOT := $(VENV)/mypy-root
 
-.PHONY: all venv test check run bench bench-ci bench-rtt bench-goals fuzz load clean
+.PHONY: all venv test check run bench bench-ci bench-rtt bench-goals fuzz soak load clean
 
 all: check test
 
@@ -68,6 +68,10 @@ fuzz: $(STAMP)
 
 # 32 guest processes, a latency probe and a 1,000,000-record batch against one
 # hypervisor (docs/robustness.md); reports records/s, probe latency, memory.
+# Guests SIGKILLed at random points, 20 seeds instead of the suite's 2.
+soak: $(STAMP)
+	PVEMU_SOAK_SEEDS=20 $(BIN)/python -m pytest -q tests/test_faults.py -k killed_at_random
+
 load: $(STAMP)
 	$(BIN)/pvemu load
 

@@ -209,11 +209,11 @@ def test_an_abandoned_hypercall_is_still_one_trap() -> None:
 
 
 def test_run_timeline_has_one_span_per_counted_trap(tmp_path: Path) -> None:
-    """``pvemu run --pages 600 --modes trap,batched --timeline``: valid
+    """``pvemu run --pages 100 --modes trap,batched --timeline``: valid
     trace-event JSON; per domain, as many trap spans as its counters hold,
     and in each phase's window as many as the run's own table reports."""
     out = tmp_path / "run.json"
-    cmd = [sys.executable, "-m", "pvemu.scripts", "run", "--pages", "600"]
+    cmd = [sys.executable, "-m", "pvemu.scripts", "run", "--pages", "100"]
     cmd += ["--modes", "trap,batched", "--json", "--timeline", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr
@@ -243,7 +243,7 @@ def test_run_timeline_has_one_span_per_counted_trap(tmp_path: Path) -> None:
         for pid in ro
     ]
     assert kinds[0]["mmu_update"] <= 2
-    assert sum(kinds[1].values()) >= 600
+    assert sum(kinds[1].values()) >= 200  # a get-and-clear and a set per PTE
 
 
 def _phase(document: dict[str, Any], pid: int, name: str) -> dict[str, Any]:

@@ -652,15 +652,14 @@ def _counts(result: TraceResult) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 async def test_xen_batching_beats_trap_on_real_mprotects(path: Path) -> None:
     runs: dict[str, list[dict[str, dict[str, int]]]] = {"trap": [], "xen": []}
-    for mode in ("trap", "xen", "trap", "xen"):
+    for mode in ("trap", "xen", "xen"):  # xen twice: a replay is deterministic
         result = await run_trace_workload(await local_kernel(mode), path)
         assert isinstance(result, TraceResult)
         assert result.counts_agree
         assert result.audit_clean
         assert result.replay_clean
         runs[mode].append(_counts(result))
-    for mode, (first, second) in runs.items():
-        assert first == second, f"{mode} replay is not deterministic"
+    assert runs["xen"][0] == runs["xen"][1], "the replay is not deterministic"
     trap, xen = runs["trap"][0], runs["xen"][0]
     assert 0 < xen["mprotect"]["traps"] < trap["mprotect"]["traps"]
     assert xen["mprotect"]["records"] == trap["mprotect"]["records"]  # same PTEs changed
