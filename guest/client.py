@@ -83,6 +83,8 @@ class GuestCounters:
     ptwr: int = 0
     page_faults: int = 0
     mmu_update_records: int = 0
+    #: of which ``MMU_PT_XCHG_PVEMU`` (:meth:`Domain.mmu_xchg`)
+    mmu_xchg_records: int = 0
     multicall_entries: int = 0
 
     @property
@@ -98,6 +100,7 @@ class GuestCounters:
             total.ptwr += c.ptwr
             total.page_faults += c.page_faults
             total.mmu_update_records += c.mmu_update_records
+            total.mmu_xchg_records += c.mmu_xchg_records
             total.multicall_entries += c.multicall_entries
         return total
 
@@ -108,6 +111,7 @@ class GuestCounters:
             "ptwr": self.ptwr,
             "page_faults": self.page_faults,
             "mmu_update_records": self.mmu_update_records,
+            "mmu_xchg_records": self.mmu_xchg_records,
             "multicall_entries": self.multicall_entries,
         }
 
@@ -458,6 +462,57 @@ class Domain:
         """
         reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
         return reply.rc, reply.done
+
+    async def mmu_update_olds(
+        self,
+        reqs: Sequence[tuple[int, int]] | bytes,
+        foreigndom: int = abi.DOMID_SELF,
+        *,
+        vcpu: int = 0,
+    ) -> tuple[int, int, list[int]]:
+        """:meth:`mmu_update` with the reply's old entries: (rc, done, olds),
+        ``olds`` one per applied ``MMU_PT_XCHG_PVEMU`` record, in order
+        (pvemu's extension). The raw form: any commands, any records."""
+        reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
+        return reply.rc, reply.done, reply.old_values()
+
+    def has_feature(self, flag: int) -> bool:
+        """Whether the Welcome advertised feature ``flag`` (``abi.XENFEAT_*``)."""
+        return flag in self.features
+
+    async def mmu_xchg(
+        self, records: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, list[int]]:
+        """Exchange L1 entries in one ``mmu_update`` (pvemu's
+        ``MMU_PT_XCHG_PVEMU``; one trap however many records): each record
+        is ``(pte machine address, new value)``, 0 to clear. Returns (rc,
+        olds): ``olds`` are the replaced entries of the records applied, in
+        order, with every A/D bit the hardware set up to the exchange; on
+        an error (rc < 0) the batch stopped at record ``len(olds)``.
+
+        Raises:
+            HypervisorError: the Welcome did not advertise
+                ``XENFEAT_pvemu_mmu_pt_xchg`` (code ``unsupported``), or the
+                reply's olds do not match its done count (``malformed``).
+            ValueError: a PTE address is not 8-byte aligned.
+        """
+        if not self.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg):
+            raise HypervisorError(
+                "unsupported", "the hypervisor does not advertise XENFEAT_pvemu_mmu_pt_xchg"
+            )
+        cmd = abi.MMU_PT_XCHG_PVEMU
+        reqs: list[tuple[int, int]] = []
+        for maddr, val in records:
+            if maddr & abi.MMU_CMD_MASK:
+                raise ValueError(f"PTE address {maddr:#x} is not 8-byte aligned")
+            reqs.append((maddr | cmd, val))
+        self._counters[vcpu].mmu_xchg_records += len(reqs)
+        rc, done, olds = await self.mmu_update_olds(wire.pack_mmu_updates(reqs), vcpu=vcpu)
+        if len(olds) != done:
+            raise HypervisorError(
+                "malformed", f"mmu_xchg: {len(olds)} old entries for {done} records done"
+            )
+        return rc, olds
 
     async def mmuext_op(
         self,
