@@ -171,13 +171,14 @@ def mmu_update(
         ptr = reqs[2 * done]
         val = reqs[2 * done + 1]
         cmd = ptr & abi.MMU_CMD_MASK
+        if cmd == abi.MMU_PT_XCHG_PVEMU:
+            counters.mmu_xchg_records += 1
         if pt_owner != dom.domid or pg_owner != dom.domid:
             rc = -abi.EPERM  # XSM: an unprivileged domain acts only on itself
         elif cmd in _PT_UPDATE_CMDS:
             rc, upper = _pt_update(m, ptr - cmd, val, cmd, pt_owner, pg_owner)
             flush_all = flush_all or upper
         elif cmd == xchg_cmd:
-            counters.mmu_xchg_records += 1
             rc = _pt_xchg(m, dom, ptr - cmd, val, olds)
         elif cmd == abi.MMU_PT_XCHG_PVEMU:
             rc = -abi.EOPNOTSUPP  # in a multicall: nowhere to return the old entry
