@@ -14,7 +14,9 @@ from array import array
 
 import pytest
 
-from pvemu.hypervisor import HypercallResult
+from pvemu.guest.client import Domain, HypervisorError
+from pvemu.guest.machine import NativeMachine
+from pvemu.hypervisor import HypercallResult, Hypervisor
 from pvemu.hypervisor.service import FEATURES
 from pvemu.shared import abi
 from pvemu.shared.x86 import (
@@ -31,6 +33,7 @@ from pvemu.shared.x86 import (
     maddr_of_entry,
     make_pte,
 )
+from tests.loopback import loopback_domain
 from tests.support import TABLE, USER_RO, USER_RW, Guest, boot, core_call, flat
 
 XCHG = abi.MMU_PT_XCHG_PVEMU
@@ -346,3 +349,91 @@ def test_tables_built_by_exchange_validate_like_normal_ones(guest: Guest) -> Non
     got = xchg(guest, (maddr_of_entry(l1b, 0), 0))[2][0]
     assert got & AD == AD
     assert guest.hv.audit() == []
+
+
+# --- the guest's API: Domain (PV) and NativeMachine (bare metal) ----------------------------
+
+
+def _first_l1(dom: Domain) -> int:
+    table = dom.l4_mfn
+    for _ in range(3):
+        table = (dom.read_u64(maddr_of_entry(table, 0)) & PTE_MFN_MASK) >> 12
+    return table
+
+
+async def test_domain_mmu_xchg_returns_olds_in_one_trap() -> None:
+    dom = await loopback_domain(Hypervisor(16), memory_mib=2)
+    assert dom.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg)
+    l1 = _first_l1(dom)
+    frames = [dom.alloc_frame() for _ in range(3)]
+    maps = [(maddr_of_entry(l1, i + 1), make_pte(m, USER_RW)) for i, m in enumerate(frames)]
+    assert await dom.mmu_update(maps) == (0, 3)
+    await dom.run_user(1, [(3 * 4096, "w", b"d")])
+    seen = [dom.read_u64(maddr_of_entry(l1, i)) for i in range(4)]
+    before = await dom.stats()
+    rc, got = await dom.mmu_xchg([(maddr_of_entry(l1, i), 0) for i in range(4)])
+    assert rc == 0
+    assert got == seen
+    assert got[3] & AD == AD
+    assert all(dom.read_u64(maddr_of_entry(l1, i)) == 0 for i in range(4))
+    after = await dom.stats()
+    for side in ("guest", "hypervisor"):
+        moved = {
+            k: after[side]["total"][k] - before[side]["total"][k]
+            for k in ("traps", "hypercalls", "mmu_update_records", "mmu_xchg_records")
+        }
+        assert moved == {
+            "traps": 1,
+            "hypercalls": 1,
+            "mmu_update_records": 4,
+            "mmu_xchg_records": 4,
+        }, side
+    assert await dom.audit() == []
+
+
+async def test_domain_mmu_xchg_stops_at_the_first_error() -> None:
+    dom = await loopback_domain(Hypervisor(16), memory_mib=2)
+    l1 = _first_l1(dom)
+    frame = dom.alloc_frame()
+    assert await dom.mmu_update([(maddr_of_entry(l1, 1), make_pte(frame, USER_RW))]) == (0, 1)
+    entry = dom.read_u64(maddr_of_entry(l1, 1))
+    records = [
+        (maddr_of_entry(l1, 1), 0),
+        (maddr_of_entry(l1, 2), make_pte(l1, USER_RW)),  # a page table, writable
+        (maddr_of_entry(l1, 3), 0),
+    ]
+    assert await dom.mmu_xchg(records) == (-abi.EBUSY, [entry])
+    assert await dom.audit() == []
+
+
+async def test_domain_mmu_xchg_needs_the_feature_and_aligned_addresses() -> None:
+    dom = await loopback_domain(Hypervisor(16), memory_mib=2)
+    l1 = _first_l1(dom)
+    with pytest.raises(ValueError, match="not 8-byte aligned"):
+        await dom.mmu_xchg([(maddr_of_entry(l1, 1) | 2, 0)])
+    dom.features = (abi.XENFEAT_mmu_pt_update_preserve_ad,)  # an older hypervisor
+    assert not dom.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg)
+    with pytest.raises(HypervisorError, match="XENFEAT_pvemu_mmu_pt_xchg"):
+        await dom.mmu_xchg([(maddr_of_entry(l1, 1), 0)])
+    stats = await dom.stats()
+    assert stats["guest"]["total"]["mmu_xchg_records"] == 0, "refused before any trap"
+    assert stats["hypervisor"]["total"]["mmu_xchg_records"] == 0
+
+
+async def test_native_mmu_xchg_is_a_plain_exchange_per_record() -> None:
+    machine = NativeMachine(1, 2)
+    assert machine.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg)
+    table = machine.alloc_frame()
+    frame = machine.alloc_frame()
+    entry = make_pte(frame, USER_RW)
+    machine.write_u64(maddr_of_entry(table, 7), entry)
+    rc, got = await machine.mmu_xchg(
+        [(maddr_of_entry(table, 7), 0), (maddr_of_entry(table, 8), entry)]
+    )
+    assert (rc, got) == (0, [entry, 0])
+    assert machine.read_u64(maddr_of_entry(table, 7)) == 0
+    assert machine.read_u64(maddr_of_entry(table, 8)) == entry
+    with pytest.raises(ValueError, match="not 8-byte aligned"):
+        await machine.mmu_xchg([(maddr_of_entry(table, 7) + 4, 0)])
+    stats = await machine.stats()
+    assert stats["hypervisor"]["total"]["traps"] == 0
