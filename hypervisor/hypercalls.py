@@ -1,6 +1,7 @@
 """Hypercall semantics: mmu_update, mmuext_op, multicall, update_va_mapping
 (and its _otherdomain variant), vm_assist and writable page-table emulation
-(docs/sources.md §6, §8).
+(docs/sources.md §6, §8); plus pvemu's own mmu_update command
+``MMU_PT_XCHG_PVEMU`` (not Xen's; docs/protocol.md §4.1).
 
 Batched calls are generators driven through a :class:`Budget`: the entries
 the running slice may still process. A call spends it as it goes (one entry
