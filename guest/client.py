@@ -472,8 +472,15 @@ class Domain:
     ) -> tuple[int, int, list[int]]:
         """:meth:`mmu_update` with the reply's old entries: (rc, done, olds),
         ``olds`` one per applied ``MMU_PT_XCHG_PVEMU`` record, in order
-        (pvemu's extension). The raw form: any commands, any records."""
-        reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
+        (pvemu's extension). The raw form: any commands, any records; the
+        exchange records issued are counted (``mmu_xchg_records``)."""
+        call = wire.make_call(abi.HYPERVISOR_mmu_update, reqs, foreigndom)
+        assert isinstance(call.args, wire.MmuUpdateArgs)
+        ptrs = call.args.records()[0::2]
+        xchg = abi.MMU_PT_XCHG_PVEMU
+        self._counters[vcpu].mmu_xchg_records += sum(p & 7 == xchg for p in ptrs)
+        reply = await self.call(call, vcpu=vcpu)
+        assert isinstance(reply, wire.Result)
         return reply.rc, reply.done, reply.old_values()
 
     def has_feature(self, flag: int) -> bool:
@@ -506,7 +513,6 @@ class Domain:
             if maddr & abi.MMU_CMD_MASK:
                 raise ValueError(f"PTE address {maddr:#x} is not 8-byte aligned")
             reqs.append((maddr | cmd, val))
-        self._counters[vcpu].mmu_xchg_records += len(reqs)
         rc, done, olds = await self.mmu_update_olds(wire.pack_mmu_updates(reqs), vcpu=vcpu)
         if len(olds) != done:
             raise HypervisorError(
