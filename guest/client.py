@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import trio
@@ -44,6 +44,11 @@ from pvemu.shared.errors import RemoteProtocolError
 from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
 from pvemu.shared.timeline import GUEST, Timeline, now_ns
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
+
+from .ptes import mmu_update_records
+
+if TYPE_CHECKING:
+    from .ptes import Indexes, Ptes
 
 RECEIVE_SIZE: Final = 256 * 1024
 #: Requests of this process waiting for their replies, over every channel.
@@ -483,6 +488,12 @@ class Domain:
         assert isinstance(reply, wire.Result)
         return reply.rc, reply.done, reply.old_values()
 
+    def _need_xchg(self) -> None:
+        if not self.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg):
+            raise HypervisorError(
+                "unsupported", "the hypervisor does not advertise XENFEAT_pvemu_mmu_pt_xchg"
+            )
+
     def has_feature(self, flag: int) -> bool:
         """Whether the Welcome advertised feature ``flag`` (``abi.XENFEAT_*``)."""
         return flag in self.features
@@ -503,10 +514,7 @@ class Domain:
                 reply's olds do not match its done count (``malformed``).
             ValueError: a PTE address is not 8-byte aligned.
         """
-        if not self.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg):
-            raise HypervisorError(
-                "unsupported", "the hypervisor does not advertise XENFEAT_pvemu_mmu_pt_xchg"
-            )
+        self._need_xchg()
         cmd = abi.MMU_PT_XCHG_PVEMU
         reqs: list[tuple[int, int]] = []
         for maddr, val in records:
@@ -519,6 +527,29 @@ class Domain:
                 "malformed", f"mmu_xchg: {len(olds)} old entries for {done} records done"
             )
         return rc, olds
+
+    async def mmu_xchg_ptes(
+        self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
+    ) -> tuple[int, Ptes]:
+        """:meth:`mmu_xchg` of entries ``indexes`` (distinct) of the PTE page
+        in frame ``table`` with ``values`` (None: clear them), as arrays:
+        the records are built and the olds read back without a Python step
+        per PTE. Returns (rc, the old entries of the records applied)."""
+        self._need_xchg()
+        if len(np.unique(indexes)) != len(indexes):
+            raise ValueError("mmu_xchg_ptes: an entry index appears twice")
+        vals = np.zeros(len(indexes), dtype=np.uint64) if values is None else values
+        records = mmu_update_records(table, indexes, abi.MMU_PT_XCHG_PVEMU, vals)
+        blob = records.astype("<u8", copy=False).tobytes()
+        self._counters[vcpu].mmu_xchg_records += len(indexes)
+        reply = await self.call(wire.make_call(abi.HYPERVISOR_mmu_update, blob), vcpu=vcpu)
+        assert isinstance(reply, wire.Result)
+        if len(reply.olds) != 8 * reply.done:
+            raise HypervisorError(
+                "malformed", f"mmu_xchg_ptes: {len(reply.olds) // 8} olds for {reply.done} done"
+            )
+        olds: Ptes = np.frombuffer(reply.olds, dtype="<u8").astype(np.uint64)
+        return reply.rc, olds
 
     async def mmuext_op(
         self,

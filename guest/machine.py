@@ -51,6 +51,13 @@ class Machine(Protocol):
         ``XENFEAT_pvemu_mmu_pt_xchg``), plain atomic exchanges on bare metal."""
         ...
 
+    async def mmu_xchg_ptes(
+        self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
+    ) -> tuple[int, Ptes]:
+        """:meth:`mmu_xchg` of distinct entries ``indexes`` of the PTE page in
+        frame ``table`` with ``values`` (None: 0), as arrays: (rc, olds)."""
+        ...
+
     def alloc_frame(self) -> int: ...
 
     def free_frames(self) -> int: ...
@@ -150,16 +157,29 @@ class NativeMachine:
         self.write_u64(maddr, value)
         return old
 
-    def xchg_ptes(self, table: int, indexes: Indexes) -> Ptes:
-        """:meth:`xchg_u64` with 0 on entries ``indexes`` of the PTE page in
-        frame ``table``, as one array operation."""
+    def xchg_ptes(self, table: int, indexes: Indexes, values: Ptes | None = None) -> Ptes:
+        """:meth:`xchg_u64` with ``values`` (None: 0) on distinct entries
+        ``indexes`` of the PTE page in frame ``table``, as one array
+        operation."""
         words = self._table(table)
         old = words[indexes]
         pteps = pte_maddrs(table, indexes)
         self.oracle.guest_saw_all(pteps)
-        words[indexes] = 0
-        self.oracle.ptes_written(pteps, [0] * len(pteps))
+        if values is None:
+            words[indexes] = 0
+            self.oracle.ptes_written(pteps, [0] * len(pteps))
+        else:
+            words[indexes] = values
+            self.oracle.ptes_written(pteps, values.tolist())
         return old
+
+    async def mmu_xchg_ptes(
+        self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
+    ) -> tuple[int, Ptes]:
+        """:meth:`xchg_ptes`, the machine-independent name: (0, olds)."""
+        if len(np.unique(indexes)) != len(indexes):
+            raise ValueError("mmu_xchg_ptes: an entry index appears twice")
+        return 0, self.xchg_ptes(table, indexes, values)
 
     def write_ptes(self, table: int, indexes: Indexes, values: Ptes) -> None:
         """:meth:`write_u64` of ``values`` to entries ``indexes`` of the PTE

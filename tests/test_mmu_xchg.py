@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from array import array
 
+import numpy as np
 import pytest
 
 from pvemu.guest.client import Domain, HypervisorError
@@ -437,3 +438,47 @@ async def test_native_mmu_xchg_is_a_plain_exchange_per_record() -> None:
         await machine.mmu_xchg([(maddr_of_entry(table, 7) + 4, 0)])
     stats = await machine.stats()
     assert stats["hypervisor"]["total"]["traps"] == 0
+
+
+async def test_domain_mmu_xchg_ptes_is_mmu_xchg_as_arrays() -> None:
+    dom = await loopback_domain(Hypervisor(16), memory_mib=2)
+    l1 = _first_l1(dom)
+    frames = [dom.alloc_frame() for _ in range(3)]
+    maps = [(maddr_of_entry(l1, i), make_pte(m, USER_RW)) for i, m in enumerate(frames)]
+    assert await dom.mmu_update(maps) == (0, 3)
+    await dom.run_user(1, [(1 * 4096, "w", b"d")])
+    indexes = np.arange(4, dtype=np.intp)
+    seen = [dom.read_u64(maddr_of_entry(l1, i)) for i in range(4)]
+    ro = np.array([make_pte(frames[0], USER_RO)] * 4, dtype=np.uint64)
+    rc, got = await dom.mmu_xchg_ptes(l1, indexes, ro)
+    assert rc == 0
+    assert got.dtype == np.uint64
+    assert got.tolist() == seen
+    rc, got = await dom.mmu_xchg_ptes(l1, indexes)  # clear
+    assert rc == 0
+    assert got.tolist() == [make_pte(frames[0], USER_RO) | _PAGE_GLOBAL] * 4
+    bad = np.array([0, make_pte(l1, USER_RW)], dtype=np.uint64)  # a page table, writable
+    rc, got = await dom.mmu_xchg_ptes(l1, np.array([5, 6], dtype=np.intp), bad)
+    assert (rc, got.tolist()) == (-abi.EBUSY, [0])
+    with pytest.raises(ValueError, match="appears twice"):
+        await dom.mmu_xchg_ptes(l1, np.array([1, 1], dtype=np.intp))
+    stats = await dom.stats()
+    assert stats["guest"]["total"]["mmu_xchg_records"] == 10
+    assert stats["hypervisor"]["total"]["mmu_xchg_records"] == 10
+    assert await dom.audit() == []
+
+
+async def test_native_mmu_xchg_ptes() -> None:
+    machine = NativeMachine(1, 1)
+    table = machine.alloc_frame()
+    entries = [make_pte(machine.alloc_frame(), USER_RW) for _ in range(3)]
+    for i, entry in enumerate(entries):
+        machine.write_u64(maddr_of_entry(table, i), entry)
+    indexes = np.arange(3, dtype=np.intp)
+    rc, got = await machine.mmu_xchg_ptes(table, indexes, np.array(entries[::-1], dtype=np.uint64))
+    assert (rc, got.tolist()) == (0, entries)
+    rc, got = await machine.mmu_xchg_ptes(table, indexes)
+    assert (rc, got.tolist()) == (0, entries[::-1])
+    assert [machine.read_u64(maddr_of_entry(table, i)) for i in range(3)] == [0, 0, 0]
+    with pytest.raises(ValueError, match="appears twice"):
+        await machine.mmu_xchg_ptes(table, np.array([2, 2], dtype=np.intp))
