@@ -929,9 +929,10 @@ class Kernel:
             window = read_ptes(self.machine, l1, first, (end - start) >> PAGE_SHIFT)
             offsets, indexes, seen = present_run(window, first)
             old = seen
-            if len(indexes):
-                zap = PvOps.zap_ptes if self.per_pte else type(backend).zap_ptes
-                old = await zap(backend, l1, indexes, seen)
+            if len(indexes) and self.per_pte:
+                old = await PvOps.zap_ptes(backend, l1, indexes, seen)
+            elif len(indexes):
+                old = await backend.zap_ptes(l1, indexes, seen)
             await backend.lazy_leave()
             backend.note_unlock(l1)
         if len(indexes):
