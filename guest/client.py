@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import trio
@@ -44,6 +44,11 @@ from pvemu.shared.errors import RemoteProtocolError
 from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
 from pvemu.shared.timeline import GUEST, Timeline, now_ns
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
+
+from .ptes import mmu_update_records
+
+if TYPE_CHECKING:
+    from .ptes import Indexes, Ptes
 
 RECEIVE_SIZE: Final = 256 * 1024
 #: Requests of this process waiting for their replies, over every channel.
@@ -83,6 +88,8 @@ class GuestCounters:
     ptwr: int = 0
     page_faults: int = 0
     mmu_update_records: int = 0
+    #: of which ``MMU_PT_XCHG_PVEMU`` (:meth:`Domain.mmu_xchg`)
+    mmu_xchg_records: int = 0
     multicall_entries: int = 0
 
     @property
@@ -98,6 +105,7 @@ class GuestCounters:
             total.ptwr += c.ptwr
             total.page_faults += c.page_faults
             total.mmu_update_records += c.mmu_update_records
+            total.mmu_xchg_records += c.mmu_xchg_records
             total.multicall_entries += c.multicall_entries
         return total
 
@@ -108,6 +116,7 @@ class GuestCounters:
             "ptwr": self.ptwr,
             "page_faults": self.page_faults,
             "mmu_update_records": self.mmu_update_records,
+            "mmu_xchg_records": self.mmu_xchg_records,
             "multicall_entries": self.multicall_entries,
         }
 
@@ -458,6 +467,89 @@ class Domain:
         """
         reply = await self._result(vcpu, abi.HYPERVISOR_mmu_update, reqs, foreigndom)
         return reply.rc, reply.done
+
+    async def mmu_update_olds(
+        self,
+        reqs: Sequence[tuple[int, int]] | bytes,
+        foreigndom: int = abi.DOMID_SELF,
+        *,
+        vcpu: int = 0,
+    ) -> tuple[int, int, list[int]]:
+        """:meth:`mmu_update` with the reply's old entries: (rc, done, olds),
+        ``olds`` one per applied ``MMU_PT_XCHG_PVEMU`` record, in order
+        (pvemu's extension). The raw form: any commands, any records; the
+        exchange records issued are counted (``mmu_xchg_records``)."""
+        call = wire.make_call(abi.HYPERVISOR_mmu_update, reqs, foreigndom)
+        assert isinstance(call.args, wire.MmuUpdateArgs)
+        ptrs = call.args.records()[0::2]
+        xchg = abi.MMU_PT_XCHG_PVEMU
+        self._counters[vcpu].mmu_xchg_records += sum(p & 7 == xchg for p in ptrs)
+        reply = await self.call(call, vcpu=vcpu)
+        assert isinstance(reply, wire.Result)
+        return reply.rc, reply.done, reply.old_values()
+
+    def _need_xchg(self) -> None:
+        if not self.has_feature(abi.XENFEAT_pvemu_mmu_pt_xchg):
+            raise HypervisorError(
+                "unsupported", "the hypervisor does not advertise XENFEAT_pvemu_mmu_pt_xchg"
+            )
+
+    def has_feature(self, flag: int) -> bool:
+        """Whether the Welcome advertised feature ``flag`` (``abi.XENFEAT_*``)."""
+        return flag in self.features
+
+    async def mmu_xchg(
+        self, records: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, list[int]]:
+        """Exchange L1 entries in one ``mmu_update`` (pvemu's
+        ``MMU_PT_XCHG_PVEMU``; one trap however many records): each record
+        is ``(pte machine address, new value)``, 0 to clear. Returns (rc,
+        olds): ``olds`` are the replaced entries of the records applied, in
+        order, with every A/D bit the hardware set up to the exchange; on
+        an error (rc < 0) the batch stopped at record ``len(olds)``.
+
+        Raises:
+            HypervisorError: the Welcome did not advertise
+                ``XENFEAT_pvemu_mmu_pt_xchg`` (code ``unsupported``), or the
+                reply's olds do not match its done count (``malformed``).
+            ValueError: a PTE address is not 8-byte aligned.
+        """
+        self._need_xchg()
+        cmd = abi.MMU_PT_XCHG_PVEMU
+        reqs: list[tuple[int, int]] = []
+        for maddr, val in records:
+            if maddr & abi.MMU_CMD_MASK:
+                raise ValueError(f"PTE address {maddr:#x} is not 8-byte aligned")
+            reqs.append((maddr | cmd, val))
+        rc, done, olds = await self.mmu_update_olds(wire.pack_mmu_updates(reqs), vcpu=vcpu)
+        if len(olds) != done:
+            raise HypervisorError(
+                "malformed", f"mmu_xchg: {len(olds)} old entries for {done} records done"
+            )
+        return rc, olds
+
+    async def mmu_xchg_ptes(
+        self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
+    ) -> tuple[int, Ptes]:
+        """:meth:`mmu_xchg` of entries ``indexes`` (distinct) of the PTE page
+        in frame ``table`` with ``values`` (None: clear them), as arrays:
+        the records are built and the olds read back without a Python step
+        per PTE. Returns (rc, the old entries of the records applied)."""
+        self._need_xchg()
+        if len(np.unique(indexes)) != len(indexes):
+            raise ValueError("mmu_xchg_ptes: an entry index appears twice")
+        vals = np.zeros(len(indexes), dtype=np.uint64) if values is None else values
+        records = mmu_update_records(table, indexes, abi.MMU_PT_XCHG_PVEMU, vals)
+        blob = records.astype("<u8", copy=False).tobytes()
+        self._counters[vcpu].mmu_xchg_records += len(indexes)
+        reply = await self.call(wire.make_call(abi.HYPERVISOR_mmu_update, blob), vcpu=vcpu)
+        assert isinstance(reply, wire.Result)
+        if len(reply.olds) != 8 * reply.done:
+            raise HypervisorError(
+                "malformed", f"mmu_xchg_ptes: {len(reply.olds) // 8} olds for {reply.done} done"
+            )
+        olds: Ptes = np.frombuffer(reply.olds, dtype="<u8").astype(np.uint64)
+        return reply.rc, olds
 
     async def mmuext_op(
         self,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import trio
 
+from pvemu.shared import abi
 from pvemu.shared.mmu import BytearrayMemory, HardwareModel
 from pvemu.shared.oracle import RaceOracle
 from pvemu.shared.x86 import ENTRIES_PER_TABLE, PAGE_SIZE
@@ -33,9 +34,29 @@ class Machine(Protocol):
     ``Domain`` by hypercall, :class:`NativeMachine` by plain stores."""
 
     l4_mfn: int
+    #: Feature flags of the machine (``abi.XENFEAT_*``): the Welcome's on PV.
+    features: tuple[int, ...]
 
     @property
     def nr_vcpus(self) -> int: ...
+
+    def has_feature(self, flag: int) -> bool: ...
+
+    async def mmu_xchg(
+        self, records: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, list[int]]:
+        """Exchange page-table entries ``(pte machine address, new value)``
+        in order and return (rc, the old entries of those applied): one
+        ``mmu_update`` of ``MMU_PT_XCHG_PVEMU`` records on PV (needs
+        ``XENFEAT_pvemu_mmu_pt_xchg``), plain atomic exchanges on bare metal."""
+        ...
+
+    async def mmu_xchg_ptes(
+        self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
+    ) -> tuple[int, Ptes]:
+        """:meth:`mmu_xchg` of distinct entries ``indexes`` of the PTE page in
+        frame ``table`` with ``values`` (None: 0), as arrays: (rc, olds)."""
+        ...
 
     def alloc_frame(self) -> int: ...
 
@@ -73,6 +94,10 @@ class NativeMachine:
     tables directly (``write_u64``). PFN == MFN here.
     """
 
+    #: Bare metal has no Xen features; it offers :meth:`mmu_xchg` (a plain
+    #: exchange per record), so it names that one for mode-independent callers.
+    features: tuple[int, ...] = (abi.XENFEAT_pvemu_mmu_pt_xchg,)
+
     def __init__(self, memory_mib: int, nr_vcpus: int) -> None:
         frames = memory_mib * (1 << 20) // PAGE_SIZE
         self.memory = BytearrayMemory(frames)
@@ -95,6 +120,19 @@ class NativeMachine:
     @property
     def nr_vcpus(self) -> int:
         return self._nr_vcpus
+
+    def has_feature(self, flag: int) -> bool:
+        return flag in self.features
+
+    async def mmu_xchg(
+        self, records: Sequence[tuple[int, int]], *, vcpu: int = 0
+    ) -> tuple[int, list[int]]:
+        """:meth:`xchg_u64` of each record in order, no trap: (0, olds).
+        Bare metal checks nothing (the kernel owns its page tables)."""
+        for maddr, _val in records:
+            if maddr & 7:
+                raise ValueError(f"PTE address {maddr:#x} is not 8-byte aligned")
+        return 0, [self.xchg_u64(maddr, val) for maddr, val in records]
 
     def alloc_frame(self) -> int:
         if not self._free:
@@ -119,16 +157,29 @@ class NativeMachine:
         self.write_u64(maddr, value)
         return old
 
-    def xchg_ptes(self, table: int, indexes: Indexes) -> Ptes:
-        """:meth:`xchg_u64` with 0 on entries ``indexes`` of the PTE page in
-        frame ``table``, as one array operation."""
+    def xchg_ptes(self, table: int, indexes: Indexes, values: Ptes | None = None) -> Ptes:
+        """:meth:`xchg_u64` with ``values`` (None: 0) on distinct entries
+        ``indexes`` of the PTE page in frame ``table``, as one array
+        operation."""
         words = self._table(table)
         old = words[indexes]
         pteps = pte_maddrs(table, indexes)
         self.oracle.guest_saw_all(pteps)
-        words[indexes] = 0
-        self.oracle.ptes_written(pteps, [0] * len(pteps))
+        if values is None:
+            words[indexes] = 0
+            self.oracle.ptes_written(pteps, [0] * len(pteps))
+        else:
+            words[indexes] = values
+            self.oracle.ptes_written(pteps, values.tolist())
         return old
+
+    async def mmu_xchg_ptes(
+        self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
+    ) -> tuple[int, Ptes]:
+        """:meth:`xchg_ptes`, the machine-independent name: (0, olds)."""
+        if len(np.unique(indexes)) != len(indexes):
+            raise ValueError("mmu_xchg_ptes: an entry index appears twice")
+        return 0, self.xchg_ptes(table, indexes, values)
 
     def write_ptes(self, table: int, indexes: Indexes, values: Ptes) -> None:
         """:meth:`write_u64` of ``values`` to entries ``indexes`` of the PTE

@@ -24,6 +24,8 @@ class VcpuCounters:
     multicall_entries: int = 0
     multicall_ops: Counter[int] = field(default_factory=Counter)
     mmu_update_records: int = 0
+    #: of which ``MMU_PT_XCHG_PVEMU`` (pvemu's exchange extension)
+    mmu_xchg_records: int = 0
     mmuext_ops: int = 0
     ptwr: int = 0
     page_faults: int = 0
@@ -49,6 +51,7 @@ class VcpuCounters:
             "multicall_entries": self.multicall_entries,
             "multicall_ops": by_op(self.multicall_ops),
             "mmu_update_records": self.mmu_update_records,
+            "mmu_xchg_records": self.mmu_xchg_records,
             "mmuext_ops": self.mmuext_ops,
             "ptwr": self.ptwr,
             "page_faults": self.page_faults,
@@ -81,6 +84,7 @@ def total(counters: list[VcpuCounters]) -> VcpuCounters:
         out.multicall_ops.update(c.multicall_ops)
         out.multicall_entries += c.multicall_entries
         out.mmu_update_records += c.mmu_update_records
+        out.mmu_xchg_records += c.mmu_xchg_records
         out.mmuext_ops += c.mmuext_ops
         out.ptwr += c.ptwr
         out.page_faults += c.page_faults

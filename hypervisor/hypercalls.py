@@ -1,6 +1,7 @@
 """Hypercall semantics: mmu_update, mmuext_op, multicall, update_va_mapping
 (and its _otherdomain variant), vm_assist and writable page-table emulation
-(docs/sources.md §6, §8).
+(docs/sources.md §6, §8); plus pvemu's own mmu_update command
+``MMU_PT_XCHG_PVEMU`` (not Xen's; docs/protocol.md §4.1).
 
 Batched calls are generators driven through a :class:`Budget`: the entries
 the running slice may still process. A call spends it as it goes (one entry
@@ -14,11 +15,13 @@ and the guest sees one hypercall.
 from __future__ import annotations
 
 import sys
+from array import array
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pvemu.shared import abi, wire
+from pvemu.shared.wire import u64_array_blob
 from pvemu.shared.x86 import (
     _PAGE_DIRTY,
     _PAGE_PRESENT,
@@ -69,11 +72,14 @@ class Budget:
 
 @dataclass(frozen=True, slots=True)
 class HypercallResult:
-    """What the guest gets back: rc, the done count, multicall results."""
+    """What the guest gets back: rc, the done count, multicall results, and
+    the old entries of an mmu_update's applied ``MMU_PT_XCHG_PVEMU``
+    records (little-endian u64s, record order; pvemu's extension)."""
 
     rc: int
     done: int = 0
     results: tuple[int, ...] = ()
+    olds: bytes = b""
 
 
 def guest_addr_ok(va: int) -> bool:
@@ -109,10 +115,15 @@ def mmu_update(
     reqs: Sequence[int],
     foreigndom: int,
     budget: Budget,
+    *,
+    exchange: bool = True,
 ) -> Generator[None, None, HypercallResult]:
     """Apply (ptr, val) requests in order, stopping at the first failure.
 
     ``reqs`` is flat: ptr0, val0, ptr1, val1, ... (Xen's struct layout).
+    ``exchange``: whether ``MMU_PT_XCHG_PVEMU`` records are served; a
+    multicall entry's reply is a bare rc, with no room for the old values,
+    so there they are refused (-EOPNOTSUPP) rather than applied blind.
     """
     if len(reqs) % 2:
         return HypercallResult(-abi.EFAULT)
@@ -132,6 +143,8 @@ def mmu_update(
     count = len(reqs) // 2
     batched = mmu_batch.ENABLED and pt_owner == pg_owner == dom.domid
     recs = mmu_batch.records_array(reqs) if batched else None
+    olds = array("Q")
+    xchg_cmd = abi.MMU_PT_XCHG_PVEMU if exchange else None
     backoff = skip = 0
     while done < count:
         while budget.left <= 0:
@@ -139,9 +152,13 @@ def mmu_update(
         if recs is not None and not skip:
             window = min(count - done, budget.left, mmu_batch.MAX_WINDOW)
             if window >= mmu_batch.MIN_RUN:
-                run = mmu_batch.apply_run(m, dom, recs, done, done + window)
+                before = len(olds)
+                run = mmu_batch.apply_run(
+                    m, dom, recs, done, done + window, olds if exchange else None
+                )
                 budget.spend(run)
                 counters.mmu_update_records += run
+                counters.mmu_xchg_records += len(olds) - before
                 done += run
                 if run:
                     backoff = 0
@@ -155,11 +172,17 @@ def mmu_update(
         ptr = reqs[2 * done]
         val = reqs[2 * done + 1]
         cmd = ptr & abi.MMU_CMD_MASK
+        if cmd == abi.MMU_PT_XCHG_PVEMU:
+            counters.mmu_xchg_records += 1
         if pt_owner != dom.domid or pg_owner != dom.domid:
             rc = -abi.EPERM  # XSM: an unprivileged domain acts only on itself
         elif cmd in _PT_UPDATE_CMDS:
             rc, upper = _pt_update(m, ptr - cmd, val, cmd, pt_owner, pg_owner)
             flush_all = flush_all or upper
+        elif cmd == xchg_cmd:
+            rc = _pt_xchg(m, dom, ptr - cmd, val, olds)
+        elif cmd == abi.MMU_PT_XCHG_PVEMU:
+            rc = -abi.EOPNOTSUPP  # in a multicall: nowhere to return the old entry
         elif cmd == abi.MMU_MACHPHYS_UPDATE:
             rc = _machphys_update(m, ptr >> PAGE_SHIFT, val, pg_owner)
         else:
@@ -170,7 +193,7 @@ def mmu_update(
     if flush_all:
         m.domains[pt_owner].hw.flush_tlb_all()
         m.domains[pt_owner].oracle.flushed_all()
-    return HypercallResult(rc, done)
+    return HypercallResult(rc, done, olds=u64_array_blob(olds) if olds else b"")
 
 
 _PT_UPDATE_CMDS: Final = frozenset(
@@ -213,6 +236,39 @@ def _pt_update(
     m.memory.write_u64(maddr, val)
     types.put_page_type(mfn)
     return 0, False
+
+
+def _pt_xchg(m: MachineState, dom: Domain, maddr: int, val: int, olds: array[int]) -> int:
+    """``MMU_PT_XCHG_PVEMU`` (pvemu's extension): ``mod_l1_entry`` of an
+    entry of one of the caller's validated L1s, handing the old entry back.
+
+    The hardware model never runs inside a record, so the entry read here is
+    the one replaced: every A/D bit set before this instant is in it. Any
+    other target - an upper-level table, a data or untyped frame, a frame
+    mid-validation or not the caller's - is -EINVAL: the command exchanges
+    page-table entries, never plain data.
+    """
+    ft = m.frames
+    mfn = maddr >> PAGE_SHIFT
+    if (
+        not ft.valid(mfn)
+        or ft.owner[mfn] != dom.domid
+        or ft.type[mfn] != abi.PGT_l1_page_table
+        or not ft.type_count[mfn]
+        or not ft.flags[mfn] & VALIDATED
+    ):
+        return -abi.EINVAL
+    old = m.memory.read_u64(maddr)
+    oracle = dom.oracle
+    unseen = oracle.dirty_unseen(maddr)
+    oracle.guest_saw(maddr)  # before the write, which may clear D
+    rc = m.types.mod_l1_entry(maddr, val, False, dom.domid)
+    if rc:
+        if unseen:
+            oracle.hardware_set_dirty(maddr)  # nothing was exchanged after all
+        return rc
+    olds.append(old)
+    return 0
 
 
 def _machphys_update(m: MachineState, mfn: int, val: int, pg_owner: int) -> int:
@@ -534,7 +590,7 @@ def multicall(
         if isinstance(call.args, wire.MulticallArgs):
             results.append(-abi.EINVAL)
         else:
-            result = yield from dispatch(m, dom, vcpu, call.args, budget)
+            result = yield from dispatch(m, dom, vcpu, call.args, budget, nested=True)
             results.append(result.rc)
         if budget.used == used:
             budget.spend(1)
@@ -600,14 +656,22 @@ def ptwr_write(
 
 
 def dispatch(
-    m: MachineState, dom: Domain, vcpu: int, args: wire.HypercallArgs, budget: Budget
+    m: MachineState,
+    dom: Domain,
+    vcpu: int,
+    args: wire.HypercallArgs,
+    budget: Budget,
+    *,
+    nested: bool = False,
 ) -> Generator[None, None, HypercallResult]:
     """Run the hypercall ``args`` describes, within ``budget``; arguments of a
-    number pvemu does not implement (``RawArgs``) give -ENOSYS, as in Xen."""
+    number pvemu does not implement (``RawArgs``) give -ENOSYS, as in Xen.
+    ``nested``: an entry of a multicall (whose reply carries only rc)."""
     match args:
         case wire.MmuUpdateArgs():
             records = args.records()
-            return (yield from mmu_update(m, dom, vcpu, records, args.foreigndom, budget))
+            fd = args.foreigndom
+            return (yield from mmu_update(m, dom, vcpu, records, fd, budget, exchange=not nested))
         case wire.MmuextOpArgs():
             return (yield from mmuext_op(m, dom, vcpu, args.ops, args.foreigndom, budget))
         case wire.MulticallArgs():

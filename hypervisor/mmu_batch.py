@@ -7,8 +7,10 @@ hundred (mprotect, munmap, populate of an L1) and leaves every other record
 to it. :func:`apply_run` takes the longest prefix of a window of records in
 which every record
 
-* is ``MMU_NORMAL_PT_UPDATE``, ``MMU_PT_UPDATE_PRESERVE_AD`` or
-  ``MMU_PT_UPDATE_NO_TRANSLATE``, aimed at an entry of a validated L1
+* is ``MMU_NORMAL_PT_UPDATE``, ``MMU_PT_UPDATE_PRESERVE_AD``,
+  ``MMU_PT_UPDATE_NO_TRANSLATE`` or (outside a multicall) pvemu's
+  ``MMU_PT_XCHG_PVEMU``, whose rule is the same L1 write with the old
+  entry handed back, aimed at an entry of a validated L1
   (type count > 0) that the caller owns, at an address no earlier record of
   the prefix wrote;
 * writes a non-present entry, or a present one without disallowed bits
@@ -30,7 +32,9 @@ above zero, since the general count of an owned frame includes its
 allocation and every put drops a reference a mapping held (the invariants
 ``audit()`` recomputes). The record that ends the prefix - an error or
 anything not covered - goes to the per-record path, which reports or
-applies it exactly as before.
+applies it exactly as before. An exchange's old value is the entry the
+window read, which no earlier record of the prefix wrote (distinct
+targets) and the hardware model cannot change mid-call.
 
 Two lanes do the work. Most windows are runs of records into one L1 (a
 PTE page) that only change flags of present entries (mprotect): the one-frame
@@ -40,7 +44,7 @@ keeping its frame needs no owner or count check there: a present entry of a
 validated L1 already holds a general reference to a frame of the L1's owner,
 and its writable type when it is RW (what ``audit()`` checks); only a frame
 gaining RW is looked up. Anything else (records into several frames, clears,
-new mappings, errors, repeated addresses) goes to the general lane, which
+new mappings, exchanges, errors, repeated addresses) goes to the general lane, which
 computes each record's verdict from the frame table and cuts the window at
 the first record it does not cover.
 
@@ -76,6 +80,7 @@ from .frametable import VALIDATED
 from .pagetypes import FASTPATH_WHITELIST, L1_DISALLOW_MASK
 
 if TYPE_CHECKING:
+    from array import array
     from collections.abc import Sequence
 
     from .domain import Domain, MachineState
@@ -119,6 +124,8 @@ _PT_CMDS: Final = (
 #: By command (``ptr & 7``): does the array path take it, and which old bits
 #: a write keeps (PRESERVE_AD's merge).
 _CMD_OK: Final = np.isin(np.arange(8), _PT_CMDS)
+#: The same with ``MMU_PT_XCHG_PVEMU``, where its old entries can go back.
+_CMD_OK_XCHG: Final = np.isin(np.arange(8), (*_PT_CMDS, abi.MMU_PT_XCHG_PVEMU))
 _CMD_KEEP: Final = np.zeros(8, dtype=np.int64)
 _CMD_KEEP[abi.MMU_PT_UPDATE_PRESERVE_AD] = PAGE_AD
 
@@ -146,13 +153,23 @@ def records_array(reqs: Sequence[int]) -> Words:
     return np.array(reqs, dtype=np.uint64).view(np.int64)
 
 
-def apply_run(m: MachineState, dom: Domain, recs: Words, start: int, stop: int) -> int:
+def apply_run(
+    m: MachineState,
+    dom: Domain,
+    recs: Words,
+    start: int,
+    stop: int,
+    olds: array[int] | None = None,
+) -> int:
     """Apply the longest covered prefix of records ``start .. stop - 1`` of
     ``recs`` (flat ptr, val pairs) for ``dom`` acting on itself; return how
     many records it applied (0 .. stop - start).
 
     Applied means exactly what the per-record path would have done for them:
     memory, counts, the oracle's view of each write. The caller counts them.
+    ``olds``: where the old entries of applied ``MMU_PT_XCHG_PVEMU`` records
+    go, in record order; None leaves those records to the per-record path
+    (which refuses them: a multicall entry).
     """
     table = dom.memory.entries.view(np.int64)
     done = start
@@ -164,9 +181,12 @@ def apply_run(m: MachineState, dom: Domain, recs: Words, start: int, stop: int) 
         if int(np.bitwise_or.reduce(ptr ^ first)) & _KEY_MASK:  # not all one key
             segment = int(np.argmin((ptr & _KEY_MASK) == first))
             if segment < MIN_SEGMENT:
-                return done - start + _general(m, dom, table, ptr, val)
+                return done - start + _general(m, dom, table, ptr, val, olds)
             ptr, val = ptr[:segment], val[:segment]
-        applied = _one_frame(m, dom, table, ptr, val, first)
+        if first & 7 == abi.MMU_PT_XCHG_PVEMU and olds is not None:
+            applied = _general(m, dom, table, ptr, val, olds)
+        else:
+            applied = _one_frame(m, dom, table, ptr, val, first)
         done += applied
         if applied < segment:
             break
@@ -241,15 +261,24 @@ def _flip_writable(
     return True
 
 
-def _general(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Words) -> int:
+def _general(
+    m: MachineState,
+    dom: Domain,
+    table: Words,
+    ptr: Words,
+    val: Words,
+    olds: array[int] | None = None,
+) -> int:
     """Any records: each one's verdict as in ``_pt_update``/``mod_l1_entry``
-    from the state before the window; apply the prefix before the first one
-    not covered (see the module docstring for why that prefix is exact)."""
+    (or ``_pt_xchg``, the same L1 rule) from the state before the window;
+    apply the prefix before the first one not covered (see the module
+    docstring for why that prefix is exact)."""
     fa = m.frames.arrays
     nr_frames = m.frames.nr_frames
     domid = dom.domid
     mfn = ptr >> PAGE_SHIFT
-    ok = _CMD_OK[ptr & 7] & (mfn >= 0) & (mfn < nr_frames)
+    cmd_ok = _CMD_OK if olds is None else _CMD_OK_XCHG
+    ok = cmd_ok[ptr & 7] & (mfn >= 0) & (mfn < nr_frames)
     frames = np.where(ok, mfn, 0)
     ok &= (
         (fa.owner[frames] == domid)
@@ -288,6 +317,12 @@ def _general(m: MachineState, dom: Domain, table: Words, ptr: Words, val: Words)
     run = _before_repeat(maddr[:run])
     if run == 0:
         return 0
+    if olds is not None:
+        xchg = (ptr[:run] & 7) == abi.MMU_PT_XCHG_PVEMU
+        if np.count_nonzero(xchg):
+            # The guest sees these entries, D included, before they change.
+            dom.oracle.guest_saw_all(maddr[:run][xchg].tolist())
+            olds.frombytes(old[:run][xchg].tobytes())
     new = np.where(present, adjusted, val) | (old & _CMD_KEEP[ptr & 7])
     table[slots[:run], index[:run]] = new[:run]
     _count_delta(fa.count, new_frame[:run], get[:run], old_frame[:run], put[:run])

@@ -40,8 +40,9 @@ from .limits import ServerLimits
 
 log = structlog.get_logger("pvemu.hypervisor")
 
-#: What the Welcome announces (Xen's feature flags a PV guest checks).
-FEATURES: Final = (abi.XENFEAT_mmu_pt_update_preserve_ad,)
+#: What the Welcome announces: Xen's feature flags a PV guest checks, and
+#: pvemu's own extension (``MMU_PT_XCHG_PVEMU``, always served).
+FEATURES: Final = (abi.XENFEAT_mmu_pt_update_preserve_ad, abi.XENFEAT_pvemu_mmu_pt_xchg)
 #: Longest error text sent back.
 MAX_ERROR_TEXT: Final = 1000
 _INFO: Final = logging.INFO
@@ -221,7 +222,7 @@ class _RecordedHypercallWork(Work):
 def _reply_for(request: wire.Hypercall, result: HypercallResult) -> wire.Reply:
     if type(request.args) is wire.MulticallArgs:
         return wire.MulticallResult(request.id, result.rc, result.results)
-    return wire.Result(request.id, result.rc, result.done)
+    return wire.Result(request.id, result.rc, result.done, result.olds)
 
 
 def _refused(request: wire.Request, code: str, message: str) -> Work:

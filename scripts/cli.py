@@ -76,6 +76,12 @@ IMPLEMENTED_FEATURES: tuple[tuple[str, int, str], ...] = (
         abi.XENFEAT_mmu_pt_update_preserve_ad,
         "mmu_update honours MMU_PT_UPDATE_PRESERVE_AD",
     ),
+    (
+        "XENFEAT_pvemu_mmu_pt_xchg",
+        abi.XENFEAT_pvemu_mmu_pt_xchg,
+        "pvemu extension, not Xen: mmu_update command 4 (MMU_PT_XCHG_PVEMU) "
+        "exchanges L1 entries and returns the old ones",
+    ),
 )
 
 

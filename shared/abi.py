@@ -80,6 +80,11 @@ MMU_NORMAL_PT_UPDATE: Final = 0
 MMU_MACHPHYS_UPDATE: Final = 1
 MMU_PT_UPDATE_PRESERVE_AD: Final = 2
 MMU_PT_UPDATE_NO_TRANSLATE: Final = 3
+#: pvemu's extension, not Xen's (Xen answers cmd 4 with -ENOSYS): exchange an
+#: L1 entry for ``val`` and return the old one, A/D bits included, in the
+#: reply (``Result.olds``). Only offered when the Welcome lists
+#: :data:`XENFEAT_pvemu_mmu_pt_xchg` (docs/protocol.md).
+MMU_PT_XCHG_PVEMU: Final = 4
 #: Xen masks the command with sizeof(pte) - 1.
 MMU_CMD_MASK: Final = 7
 
@@ -173,6 +178,10 @@ ERRNO_NAMES: Final[dict[int, str]] = {
 # --- features --------------------------------------------------------------------
 XENFEAT_writable_page_tables: Final = 0
 XENFEAT_mmu_pt_update_preserve_ad: Final = 5
+#: pvemu's extension flag for :data:`MMU_PT_XCHG_PVEMU`. Xen has one feature
+#: submap (XENFEAT_NR_SUBMAPS = 1: flags 0..31); 63 is bit 31 of a second
+#: submap Xen does not define, so it can never collide with a Xen flag.
+XENFEAT_pvemu_mmu_pt_xchg: Final = 63
 
 # --- page types (type_info bits 63..61) ------------------------------------------
 PGT_none: Final = 0

@@ -43,6 +43,10 @@ class RaceOracle:
     def hardware_set_dirty(self, pte_maddr: int) -> None:
         self._unseen_dirty.add(pte_maddr)
 
+    def dirty_unseen(self, pte_maddr: int) -> bool:
+        """The hardware set D in this PTE and the guest has not seen it yet."""
+        return pte_maddr in self._unseen_dirty
+
     def guest_saw(self, pte_maddr: int) -> None:
         """The old value went back to the guest (a trapped xchg)."""
         self._unseen_dirty.discard(pte_maddr)

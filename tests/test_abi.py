@@ -145,6 +145,12 @@ XENFEATS = {
     "XENFEAT_mmu_pt_update_preserve_ad": 5,
 }
 
+# pvemu's own extension (docs/protocol.md): numbers Xen does not use.
+PVEMU_EXTENSIONS = {
+    "MMU_PT_XCHG_PVEMU": 4,
+    "XENFEAT_pvemu_mmu_pt_xchg": 63,
+}
+
 # §6.1: type_info bits 63..61.
 PAGE_TYPES = {
     "PGT_none": 0,
@@ -176,6 +182,7 @@ ALL_GROUPS = {
     **DOMIDS,
     **ERRNOS,
     **XENFEATS,
+    **PVEMU_EXTENSIONS,
     **PAGE_TYPES,
     **LAYOUT,
 }

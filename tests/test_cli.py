@@ -86,6 +86,7 @@ def test_info_lists_served_hypercalls_and_features(capsys: pytest.CaptureFixture
         (26, "mmuext_op"),
     }
     assert "XENFEAT_mmu_pt_update_preserve_ad" in out
+    assert "XENFEAT_pvemu_mmu_pt_xchg" in out
     assert "-ENOSYS (-38)" in out
     # Honest: nothing beyond what the core serves.
     for absent in ("grant_table_op", "XENFEAT_writable_page_tables", "memory_op"):
@@ -108,7 +109,10 @@ def test_info_json_has_the_metadata_block_and_the_same_abi(
     }
     assert doc["implicit_hypercalls"] == [{"nr": 23, "name": "iret"}]
     assert doc["unknown_hypercall_rc"] == -38
-    assert [f["name"] for f in doc["features"]] == ["XENFEAT_mmu_pt_update_preserve_ad"]
+    assert [(f["bit"], f["name"]) for f in doc["features"]] == [
+        (5, "XENFEAT_mmu_pt_update_preserve_ad"),
+        (63, "XENFEAT_pvemu_mmu_pt_xchg"),
+    ]
 
 
 def test_info_help(capsys: pytest.CaptureFixture[str]) -> None:

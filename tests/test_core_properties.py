@@ -53,11 +53,18 @@ class HypervisorMachine(RuleBasedStateMachine):
         super().__init__()
         self.hv = Hypervisor(4, seed=7)
         self.domids: list[int] = []
+        #: The booted L1 of each domain (where exchanges mostly aim).
+        self.l1s: dict[int, int] = {}
+
+    def _boot(self) -> None:
+        guest = boot(self.hv, memory_mib=1, mapped=4)
+        self.domids.append(guest.domid)
+        self.l1s[guest.domid] = guest.l1
 
     @initialize()
     def start(self) -> None:
         for _ in range(2):
-            self.domids.append(boot(self.hv, memory_mib=1, mapped=4).domid)
+            self._boot()
 
     def _frames(self, data: st.DataObject, domid: int) -> int:
         dom = self.hv.domains[domid]
@@ -70,7 +77,7 @@ class HypervisorMachine(RuleBasedStateMachine):
     def _entry(self, data: st.DataObject, domid: int) -> tuple[int, int]:
         mfn = self._frames(data, domid)
         ptr = maddr_of_entry(mfn, data.draw(st.sampled_from(SLOTS)))
-        cmd = data.draw(st.sampled_from([0, 0, 0, 2, 3, 1, 5]))
+        cmd = data.draw(st.sampled_from([0, 0, 0, 2, 3, 1, 5, abi.MMU_PT_XCHG_PVEMU]))
         val = make_pte(self._frames(data, domid), data.draw(st.sampled_from(FLAG_CHOICES)))
         return ptr | cmd, val
 
@@ -86,6 +93,33 @@ class HypervisorMachine(RuleBasedStateMachine):
             pass
         assert call.result is not None
         assert 0 <= call.result.done <= n
+
+    @rule(data=st.data(), n=st.integers(1, 24))
+    def mmu_xchg(self, data: st.DataObject, n: int) -> None:
+        """pvemu's exchange over distinct entries of the booted L1 (clears,
+        remaps, bad values): the olds are exactly the entries replaced, in
+        order, and no dirty bit is lost by it."""
+        domid = data.draw(st.sampled_from(self.domids))
+        l1 = self.l1s[domid]
+        mem = self.hv.state.memory
+        indexes = data.draw(st.lists(st.integers(0, 15), min_size=1, max_size=n, unique=True))
+        pairs = []
+        for index in indexes:
+            clear = data.draw(st.booleans())
+            val = 0 if clear else self._entry(data, domid)[1]
+            pairs.append((maddr_of_entry(l1, index), val))
+        before = [mem.read_u64(maddr) for maddr, _ in pairs]
+        oracle = self.hv.domains[domid].oracle
+        lost = oracle.lost_dirty
+        reqs = flat(*((maddr | abi.MMU_PT_XCHG_PVEMU, val) for maddr, val in pairs))
+        result = self.hv.hypercall(
+            domid, 0, core_call(abi.HYPERVISOR_mmu_update, (reqs, abi.DOMID_SELF))
+        )
+        olds = [
+            int.from_bytes(result.olds[i : i + 8], "little") for i in range(0, len(result.olds), 8)
+        ]
+        assert olds == before[: result.done]
+        assert oracle.lost_dirty == lost
 
     @rule(data=st.data())
     def mmuext(self, data: st.DataObject) -> None:
@@ -161,7 +195,8 @@ class HypervisorMachine(RuleBasedStateMachine):
         victim = data.draw(st.sampled_from(self.domids))
         self.hv.destroy_domain(victim)
         self.domids.remove(victim)
-        self.domids.append(boot(self.hv, memory_mib=1, mapped=4).domid)
+        del self.l1s[victim]
+        self._boot()
 
     @invariant()
     def audit_clean(self) -> None:

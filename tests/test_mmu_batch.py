@@ -7,8 +7,9 @@ same random batches go to both - every command, foreign-domain fields,
 targets in page tables of every level and in other frames, repeated targets,
 records that depend on earlier ones, A/D bits set beforehand and between
 slices, random slice budgets - and everything observable must be equal:
-rc/done, memory of every domain, the frame table, counters, the race oracle,
-the hardware model's counters and audit().
+rc/done, the old entries of pvemu's exchange records (``olds``), memory of
+every domain, the frame table, counters, the race oracle, the hardware
+model's counters and audit().
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ Record = tuple[int, int]
 
 TAME_EDITS = FLAG_EDITS[:8] + FLAG_EDITS[9:11] + FLAG_EDITS[-1:]
 PT_CMDS = [abi.MMU_PT_UPDATE_PRESERVE_AD] * 2 + [abi.MMU_NORMAL_PT_UPDATE] * 2
-PT_CMDS += [abi.MMU_PT_UPDATE_NO_TRANSLATE]
-ALL_CMDS = [*PT_CMDS, abi.MMU_MACHPHYS_UPDATE, 4, 7]
+PT_CMDS += [abi.MMU_PT_UPDATE_NO_TRANSLATE, abi.MMU_PT_XCHG_PVEMU, abi.MMU_PT_XCHG_PVEMU]
+ALL_CMDS = [*PT_CMDS, abi.MMU_MACHPHYS_UPDATE, 5, 7]
 
 
 @st.composite
@@ -456,3 +457,65 @@ def test_a_writable_mapping_of_an_untyped_frame_is_retyped_per_record() -> None:
 
     ref, _ = _both(batch)
     assert ref.hv.state.frames.type_count[ref.a.spare[-2]] == 20
+
+
+def _both_results(
+    build: Callable[[Scene], list[Record]], before: Callable[[Scene], None] | None = None
+) -> tuple[HypercallResult, Scene]:
+    """:func:`_both`, with the result both paths agreed on (and the
+    per-record scene)."""
+    s = scene()
+    if before is not None:
+        before(s)
+    with array_path(False):
+        result, _ = _run(s, build(s), abi.DOMID_SELF, [None], False)
+    _both(build, before)
+    assert result is not None
+    return result, s
+
+
+def _olds(result: HypercallResult) -> list[int]:
+    return [int.from_bytes(result.olds[i : i + 8], "little") for i in range(0, len(result.olds), 8)]
+
+
+def test_a_zap_of_a_whole_pte_page_by_exchange() -> None:
+    """munmap's shape with pvemu's exchange: every entry of an L1 cleared
+    (present RW, empty, A/D set by the hardware), one batch; both paths
+    return the same olds, D bits included, and count 512 exchanges."""
+
+    def touch(s: Scene) -> None:
+        s.hv.run_user(s.a.domid, 1, [(p * 4096, "w", b"\x01") for p in (0, 3)])
+
+    def build(s: Scene) -> list[Record]:
+        return _sweep(s, lambda v: 0, abi.MMU_PT_XCHG_PVEMU, range(512))
+
+    result, s = _both_results(build, touch)
+    assert (result.rc, result.done) == (0, 512)
+    got = _olds(result)
+    assert len(got) == 512
+    assert got[0] & AD == AD
+    assert got[3] & AD == AD
+    assert not got[1] & _PAGE_DIRTY
+    assert got[12:] == [0] * 500
+    assert s.hv.domains[s.a.domid].counters[0].mmu_xchg_records == 512
+    assert s.a.dom.oracle.lost_dirty == 0
+
+
+def test_exchange_olds_are_those_of_the_per_record_path() -> None:
+    """A batch mixing exchanges with other commands, with a repeated target
+    and a refusal: the same olds on both paths, only the applied
+    exchanges'."""
+
+    def build(s: Scene) -> list[Record]:
+        xchg = abi.MMU_PT_XCHG_PVEMU
+        recs = _sweep(s, lambda v: v & ~_PAGE_RW, xchg, range(6))
+        recs += _sweep(s, lambda v: v, abi.MMU_NORMAL_PT_UPDATE, range(6, 9))
+        recs += [(maddr_of_entry(s.a.l1, 2) | xchg, 0)]
+        recs += [(maddr_of_entry(s.a.l1, 9) | xchg, make_pte(s.a.l2, USER_RW))]  # -EBUSY
+        return recs
+
+    result, _ = _both_results(build)
+    assert (result.rc, result.done) == (-abi.EBUSY, 10)
+    got = _olds(result)
+    assert len(got) == 7
+    assert got[6] == got[2] & ~_PAGE_RW  # what the first exchange of entry 2 wrote

@@ -74,7 +74,7 @@ def test_an_exception_mid_hypercall_is_internal(monkeypatch: pytest.MonkeyPatch)
     session = hello(service)
     from pvemu.hypervisor import hypercalls
 
-    def broken(*args: object) -> Iterator[None]:
+    def broken(*args: object, **kwargs: object) -> Iterator[None]:
         yield
         raise IndexError("planted in the validation loop")
 

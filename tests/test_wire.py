@@ -1526,6 +1526,15 @@ _fast_replies = st.one_of(
     ).flatmap(_mutated),
     st.fixed_dictionaries(
         {
+            "t": st.just("result"),
+            "id": _reply_ids,
+            "rc": st.integers(-(1 << 63), (1 << 63) - 1),
+            "done": st.integers(0, 5) | u64s,
+            "olds": st.binary(max_size=41),
+        }
+    ).flatmap(_mutated),
+    st.fixed_dictionaries(
+        {
             "t": st.just("ptwr_result"),
             "id": _reply_ids,
             "rc": st.integers(-(1 << 63), (1 << 63) - 1),
@@ -1599,6 +1608,7 @@ _VALID_FAST_MAPS: list[tuple[str, dict[str, object]]] = [
         {"t": "ptwr", "id": 9, "maddr": 0x1000, "val": 0, "exchange": False, "clear_bits": 2},
     ),
     ("client", {"t": "result", "id": 7, "rc": 0, "done": 1}),
+    ("client", {"t": "result", "id": 7, "rc": 0, "done": 2, "olds": bytes(16)}),
     ("client", {"t": "ptwr_result", "id": 8, "rc": 0, "old": 0x2067}),
 ]
 
@@ -1636,7 +1646,7 @@ def test_fast_paths_take_the_common_shapes() -> None:
     clear = Ptwr(5, 0x1000, 0, clear_bits=0x2)
     for request in (hypercall, ptwr, clear):
         assert _fast.fast_request(unpackb(packb(request.to_wire()))) == request
-    for reply in (Result(3, -22, 1), PtwrResult(4, 0, 0x2067)):
+    for reply in (Result(3, -22, 1), Result(3, 0, 2, bytes(16)), PtwrResult(4, 0, 0x2067)):
         assert _fast.fast_reply(unpackb(packb(reply.to_wire()))) == reply
     multicall = Hypercall.make(5, abi.HYPERVISOR_multicall, [(abi.HYPERVISOR_mmu_update, [])])
     assert _fast.fast_request(unpackb(packb(multicall.to_wire()))) is None
@@ -1665,3 +1675,33 @@ def test_hypercall_for_call_and_as_call() -> None:
     assert request.as_call() == call
     with pytest.raises(LocalProtocolError):
         Hypercall.for_call(-1, call)
+
+
+def test_result_olds_are_left_out_when_empty() -> None:
+    """A result without exchange olds is encoded as before the field
+    existed, and a map without the key decodes as empty on both paths."""
+    old_map = {"t": "result", "id": 7, "rc": 0, "done": 1}
+    assert Result(7, 0, 1).to_wire() == old_map
+    for obj in (old_map, {**old_map, "olds": b""}):
+        assert feed_one(_client_with_pending(), packb(obj)) == Result(7, 0, 1)
+        with _general_path_only():
+            assert feed_one(_client_with_pending(), packb(obj)) == Result(7, 0, 1)
+    olds = pack_u64s([0x8000_0000_0000_0067, 0])
+    result = Result(7, -abi.EBUSY, 2, olds)
+    assert result.to_wire() == {**old_map, "rc": -abi.EBUSY, "done": 2, "olds": olds}
+    assert codec_round_trip(result) == result
+    assert result.old_values() == [0x8000_0000_0000_0067, 0]
+
+
+@pytest.mark.parametrize(
+    ("done", "olds", "code"),
+    [
+        (1, bytes(16), WireErrorCode.OUT_OF_RANGE),  # more olds than records done
+        (2, bytes(12), WireErrorCode.BAD_TYPE),  # not whole u64s
+        (2, "no", WireErrorCode.BAD_TYPE),
+    ],
+)
+def test_result_olds_are_checked(done: int, olds: object, code: str) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        Result(7, 0, done, olds)  # type: ignore[arg-type]
+    assert info.value.code == code

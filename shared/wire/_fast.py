@@ -27,6 +27,7 @@ _new = object.__new__
 _set = object.__setattr__
 
 _MAX_REQS_BYTES: Final = MAX_MMU_UPDATES * MMU_UPDATE_SIZE
+_MAX_OLDS_BYTES: Final = MAX_MMU_UPDATES * 8
 
 
 def fast_request(obj: dict[Any, Any]) -> Request | None:
@@ -117,7 +118,15 @@ def _request(obj: dict[Any, Any]) -> Request | None:
 def _reply(obj: dict[Any, Any]) -> Reply | None:
     kind = obj["t"]
     if kind == "result":
-        if len(obj) != 4:
+        # ``olds`` may be left out (then empty): four keys without it, five with.
+        size = len(obj)
+        if size == 4:
+            olds = b""
+        elif size == 5:
+            olds = obj["olds"]
+            if type(olds) is not bytes or len(olds) % 8 or len(olds) > _MAX_OLDS_BYTES:
+                return None
+        else:
             return None
         rid, rc, done = obj["id"], obj["rc"], obj["done"]
         if (
@@ -127,12 +136,14 @@ def _reply(obj: dict[Any, Any]) -> Reply | None:
             or not _S64_MIN <= rc <= _S64_MAX
             or type(done) is not int
             or not 0 <= done <= _U64
+            or len(olds) // 8 > done
         ):
             return None
         result = _new(Result)
         _set(result, "id", rid)
         _set(result, "rc", rc)
         _set(result, "done", done)
+        _set(result, "olds", olds)
         return result
     if kind == "ptwr_result":
         if len(obj) != 4:

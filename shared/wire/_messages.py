@@ -12,6 +12,7 @@ from pvemu.shared.mmu import AccessKind
 from pvemu.shared.x86 import PAGE_SIZE
 
 from ._args import Call, HypercallArgs, args_from_wire, check_op_args, make_call
+from ._blob import unpack_u64s
 from ._checks import (
     _BAD_TYPE,
     _MALFORMED,
@@ -41,6 +42,7 @@ from ._limits import (
     MAX_KERNEL_WRITE_LEN,
     MAX_LIMITS,
     MAX_MEMORY_MIB,
+    MAX_MMU_UPDATES,
     MAX_MULTICALL_CALLS,
     MAX_NAME_LEN,
     MAX_REQUEST_ID,
@@ -480,15 +482,23 @@ class Result(Reply):
 
     ``rc`` is 0 or a negated Xen errno; ``done`` counts records/ops completed
     (0 where meaningless).
+
+    ``olds``: pvemu's extension (not Xen's), the entries that the applied
+    ``MMU_PT_XCHG_PVEMU`` records of an ``mmu_update`` replaced, in record
+    order, as little-endian u64s (one per applied exchange record, so at
+    most ``done``). Optional on the wire: left out when empty, so every
+    other result is the same bytes as before the field existed.
     """
 
     TYPE: ClassVar[str] = "result"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"olds"})
     id: int
     rc: int
     done: int = 0
+    olds: bytes = b""
 
     def _validate(self) -> None:
-        rid, rc, done = self.id, self.rc, self.done
+        rid, rc, done, olds = self.id, self.rc, self.done, self.olds
         if (  # the reply to every trap: one test when all is well
             type(rid) is int
             and 0 <= rid <= MAX_REQUEST_ID
@@ -496,14 +506,30 @@ class Result(Reply):
             and _S64_MIN <= rc <= _S64_MAX
             and type(done) is int
             and 0 <= done <= _U64
+            and olds == b""
         ):
             return
         _request_id(rid)
         _int(rc, "rc", _S64_MIN, _S64_MAX)
         _int(done, "done", 0, _U64)
+        _bytes(olds, "olds", MAX_MMU_UPDATES * 8, multiple=8)
+        if len(olds) // 8 > done:
+            _fail(_OUT_OF_RANGE, f"olds has {len(olds) // 8} values for {done} records done")
 
     def to_wire(self) -> dict[str, object]:
+        if self.olds:
+            return {
+                "t": "result",
+                "id": self.id,
+                "rc": self.rc,
+                "done": self.done,
+                "olds": self.olds,
+            }
         return {"t": "result", "id": self.id, "rc": self.rc, "done": self.done}
+
+    def old_values(self) -> list[int]:
+        """``olds`` as ints, in record order."""
+        return list(unpack_u64s(self.olds))
 
 
 @_register

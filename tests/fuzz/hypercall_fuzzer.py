@@ -203,6 +203,7 @@ class HypercallRun:
         elif isinstance(reply, Result):
             assert isinstance(request, Hypercall)
             self.check_result(request, reply.rc, reply.done, ())
+            self.check_olds(request, reply)
         elif isinstance(reply, MulticallResult):
             assert isinstance(request, Hypercall)
             self.check_result(request, reply.rc, 0, reply.results)
@@ -239,6 +240,16 @@ class HypercallRun:
             raise self.fail(
                 f"{request!r} returned rc={rc} done={done} results={results}", "bad result"
             )
+
+    def check_olds(self, request: Hypercall, reply: Result) -> None:
+        """One old entry per applied ``MMU_PT_XCHG_PVEMU`` record, none for
+        any other call (pvemu's extension, docs/protocol.md §4.1)."""
+        expected = 0
+        if isinstance(request.args, MmuUpdateArgs):
+            ptrs = request.args.records()[0 : 2 * reply.done : 2]
+            expected = sum(ptr & abi.MMU_CMD_MASK == abi.MMU_PT_XCHG_PVEMU for ptr in ptrs)
+        if len(reply.olds) != 8 * expected:
+            raise self.fail(f"{request!r} -> {reply!r}: {expected} olds expected", "bad olds")
 
     def finish(self, link: VcpuLink, request: Request, reply: Reply) -> None:
         """Send the reply through the server Connection; the client must

@@ -94,7 +94,10 @@ class Rule:
 
 
 MMU: Final = ("mmu_update", "multicall.mmu_update")
-L1: Final = (*MMU, "update_va_mapping", "ptwr", "ptwr.xchg")
+#: pvemu's batched exchange (``MMU_PT_XCHG_PVEMU``): the offending record and
+#: the valid ones before it are all exchanges.
+XCHG: Final = ("mmu_xchg",)
+L1: Final = (*MMU, "update_va_mapping", "ptwr", "ptwr.xchg", *XCHG)
 EXT: Final = ("mmuext_op", "multicall.mmuext_op")
 UVM: Final = ("update_va_mapping", "multicall.update_va_mapping")
 #: A trapped store, exchange, or atomic clear of bits (``ptep_set_wrprotect``).
@@ -296,11 +299,32 @@ INVLPG: Final = (abi.MMUEXT_INVLPG_LOCAL, PAGE_SIZE, 0)
 ONE_TRAP: Final = {"traps": 1, "hypercalls": 1}
 
 
+def xchg_processed(rule: Rule, off: Offence) -> int:
+    """1 when the offending record is an exchange the hypervisor reached."""
+    is_xchg = off.ptr & abi.MMU_CMD_MASK == abi.MMU_PT_XCHG_PVEMU
+    return int(is_xchg and rule.scope == "request")
+
+
 async def via_mmu_update(s: Scene, rule: Rule, off: Offence) -> Outcome:
     reqs = [*prefix_records(s), (off.ptr, off.val)]
     result = await s.a.dom.mmu_update(reqs, off.foreigndom)
     assert result == (-rule.errno, K if rule.scope == "request" else 0)
-    return Outcome(prefix_mapped(rule), {**ONE_TRAP, "mmu_update_records": processed(rule)})
+    deltas = {**ONE_TRAP, "mmu_update_records": processed(rule)}
+    return Outcome(prefix_mapped(rule), deltas | {"mmu_xchg_records": xchg_processed(rule, off)})
+
+
+async def via_mmu_xchg(s: Scene, rule: Rule, off: Offence) -> Outcome:
+    """The batch as exchanges: the K valid ones fill empty entries (old 0),
+    the offending one is refused; only the applied records' olds return."""
+    xchg = abi.MMU_PT_XCHG_PVEMU
+    reqs = [(ptr | xchg, val) for ptr, val in prefix_records(s)]
+    reqs.append((off.ptr & ~abi.MMU_CMD_MASK | xchg, off.val))
+    rc, done, olds = await s.a.dom.mmu_update_olds(reqs, off.foreigndom)
+    applied = K if rule.scope == "request" else 0
+    assert (rc, done, olds) == (-rule.errno, applied, [0] * applied)
+    n = processed(rule)
+    deltas = {**ONE_TRAP, "mmu_update_records": n, "mmu_xchg_records": n}
+    return Outcome(prefix_mapped(rule), deltas)
 
 
 async def via_multicall_mmu(s: Scene, rule: Rule, off: Offence) -> Outcome:
@@ -308,6 +332,7 @@ async def via_multicall_mmu(s: Scene, rule: Rule, off: Offence) -> Outcome:
     results = await s.a.dom.multicall([ok_mmu(s, 10), bad, ok_mmu(s, 11)])
     assert results == [0, -rule.errno, 0]  # a failing entry does not stop the batch
     deltas = {**ONE_TRAP, "multicall_entries": 3, "mmu_update_records": 2 + processed(rule)}
+    deltas["mmu_xchg_records"] = xchg_processed(rule, off)
     return Outcome(prefix_mapped(rule) | {10, 11}, deltas)
 
 
@@ -393,6 +418,7 @@ async def via_multicall_call(s: Scene, rule: Rule, off: Offence) -> Outcome:
 PATHS: Final = {
     "mmu_update": via_mmu_update,
     "multicall.mmu_update": via_multicall_mmu,
+    "mmu_xchg": via_mmu_xchg,
     "mmuext_op": via_mmuext_op,
     "multicall.mmuext_op": via_multicall_ext,
     "update_va_mapping": via_update_va_mapping,

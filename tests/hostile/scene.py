@@ -128,6 +128,7 @@ COUNTERS: Final = (
     "hypercalls",
     "multicall_entries",
     "mmu_update_records",
+    "mmu_xchg_records",
     "mmuext_ops",
     "ptwr",
     "page_faults",

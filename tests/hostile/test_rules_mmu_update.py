@@ -28,6 +28,7 @@ from tests.hostile.rejection import (
     BAD_L1_ENTRIES,
     L1,
     MMU,
+    XCHG,
     Offence,
     Rule,
     as_l2_target,
@@ -61,6 +62,8 @@ L1_NOT_FD = S67 + "new L1 maps a RAM frame not owned by FD (or unallocated)"
 UPPER_FLAGS = S67 + "new L2/L3/L4 entry has PWT/PCD/PSE/G"
 UPPER_NOT_OWNED = S67 + "new L2/L3/L4 target frame not owned by the domain"
 UPPER_TYPED = S67 + "new L2/L3/L4 target typed differently with refs"
+XCHG_NOT_L1 = "pvemu MMU_PT_XCHG_PVEMU: the target is not an entry of the caller's validated L1"
+XCHG_IN_MULTICALL = "pvemu MMU_PT_XCHG_PVEMU in a multicall entry (no room for the olds)"
 
 RULES: Final[tuple[Rule, ...]] = (
     # --- mmu_update, whole call (§2.2): done 0, nothing applied
@@ -101,14 +104,43 @@ RULES: Final[tuple[Rule, ...]] = (
     # --- per request
     *rules(
         abi.ENOSYS,
-        S67 + "ptr & 7 in 4..7",
+        S67 + "ptr & 7 in 5..7 (4 is pvemu's MMU_PT_XCHG_PVEMU)",
         MMU,
-        *((f"subcommand_{cmd}", rec(own_l1e5_with_cmd(cmd), ro_data1)) for cmd in range(4, 8)),
+        *((f"subcommand_{cmd}", rec(own_l1e5_with_cmd(cmd), ro_data1)) for cmd in range(5, 8)),
+    ),
+    # --- pvemu's MMU_PT_XCHG_PVEMU: L1 entries only, and never in a multicall
+    *rules(
+        abi.EINVAL,
+        XCHG_NOT_L1,
+        XCHG,
+        ("xchg_l2_entry", rec(at(lambda s: s.a.l2, 0), unmap)),
+        ("xchg_l3_entry", rec(at(lambda s: s.a.l3, 0), unmap)),
+        ("xchg_l4_entry", rec(at(lambda s: s.a.l4, 0), unmap)),
+        ("xchg_l4_xen_slot", rec(at(lambda s: s.a.l4, 256), unmap)),
+        ("xchg_untyped_own_frame", rec(at(lambda s: s.a.marker), unmap)),
+        ("xchg_rw_mapped_data_frame", rec(at(lambda s: s.a.data[0]), unmap)),
+    ),
+    *rules(
+        abi.EOPNOTSUPP,
+        XCHG_IN_MULTICALL,
+        ("multicall.mmu_update",),
+        ("xchg_in_multicall", rec(own_l1e5_with_cmd(abi.MMU_PT_XCHG_PVEMU), unmap)),
+    ),
+    *rules(
+        abi.EPERM,
+        S67 + "XSM denies a foreign PT owner or FD (exchange too)",
+        XCHG,
+        ("xchg_pt_owner_is_victim", lambda s: Offence(s.v.l1e(0), 0, victim_pfd(s))),
+        (
+            "xchg_fd_is_victim",
+            lambda s: Offence(s.a.l1e(5), pte(s.v.data[0], USER_RO), s.v.dom.domid),
+        ),
+        scope="xsm",
     ),
     *rules(
         abi.EINVAL,
         NOT_OWNED_PTR,
-        MMU,
+        (*MMU, *XCHG),
         ("ptr_in_victim_l1", rec(lambda s: s.v.l1e(0), unmap)),
         ("ptr_in_victim_untyped_frame", rec(at(lambda s: s.v.marker), unmap)),
         ("ptr_in_xen_frame", rec(at(lambda s: s.a.xen, 1), unmap)),
