@@ -503,18 +503,19 @@ class BatchedOps(BufferedOps):
         await self._send_ready()
 
     async def zap_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
-        """The PTE page's clears as ``MMU_NORMAL_PT_UPDATE`` records of 0,
-        queued in the open section and sent with it (one hypercall); the old
-        values are the kernel's read (``seen``).
-
-        Until the hypervisor has a batched exchange that hands the old
-        values back, this is ``naive``'s unsafe clear: a Dirty bit the
-        hardware sets between the read and the hypercall is lost."""
-        if not self.lazy.active:
-            raise HypercallFailed("a batched zap needs an open lazy section")
-        self.lazy.set_ptes(table, indexes, np.zeros(len(indexes), dtype=np.uint64))
-        await self._send_ready()
-        return seen.copy()
+        """The PTE page's clears as one ``mmu_update`` of
+        ``MMU_PT_XCHG_PVEMU`` records (pvemu's batched get-and-clear): one
+        hypercall, the old values coming back from the exchange itself, so
+        every A/D bit the hardware set up to the clear is kept. Sent at
+        once: Xen refuses the command inside a multicall, and nothing else
+        is queued in a zap's section."""
+        rc, olds = await self.domain.mmu_xchg_ptes(table, indexes, vcpu=self.vcpu)
+        if rc:
+            raise HypercallFailed(
+                f"batched exchange on PTE page {table:#x} failed: {abi.errno_name(rc)} "
+                f"after {len(olds)}"
+            )
+        return olds
 
 
 class NaiveOps(BatchedOps):
@@ -522,6 +523,17 @@ class NaiveOps(BatchedOps):
     hardware set since the plain-read start. Exists to show the race."""
 
     name = "naive"
+
+    async def zap_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """UNSAFE: the PTE page's clears as ``MMU_NORMAL_PT_UPDATE`` records
+        of 0, queued in the open section and sent with it (one hypercall);
+        the old values are the kernel's read (``seen``), so a Dirty bit the
+        hardware sets between the read and the hypercall is lost."""
+        if not self.lazy.active:
+            raise HypercallFailed("a batched zap needs an open lazy section")
+        self.lazy.set_ptes(table, indexes, np.zeros(len(indexes), dtype=np.uint64))
+        await self._send_ready()
+        return seen.copy()
 
 
 class NativeOps(PvOps):

@@ -15,6 +15,10 @@ CPU mask holds another vCPU):
             batched, naive    m + F(n)
   native    0
 
+batched clears a PTE page with one MMU_PT_XCHG_PVEMU exchange (the old
+values, A/D included, come back), naive with queued NORMAL records of 0
+(the old values are its earlier read: it loses a Dirty bit set between).
+
 The worked example: 512 present PTEs in one aligned PTE page: munmap
 512 + 1 + 2 = 515, MADV_DONTNEED 512 + 1 = 513.
 """
@@ -348,12 +352,13 @@ def store_between_read_and_clear(kernel: Kernel, addr: int) -> None:
     backend.zap_ptes = racing_zap  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("mode", ["xen", "naive"])
+@pytest.mark.parametrize("mode", ["xen", "batched", "naive"])
 async def test_a_store_between_the_read_and_the_clear(mode: str, tmp_path: Path) -> None:
     """A store on vCPU 1 lands after the zap read the PTEs and before it
-    clears them. The XCHG (xen) hands its D bit back and the page reaches
-    the file; naive's queued clear overwrites it: the data never reaches
-    the file and the oracle counts one lost Dirty bit."""
+    clears them. The trapped XCHG (xen) and the batched exchange
+    (``MMU_PT_XCHG_PVEMU``, batched) hand its D bit back and the page
+    reaches the file; naive's queued clear overwrites it: the data never
+    reaches the file and the oracle counts one lost Dirty bit."""
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(PAGE_SIZE))
     async for kernel in make_kernel(mode):
