@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel, SegmentationFault, boot, kernel_for
 from pvemu.guest.modes import MODE_NAMES
@@ -381,30 +383,68 @@ async def test_a_store_between_the_read_and_the_clear(mode: str, tmp_path: Path)
 # --- the range form is the per-PTE loop --------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["native", "batched"])
-async def test_zap_ptes_equals_the_per_pte_reference(mode: str) -> None:
-    """``zap_ptes`` of the backend (one array call) and the reference loop of
-    ``ptep_get_and_clear`` (``Kernel(per_pte=True)``) leave the same tables,
-    free the same frames and read back the same data."""
-    results = []
+#: 48 pages across a PTE-page boundary, for the random sequences.
+SPAN = 48
+SPAN_BASE = BASE + (512 - 24) * PAGE_SIZE
+piece = st.tuples(st.integers(0, SPAN - 1), st.integers(1, SPAN))
+
+
+async def _zapped_state(
+    kernel: Kernel,
+    written: list[int],
+    protnone: tuple[int, int],
+    dontneed: tuple[int, int],
+    unmap: tuple[int, int],
+) -> tuple[object, ...]:
+    """Write ``written``, make a piece PROT_NONE (entries that are present
+    for the kernel without P), MADV_DONTNEED one and munmap one; return
+    what every page reads, the frames free, and every user-half entry."""
+
+    def rng(p: tuple[int, int]) -> tuple[int, int]:
+        first, count = p
+        return SPAN_BASE + first * PAGE_SIZE, min(count, SPAN - first) * PAGE_SIZE
+
+    kernel.mmap(SPAN * PAGE_SIZE, RW, ANON, addr=SPAN_BASE)
+    kernel.mmap(PAGE_SIZE, RW, ANON, addr=GUARD)
+    await kernel.run_user(1, [(SPAN_BASE + p * PAGE_SIZE, "w", bytes([p + 1])) for p in written])
+    await kernel.mprotect(*rng(protnone), 0)
+    await kernel.madvise_dontneed(*rng(dontneed))
+    await kernel.munmap(*rng(unmap))
+    reads = []
+    for page in range(SPAN):
+        try:
+            reads.append(await kernel.read(SPAN_BASE + page * PAGE_SIZE, 1))
+        except SegmentationFault:
+            reads.append(None)
+    tree: list[int] = []
+    for table in walk_user_tree(kernel._read_table, kernel.process().l4):
+        tree.extend(np.frombuffer(kernel._read_table(table.mfn, 0, 512), "<u8").tolist())
+    assert await kernel.audit() == []
+    return reads, kernel.free_frame_count(), tree
+
+
+@pytest.mark.parametrize("mode", ["native", "batched", "naive"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    written=st.lists(st.integers(0, SPAN - 1), unique=True, max_size=SPAN),
+    protnone=piece,
+    dontneed=piece,
+    unmap=piece,
+)
+async def test_zap_ptes_equals_the_per_pte_reference(
+    mode: str,
+    written: list[int],
+    protnone: tuple[int, int],
+    dontneed: tuple[int, int],
+    unmap: tuple[int, int],
+) -> None:
+    """``zap_ptes`` of the backend (one array call: xchg of the run,
+    ``MMU_PT_XCHG_PVEMU``, or queued clears) and the reference loop of
+    ``ptep_get_and_clear`` (``Kernel(per_pte=True)``) leave the same
+    tables, free the same frames and read back the same data."""
+    states = []
     for per_pte in (False, True):
         async for booted in make_kernel(mode):
             kernel = Kernel(booted.machine, booted.backends, per_pte=per_pte)
-            kernel.mmap(600 * PAGE_SIZE, RW, ANON, addr=BASE + 300 * PAGE_SIZE)
-            kernel.mmap(PAGE_SIZE, RW, ANON, addr=GUARD)
-            pages = [p for p in range(600) if p % 3]
-            await kernel.run_user(
-                1, [(BASE + (300 + p) * PAGE_SIZE, "w", bytes([p % 250 + 1])) for p in pages]
-            )
-            await kernel.mprotect(BASE + 480 * PAGE_SIZE, 40 * PAGE_SIZE, 0)  # PROT_NONE entries
-            await kernel.madvise_dontneed(BASE + 350 * PAGE_SIZE, 20 * PAGE_SIZE)
-            await kernel.munmap(BASE + 500 * PAGE_SIZE, 300 * PAGE_SIZE)
-            reads = await kernel.run_user(
-                1, [(BASE + (300 + p) * PAGE_SIZE, "r", 1) for p in range(180)]
-            )
-            tree: list[int] = []
-            for page in walk_user_tree(kernel._read_table, kernel.process().l4):
-                tree.extend(np.frombuffer(kernel._read_table(page.mfn, 0, 512), "<u8").tolist())
-            results.append((reads, kernel.free_frame_count(), tree))
-            assert await kernel.audit() == []
-    assert results[0] == results[1]
+            states.append(await _zapped_state(kernel, written, protnone, dontneed, unmap))
+    assert states[0] == states[1]
