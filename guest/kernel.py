@@ -28,7 +28,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -60,7 +60,14 @@ from .client import Domain
 from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
-from .pagetree import alloc_table_entries, pin_entries, unpin_entries, walk_user_tree
+from .pagetree import (
+    USER_L4_SLOTS,
+    alloc_table_entries,
+    pin_entries,
+    release_table_entries,
+    unpin_entries,
+    walk_user_tree,
+)
 from .process import IDLE_PID, INIT_PID, NoSuchProcess, Process
 from .ptes import (
     _PAGE_PROTNONE,
@@ -76,6 +83,10 @@ from .ptes import (
     read_ptes,
 )
 from .pvops import HypercallFailed, PvOps, TlbGather
+from .tlb import MmuGather, tlb_flush_all_op
+
+if TYPE_CHECKING:
+    from .ptes import Indexes, Ptes
 from .vma import AddressSpace
 from .vma_tree import FileBacking, MprotectError, ProtChange, Vma
 
@@ -86,11 +97,12 @@ _RW: Final = np.uint64(_PAGE_RW)
 _MFN: Final = np.uint64(PTE_MFN_MASK)
 #: Where exec puts the new image's stack (its argument pages end here).
 STACK_TOP: Final = 0x7FFF_F000_0000
-_FLUSH_ALL_ENTRY: Final = ("ext", abi.MMUEXT_TLB_FLUSH_ALL, 0, 1)
 _A: Final = np.uint64(_PAGE_ACCESSED)
 #: Index shifts of the L4, L3 and L2 entries on the way to a PTE page.
 _UPPER_SHIFTS: Final = (L4_PAGETABLE_SHIFT, L3_PAGETABLE_SHIFT, L2_PAGETABLE_SHIFT)
 _INDEX_MASK: Final = ENTRIES_PER_TABLE - 1
+#: Index shift of each level's entries (what span one entry covers).
+_LEVEL_SHIFTS: Final = {4: L4_PAGETABLE_SHIFT, 3: L3_PAGETABLE_SHIFT, 2: L2_PAGETABLE_SHIFT}
 
 
 class SegmentationFault(Exception):
@@ -244,14 +256,42 @@ class Kernel:
             raise
         await self._change_protection(changes, proc)
 
-    async def munmap(self, addr: int, length: int, *, pid: int | None = None) -> None:
+    async def munmap(
+        self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None
+    ) -> None:
+        """Linux munmap, run on ``vcpu`` (``unmap_region``, one ``mmu_gather``):
+        the VMAs go, every PTE page under them is zapped (``zap_pte_range``),
+        the page-table pages no VMA needs any more are freed
+        (``free_pgtables``), then the TLBs are flushed once and only then are
+        the frames reused (``tlb_finish_mmu``). docs/architecture.md, "munmap
+        and MADV_DONTNEED"."""
         proc = self.process(pid)
         removed = proc.mm.munmap(addr, length)
-        flush: list[int] = []
+        backend = self.backends[vcpu]
+        gather = MmuGather()
         for vma in removed:
-            await self._zap_range(vma, flush, proc)
-        if flush:
-            await self.backend.flush_tlb(flush)
+            await self._unmap_vma(vma, backend, gather, proc)
+        if removed:
+            await self._free_pgtables(removed, backend, gather, proc)
+        await self._tlb_finish_mmu(backend, gather, proc)
+
+    async def madvise_dontneed(
+        self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None
+    ) -> None:
+        """Linux's ``madvise(MADV_DONTNEED)``, run on ``vcpu``: each VMA piece
+        zapped as munmap zaps (``zap_page_range_single``: its own gather, its
+        own flush), no page-table page freed. A private page is gone (the
+        next read faults in a zero page, or the file's data for a private
+        file mapping); a shared file page leaves the mapping, its data (a
+        Dirty bit included) stays in the page cache and the file."""
+        proc = self.process(pid)
+        result = proc.mm.madvise_dontneed(addr, length)
+        backend = self.backends[vcpu]
+        for vma in result.ranges:
+            gather = MmuGather()
+            await self._unmap_vma(vma, backend, gather, proc)
+            await self._tlb_finish_mmu(backend, gather, proc)
+        result.raise_if_error()
 
     async def msync(self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None) -> None:
         """Write dirty pages of shared file mappings back to their files.
@@ -295,7 +335,7 @@ class Kernel:
                     await self._free_pte_range(l1, va, stop, backend, gather, proc)
                 va = stop
         if gather:
-            await backend.flush_tlb(gather.vas)
+            await backend.flush_tlb(gather.vas, proc.cpumask)
         result.raise_if_error()
 
     async def _free_pte_range(
@@ -397,6 +437,7 @@ class Kernel:
     def _note_loaded(self, vcpu: int, proc: Process) -> None:
         self._loaded[vcpu].cpus.discard(vcpu)
         proc.cpus.add(vcpu)
+        proc.cpumask |= 1 << vcpu
         self._loaded[vcpu] = proc
 
     async def fork(self, pid: int | None = None, *, vcpu: int = 0) -> int:
@@ -440,11 +481,12 @@ class Kernel:
         child.pinned = {page.mfn for page in pages if page.level == 1}
         folded = backend.folds_tlb_flush and bool(pieces)
         for i, (vma, va, stop, parent_l1, child_l1) in enumerate(pieces):
-            fold = [*pin, _FLUSH_ALL_ENTRY] if folded and i == len(pieces) - 1 else None
+            flush_all = ("ext", *tlb_flush_all_op(vcpu, parent.cpumask))
+            fold = [*pin, flush_all] if folded and i == len(pieces) - 1 else None
             await self._copy_pte_range(vma, parent, parent_l1, child_l1, va, stop, backend, fold)
         if not folded:
             await backend.send_batch(pin)
-            await backend.flush_tlb_all()
+            await backend.flush_tlb_all(parent.cpumask)
         return self._add_process(child)
 
     async def _copy_pte_range(
@@ -746,7 +788,7 @@ class Kernel:
         new = self._free_frames.pop() if self._free_frames else self.machine.alloc_frame()
         await self._store(new << PAGE_SHIFT, data, backend.vcpu)
         old = await backend.ptep_get_and_clear(ptep)
-        await backend.flush_tlb([va])
+        await backend.flush_tlb([va], self._loaded[backend.vcpu].cpumask)
         flags = (old & ~PTE_MFN_MASK) | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
         await backend.set_pte(ptep, make_pte(new, flags & ~PTE_MFN_MASK))
         self._unmap_frame(mfn)
@@ -780,7 +822,7 @@ class Kernel:
             last = i == len(ranges) - 1
             await self._change_pte_range(vma, start, end, gather, last, proc)
         if gather and not self.backend.folds_tlb_flush:
-            await self.backend.flush_tlb(gather.vas)
+            await self.backend.flush_tlb(gather.vas, proc.cpumask)
 
     async def _change_pte_range(
         self, vma: Vma, start: int, end: int, gather: TlbGather, last: bool, proc: Process
@@ -800,7 +842,7 @@ class Kernel:
             else:
                 await self._change_pte_each(vma, l1, first, count, start, gather)
             if last and gather and backend.folds_tlb_flush:
-                backend.fold_tlb_flush(gather.vas)
+                backend.fold_tlb_flush(gather.vas, proc.cpumask)
             await backend.lazy_leave()
             backend.note_unlock(l1)
 
@@ -854,23 +896,136 @@ class Kernel:
 
     # --- munmap / msync --------------------------------------------------------------------
 
-    async def _zap_range(self, vma: Vma, to_flush: list[int], proc: Process) -> None:
+    async def _unmap_vma(self, vma: Vma, backend: PvOps, gather: MmuGather, proc: Process) -> None:
+        """``unmap_page_range`` over one VMA piece: each PTE page it covers
+        that exists is zapped (``zap_pte_range``)."""
         va = vma.start
         while va < vma.end:
             stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
             l1 = self._lookup_l1(va, proc)
             if l1 is not None:
-                async with proc.lock(l1):
-                    for page_va in range(va, stop, PAGE_SIZE):
-                        ptep = maddr_of_entry(l1, va_indexes(page_va).l1)
-                        if not pte_present(self.machine.read_u64(ptep)):
-                            continue
-                        old = await self.backend.ptep_get_and_clear(ptep)
-                        if old & _PAGE_PRESENT:
-                            to_flush.append(page_va)
-                        self._release_page(vma, page_va, old)
-                    self.backend.note_unlock(l1)
+                await self._zap_pte_range(vma, l1, va, stop, backend, gather, proc)
             va = stop
+
+    async def _zap_pte_range(
+        self,
+        vma: Vma,
+        l1: int,
+        start: int,
+        end: int,
+        backend: PvOps,
+        gather: MmuGather,
+        proc: Process,
+    ) -> None:
+        """One PTE page's part of a zap, under its lock, in one lazy-MMU
+        section: its present entries cleared in one backend call
+        (``zap_ptes``: Linux's per-PTE XCHG loop, or a whole-page batch),
+        the gather's range widened over them; after the section, each page
+        let go of (:meth:`_release_zapped`). pvemu has no swap or migration
+        entries, so there is no non-present entry to ``pte_clear``."""
+        first = (start >> PAGE_SHIFT) % ENTRIES_PER_TABLE
+        async with proc.lock(l1):
+            await backend.lazy_enter()
+            window = read_ptes(self.machine, l1, first, (end - start) >> PAGE_SHIFT)
+            offsets, indexes, seen = present_run(window, first)
+            old = seen
+            if len(indexes) and self.per_pte:
+                old = await PvOps.zap_ptes(backend, l1, indexes, seen)
+            elif len(indexes):
+                old = await backend.zap_ptes(l1, indexes, seen)
+            await backend.lazy_leave()
+            backend.note_unlock(l1)
+        if len(indexes):
+            gather.add_range(
+                start + (int(offsets[0]) << PAGE_SHIFT),
+                start + ((int(offsets[-1]) + 1) << PAGE_SHIFT),
+            )
+            self._release_zapped(vma, start, offsets, old, gather)
+
+    def _release_zapped(
+        self, vma: Vma, start: int, offsets: Indexes, old: Ptes, gather: MmuGather
+    ) -> None:
+        """The pages a zap cleared: a shared file page's Dirty bit goes to
+        the page cache (and the file), as at writeback; a private frame
+        loses a mapping once the TLBs are flushed (``tlb_remove_page``)."""
+        if vma.file is not None and vma.is_shared:
+            for offset, pte in zip(offsets.tolist(), old.tolist(), strict=True):
+                self._release_page(vma, start + (offset << PAGE_SHIFT), pte)
+            return
+        gather.frames.extend(((old & _MFN) >> np.uint64(PAGE_SHIFT)).tolist())
+
+    async def _free_pgtables(
+        self, removed: Sequence[Vma], backend: PvOps, gather: MmuGather, proc: Process
+    ) -> None:
+        """``free_pgtables`` after an unmap: every page-table page under the
+        removed pieces whose whole span no VMA overlaps any more (so it is
+        empty) is taken out, bottom up: its entry cleared (``pmd_clear`` &
+        co: one ``mmu_update``; an L4 entry in both L4s), the page released
+        (``xen_release_ptpage``: unpin an L1, remap writable, one batch),
+        the gather's range widened by one page at the span's start (as
+        ``pte_free_tlb`` does) and the frame queued to be freed after the
+        flush. A table that still has an entry (the booted tree's, which no
+        VMA accounts for) is kept."""
+        spans = sorted((vma.start, vma.end) for vma in removed)
+        async with proc.table_lock:
+            for lo, hi in spans:
+                await self._free_level(proc.l4, 4, lo, hi, backend, gather, proc)
+
+    async def _free_level(
+        self,
+        table: int,
+        level: int,
+        lo: int,
+        hi: int,
+        backend: PvOps,
+        gather: MmuGather,
+        proc: Process,
+    ) -> bool:
+        """Free the children of ``table`` (a level-``level`` page) under
+        ``[lo, hi)`` that nothing needs; True if ``table`` is left empty."""
+        rest = (backend, gather, proc)
+        shift = _LEVEL_SHIFTS[level]
+        size = 1 << shift
+        first = (lo >> shift) & _INDEX_MASK
+        last = ((hi - 1) >> shift) & _INDEX_MASK
+        entries = read_ptes(self.machine, table, first, last - first + 1)
+        for offset in np.flatnonzero(entries & np.uint64(_PAGE_PRESENT)).tolist():
+            index = first + offset
+            span = (lo & ~((size << 9) - 1)) + index * size
+            child = (int(entries[offset]) & PTE_MFN_MASK) >> PAGE_SHIFT
+            if level > 2:
+                sub_lo, sub_hi = max(lo, span), min(hi, span + size)
+                if not await self._free_level(child, level - 1, sub_lo, sub_hi, *rest):
+                    continue
+            if proc.mm.intersecting(span, span + size):
+                continue
+            if level == 2 and read_ptes(self.machine, child, 0, ENTRIES_PER_TABLE).any():
+                continue
+            entry = maddr_of_entry(table, index)
+            links = [(entry, 0)]
+            if level == 4 and proc.user_l4 is not None:
+                links.append((maddr_of_entry(proc.user_l4, index), 0))
+            await backend.set_upper(links)
+            pinned = child in proc.pinned
+            release = release_table_entries(child, level - 1, pinned, self.machine.pfn_of)
+            await backend.send_batch(release)
+            proc.pinned.discard(child)
+            proc.ptl.pop(child, None)
+            gather.add_range(span, span + PAGE_SIZE)
+            gather.tables.append(child)
+        user_slots = USER_L4_SLOTS if level == 4 else ENTRIES_PER_TABLE
+        return not read_ptes(self.machine, table, 0, user_slots).any()
+
+    async def _tlb_finish_mmu(self, backend: PvOps, gather: MmuGather, proc: Process) -> None:
+        """``tlb_finish_mmu``: flush the gathered range on the mm's CPUs
+        (``guest.tlb``), then free what waited for it."""
+        if gather:
+            await backend.flush_tlb(gather.vas(), proc.cpumask)
+        for mfn in gather.frames:
+            self._unmap_frame(mfn)
+        self._free_frames.extend(gather.tables)
+        gather.frames.clear()
+        gather.tables.clear()
 
     def _release_page(self, vma: Vma, va: int, old: int) -> None:
         """The page ``old`` mapped at ``va`` is no longer mapped: a file
@@ -916,7 +1071,7 @@ class Kernel:
                     if old & _PAGE_DIRTY:
                         page.dirty = True
                     if old & _PAGE_PRESENT:
-                        await backend.flush_tlb([page_va])
+                        await backend.flush_tlb([page_va], proc.cpumask)
                     await backend.set_pte(ptep, old & ~(_PAGE_RW | _PAGE_DIRTY))
                 if page.dirty:
                     self._write_page_to_file(vma, page_va, page)

@@ -264,6 +264,30 @@ class LazyMmu:
         if self.buffer is not None:
             self._queue(ptep, cmd, val)
 
+    def set_ptes(
+        self, table: int, indexes: Indexes, vals: Ptes, cmd: int = abi.MMU_NORMAL_PT_UPDATE
+    ) -> None:
+        """:meth:`set_pte` on entries ``indexes`` of the PTE page in frame
+        ``table`` (a zapped run's clears): the same rules and records, as
+        one array of records inside a section."""
+        run = self._run
+        if run is not None and run[0] == table and bool(np.any(np.isin(indexes, run[1]))):
+            raise KernelBug(f"set_ptes on PTE page {table:#x} inside a start/commit run")
+        if not self._active:
+            for ptep, val in zip(pte_maddrs(table, indexes), vals.tolist(), strict=True):
+                self.set_pte(ptep, val, cmd)
+            return
+        if self._ptes:
+            for ptep in pte_maddrs(table, indexes):
+                if self._ptes.get(ptep) is True:
+                    raise KernelBug(f"set_pte({ptep:#x}) inside its start/commit transaction")
+        self._written_runs.setdefault(table, []).append(indexes)
+        if self.buffer is None or not len(indexes):
+            return
+        buf = self.buffer
+        buf.queue_mmu_updates(mmu_update_records(table, indexes, cmd, vals))
+        self._queued[self.page_of(table << PAGE_SHIFT)] = buf.generation
+
     def _queue(self, ptep: int, cmd: int, val: int) -> None:
         if ptep & abi.MMU_CMD_MASK:
             raise KernelBug(f"PTE pointer {ptep:#x} is not 8-byte aligned")

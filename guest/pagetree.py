@@ -154,6 +154,20 @@ def alloc_table_entries(mfn: int, level: int, pfn_of: Callable[[int], int]) -> l
     return entries
 
 
+def release_table_entries(
+    mfn: int, level: int, pinned: bool, pfn_of: Callable[[int], int]
+) -> list[Entry]:
+    """``xen_release_ptpage`` for a table ``free_pgtables`` took out of a
+    pinned tree (its entry already cleared): an L1 pinned on its own is
+    unpinned (its split PTE lock), then the page is remapped writable, in
+    one batch; the frame is plain memory again."""
+    entries: list[Entry] = []
+    if level == 1 and pinned:
+        entries.append(("ext", abi.MMUEXT_UNPIN_TABLE, mfn, 1))
+    entries.append(_remap(pfn_of, mfn, True, 0))
+    return entries
+
+
 def tree_counts(pages: Iterable[TreePage]) -> tuple[int, int, int]:
     """(P1, P2, P3): PTE, PMD and PUD pages of a walk."""
     counts = [0, 0, 0, 0]
@@ -169,6 +183,7 @@ __all__ = [
     "alloc_table_entries",
     "linear_va",
     "pin_entries",
+    "release_table_entries",
     "tree_counts",
     "unpin_entries",
     "walk_user_tree",

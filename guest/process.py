@@ -4,7 +4,8 @@ A :class:`Process` is what Linux keeps in an ``mm_struct`` (the part pvemu
 models): its page-table root (an L4 frame, pinned while the process lives),
 its VMAs, its page-table locks (the split PTE locks, one per PTE page, and
 ``page_table_lock`` for building tables), the PTE pages pinned on their
-own, and which vCPUs have its tree loaded (``mm_cpumask``).
+own, which vCPUs have its tree loaded, and which ever had (``mm_cpumask``,
+what a TLB flush must reach).
 
 A process made by ``fork`` or ``exec`` has two L4s, as on 64-bit Linux on
 Xen PV: the kernel L4 and a user L4 whose user half mirrors it (every L4
@@ -55,8 +56,16 @@ class Process:
     #: by the tree's pin or when added to the pinned tree; the booted tree's
     #: first L1 is validated through the L4's pin and is not here.
     pinned: set[int] = field(default_factory=set)
-    #: vCPUs with this tree loaded (``mm_cpumask``).
+    #: vCPUs with this tree loaded now (exit must switch them away).
     cpus: set[int] = field(default_factory=set)
+    #: ``mm_cpumask`` as a bitmap: every vCPU that has loaded this tree. As
+    #: on x86, a bit stays after the vCPU switches away (the mask is trimmed
+    #: lazily, never here), so a flush may go to a CPU that no longer needs it.
+    cpumask: int = 0
+
+    def __post_init__(self) -> None:
+        for vcpu in self.cpus:
+            self.cpumask |= 1 << vcpu
 
     def lock(self, l1: int) -> trio.Lock:
         """The PTE lock of the PTE page in frame ``l1``."""

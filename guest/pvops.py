@@ -27,20 +27,18 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from pvemu.shared import abi, wire
-from pvemu.shared.x86 import _PAGE_RW, PAGE_SHIFT
+from pvemu.shared.x86 import _PAGE_RW, PAGE_SHIFT, PTE_SIZE
 
 from .lazy import LazyMmu
 from .machine import NativeMachine
 from .multicall import FLUSH_CONTEXT_SWITCH, McBuffer
 from .pagetree import Entry
 from .ptes import mmu_update_records
+from .tlb import TLB_SINGLE_PAGE_FLUSH_CEILING, cpu_bit, tlb_flush_all_op, tlb_flush_ops
 
 if TYPE_CHECKING:
     from .client import Domain
     from .ptes import Indexes, Mask, Ptes
-
-#: Modern x86: up to this many pages one INVLPG each, else a full flush.
-TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
 
 
 def switch_mm_ops(l4: int, user_l4: int, *, pin: bool = False) -> list[tuple[int, int, int]]:
@@ -66,15 +64,6 @@ class HypercallFailed(Exception):
     """A hypercall the kernel relies on failed: a kernel BUG in Linux."""
 
 
-def tlb_flush_ops(vas: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Linux's flush for a range: one INVLPG per page up to the ceiling, else
-    one full flush; every vCPU of the domain (the mm's cpumask)."""
-    if len(vas) <= TLB_SINGLE_PAGE_FLUSH_CEILING:
-        return [(abi.MMUEXT_INVLPG_ALL, va, 0) for va in vas]
-    return [(abi.MMUEXT_TLB_FLUSH_ALL, 0, 0)]
-
-
-_FULL_FLUSH_OP: Final = (abi.MMUEXT_TLB_FLUSH_ALL, 0, 0)
 _RW: Final = np.uint64(_PAGE_RW)
 
 
@@ -186,6 +175,24 @@ class PvOps:
     async def modify_prot_start(self, ptep: int) -> int:
         return await self.ptep_get_and_clear(ptep)
 
+    # --- the zap (munmap, MADV_DONTNEED) -----------------------------------------
+
+    async def zap_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """Clear entries ``indexes`` (ascending, all present; ``seen`` is the
+        kernel's read of them under the lock) of the PTE page in frame
+        ``table``, inside the caller's lazy section; returns their old
+        values, A/D as the clear found them.
+
+        The reference, Linux's own loop (``zap_present_ptes`` over
+        ``ptep_get_and_clear_full``): one native XCHG per PTE, which no
+        pv-op intercepts, so on a pinned table each is one trapped write
+        that Xen emulates (``trap``, ``ptwr``, ``xen``)."""
+        old = np.empty(len(indexes), dtype=np.uint64)
+        base = table << PAGE_SHIFT
+        for i, index in enumerate(indexes.tolist()):
+            old[i] = await self.ptep_get_and_clear(base | (index * PTE_SIZE))
+        return old
+
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         raise NotImplementedError
 
@@ -210,14 +217,16 @@ class PvOps:
     def note_unlock(self, pte_page: int) -> None:
         """Checked by batching backends: nothing may stay queued past unlock."""
 
-    async def flush_tlb(self, vas: Sequence[int]) -> None:
+    async def flush_tlb(self, vas: Sequence[int], mask: int) -> None:
+        """Flush pages ``vas`` of an mm whose CPU mask is ``mask``
+        (``guest.tlb``: local ops, or one MULTI op when another CPU is in it)."""
         raise NotImplementedError
 
-    async def flush_tlb_all(self) -> None:
+    async def flush_tlb_all(self, mask: int) -> None:
         """``flush_tlb_mm``: a full flush of the mm's CPUs (one op)."""
         raise NotImplementedError
 
-    def fold_tlb_flush(self, vas: Sequence[int]) -> None:
+    def fold_tlb_flush(self, vas: Sequence[int], mask: int) -> None:
         raise NotImplementedError(f"{self.name} does not fold TLB flushes into a batch")
 
     def fold_batch(self, entries: Sequence[Entry]) -> None:
@@ -305,8 +314,8 @@ class TrapOps(PvOps):
         """``mmu_update`` count=1: one trap."""
         await self._mmu([(ptep, val)])
 
-    async def flush_tlb_all(self) -> None:
-        await self._ext([_FULL_FLUSH_OP])
+    async def flush_tlb_all(self, mask: int) -> None:
+        await self._ext([tlb_flush_all_op(self.vcpu, mask)])
 
     async def ptep_get_and_clear(self, ptep: int) -> int:
         """Native xchg on a read-only page table: Xen emulates it (one trap)."""
@@ -318,9 +327,9 @@ class TrapOps(PvOps):
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         await self._mmu([(ptep, new)])
 
-    async def flush_tlb(self, vas: Sequence[int]) -> None:
+    async def flush_tlb(self, vas: Sequence[int], mask: int) -> None:
         """tlb_finish_mmu: each flush op is its own hypercall (non-lazy issue)."""
-        for op in tlb_flush_ops(vas):
+        for op in tlb_flush_ops(vas, self.vcpu, mask):
             await self._ext([op])
 
 
@@ -417,8 +426,8 @@ class BufferedOps(TrapOps):
         self.lazy.set_pte(ptep, val)
         await self._send_ready()
 
-    async def flush_tlb_all(self) -> None:
-        self.buffer.queue_mmuext(*_FULL_FLUSH_OP)
+    async def flush_tlb_all(self, mask: int) -> None:
+        self.buffer.queue_mmuext(*tlb_flush_all_op(self.vcpu, mask))
         self.lazy.issue()
         await self._send_ready()
 
@@ -432,8 +441,8 @@ class BufferedOps(TrapOps):
     def note_unlock(self, pte_page: int) -> None:
         self.lazy.check_unlock(pte_page)
 
-    async def flush_tlb(self, vas: Sequence[int]) -> None:
-        for cmd, arg1, arg2 in tlb_flush_ops(vas):
+    async def flush_tlb(self, vas: Sequence[int], mask: int) -> None:
+        for cmd, arg1, arg2 in tlb_flush_ops(vas, self.vcpu, mask):
             self.buffer.queue_mmuext(cmd, arg1, arg2)
             self.lazy.issue()
             await self._send_ready()
@@ -457,11 +466,11 @@ class BatchedOps(BufferedOps):
     folds_tlb_flush = True
     range_form = True
 
-    def fold_tlb_flush(self, vas: Sequence[int]) -> None:
+    def fold_tlb_flush(self, vas: Sequence[int], mask: int) -> None:
         """Queue the flush ops in the open section: they ride in its multicall."""
         if not self.lazy.active:
             raise HypercallFailed("a folded TLB flush needs an open lazy section")
-        for cmd, arg1, arg2 in tlb_flush_ops(vas):
+        for cmd, arg1, arg2 in tlb_flush_ops(vas, self.vcpu, mask):
             self.buffer.queue_mmuext(cmd, arg1, arg2, extend=True)
 
     def fold_batch(self, entries: Sequence[Entry]) -> None:
@@ -493,12 +502,38 @@ class BatchedOps(BufferedOps):
         self.buffer.queue_mmu_updates(records)
         await self._send_ready()
 
+    async def zap_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """The PTE page's clears as one ``mmu_update`` of
+        ``MMU_PT_XCHG_PVEMU`` records (pvemu's batched get-and-clear): one
+        hypercall, the old values coming back from the exchange itself, so
+        every A/D bit the hardware set up to the clear is kept. Sent at
+        once: Xen refuses the command inside a multicall, and nothing else
+        is queued in a zap's section."""
+        rc, olds = await self.domain.mmu_xchg_ptes(table, indexes, vcpu=self.vcpu)
+        if rc:
+            raise HypercallFailed(
+                f"batched exchange on PTE page {table:#x} failed: {abi.errno_name(rc)} "
+                f"after {len(olds)}"
+            )
+        return olds
+
 
 class NaiveOps(BatchedOps):
     """UNSAFE: commits with MMU_NORMAL_PT_UPDATE, overwriting the A/D bits the
     hardware set since the plain-read start. Exists to show the race."""
 
     name = "naive"
+
+    async def zap_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """UNSAFE: the PTE page's clears as ``MMU_NORMAL_PT_UPDATE`` records
+        of 0, queued in the open section and sent with it (one hypercall);
+        the old values are the kernel's read (``seen``), so a Dirty bit the
+        hardware sets between the read and the hypercall is lost."""
+        if not self.lazy.active:
+            raise HypercallFailed("a batched zap needs an open lazy section")
+        self.lazy.set_ptes(table, indexes, np.zeros(len(indexes), dtype=np.uint64))
+        await self._send_ready()
+        return seen.copy()
 
 
 class NativeOps(PvOps):
@@ -559,12 +594,19 @@ class NativeOps(PvOps):
             self.native.write_ptes(parent, targets, now & ~_RW)
         self.native.write_ptes(child, indexes, child_vals)
 
-    async def flush_tlb_all(self) -> None:
-        self.native.hw.flush_tlb_all()
+    async def flush_tlb_all(self, mask: int) -> None:
+        """A local flush, and an IPI to every other CPU of the mask."""
+        hw = self.native.hw
+        for cpu in _cpus(mask | cpu_bit(self.vcpu), hw.nr_vcpus):
+            hw.flush_tlb(cpu)
         self.native.oracle.flushed_all()
 
     async def ptep_get_and_clear(self, ptep: int) -> int:
         return self.native.xchg_u64(ptep, 0)
+
+    async def zap_ptes(self, table: int, indexes: Indexes, seen: Ptes) -> Ptes:
+        """Each clear is an xchg with 0: the run as one array operation."""
+        return self.native.xchg_ptes(table, indexes)
 
     async def modify_prot_commit(self, ptep: int, old: int, new: int) -> None:
         self.native.write_u64(ptep, new)
@@ -578,15 +620,26 @@ class NativeOps(PvOps):
     ) -> None:
         self.native.write_ptes(table, indexes, new)
 
-    async def flush_tlb(self, vas: Sequence[int]) -> None:
+    async def flush_tlb(self, vas: Sequence[int], mask: int) -> None:
+        """``flush_tlb_func`` on this CPU and, by IPI, on every other CPU of
+        the mask: INVLPG per page up to the ceiling, else a full flush."""
+        if not vas:
+            return
         hw = self.native.hw
+        cpus = _cpus(mask | cpu_bit(self.vcpu), hw.nr_vcpus)
         if len(vas) > TLB_SINGLE_PAGE_FLUSH_CEILING:
-            hw.flush_tlb_all()
+            for cpu in cpus:
+                hw.flush_tlb(cpu)
             self.native.oracle.flushed_all()
             return
         for va in vas:
-            hw.invlpg_all(va)
+            for cpu in cpus:
+                hw.invlpg(cpu, va)
             self.native.oracle.flushed_page(va)
+
+
+def _cpus(mask: int, nr_vcpus: int) -> list[int]:
+    return [cpu for cpu in range(nr_vcpus) if mask >> cpu & 1]
 
 
 __all__ = [

@@ -462,14 +462,19 @@ class _Replay:
             self.space.map.remove(new, old)
 
     async def _discard(self, e: Event, start: int, end: int) -> None:
-        """Drop the pages of private anonymous memory, as MADV_DONTNEED does:
-        unmap and map again with the same protection (the VMA merges back)."""
-        for s, t, prot, flags in self._vma_pieces(start, end):
+        """Drop the pages of private anonymous memory: the kernel's
+        ``madvise(MADV_DONTNEED)`` (the zap and its flush; the VMA and the
+        page-table pages stay)."""
+        for s, t, _prot, flags in self._vma_pieces(start, end):
             if flags & MAP_SHARED or not flags & MAP_ANONYMOUS:
                 self._untracked("madvise_shared")
                 continue
-            if await self._munmap(e, s, t):
-                self._mmap(e, t - s, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, addr=s)
+            try:
+                await self.kernel.madvise_dontneed(s, t - s, pid=self.space.kpid)
+            except OSError as exc:
+                self._error(e, "madvise", exc)
+                continue
+            self._forget(s, t)
 
     async def on_madvise(self, e: Madvise) -> None:
         runs, uncovered = self.space.map.runs(e.addr, e.addr + page_align(e.length))

@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import errno
 import os
+from collections.abc import Callable
 
 from .vma_tree import (
     _PAGE_OFFSET_MASK,
@@ -531,6 +532,28 @@ class AddressSpace(VmaTree):
         ``madvise_free_single_vma`` refuses) stops the walk with EINVAL after
         the earlier ones; a hole makes the result ENOMEM, reported at the end.
         """
+        return self._madvise_walk(addr, length, lambda vma: vma.is_private and vma.is_anonymous)
+
+    def madvise_dontneed(self, addr: int, length: int) -> MadviseResult:
+        """Linux ``madvise(addr, length, MADV_DONTNEED)``: which pieces the
+        kernel must zap (``zap_page_range_single`` per VMA).
+
+        The same argument checks and walk as :meth:`madvise_free`, but every
+        kind of mapping may be advised (Linux refuses only VM_LOCKED,
+        VM_PFNMAP and some hugetlb VMAs, none of which pvemu has): private
+        pages are dropped (the next read is a zero page, or the file's data
+        again for a private file mapping), shared file pages leave the
+        mapping but keep their data in the page cache.
+        """
+        result = self._madvise_walk(addr, length, lambda vma: True)
+        return MadviseResult(result.ranges, result.errno, "MADV_DONTNEED")
+
+    def _madvise_walk(
+        self, addr: int, length: int, allowed: Callable[[Vma], bool]
+    ) -> MadviseResult:
+        """``madvise_walk_vmas``: the pieces of ``[addr, addr + length)`` to
+        advise, in order; a VMA not ``allowed`` stops the walk (EINVAL), a
+        hole is ENOMEM at the end."""
         addr &= _U64
         length &= _U64
         if addr & _PAGE_OFFSET_MASK:
@@ -554,7 +577,7 @@ class AddressSpace(VmaTree):
                 start = vma.start
                 if start >= end:
                     return MadviseResult(ranges, errno.ENOMEM)
-            if not (vma.is_private and vma.is_anonymous):
+            if not allowed(vma):
                 return MadviseResult(ranges, errno.EINVAL)
             ranges.append(vma.piece(start, min(end, vma.end)))
             start = vma.end

@@ -309,17 +309,20 @@ class MsyncResult:
 @dataclass(frozen=True, slots=True)
 class MadviseResult:
     """What ``madvise(MADV_FREE)`` must do: clean the pages of ``ranges``
-    (pieces of private anonymous mappings) and then fail with ``errno`` if
+    (pieces of private anonymous mappings; for MADV_DONTNEED, zap them,
+    any mapping) and then fail with ``errno`` if
     it is non-zero: EINVAL where the walk met a mapping it may not advise
     (the earlier ones were advised already, as in Linux), ENOMEM when the
     range had unmapped holes (reported after the rest was advised)."""
 
     ranges: list[Vma]
     errno: int = 0
+    #: The advice, for the error message.
+    advice: str = "MADV_FREE"
 
     def raise_if_error(self) -> None:
         if self.errno == errno.EINVAL:
-            raise _err(self.errno, "MADV_FREE of a mapping that is not private anonymous")
+            raise _err(self.errno, f"{self.advice} of a mapping that is not private anonymous")
         if self.errno:
             raise _err(self.errno, "madvise range has unmapped holes")
 

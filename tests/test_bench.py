@@ -707,7 +707,7 @@ def formula(workload: str, mode: str, pages: int, params: dict[str, int], phase:
         return expected[phase]
     if mode != "xen" or phase == "populate" or not params:
         return expected_traps(mode, pages, phase)
-    flush = (pages if pages <= 33 else 1) if phase == "protect_ro" else 0
+    flush = 1 if phase == "protect_ro" else 0  # one MULTI op: the mm ran on both vCPUs
     return sum(math.ceil(k / xen_per_flush(params)) for k in pte_pages(pages)) + flush
 
 

@@ -1,5 +1,5 @@
-"""Random fork / exit / exec / write / mprotect / munmap sequences over several
-processes, against a model of what each process must read, with
+"""Random fork / exit / exec / write / mprotect / munmap / madvise(MADV_DONTNEED)
+sequences over several processes, against a model of what each process must read, with
 ``audit()`` after every step; at the end every process exits and every
 frame is back in the pool."""
 
@@ -37,7 +37,8 @@ op = st.one_of(
         st.integers(1, 8),
         st.sampled_from([mmap.PROT_READ, RW, 0]),
     ),
-    st.tuples(st.just("munmap"), st.integers(0, 7), st.integers(0, PAGES - 1), st.integers(1, 8)),
+    st.tuples(st.just("munmap"), st.integers(0, 7), st.integers(0, PAGES - 1), st.integers(1, 12)),
+    st.tuples(st.just("dontneed"), st.integers(0, 7), st.integers(0, PAGES - 1), st.integers(1, 8)),
 )
 
 
@@ -108,6 +109,16 @@ async def run_ops(kernel: Kernel, ops: list[tuple[object, ...]]) -> None:
                 else:
                     for page in range(first, first + count):
                         model.prot[pid][page] = prot
+            elif kind == "dontneed":
+                pages = range(first, first + count)
+                if all(page in model.prot[pid] for page in pages):
+                    await kernel.madvise_dontneed(addr, count * PAGE_SIZE, pid=pid)
+                else:  # a hole: ENOMEM, after the mapped pages went anyway
+                    with pytest.raises(OSError) as hole:
+                        await kernel.madvise_dontneed(addr, count * PAGE_SIZE, pid=pid)
+                    assert hole.value.errno == errno.ENOMEM
+                for page in pages:
+                    model.data[pid].pop(page, None)  # private anonymous: zero-fill next
             else:
                 await kernel.munmap(addr, count * PAGE_SIZE, pid=pid)
                 for page in range(first, first + count):

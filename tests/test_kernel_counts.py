@@ -2,8 +2,11 @@
 
 For one mprotect over N pages starting 2 MiB-aligned, the region spans PTE
 pages of sizes k_1..k_m (512 each, the last one the rest). With F the TLB
-flush hypercalls (F = N when N <= 33, else 1, and 0 for protect_rw because
-adding permissions needs no flush):
+flush hypercalls (0 for protect_rw, because adding permissions needs no
+flush; else 1: the workload's process runs user code on vCPU 1 and the
+system call on vCPU 0, so its mm_cpumask holds another vCPU and the flush
+is one ``MMUEXT_TLB_FLUSH_MULTI``, or ``INVLPG_MULTI`` for one page; on one
+vCPU it would be N INVLPG_LOCAL up to 33 pages, else one full flush):
 
   native        0
   trap, ptwr    2N + F                 (a trapped get_and_clear + a commit per PTE)
@@ -41,7 +44,7 @@ def expected_traps(mode: str, n: int, phase: str) -> int:
     k = pte_pages(n)
     if phase == "populate":
         return 3 * n + 2 * len(k) + 2
-    flush = (n if n <= 33 else 1) if phase == "protect_ro" else 0
+    flush = 1 if phase == "protect_ro" else 0  # one MULTI op: two vCPUs in the mask
     if mode in ("trap", "ptwr"):
         return 2 * n + flush
     if mode == "xen":

@@ -3,8 +3,10 @@ so the Dirty bit the hardware sets at the next store is the only record that
 it was written again (the state ``pvemu race --workload fork`` needs).
 
 What it costs per mode for k young or dirty pages in one PTE page (each
-taken with a trapped xchg and reinstalled with ``set_pte``, then one
-INVLPG per page up to 33 pages, else one full flush, f(k)):
+taken with a trapped xchg and reinstalled with ``set_pte``, then the TLB
+flush f(k): process 1 has run on both vCPUs, so its mm_cpumask holds the
+other one and the flush is one MULTI op, f = 1; on one vCPU it would be
+one INVLPG per page up to 33 pages, else one full flush):
 
   native 0 · trap, ptwr 2k + f(k) · xen k + ⌈k/31⌉ + f(k) ·
   batched, naive k + 1 + f(k)
@@ -22,7 +24,7 @@ import pytest
 
 from pvemu.guest.kernel import Kernel, boot, kernel_for
 from pvemu.guest.modes import MODE_NAMES
-from pvemu.guest.pvops import TLB_SINGLE_PAGE_FLUSH_CEILING
+from pvemu.guest.tlb import flush_cost
 from pvemu.hypervisor import Hypervisor
 from pvemu.shared.x86 import (
     _PAGE_ACCESSED,
@@ -56,7 +58,7 @@ async def kernel(request: pytest.FixtureRequest) -> AsyncIterator[Kernel]:
 
 
 def madvise_traps(mode: str, k: int) -> int:
-    flush = k if k <= TLB_SINGLE_PAGE_FLUSH_CEILING else 1
+    flush = flush_cost(k, multi=True)
     return {
         "native": 0,
         "trap": 2 * k + flush,
