@@ -60,6 +60,7 @@ from .client import Domain
 from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
+from .mremap import PageTableMover
 from .pagetree import alloc_table_entries, pin_entries, unpin_entries, walk_user_tree
 from .process import IDLE_PID, INIT_PID, NoSuchProcess, Process
 from .ptes import (
@@ -77,7 +78,7 @@ from .ptes import (
 )
 from .pvops import HypercallFailed, PvOps, TlbGather
 from .vma import AddressSpace
-from .vma_tree import FileBacking, MprotectError, ProtChange, Vma
+from .vma_tree import FileBacking, MprotectError, MremapError, ProtChange, Vma
 
 TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 #: User accesses sent per run_user request.
@@ -318,6 +319,34 @@ class Kernel:
                 gather.add(start + (offset << PAGE_SHIFT))
             await backend.lazy_leave()
             backend.note_unlock(l1)
+
+    # --- mremap (guest.mremap moves the page tables) ---------------------------------------
+
+    async def mremap(
+        self,
+        old_addr: int,
+        old_len: int,
+        new_len: int,
+        flags: int = 0,
+        new_addr: int | None = None,
+        *,
+        pid: int | None = None,
+    ) -> int:
+        """Linux mremap (``MREMAP_*`` flags): the VMA half decides
+        (:meth:`AddressSpace.mremap`), then the page tables follow step by
+        step (:mod:`.mremap`: destination and tail unmapped as munmap does,
+        PTEs or whole PTE pages moved). On an error the steps already taken
+        are still applied, as Linux does not undo them."""
+        proc = self.process(pid)
+        try:
+            result = proc.mm.mremap(old_addr, old_len, new_len, flags, new_addr)
+        except MremapError as exc:
+            await PageTableMover(self, proc).apply(exc.steps)
+            raise
+        await PageTableMover(self, proc).apply(result.steps)
+        return result.addr
+
+    # --- the rest of the system calls ---------------------------------------------------------
 
     def vmas(self, *, pid: int | None = None) -> list[tuple[int, int, int, int]]:
         """(start, end, prot, flags) per VMA, like /proc/<pid>/maps."""
