@@ -25,6 +25,9 @@ Behaviour reproduced from Linux (x86-64, 4-level paging, checked against a
   :class:`MprotectError` carries the changes already made so the kernel can
   still run ``change_protection`` on them.
 * ``munmap`` accepts holes; only unaligned/zero/out-of-range arguments fail.
+* ``mremap`` has the 6.17+ semantics (checked against a 6.18 kernel by
+  ``tests/test_mremap_linux.py``): MREMAP_FIXED without resizing moves every
+  VMA of the range; see :meth:`AddressSpace.mremap`.
 * VMAs merge when they are adjacent, have the same protection and flags, the
   same backing object (the same *open file*, compared by identity like
   Linux's ``struct file *``; for ``MAP_SHARED | MAP_ANONYMOUS`` the same shmem
