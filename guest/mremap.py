@@ -29,6 +29,15 @@ Simpler than Linux: no folio batching (x86 never batches mremap:
 ``pte_batch_hint`` is 1), no soft-dirty marking of moved PTEs, no
 ``try_realign_addr``, no PUD-level moves, and the emptied source PTE pages
 stay linked (pvemu's munmap does not free page tables either).
+
+Not ordered against user accesses on other vCPUs: Linux holds the mmap
+lock for writing through an mremap, so a fault on either range waits for
+the whole move; pvemu has no mmap lock and changes the VMAs before the page
+tables, so a fault on the destination taken mid-move would install a fresh
+page that the move then overwrites. Whole-PMD moves hold
+``page_table_lock`` throughout, so no fault can be past its table walk with
+the moving PTE page in hand. Run mremap while no other vCPU touches the two
+ranges (every caller in pvemu does).
 """
 
 from __future__ import annotations

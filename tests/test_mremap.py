@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import math
 import mmap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -455,3 +456,24 @@ SETTINGS = settings(
 @given(ops=st.lists(_op, min_size=1, max_size=10))
 async def test_random_sequences(mode: str, ops: list[tuple[Any, ...]]) -> None:
     await run_sequence(await make_kernel(mode), ops)
+
+
+@pytest.mark.parametrize("mode", ["native", "xen", "batched"])
+async def test_shared_file_pages_follow_their_file_offset(mode: str, tmp_path: Path) -> None:
+    """A shared file mapping keeps its file offsets when moved: stores at the
+    new address reach the file at msync, and the page cache is not duplicated."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(1, 9)) * (4 * P // 8))
+    kernel = await make_kernel(mode)
+    addr = kernel.mmap(4 * P, RW, mmap.MAP_SHARED, path=str(path), addr=B)
+    await kernel.write(addr + 2 * P, b"moved")
+    free = kernel.free_frame_count()
+    await kernel.mremap(addr, 4 * P, 4 * P, MOVE, D)
+    assert kernel.free_frame_count() == free - 1  # the destination's PTE page only
+    assert await kernel.read(D + 2 * P, 5) == b"moved"
+    await kernel.write(D + 3 * P, b"after")
+    await kernel.msync(D, 4 * P)
+    data = path.read_bytes()
+    assert data[2 * P : 2 * P + 5] == b"moved"
+    assert data[3 * P : 3 * P + 5] == b"after"
+    assert await kernel.audit() == []
