@@ -1,8 +1,9 @@
 """A child process that runs mm system calls on the real Linux kernel.
 
 Started by ``tests/test_mremap_linux.py`` (``python tests/linux_mm_child.py
-BASE SIZE``). It checks that ``[BASE, BASE + SIZE)`` is free (a
-``MAP_FIXED_NOREPLACE`` probe, then unmapped again), then reads one JSON
+BASE SIZE FILE``; FILE is opened read-write for the file mappings). It
+checks that ``[BASE, BASE + SIZE)`` is free (a ``MAP_FIXED_NOREPLACE``
+probe, then unmapped again), then reads one JSON
 list of operations per line on stdin and answers one JSON list per line:
 for each operation its result and the window's lines of
 ``/proc/self/maps``. Every operation names addresses inside the window, so
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 
 MAP_FAILED = ctypes.c_void_p(-1).value
@@ -65,8 +67,9 @@ def run(op: list[int | str], base: int, size: int) -> list[object]:
     kind = op[0]
     ctypes.set_errno(0)
     if kind == "mmap":
-        _, off, length, prot, flags = op
-        ret = libc.mmap(base + int(off), int(length), int(prot), int(flags), -1, 0)
+        _, off, length, prot, flags, offset = op
+        fd = -1 if int(flags) & MAP_ANONYMOUS else FILE_FD
+        ret = libc.mmap(base + int(off), int(length), int(prot), int(flags), fd, int(offset))
         if ret == MAP_FAILED:
             return ["err", ctypes.get_errno()]
         return ["ok", ret - base]
@@ -91,8 +94,13 @@ def run(op: list[int | str], base: int, size: int) -> list[object]:
     return ["ok", 0]
 
 
+FILE_FD = -1
+
+
 def main() -> None:
+    global FILE_FD
     base, size = int(sys.argv[1], 0), int(sys.argv[2], 0)
+    FILE_FD = os.open(sys.argv[3], os.O_RDWR)
     flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | MAP_NORESERVE
     if libc.mmap(base, size, 0, flags, -1, 0) != base:
         print(json.dumps({"error": f"window {base:#x} is not free"}), flush=True)

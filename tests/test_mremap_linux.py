@@ -11,7 +11,8 @@ address) is compared as "out" and unmapped on both sides. Private
 mappings carry MAP_NORESERVE so that no VMA gets VM_ACCOUNT (which the
 model does not track and which would keep Linux from merging a VMA made
 writable by mprotect with one mapped writable); nothing touches the pages,
-so no VMA gets an anon_vma either.
+so no VMA gets an anon_vma either. File mappings all map one open file (the
+child's one descriptor, the model's one ``FileBacking``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pvemu.guest.vma_tree import (
     MAP_PRIVATE,
     MAP_SHARED,
     PAGE_SIZE,
+    FileBacking,
     MremapError,
 )
 
@@ -59,13 +61,16 @@ Outcome = list[Any]
 class LinuxChild:
     """The child process: one JSON line of operations in, one of outcomes out."""
 
-    def __init__(self) -> None:
+    path: str
+
+    def __init__(self, path: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, CHILD, hex(BASE), hex(WINDOW_PAGES * PAGE_SIZE)],
+            [sys.executable, CHILD, hex(BASE), hex(WINDOW_PAGES * PAGE_SIZE), path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
+        self.path = path
         hello = self._read()
         if not isinstance(hello, dict) or not hello.get("ready"):
             self.close()
@@ -110,13 +115,15 @@ def _model_maps(space: AddressSpace) -> list[list[Any]]:
     return out
 
 
-def _model_call(space: AddressSpace, op: Op) -> list[Any]:
+def _model_call(space: AddressSpace, op: Op, file: FileBacking) -> list[Any]:
     kind = op[0]
     window = range(BASE, BASE + WINDOW_PAGES * PAGE_SIZE)
     try:
         if kind == "mmap":
-            _, off, length, prot, flags = op
-            addr = space.do_mmap(length, prot, flags, addr=BASE + off).addr
+            _, off, length, prot, flags, offset = op
+            addr = space.do_mmap(
+                length, prot, flags, addr=BASE + off, file=file, offset=offset
+            ).addr
             return ["ok", addr - BASE]
         if kind == "mremap":
             _, off, old_len, new_len, flags, new_off = op
@@ -137,14 +144,17 @@ def _model_call(space: AddressSpace, op: Op) -> list[Any]:
         return ["err", exc.errno]
 
 
-def run_model(ops: list[Op]) -> list[Outcome]:
+def run_model(ops: list[Op], path: str) -> list[Outcome]:
     space = AddressSpace()
-    return [[_model_call(space, op), _model_maps(space)] for op in ops]
+    file = FileBacking(path, writable=True)  # one open file, as the child's one fd
+    return [[_model_call(space, op, file), _model_maps(space)] for op in ops]
 
 
 @pytest.fixture(scope="module")
-def linux() -> Iterator[LinuxChild]:
-    child = LinuxChild()
+def linux(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LinuxChild]:
+    path = tmp_path_factory.mktemp("mremap") / "file.bin"
+    path.write_bytes(bytes(16 * PAGE_SIZE))
+    child = LinuxChild(str(path))
     yield child
     child.close()
 
@@ -162,19 +172,25 @@ _share = st.sampled_from([MAP_PRIVATE | MAP_NORESERVE, MAP_SHARED])
 
 
 def _mmap_op() -> st.SearchStrategy[Op]:
+    """Anonymous memory, or the file (at a page offset, maybe past its end)."""
     return st.builds(
-        lambda off, n, prot, share, noreplace: [
+        lambda off, n, prot, share, noreplace, anon, pgoff: [
             "mmap",
             off,
             n,
             prot,
-            share | MAP_ANONYMOUS | (MAP_FIXED_NOREPLACE if noreplace else MAP_FIXED),
+            share
+            | (MAP_ANONYMOUS if anon else 0)
+            | (MAP_FIXED_NOREPLACE if noreplace else MAP_FIXED),
+            0 if anon else pgoff * PAGE_SIZE,
         ],
         _slot,
         st.integers(1, 16).map(lambda p: p * PAGE_SIZE),
         _prot,
         _share,
         st.booleans(),
+        st.booleans(),
+        st.integers(0, 24),
     )
 
 
@@ -207,7 +223,7 @@ _ops = st.one_of(
 
 def _assert_same(ops: list[Op], linux: LinuxChild) -> None:
     real = linux.run(ops)
-    model = run_model(ops)
+    model = run_model(ops, linux.path)
     for i, (op, want, got) in enumerate(zip(ops, real, model, strict=True)):
         assert got == want, f"step {i} {op}: Linux {want}, model {got}\nops so far: {ops[: i + 1]}"
 
@@ -225,66 +241,76 @@ def test_random_sequences_match_linux(linux: LinuxChild, ops: list[Op]) -> None:
 P = PAGE_SIZE
 _ANON = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED
 _SHM = MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED
+_FILE = MAP_SHARED | MAP_FIXED
 
 
 @pytest.mark.parametrize(
     "ops",
     [
         # grow in place, then into a neighbour (ENOMEM without MAYMOVE, moved with it)
-        [["mmap", 0, 4 * P, 3, _ANON], ["mremap", 0, 4 * P, 8 * P, 0, 0]],
+        [["mmap", 0, 4 * P, 3, _ANON, 0], ["mremap", 0, 4 * P, 8 * P, 0, 0]],
         [
-            ["mmap", 0, 4 * P, 3, _ANON],
-            ["mmap", 6 * P, 2 * P, 1, _ANON],
+            ["mmap", 0, 4 * P, 3, _ANON, 0],
+            ["mmap", 6 * P, 2 * P, 1, _ANON, 0],
             ["mremap", 0, 4 * P, 8 * P, 0, 0],
             ["mremap", 0, 4 * P, 8 * P, 1, 0],
         ],
         # shrink; shrink across two VMAs (allowed: only the kept part must be one VMA)
-        [["mmap", 0, 8 * P, 3, _ANON], ["mremap", 0, 8 * P, 3 * P, 0, 0]],
+        [["mmap", 0, 8 * P, 3, _ANON, 0], ["mremap", 0, 8 * P, 3 * P, 0, 0]],
         [
-            ["mmap", 0, 4 * P, 3, _ANON],
-            ["mmap", 4 * P, 4 * P, 1, _ANON],
+            ["mmap", 0, 4 * P, 3, _ANON, 0],
+            ["mmap", 4 * P, 4 * P, 1, _ANON, 0],
             ["mremap", 0, 8 * P, 2 * P, 0, 0],
         ],
         # growing across the VMA's end: EFAULT
         [
-            ["mmap", 0, 4 * P, 3, _ANON],
-            ["mmap", 4 * P, 4 * P, 1, _ANON],
+            ["mmap", 0, 4 * P, 3, _ANON, 0],
+            ["mmap", 4 * P, 4 * P, 1, _ANON, 0],
             ["mremap", 0, 8 * P, 9 * P, 1, 0],
         ],
         # MREMAP_FIXED over a mapping, overlapping (EINVAL), into the same VMA
         [
-            ["mmap", 0, 4 * P, 3, _ANON],
-            ["mmap", 16 * P, 8 * P, 1, _ANON],
+            ["mmap", 0, 4 * P, 3, _ANON, 0],
+            ["mmap", 16 * P, 8 * P, 1, _ANON, 0],
             ["mremap", 0, 4 * P, 4 * P, 3, 18 * P],
             ["mremap", 18 * P, 4 * P, 4 * P, 3, 20 * P],
             ["mremap", 16 * P, 2 * P, 2 * P, 3, 30 * P],
         ],
         # multi-VMA move (6.17+): gaps kept; a gap at the start is EFAULT
         [
-            ["mmap", 0, 2 * P, 3, _ANON],
-            ["mmap", 3 * P, 2 * P, 1, _ANON],
+            ["mmap", 0, 2 * P, 3, _ANON, 0],
+            ["mmap", 3 * P, 2 * P, 1, _ANON, 0],
             ["mremap", 0, 5 * P, 5 * P, 3, 20 * P],
             ["mremap", 19 * P, 6 * P, 6 * P, 3, 40 * P],
         ],
         # MREMAP_DONTUNMAP: the source stays; with a length change EINVAL
         [
-            ["mmap", 0, 4 * P, 3, _ANON],
+            ["mmap", 0, 4 * P, 3, _ANON, 0],
             ["mremap", 0, 4 * P, 4 * P, 5, 10 * P],
             ["mremap", 0, 4 * P, 4 * P, 7, 20 * P],
             ["mremap", 0, 4 * P, 5 * P, 7, 30 * P],
         ],
         # old_len 0: duplicates shared memory, EINVAL for private
         [
-            ["mmap", 0, 4 * P, 3, _SHM],
+            ["mmap", 0, 4 * P, 3, _SHM, 0],
             ["mremap", 0, 0, 2 * P, 3, 10 * P],
-            ["mmap", 20 * P, 4 * P, 3, _ANON],
+            ["mmap", 20 * P, 4 * P, 3, _ANON, 0],
             ["mremap", 20 * P, 0, 2 * P, 3, 30 * P],
         ],
         # a moved piece comes back next to its VMA: merged again
         [
-            ["mmap", 0, 4 * P, 3, _ANON],
+            ["mmap", 0, 4 * P, 3, _ANON, 0],
             ["mremap", 2 * P, 2 * P, 2 * P, 3, 10 * P],
             ["mremap", 10 * P, 2 * P, 2 * P, 3, 2 * P],
+        ],
+        # a file mapping keeps its offsets: its moved middle merges back when
+        # returned, and does not merge next to a piece of another offset
+        [
+            ["mmap", 0, 6 * P, 3, _FILE, 0],
+            ["mremap", 2 * P, 2 * P, 2 * P, 3, 20 * P],
+            ["mremap", 20 * P, 2 * P, 2 * P, 3, 2 * P],
+            ["mremap", 4 * P, 2 * P, 2 * P, 3, 8 * P],
+            ["mmap", 6 * P, 2 * P, 3, _FILE, 6 * P],
         ],
         # nothing mapped: EFAULT in every form
         [["mremap", 0, P, P, 0, 0], ["mremap", 0, P, 2 * P, 1, 0], ["mremap", 0, P, P, 3, 8 * P]],
