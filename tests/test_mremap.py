@@ -477,3 +477,25 @@ async def test_shared_file_pages_follow_their_file_offset(mode: str, tmp_path: P
     assert data[2 * P : 2 * P + 5] == b"moved"
     assert data[3 * P : 3 * P + 5] == b"after"
     assert await kernel.audit() == []
+
+
+@pytest.mark.parametrize("mode", ["native", *HV_MODES])
+async def test_whole_pmd_move_in_a_forked_child_to_a_new_l4_slot(mode: str) -> None:
+    """A forked process has a user L4 mirroring its kernel L4: the new L4
+    entry for the destination (slot 1, 512 GiB) goes to both in the one
+    ``mmu_update``; PUD and PMD pages new (2 + 2), the PTE page moved whole (4)."""
+    kernel = await make_kernel(mode)
+    kernel.mmap(512 * P, RW, ANON, addr=B)
+    await fill(kernel, B, list(range(0, 512, 5)))
+    child = await kernel.fork()
+    far = 1 << 39
+    before, _ = await counts(kernel)
+    assert await kernel.mremap(B, 512 * P, 512 * P, MOVE, far, pid=child) == far
+    after, _ = await counts(kernel)
+    assert after - before == (0 if mode == "native" else 8)
+    await kernel.switch_to(1, child)
+    await check_data(kernel, far, 512, list(range(0, 512, 5)))
+    await kernel.switch_to(1, 1)
+    await check_data(kernel, B, 512, list(range(0, 512, 5)))
+    await kernel.exit_process(child)
+    assert await kernel.audit() == []
