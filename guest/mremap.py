@@ -96,20 +96,17 @@ class PageTableMover:
         self.backend: PvOps = kernel.backend
 
     async def apply(self, steps: Sequence[MremapStep]) -> None:
-        """Every step in order; a run of unmapped pieces is zapped as one
-        munmap (one TLB flush)."""
-        pending: list[Vma] = []
+        """Every step in order: each unmap as one munmap, each move."""
         for step in steps:
             if isinstance(step, PageMove):
-                await self.unmap(pending)
-                pending = []
                 await self.move_page_tables(step)
             else:
-                pending.append(step)
-        await self.unmap(pending)
+                await self.unmap(step.pieces)
 
     async def unmap(self, removed: Sequence[Vma]) -> None:
-        """What munmap does to the page tables for ``removed``."""
+        """What munmap does to the page tables for ``removed``: each piece
+        zapped, one TLB flush at the end. Keep in step with
+        :meth:`Kernel.munmap`, whose page-table half this is."""
         flush: list[int] = []
         for vma in removed:
             await self.kernel._zap_range(vma, flush, self.proc)

@@ -93,6 +93,7 @@ from .vma_tree import (
     MsyncResult,
     PageMove,
     ProtChange,
+    Unmap,
     Vma,
     VmaTree,
     _err,
@@ -584,7 +585,7 @@ class AddressSpace(VmaTree):
         if new_len == old_len:
             return addr
         if new_len < old_len:
-            steps.extend(self.munmap(addr + new_len, old_len - new_len))
+            self._note_unmap(steps, self.munmap(addr + new_len, old_len - new_len))
             return addr
         delta = new_len - old_len
         if vma.end - addr == old_len and self._expandable(vma, delta):
@@ -594,6 +595,12 @@ class AddressSpace(VmaTree):
             raise _err(errno.ENOMEM, f"mremap cannot grow {addr:#x} in place")
         dest = self._remap_target(0, new_len, flags)
         return self._move_vma(vma, addr, old_len, new_len, dest, flags, steps)
+
+    @staticmethod
+    def _note_unmap(steps: list[MremapStep], pieces: list[Vma]) -> None:
+        """Record one ``do_munmap`` (nothing if it removed nothing)."""
+        if pieces:
+            steps.append(Unmap(pieces))
 
     def _expandable(self, vma: Vma, delta: int) -> bool:
         end = vma.end + delta
@@ -630,13 +637,13 @@ class AddressSpace(VmaTree):
         """``mremap_to``: MREMAP_FIXED unmaps the destination first, a shrink
         unmaps the tail, then the (rest of the) range moves."""
         if flags & MREMAP_FIXED:
-            steps.extend(self._unmap_range(target, target + new_len))
+            self._note_unmap(steps, self._unmap_range(target, target + new_len))
             found = self.find(addr)
             if found is None:
                 raise _err(errno.EFAULT, f"mremap: nothing mapped at {addr:#x}")
             vma = found
         if new_len < old_len:
-            steps.extend(self.munmap(addr + new_len, old_len - new_len))
+            self._note_unmap(steps, self.munmap(addr + new_len, old_len - new_len))
             old_len = new_len
         dest = self._remap_target(target, new_len, flags)
         return self._move_vma(vma, addr, old_len, new_len, dest, flags, steps)
@@ -663,7 +670,7 @@ class AddressSpace(VmaTree):
             source = vma.piece(addr, addr + old_len)
             steps.append(PageMove(addr, dest, old_len, source, new_vma, dontunmap))
             if not dontunmap:
-                steps.extend(self._unmap_range(addr, addr + old_len))
+                self._note_unmap(steps, self._unmap_range(addr, addr + old_len))
         return dest
 
     def _remap_move(

@@ -58,6 +58,7 @@ __all__ = [
     "MsyncResult",
     "MprotectError",
     "PageMove",
+    "Unmap",
     "MremapStep",
     "MremapResult",
     "MremapError",
@@ -365,9 +366,16 @@ class PageMove:
     dontunmap: bool = False
 
 
-#: One thing an mremap did, in order: a removed piece (zap it as munmap
-#: does) or a move of page tables.
-MremapStep = Vma | PageMove
+@dataclass(frozen=True, slots=True)
+class Unmap:
+    """One ``do_munmap`` inside an mremap: the pieces it removed (the kernel
+    zaps them and flushes once, as for one munmap call)."""
+
+    pieces: list[Vma]
+
+
+#: One thing an mremap did, in order: an unmap or a move of page tables.
+MremapStep = Unmap | PageMove
 
 
 @dataclass(frozen=True, slots=True)

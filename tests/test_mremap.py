@@ -38,6 +38,7 @@ from pvemu.guest.vma_tree import (
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
     MremapError,
+    MremapStep,
     PageMove,
     Vma,
 )
@@ -355,7 +356,7 @@ class Shadow:
         for va in range(vma.start, vma.end, P):
             self.data.pop(va, None)
 
-    def apply(self, steps: list[Vma | PageMove]) -> None:
+    def apply(self, steps: list[MremapStep]) -> None:
         for step in steps:
             if isinstance(step, PageMove):
                 moved = {
@@ -365,7 +366,8 @@ class Shadow:
                 }
                 self.data.update(moved)
             else:
-                self.drop(step)
+                for piece in step.pieces:
+                    self.drop(piece)
 
 
 async def _call(kernel: Kernel, shadow: Shadow, op: tuple[Any, ...]) -> None:
@@ -498,4 +500,25 @@ async def test_whole_pmd_move_in_a_forked_child_to_a_new_l4_slot(mode: str) -> N
     await kernel.switch_to(1, 1)
     await check_data(kernel, B, 512, list(range(0, 512, 5)))
     await kernel.exit_process(child)
+    assert await kernel.audit() == []
+
+
+@pytest.mark.parametrize("mode", ["native", *HV_MODES])
+async def test_each_unmap_flushes_on_its_own(mode: str) -> None:
+    """MREMAP_FIXED with a shrink is two munmaps in Linux (the destination,
+    then the tail), each with its own flush: 30 + 30 INVLPGs, not one full
+    flush for 60 pages; then 30 PTEs move within the PTE page."""
+    kernel = await make_kernel(mode)
+    kernel.mmap(60 * P, RW, ANON, addr=B)
+    kernel.mmap(30 * P, RW, ANON, addr=B + 100 * P)
+    await fill(kernel, B, list(range(60)))
+    await fill(kernel, B + 100 * P, list(range(30)))
+    free = kernel.free_frame_count()
+    before, _ = await counts(kernel)
+    await kernel.mremap(B, 60 * P, 30 * P, MOVE, B + 100 * P)
+    after, _ = await counts(kernel)
+    unmaps = 0 if mode == "native" else (30 + 30) + (30 + 30)
+    assert after - before == unmaps + move_cost(mode, [(30, True, 30)], 0, 0)
+    assert kernel.free_frame_count() == free + 60
+    await check_data(kernel, B + 100 * P, 30, list(range(30)))
     assert await kernel.audit() == []
