@@ -1,8 +1,9 @@
 """mremap's page-table half: Linux's ``move_page_tables`` over pv-ops.
 
 The VMA half (:meth:`pvemu.guest.vma.AddressSpace.mremap`) decides what
-moves where and returns the steps in Linux's order: pieces to unmap (the
-``MREMAP_FIXED`` destination, a shrunk tail, the source after a move) and
+moves where and returns the steps in Linux's order: unmaps (each the pieces one
+``do_munmap`` removed: the ``MREMAP_FIXED`` destination, a shrunk tail, the
+source after a move), applied as one munmap each, and
 :class:`~pvemu.guest.vma_tree.PageMove` s. :class:`PageTableMover` applies
 them to one process's tree.
 
