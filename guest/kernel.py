@@ -60,6 +60,7 @@ from .client import Domain
 from .machine import Machine, NativeMachine
 from .modes import make_backend, make_native_backend
 from .modes import mode as _mode
+from .mremap import PageTableMover
 from .pagetree import (
     USER_L4_SLOTS,
     alloc_table_entries,
@@ -88,7 +89,7 @@ from .tlb import MmuGather, tlb_flush_all_op
 if TYPE_CHECKING:
     from .ptes import Indexes, Ptes
 from .vma import AddressSpace
-from .vma_tree import FileBacking, MprotectError, ProtChange, Vma
+from .vma_tree import FileBacking, MprotectError, MremapError, ProtChange, Vma
 
 TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
 #: User accesses sent per run_user request.
@@ -267,7 +268,12 @@ class Kernel:
         and MADV_DONTNEED"."""
         proc = self.process(pid)
         removed = proc.mm.munmap(addr, length)
-        backend = self.backends[vcpu]
+        await self.unmap_pieces(removed, self.backends[vcpu], proc)
+
+    async def unmap_pieces(self, removed: Sequence[Vma], backend: PvOps, proc: Process) -> None:
+        """The page-table half of one ``do_munmap`` of the VMA pieces
+        ``removed`` (munmap's, and each unmap inside an mremap): zap, free
+        the tables no VMA needs, flush once, then free the frames."""
         gather = MmuGather()
         for vma in removed:
             await self._unmap_vma(vma, backend, gather, proc)
@@ -358,6 +364,34 @@ class Kernel:
                 gather.add(start + (offset << PAGE_SHIFT))
             await backend.lazy_leave()
             backend.note_unlock(l1)
+
+    # --- mremap (guest.mremap moves the page tables) ---------------------------------------
+
+    async def mremap(
+        self,
+        old_addr: int,
+        old_len: int,
+        new_len: int,
+        flags: int = 0,
+        new_addr: int | None = None,
+        *,
+        pid: int | None = None,
+    ) -> int:
+        """Linux mremap (``MREMAP_*`` flags): the VMA half decides
+        (:meth:`AddressSpace.mremap`), then the page tables follow step by
+        step (:mod:`.mremap`: destination and tail unmapped as munmap does,
+        PTEs or whole PTE pages moved). On an error the steps already taken
+        are still applied, as Linux does not undo them."""
+        proc = self.process(pid)
+        try:
+            result = proc.mm.mremap(old_addr, old_len, new_len, flags, new_addr)
+        except MremapError as exc:
+            await PageTableMover(self, proc).apply(exc.steps)
+            raise
+        await PageTableMover(self, proc).apply(result.steps)
+        return result.addr
+
+    # --- the rest of the system calls ---------------------------------------------------------
 
     def vmas(self, *, pid: int | None = None) -> list[tuple[int, int, int, int]]:
         """(start, end, prot, flags) per VMA, like /proc/<pid>/maps."""

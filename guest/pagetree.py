@@ -145,11 +145,15 @@ def unpin_entries(
     return entries
 
 
-def alloc_table_entries(mfn: int, level: int, pfn_of: Callable[[int], int]) -> list[Entry]:
+def alloc_table_entries(
+    mfn: int, level: int, pfn_of: Callable[[int], int], *, pinned: bool = False
+) -> list[Entry]:
     """``xen_alloc_ptpage`` for a table added to a pinned tree: remapped
-    read-only, and an L1 also pinned (its split PTE lock), in one batch."""
+    read-only, and an L1 also pinned (its split PTE lock), in one batch.
+    ``pinned``: the page is already marked pinned (an L1 mremap moves with
+    its PMD entry), so only the remap is queued."""
     entries = [_remap(pfn_of, mfn, False, 0)]
-    if level == 1:
+    if level == 1 and not pinned:
         entries.append(("ext", abi.MMUEXT_PIN_L1_TABLE, mfn, 1))
     return entries
 

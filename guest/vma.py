@@ -25,6 +25,9 @@ Behaviour reproduced from Linux (x86-64, 4-level paging, checked against a
   :class:`MprotectError` carries the changes already made so the kernel can
   still run ``change_protection`` on them.
 * ``munmap`` accepts holes; only unaligned/zero/out-of-range arguments fail.
+* ``mremap`` has the 6.17+ semantics (checked against a 6.18 kernel by
+  ``tests/test_mremap_linux.py``): MREMAP_FIXED without resizing moves every
+  VMA of the range; see :meth:`AddressSpace.mremap`.
 * VMAs merge when they are adjacent, have the same protection and flags, the
   same backing object (the same *open file*, compared by identity like
   Linux's ``struct file *``; for ``MAP_SHARED | MAP_ANONYMOUS`` the same shmem
@@ -50,6 +53,7 @@ import copy
 import errno
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 from .vma_tree import (
     _PAGE_OFFSET_MASK,
@@ -67,6 +71,9 @@ from .vma_tree import (
     MAP_TYPE,
     MMAP_MIN_ADDR,
     MMAP_STACK_GAP,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     MS_ASYNC,
     MS_INVALIDATE,
     MS_SYNC,
@@ -81,8 +88,13 @@ from .vma_tree import (
     MadviseResult,
     MmapResult,
     MprotectError,
+    MremapError,
+    MremapResult,
+    MremapStep,
     MsyncResult,
+    PageMove,
     ProtChange,
+    Unmap,
     Vma,
     VmaTree,
     _err,
@@ -472,6 +484,222 @@ class AddressSpace(VmaTree):
         if length == 0:
             raise _err(errno.EINVAL, "munmap of length 0")
         return self._unmap_range(addr, addr + length)
+
+    # ------------------------------------------------------------------ mremap
+
+    def mremap(
+        self,
+        old_addr: int,
+        old_len: int,
+        new_len: int,
+        flags: int = 0,
+        new_addr: int | None = None,
+    ) -> MremapResult:
+        """Linux ``mremap`` (6.17+ semantics); returns the address and the
+        page-table steps (:class:`MremapResult`).
+
+        Both lengths are page-aligned first. Argument checks, in Linux's
+        order (``check_mremap_params``), all EINVAL: unknown flags,
+        unaligned ``old_addr``, ``new_len`` 0; then,
+        with MREMAP_FIXED or MREMAP_DONTUNMAP (which name a new address):
+        unaligned ``new_addr``, no MREMAP_MAYMOVE, DONTUNMAP with
+        ``old_len != new_len``, a new range beyond ``task_size``, source and
+        destination overlapping.
+
+        MREMAP_FIXED with ``old_len == new_len`` moves every VMA of the range
+        (gaps between them kept; a gap at the start, or nothing there:
+        EFAULT). Otherwise ``old_addr`` must be in a VMA (EFAULT); a shrink
+        unmaps the tail (whatever is mapped there), same size returns
+        ``old_addr``; growing or moving needs ``[old_addr, old_addr +
+        old_len)`` inside that VMA (EFAULT) and ``old_len`` 0 only for shared
+        mappings (EINVAL: duplicating a private mapping); growing happens in
+        place when the VMA ends at the old range's end and the room after it
+        is free, else the VMA moves with MREMAP_MAYMOVE (ENOMEM without).
+        A moved private anonymous VMA takes ``pgoff`` from its new address,
+        as Linux does for one with no ``anon_vma`` (not modelled).
+        Failures after work was done raise :class:`MremapError` with it.
+        """
+        addr = old_addr & _U64
+        old_len &= _U64
+        new_len &= _U64
+        flags &= _U64
+        target = 0 if new_addr is None else new_addr & _U64
+        implies_new = bool(flags & (MREMAP_FIXED | MREMAP_DONTUNMAP))
+        old_len = page_align(old_len)
+        new_len = page_align(new_len)
+        if flags & ~(MREMAP_FIXED | MREMAP_MAYMOVE | MREMAP_DONTUNMAP):
+            raise _err(errno.EINVAL, f"mremap flags {flags:#x}")
+        if addr & _PAGE_OFFSET_MASK:
+            raise _err(errno.EINVAL, f"mremap address {addr:#x} not page aligned")
+        if new_len == 0:
+            raise _err(errno.EINVAL, "mremap to length 0")
+        if implies_new:
+            if target & _PAGE_OFFSET_MASK:
+                raise _err(errno.EINVAL, f"mremap new address {target:#x} not page aligned")
+            if not flags & MREMAP_MAYMOVE:
+                raise _err(errno.EINVAL, "MREMAP_FIXED/DONTUNMAP without MREMAP_MAYMOVE")
+            if flags & MREMAP_DONTUNMAP and old_len != new_len:
+                raise _err(errno.EINVAL, "MREMAP_DONTUNMAP with a new length")
+            if new_len > self.task_size or target > self.task_size - new_len:
+                raise _err(errno.EINVAL, f"mremap target {target:#x} beyond user space")
+            if addr + old_len > target and target + new_len > addr:
+                raise _err(errno.EINVAL, "mremap source and destination overlap")
+        steps: list[MremapStep] = []
+        try:
+            if flags & MREMAP_FIXED and old_len == new_len:
+                result = self._remap_move(addr, old_len, target, flags, steps)
+            else:
+                vma = self.find(addr)
+                self._check_prep_vma(vma, addr, old_len, new_len, implies_new)
+                assert vma is not None
+                if implies_new:
+                    result = self._mremap_to(vma, addr, old_len, new_len, target, flags, steps)
+                else:
+                    result = self._mremap_at(vma, addr, old_len, new_len, flags, steps)
+        except MremapError:
+            raise
+        except OSError as exc:
+            raise MremapError(exc.errno or errno.EINVAL, str(exc.strerror), steps) from None
+        return MremapResult(result, steps)
+
+    @staticmethod
+    def _check_prep_vma(
+        vma: Vma | None, addr: int, old_len: int, new_len: int, implies_new: bool
+    ) -> None:
+        """``check_prep_vma``: the VMA at ``addr`` (EFAULT if none) may give
+        the range a new mapping: not a private duplicate (EINVAL), the old
+        range inside it (EFAULT; for a shrink only what stays)."""
+        if vma is None:
+            raise _err(errno.EFAULT, f"mremap: nothing mapped at {addr:#x}")
+        if not (new_len > old_len or implies_new):
+            return
+        if old_len == 0 and not vma.is_shared:
+            raise _err(errno.EINVAL, "mremap duplicate (old_len 0) of a private mapping")
+        kept = new_len if new_len < old_len else old_len
+        if kept > vma.end - addr:
+            raise _err(errno.EFAULT, f"mremap range at {addr:#x} runs past its VMA")
+
+    def _mremap_at(
+        self, vma: Vma, addr: int, old_len: int, new_len: int, flags: int, steps: list[MremapStep]
+    ) -> int:
+        """``mremap_at``: same size, shrink in place, or grow (in place or moved)."""
+        if new_len == old_len:
+            return addr
+        if new_len < old_len:
+            self._note_unmap(steps, self.munmap(addr + new_len, old_len - new_len))
+            return addr
+        delta = new_len - old_len
+        if vma.end - addr == old_len and self._expandable(vma, delta):
+            self._expand(vma, delta)
+            return addr
+        if not flags & MREMAP_MAYMOVE:
+            raise _err(errno.ENOMEM, f"mremap cannot grow {addr:#x} in place")
+        dest = self._remap_target(0, new_len, flags)
+        return self._move_vma(vma, addr, old_len, new_len, dest, flags, steps)
+
+    @staticmethod
+    def _note_unmap(steps: list[MremapStep], pieces: list[Vma]) -> None:
+        """Record one ``do_munmap`` (nothing if it removed nothing)."""
+        if pieces:
+            steps.append(Unmap(pieces))
+
+    def _expandable(self, vma: Vma, delta: int) -> bool:
+        end = vma.end + delta
+        return end <= self.task_size and self._range_free(vma.end, end)
+
+    def _expand(self, vma: Vma, delta: int) -> None:
+        """``vma_merge_extend``: the VMA grows by ``delta`` and merges with
+        the next one if it now touches a compatible one."""
+        i = self._starts.index(vma.start)
+        grown = replace(vma, end=vma.end + delta)
+        hi = i + 1
+        if hi < len(self._vmas) and vmas_mergeable(grown, self._vmas[hi]):
+            grown = _merged(grown, self._vmas[hi])
+            hi += 1
+        self._splice(i, hi, [grown])
+
+    def _remap_target(self, hint: int, length: int, flags: int) -> int:
+        """``vrm_set_new_addr``: MREMAP_FIXED's address, else a free range
+        (DONTUNMAP's new address is a hint)."""
+        if flags & MREMAP_FIXED:
+            return self._get_unmapped_area(hint, length, MAP_FIXED)
+        return self._get_unmapped_area(hint if flags & MREMAP_DONTUNMAP else 0, length, 0)
+
+    def _mremap_to(
+        self,
+        vma: Vma,
+        addr: int,
+        old_len: int,
+        new_len: int,
+        target: int,
+        flags: int,
+        steps: list[MremapStep],
+    ) -> int:
+        """``mremap_to``: MREMAP_FIXED unmaps the destination first, a shrink
+        unmaps the tail, then the (rest of the) range moves."""
+        if flags & MREMAP_FIXED:
+            self._note_unmap(steps, self._unmap_range(target, target + new_len))
+            found = self.find(addr)
+            if found is None:
+                raise _err(errno.EFAULT, f"mremap: nothing mapped at {addr:#x}")
+            vma = found
+        if new_len < old_len:
+            self._note_unmap(steps, self.munmap(addr + new_len, old_len - new_len))
+            old_len = new_len
+        dest = self._remap_target(target, new_len, flags)
+        return self._move_vma(vma, addr, old_len, new_len, dest, flags, steps)
+
+    def _move_vma(
+        self,
+        vma: Vma,
+        addr: int,
+        old_len: int,
+        new_len: int,
+        dest: int,
+        flags: int,
+        steps: list[MremapStep],
+    ) -> int:
+        """``move_vma``: the new VMA (merged at the destination), the pages
+        moved, the source unmapped unless MREMAP_DONTUNMAP."""
+        pgoff = vma.pgoff_at(addr)
+        if vma.is_private and vma.is_anonymous:
+            pgoff = dest >> PAGE_SHIFT
+        new_vma = replace(vma, start=dest, end=dest + new_len, pgoff=pgoff)
+        self._insert_merged(new_vma)
+        dontunmap = bool(flags & MREMAP_DONTUNMAP)
+        if old_len:
+            source = vma.piece(addr, addr + old_len)
+            steps.append(PageMove(addr, dest, old_len, source, new_vma, dontunmap))
+            if not dontunmap:
+                self._note_unmap(steps, self._unmap_range(addr, addr + old_len))
+        return dest
+
+    def _remap_move(
+        self, start: int, length: int, target: int, flags: int, steps: list[MremapStep]
+    ) -> int:
+        """``remap_move`` (6.17+): MREMAP_FIXED without resizing moves every
+        VMA of ``[start, start + length)``, each to ``target`` plus its
+        offset, so the gaps between them stay; the first must cover
+        ``start`` (EFAULT)."""
+        end = start + length
+        moved = self.intersecting(start, end)
+        if not moved or moved[0].start > start:
+            raise _err(errno.EFAULT, f"mremap: nothing mapped at {start:#x}")
+        result = target
+        last_end = moved[0].end
+        for i, vma in enumerate(moved):
+            addr = max(vma.start, start)
+            piece = min(end, vma.end) - addr
+            offset = vma.start - last_end if i else 0
+            last_end = vma.end
+            current = self.find(addr)
+            self._check_prep_vma(current, addr, piece, piece, True)
+            assert current is not None
+            dest = self._mremap_to(current, addr, piece, piece, target + offset, flags, steps)
+            if i == 0:
+                result = dest
+            target = dest + piece
+        return result
 
     # ------------------------------------------------------------------ msync
 

@@ -44,6 +44,9 @@ __all__ = [
     "MS_ASYNC",
     "MS_INVALIDATE",
     "MS_SYNC",
+    "MREMAP_MAYMOVE",
+    "MREMAP_FIXED",
+    "MREMAP_DONTUNMAP",
     "page_align",
     "prot_string",
     "FileBacking",
@@ -54,6 +57,11 @@ __all__ = [
     "MmapResult",
     "MsyncResult",
     "MprotectError",
+    "PageMove",
+    "Unmap",
+    "MremapStep",
+    "MremapResult",
+    "MremapError",
     "VmaTree",
 ]
 
@@ -92,6 +100,10 @@ MAP_FIXED_NOREPLACE = 0x100000
 MS_ASYNC = 1
 MS_INVALIDATE = 2
 MS_SYNC = 4
+
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+MREMAP_DONTUNMAP = 4
 
 
 def page_align(n: int) -> int:
@@ -337,6 +349,59 @@ class MprotectError(OSError):
     def __init__(self, code: int, message: str, changes: list[ProtChange] | None = None) -> None:
         super().__init__(code, message)
         self.changes = [] if changes is None else changes
+
+
+@dataclass(frozen=True, slots=True)
+class PageMove:
+    """One ``move_page_tables`` call an mremap needs: the pages of
+    ``[src, src + length)`` go to ``[dst, dst + length)``.
+
+    ``vma`` is the source piece as it was (its ``pgoff`` and backing tell the
+    kernel what the pages are); ``new_vma`` is the VMA that now holds the
+    destination; ``dontunmap`` says the source VMA stays (empty) in place.
+    """
+
+    src: int
+    dst: int
+    length: int
+    vma: Vma
+    new_vma: Vma
+    dontunmap: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unmap:
+    """One ``do_munmap`` inside an mremap: the pieces it removed (the kernel
+    zaps them and flushes once, as for one munmap call)."""
+
+    pieces: list[Vma]
+
+
+#: One thing an mremap did, in order: an unmap or a move of page tables.
+MremapStep = Unmap | PageMove
+
+
+@dataclass(frozen=True, slots=True)
+class MremapResult:
+    """What ``mremap`` did: the address it returns and the steps the kernel
+    must apply to the page tables, in Linux's order (the destination
+    unmapped, the shrunk tail unmapped, the pages moved, the source
+    unmapped)."""
+
+    addr: int
+    steps: list[MremapStep] = field(default_factory=list)
+
+
+class MremapError(OSError):
+    """An mremap failure after part of the work was done (a MREMAP_FIXED
+    destination already unmapped, the first VMAs of a multi-VMA move
+    already moved): ``steps`` lists it, Linux does not roll it back."""
+
+    steps: list[MremapStep]
+
+    def __init__(self, code: int, message: str, steps: list[MremapStep] | None = None) -> None:
+        super().__init__(code, message)
+        self.steps = [] if steps is None else steps
 
 
 class VmaTree:
