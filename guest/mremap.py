@@ -20,16 +20,17 @@ Linux's order:
   ``set_pmd``, one ``mmu_update``), one flush of the 2 MiB (a full flush);
 * else ``move_ptes``: the destination PTE page built if missing (as a fault
   builds tables: two hypercalls per new table), then under both PTE locks
-  in one lazy-MMU section each non-none source entry is taken with the
-  trapped get-and-clear (:meth:`PageTableMover.clear_source`) and written at
-  the destination with ``set_pte`` (queued in a lazy section); after the
-  section, if a present entry moved, the extent's pages are flushed
-  (:meth:`PageTableMover.flush_extent`).
+  in one lazy-MMU section the source entries are taken with the zap's
+  backend call (:meth:`PageTableMover.clear_sources`: a trapped
+  get-and-clear each on Xen PV, one ``MMU_PT_XCHG_PVEMU`` exchange in
+  ``batched``) and written at the destination with ``set_pte`` (queued in
+  the section); after the section, if a present entry moved, the extent's
+  pages are flushed (:meth:`PageTableMover.flush_extent`, ``guest.tlb``'s
+  local-or-MULTI rule).
 
 Simpler than Linux: no folio batching (x86 never batches mremap:
 ``pte_batch_hint`` is 1), no soft-dirty marking of moved PTEs, no
-``try_realign_addr``, no PUD-level moves, and the emptied source PTE pages
-stay linked (pvemu's munmap does not free page tables either).
+``try_realign_addr``, no PUD-level moves.
 
 Not ordered against user accesses on other vCPUs: Linux holds the mmap
 lock for writing through an mremap, so a fault on either range waits for
