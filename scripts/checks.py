@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
+from pvemu.guest.mm_workloads import MAX_MM_PAGES, MM_WORKLOADS
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.guest.multicall import MMU_UPDATE_BYTES, MMUEXT_OP_BYTES
 from pvemu.hypervisor.limits import ServerLimits
@@ -108,6 +109,8 @@ def guest_memory(workload: str, pages: int) -> int:
 def max_workload_pages(workload: str, memory_mib: int) -> int:
     """The largest region of ``workload`` whose guest fits in ``memory_mib``."""
     fits = max_pages_for(memory_mib)
+    if workload in MM_WORKLOADS:  # regions stay below a neighbour in their 1 GiB
+        return min(fits, MAX_MM_PAGES)
     if workload == RACE_FORK:
         return fits // 2
     if workload != FORK:

@@ -10,12 +10,13 @@ import sys
 from typing import TYPE_CHECKING, Final
 
 from pvemu.guest.modes import MODE_NAMES, UNSAFE_MODES
+from pvemu.guest.proc_workloads import PROCESS_WORKLOADS
 from pvemu.scripts import checks
 from pvemu.scripts.argtypes import output_file, positive_int
 from pvemu.scripts.errors import UserError
 from pvemu.scripts.hypervisor_cmd import DEFAULT_SOCKET
 from pvemu.scripts.report import add_format_options, output_format
-from pvemu.scripts.workloads import DEFAULT_LOOPS, MPROTECT, RUN_WORKLOADS, effective_loops
+from pvemu.scripts.workloads import DEFAULT_LOOPS, RUN_WORKLOADS, effective_loops
 from pvemu.scripts.workloads import HELP as WORKLOAD_HELP
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def _workload(text: str) -> str:
 
 
 def _is_process(workload: str) -> bool:
-    return workload in RUN_WORKLOADS and workload != MPROTECT
+    return workload in PROCESS_WORKLOADS
 
 
 def buffer_params(args: argparse.Namespace) -> dict[str, int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES, UNSAFE_MODES
+from pvemu.guest.proc_workloads import PROCESS_WORKLOADS
 from pvemu.scripts import checks
 from pvemu.scripts.argtypes import mode_list, output_file, positive_int
 from pvemu.scripts.errors import UserError
@@ -193,7 +194,7 @@ def check(args: argparse.Namespace, host_mib: int) -> None:
     checks.check_loops(args.workload, args.loops)
     checks.check_pages(args.pages, host_mib, workload=args.workload)
     checks.check_vcpus(args.vcpus)
-    if args.workload != MPROTECT:
+    if args.workload in PROCESS_WORKLOADS:
         checks.check_process_vcpus(args.workload, args.vcpus)
     if args.memory_mib is not None:
         checks.check_machine_memory(args.memory_mib, host_mib)

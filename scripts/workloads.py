@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from pvemu.guest.mm_workloads import MAX_MM_PAGES, MM_PHASES, MM_WORKLOADS
 from pvemu.guest.proc_workloads import DEFAULT_LOOPS as DEFAULT_LOOPS
 from pvemu.guest.proc_workloads import PROCESS_PHASES, PROCESS_WORKLOADS
 from pvemu.guest.workload import PHASES as MPROTECT_PHASES
@@ -26,9 +27,9 @@ MPROTECT: Final = "mprotect"
 FORKEXEC: Final = "forkexec"
 #: What ``pvemu run --workload`` and ``pvemu bench --workload`` take by name
 #: (``pvemu guest`` takes race and trace:FILE too).
-RUN_WORKLOADS: Final = (MPROTECT, *PROCESS_WORKLOADS)
+RUN_WORKLOADS: Final = (MPROTECT, *PROCESS_WORKLOADS, *MM_WORKLOADS)
 #: Every phase each workload reports, in the order it measures them.
-PHASES: Final = {MPROTECT: MPROTECT_PHASES, **PROCESS_PHASES}
+PHASES: Final = {MPROTECT: MPROTECT_PHASES, **PROCESS_PHASES, **MM_PHASES}
 #: The phases forkexec measures once per round (populate runs once, first).
 FORKEXEC_ROUND: Final = PROCESS_PHASES[FORKEXEC][1:]
 
@@ -50,6 +51,9 @@ HEADLINES: Final = {
     "fork": Headline(("fork",), "fork", "costs"),
     "exec": Headline(("exec",), "exec", "costs"),
     FORKEXEC: Headline(("fork", "exec", "exit"), "fork + exec + exit", "cost"),
+    "munmap": Headline(("munmap",), "munmap", "costs"),
+    "dontneed": Headline(("dontneed",), "MADV_DONTNEED", "costs"),
+    "mremap": Headline(("mremap_pmd", "mremap_ptes"), "two mremap moves", "cost"),
 }
 
 #: The epilog paragraph of ``pvemu run`` and ``pvemu guest``.
@@ -68,9 +72,18 @@ anonymous private pages (--pages):
   forkexec  a shell running commands: populate, then --loops rounds
             (default {DEFAULT_LOOPS}) of fork, context_switch, exec, exit and
             cow_reuse (the shell rewrites its pages); phases add up over rounds
+  munmap    populate; munmap (zap_pte_range per PTE page, the PTE pages
+            freed, one TLB flush)
+  dontneed  populate; dontneed (one madvise(MADV_DONTNEED): the same zap,
+            the tables kept); refault (every page written again)
+  mremap    populate; mremap_pmd (moved to a 2 MiB-aligned address: each
+            full 2 MiB as a whole PTE page, the rest PTE by PTE);
+            mremap_ptes (moved back 7 pages off: every PTE one by one)
 The process workloads need 2 vCPUs (syscalls on 0, user code on 1). Their
-headline compares the mode-dependent phases (fork; exec; fork + exec + exit)
-of the safe mode with the fewest traps against xen, Linux on Xen PV."""
+headline, and that of munmap, dontneed and mremap (at most
+{MAX_MM_PAGES:,} pages), compares the mode-dependent phases (fork; exec;
+fork + exec + exit; munmap; dontneed; both moves) of the safe mode with the
+fewest traps against xen, Linux on Xen PV."""
 
 
 def progress_steps(workload: str, loops: int | None = None) -> int:
@@ -98,7 +111,7 @@ async def run_workload(
     on_step: Callable[[str], None] | None = None,
 ) -> WorkloadResult:
     """Run one of :data:`RUN_WORKLOADS` in ``kernel``."""
-    from pvemu.guest import proc_workloads
+    from pvemu.guest import mm_workloads, proc_workloads
     from pvemu.guest.workload import run_mprotect_workload
 
     if workload == MPROTECT:
@@ -113,4 +126,8 @@ async def run_workload(
         return await proc_workloads.run_forkexec_workload(
             kernel, pages, loops=rounds, on_step=on_step
         )
+    if workload in MM_WORKLOADS:
+        run = getattr(mm_workloads, f"run_{workload}_workload")
+        result: WorkloadResult = await run(kernel, pages, on_step=on_step)
+        return result
     raise ValueError(f"unknown workload {workload!r}")

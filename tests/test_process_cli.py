@@ -278,7 +278,8 @@ def test_an_unknown_workload_is_refused_by_the_parser() -> None:
     done = pvemu("run", "--workload", "spawn")
     assert done.returncode == EXIT_USAGE
     assert (
-        "argument --workload: expected one of mprotect, fork, exec, forkexec, got 'spawn'"
+        "argument --workload: expected one of mprotect, fork, exec, forkexec, munmap, dontneed, "
+        "mremap, got 'spawn'"
         in done.stderr
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pvemu.guest.modes import MODE_NAMES, SAFE_MODES
+from pvemu.guest.proc_workloads import PROCESS_WORKLOADS
 from pvemu.scripts import checks
 from pvemu.scripts.results import Point
 from pvemu.scripts.workloads import MPROTECT, RUN_WORKLOADS
@@ -82,7 +83,7 @@ class Sweep:
                 raise UsageError(f"no trace file {workload[6:]!r}")
             if workload in RUN_WORKLOADS:
                 checks.check_domain_pages(max(self.pages), workload=workload)
-            if workload in RUN_WORKLOADS and workload != MPROTECT:
+            if workload in PROCESS_WORKLOADS:
                 checks.check_process_vcpus(workload, self.vcpus)
 
     def buffer_grid(self) -> list[dict[str, int]]:
