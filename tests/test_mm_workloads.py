@@ -122,43 +122,32 @@ async def test_region_size_is_checked() -> None:
         await run_munmap_workload(kernel, MAX_MM_PAGES + 1)
 
 
-def test_pvemu_run_reports_the_phases_and_a_headline() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pvemu.scripts", "run", "--workload", "mremap"]
-        + ["--pages", "600", "--modes", "xen,batched", "--json"],
+def pvemu_run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pvemu.scripts", "run", *argv],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_pvemu_run_reports_the_phases_and_a_headline() -> None:
+    done = pvemu_run("--workload", "mremap", "--pages", "600", "--modes", "xen,batched", "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["workload"] == "mremap"
     for result in doc["results"]:
         traps = {name: phase["traps"] for name, phase in result["phases"].items()}
         assert traps == expected_traps("mremap", result["mode"], 600)
-    table = subprocess.run(
-        [sys.executable, "-m", "pvemu.scripts", "run", "--workload", "dontneed"]
-        + ["--pages", "40", "--modes", "xen,batched"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    table = pvemu_run("--workload", "dontneed", "--pages", "40", "--modes", "xen,batched")
     assert table.returncode == 0, table.stderr
     words = " ".join(table.stdout.split())  # the table wraps to the terminal
     assert "40 pages: MADV_DONTNEED costs 41 traps in xen (Linux on Xen PV), 2 in batched" in words
 
 
 def test_pvemu_run_refuses_a_region_past_the_neighbour() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pvemu.scripts", "run", "--workload", "munmap"]
-        + ["--pages", str(MAX_MM_PAGES + 1), "--modes", "native"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = pvemu_run("--workload", "munmap", "--pages", str(MAX_MM_PAGES + 1), "--modes", "native")
     assert done.returncode == 2
     assert done.stderr.startswith("pvemu run: --pages")
     assert f"give --pages {MAX_MM_PAGES:,} or fewer" in done.stderr
