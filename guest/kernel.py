@@ -28,6 +28,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -980,11 +981,18 @@ class Kernel:
         self, vma: Vma, start: int, offsets: Indexes, old: Ptes, gather: MmuGather
     ) -> None:
         """The pages a zap cleared: a shared file page's Dirty bit goes to
-        the page cache (and the file), as at writeback; a private frame
-        loses a mapping once the TLBs are flushed (``tlb_remove_page``)."""
+        the page cache, and the page to the file once the TLBs are flushed
+        (a store through a stale TLB entry until then must reach the file
+        too); a private frame loses a mapping once the TLBs are flushed
+        (``tlb_remove_page``)."""
         if vma.file is not None and vma.is_shared:
             for offset, pte in zip(offsets.tolist(), old.tolist(), strict=True):
-                self._release_page(vma, start + (offset << PAGE_SHIFT), pte)
+                va = start + (offset << PAGE_SHIFT)
+                page = self._cache.pages[(vma.file.path, vma.pgoff_at(va))]
+                if pte & _PAGE_DIRTY:
+                    page.dirty = True
+                if page.dirty:
+                    gather.deferred.append(partial(self._write_if_dirty, vma, va, page))
             return
         gather.frames.extend(((old & _MFN) >> np.uint64(PAGE_SHIFT)).tolist())
 
@@ -1058,8 +1066,15 @@ class Kernel:
         for mfn in gather.frames:
             self._unmap_frame(mfn)
         self._free_frames.extend(gather.tables)
+        for work in gather.deferred:
+            work()
         gather.frames.clear()
         gather.tables.clear()
+        gather.deferred.clear()
+
+    def _write_if_dirty(self, vma: Vma, va: int, page: FilePage) -> None:
+        if page.dirty:
+            self._write_page_to_file(vma, va, page)
 
     def _release_page(self, vma: Vma, va: int, old: int) -> None:
         """The page ``old`` mapped at ``va`` is no longer mapped: a file

@@ -23,7 +23,7 @@ and 1 on several.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from pvemu.shared import abi
@@ -81,10 +81,11 @@ class MmuGather:
     flush covers every page from the lowest to the highest, holes
     included, as ``tlb_remove_tlb_entries`` widens ``[start, end)``), and
     what may be freed only once the TLBs are flushed: the frames of
-    anonymous pages and the page-table pages ``free_pgtables`` took out.
+    anonymous pages, the page-table pages ``free_pgtables`` took out, and
+    the write-back of the dirty shared file pages the zap let go of.
     """
 
-    __slots__ = ("end", "frames", "start", "tables")
+    __slots__ = ("deferred", "end", "frames", "start", "tables")
 
     def __init__(self) -> None:
         self.start = 0
@@ -93,6 +94,10 @@ class MmuGather:
         self.frames: list[int] = []
         #: Page-table frames unlinked from the tree (``pte_free_tlb`` & co).
         self.tables: list[int] = []
+        #: Work that must wait for the flush: writing a dirty shared file page
+        #: back (Linux's delayed rmap / ``force_flush``), so a store another
+        #: CPU makes through a stale TLB entry until then is written too.
+        self.deferred: list[Callable[[], None]] = []
 
     def __bool__(self) -> bool:
         return self.end > self.start

@@ -115,7 +115,9 @@ def ptes_changed(workload: str, phase: str, pages: int, loops: int = DEFAULT_LOO
     page (the parent's write-protect, the child's copy); exit and exec zap
     every PTE of the tree they tear down (exec also installs its argument
     page); a copy-on-write fault replaces one PTE; a switch writes none.
-    forkexec's round phases add up over ``loops`` rounds.
+    forkexec's round phases add up over ``loops`` rounds. munmap and
+    MADV_DONTNEED clear every PTE; a PTE moved by mremap is cleared and
+    written again, except under a PMD entry moved whole (no PTE written).
     """
     copies, reuses = (pages + 1) // 2, pages // 2
     per_phase: dict[str, dict[str, int]] = {
@@ -135,6 +137,9 @@ def ptes_changed(workload: str, phase: str, pages: int, loops: int = DEFAULT_LOO
             "exit": loops,
             "cow_reuse": loops * pages,
         },
+        "munmap": {"populate": pages, "munmap": pages},
+        "dontneed": {"populate": pages, "dontneed": pages, "refault": pages},
+        "mremap": {"populate": pages, "mremap_pmd": 2 * (pages % 512), "mremap_ptes": 2 * pages},
     }
     return per_phase.get(workload, {}).get(phase, 0)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pvemu.guest.mm_workloads import MM_PHASES
 from pvemu.guest.modes import SAFE_MODES
 from pvemu.guest.proc_workloads import DEFAULT_LOOPS, PROCESS_PHASES
 from pvemu.scripts import bench_cmd, checks, costmodel, results
@@ -33,6 +34,7 @@ from pvemu.scripts.errors import UserError
 from pvemu.scripts.report import TIMES as X
 from pvemu.scripts.results import Point, Run
 from tests import test_fork_counts as fork_counts
+from tests import test_mm_workloads as mm_counts
 from tests.test_kernel_counts import expected_traps, pte_pages
 from tests.test_results import counts, make_point, make_run
 
@@ -700,6 +702,8 @@ def xen_per_flush(params: dict[str, int]) -> int:
 
 
 def formula(workload: str, mode: str, pages: int, params: dict[str, int], phase: str) -> int:
+    if workload in MM_PHASES:
+        return mm_counts.expected_traps(workload, mode, pages, xen_per_flush(params))[phase]
     if workload != "mprotect":
         expected = fork_counts.expected_phase_traps(
             workload, mode, pages, per_flush=xen_per_flush(params)
@@ -716,12 +720,12 @@ def test_the_baseline_matches_the_trap_formulas() -> None:
     assert doc["schema"] == documents.BASELINE_SCHEMA
     sweep = Sweep.from_json(doc["sweep"])
     assert sorted(p.key for p in sweep.plan()) == sorted(doc["points"])
-    assert set(sweep.workloads) == {"mprotect", *PROCESS_PHASES}
+    assert set(sweep.workloads) == {"mprotect", *PROCESS_PHASES, *MM_PHASES}
     assert set(sweep.modes) == set(SAFE_MODES)
     for key, point in doc["points"].items():
         workload, mode, pages = point["workload"], point["mode"], point["pages"]
         if workload != "mprotect":
-            assert list(point["counts"]) == list(PROCESS_PHASES[workload]), key
+            assert list(point["counts"]) == list({**PROCESS_PHASES, **MM_PHASES}[workload]), key
         for phase, values in point["counts"].items():
             expected = formula(workload, mode, pages, point["params"], phase)
             assert values["traps"] == expected, (key, phase)

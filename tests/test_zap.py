@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import errno
 import mmap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,41 @@ async def test_munmap_writes_a_shared_file_page_dirty_in_hardware(
         await kernel.write(addr + PAGE_SIZE + 8, b"kept by munmap")
         await kernel.munmap(addr, 3 * PAGE_SIZE)
         assert path.read_bytes()[PAGE_SIZE + 8 : PAGE_SIZE + 22] == b"kept by munmap"
+        assert await kernel.audit() == []
+
+
+async def dontneed_with_a_stale_store(kernel: Kernel, addr: int, data: bytes) -> None:
+    """MADV_DONTNEED of the page at ``addr``, vCPU 1 storing ``data`` into it
+    just before the flush (through its still-cached writable entry)."""
+    backend = kernel.backends[0]
+    flush = backend.flush_tlb
+
+    async def store_then_flush(vas: Sequence[int], mask: int) -> None:
+        await kernel.run_user(1, [(addr, "w", data)])
+        await flush(vas, mask)
+
+    backend.flush_tlb = store_then_flush  # type: ignore[method-assign]
+    try:
+        await kernel.madvise_dontneed(addr, PAGE_SIZE)
+    finally:
+        backend.flush_tlb = flush  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("mode", ["xen", "batched"])
+async def test_a_store_through_a_stale_tlb_before_the_flush_reaches_the_file(
+    mode: str, tmp_path: Path
+) -> None:
+    """vCPU 1 still has the page in its TLB until the zap's flush, so its
+    store lands in the page-cache page after the clear: the page must go to
+    the file after the flush (Linux's delayed rmap), not at the clear."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(PAGE_SIZE))
+    async for kernel in make_kernel(mode):
+        addr = kernel.mmap(PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
+        await kernel.run_user(1, [(addr, "w", b"1")])
+        await kernel.run_user(1, [(addr, "w", b"2")])  # vCPU 1 caches the writable entry
+        await dontneed_with_a_stale_store(kernel, addr, b"3")
+        assert path.read_bytes()[:1] == b"3"
         assert await kernel.audit() == []
 
 
