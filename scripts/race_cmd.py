@@ -179,7 +179,10 @@ def race_headline(results: list[dict[str, Any]]) -> str:
             if r.get("workload") == "fork":
                 parts[-1] += " (without reclaim or swap a lost D bit loses no anonymous data)"
             elif r.get("workload") == "munmap":
-                parts[-1] += " (a shared page whose D bit is lost is never written back)"
+                parts[-1] += (
+                    " (a shared page whose D bit is lost is never written back; lost dirty"
+                    " counts every D bit its zap overwrote, read first or not)"
+                )
     not_run = [r["mode"] for r in results if not _ran(r)]
     if not_run:
         parts.append(f"did not run (guest failed to start or crashed): {', '.join(not_run)}")
