@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel, boot, kernel_for
 from pvemu.guest.modes import MODE_NAMES
@@ -82,6 +84,33 @@ async def test_the_scenario_runs_clean_in_every_mode(mode: str, tmp_path: Path) 
         assert result.audit == []
         assert not kernel.vmas()  # the last munmap took the mapping
     assert not os.listdir(tmp_path)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    mode=st.sampled_from([m for m in MODE_NAMES if m != "naive"]),
+    pages=st.integers(1, 20),
+    writers=st.integers(1, 2),
+    iterations=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
+async def test_any_size_runs_clean(
+    mode: str, pages: int, writers: int, iterations: int, seed: int
+) -> None:
+    """Any region (a page or two: the zap comes before any store), any
+    writers: every unmap done, no store lost, the audit clean, nothing left
+    mapped."""
+    writers = min(writers, pages)
+    async for kernel in make_kernel(mode):
+        result = await run_munmap_race(
+            kernel, pages=pages, writers=writers, iterations=iterations, seed=seed
+        )
+        assert (result.munmaps, result.dontneeds) == (iterations, iterations // 2)
+        assert result.writes <= iterations * pages
+        assert result.segfaults <= writers * iterations
+        assert not result.lost_anything, result.as_dict()
+        assert result.audit == []
+        assert not kernel.vmas()
 
 
 async def test_the_oracle_catches_a_zap_that_drops_the_dirty_bit(tmp_path: Path) -> None:
