@@ -31,7 +31,8 @@ page per hypercall) and naive (UNSAFE: commits without PRESERVE_AD and loses
 A/D bits; only for showing the race).
 
 {WORKLOAD_HELP}
-Also: race (pvemu race's scenario) and trace:FILE (replay a recorded program).
+Also: race, race-fork and race-munmap (pvemu race's scenarios) and
+trace:FILE (replay a recorded program).
 
 --timeline FILE records, as Chrome trace-event JSON, each trap's round trip
 as this guest saw it (one track per vCPU) and the workload's phases; give the
@@ -63,8 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workload",
         type=_workload,
         default="mprotect",
-        help=f"{', '.join(RUN_WORKLOADS)} (phases below; default mprotect), race or "
-        "race-fork (pvemu race's scenarios: --workload mprotect and fork) or trace:FILE "
+        help=f"{', '.join(RUN_WORKLOADS)} (phases below; default mprotect), race, "
+        "race-fork or race-munmap (pvemu race's scenarios: --workload mprotect, fork and "
+        "munmap) or trace:FILE "
         "(replay a recorded program)",
     )
     parser.add_argument(
@@ -104,7 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"user threads (default 2, at most {checks.MAX_WRITERS})",
     )
     race.add_argument(
-        "--iterations", type=positive_int, default=40, help="RW/RO toggles (race) or forks"
+        "--iterations", type=positive_int, default=40, help="RW/RO toggles (race), forks or unmaps"
     )
     race.add_argument("--seed", type=int, default=1, help="writers' random seed")
     buffer = parser.add_argument_group("multicall buffer (mode xen only)")
@@ -121,10 +123,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 #: ``pvemu race --workload W`` runs each mode's guest with these.
-RACE_WORKLOADS: Final = {"mprotect": "race", "fork": "race-fork"}
+RACE_WORKLOADS: Final = {"mprotect": "race", "fork": "race-fork", "munmap": "race-munmap"}
 #: vCPUs a race guest needs beside its writers (the kernel's loop; the
 #: mprotect race's background flusher too).
-_RACE_OTHER_VCPUS: Final = {"race": checks.RACE_OTHER_VCPUS, "race-fork": 1}
+_RACE_OTHER_VCPUS: Final = {"race": checks.RACE_OTHER_VCPUS, "race-fork": 1, "race-munmap": 1}
 
 
 def _workload(text: str) -> str:
@@ -198,17 +200,23 @@ def run(args: argparse.Namespace) -> int:
             if timeline is not None:
                 _start_timeline(timeline, kernel.machine, args.mode)
             if race:
-                from pvemu.guest.race import run_race
+                from pvemu.guest.race import RaceResult, run_race
                 from pvemu.guest.race_fork import run_fork_race
+                from pvemu.guest.race_munmap import run_munmap_race
 
-                scenario = run_fork_race if args.workload == "race-fork" else run_race
-                outcome = await scenario(
-                    kernel,
-                    pages=args.pages,
-                    writers=args.writers,
-                    iterations=args.iterations,
-                    seed=args.seed,
-                )
+                sizes = {
+                    "pages": args.pages,
+                    "writers": args.writers,
+                    "iterations": args.iterations,
+                    "seed": args.seed,
+                }
+                outcome: RaceResult
+                if args.workload == "race-fork":
+                    outcome = await run_fork_race(kernel, **sizes)
+                elif args.workload == "race-munmap":
+                    outcome = await run_munmap_race(kernel, **sizes)
+                else:
+                    outcome = await run_race(kernel, **sizes)
                 return outcome.as_dict()
             if args.workload.startswith("trace:"):
                 from pvemu.guest.replay import run_trace_workload

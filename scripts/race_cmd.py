@@ -5,6 +5,8 @@ the slices of a kernel batch) and one guest process per mode. The default
 workload (``mprotect``): vCPU 0 toggles a shared file mapping RW <-> RO and
 writes it back while vCPUs 1..W write into it. ``--workload fork``: vCPU 0
 cleans a private anonymous region (MADV_FREE) and forks, again and again,
+while vCPUs 1..W write into it. ``--workload munmap``: vCPU 0 maps a shared
+file mapping and unmaps it (munmap, every other time MADV_DONTNEED first)
 while vCPUs 1..W write into it. Reports what each mode lost.
 """
 
@@ -29,17 +31,24 @@ workloads: mprotect (default) toggles a shared file mapping RW <-> RO and
 writes it back (msync) while the writers store into it; fork cleans a private
 anonymous region with MADV_FREE and forks at once, again and again, while the
 writers store into it; each child reads its snapshot, writes some pages and
-exits (docs/race.md).
+exits; munmap maps a shared file mapping and unmaps it while the writers store
+into it (munmap; every other iteration MADV_DONTNEED first, then munmap): a
+writer stops at its first SIGSEGV, and after each unmap the file must hold
+every store that completed (docs/race.md).
 
 columns: writes (stores that completed), lost dirty (D bits set by hardware
 that vanished unseen), lost writes (mprotect: pages whose file held less than
 the last completed store after an msync; fork: a page older than the last
 store completed before the parent's read or, in a child, before the fork
-began), leaked writes (fork: a child's store seen by the parent, or a store
+began; munmap: completed stores missing from the file after the unmap),
+leaked writes (fork: a child's store seen by the parent, or a store
 issued after fork returned seen by the child), stale TLB (stores through a
 stale TLB entry after the guest's flush; stores still in flight before the
 flush are legal and shown in the JSON), faults and traps. In the fork race a
-lost D bit loses no data: pvemu has no reclaim and no swap.
+lost D bit loses no data: pvemu has no reclaim and no swap. In the munmap race
+it does: a shared page whose D bit is lost at the unmap is never written back
+(naive's lost dirty there counts every D bit it clears with a plain write,
+seen or not; lost writes counts the ones that cost data).
 
 Exit status 1 if any mode other than naive lost anything, or if a mode's
 guest did not run (its row then says DID NOT RUN and why: that is no loss of
@@ -50,6 +59,7 @@ process starts (exit 2).
 examples:
   pvemu race --modes xen,naive --iterations 80 --json
   pvemu race --workload fork --pages 48 --iterations 30
+  pvemu race --workload munmap --modes batched,naive --iterations 60
 """
 
 REPORTED = ("iterations", "writes", "lost_dirty", "lost_writes", "stale_tlb_writes", "traps")
@@ -74,8 +84,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workload",
         choices=tuple(WORKLOADS),
         default="mprotect",
-        help="mprotect (default: RW/RO toggles and msync of a shared file mapping) or "
-        "fork (MADV_FREE and fork of a private anonymous region)",
+        help="mprotect (default: RW/RO toggles and msync of a shared file mapping), "
+        "fork (MADV_FREE and fork of a private anonymous region) or munmap (munmap and "
+        "MADV_DONTNEED of a shared file mapping)",
     )
     parser.add_argument(
         "--modes",
@@ -98,7 +109,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"domain's {checks.MAX_VCPUS} vCPUs less the kernel loop's and the flusher's)",
     )
     parser.add_argument(
-        "--iterations", type=positive_int, default=40, help="RW/RO toggles or forks (40)"
+        "--iterations", type=positive_int, default=40, help="RW/RO toggles, forks or unmaps (40)"
     )
     parser.add_argument("--seed", type=int, default=1, help="writers' random seed (default 1)")
     parser.add_argument("--quantum", type=positive_int, default=8, help="hypervisor quantum (8)")
@@ -167,6 +178,11 @@ def race_headline(results: list[dict[str, Any]]) -> str:
             )
             if r.get("workload") == "fork":
                 parts[-1] += " (without reclaim or swap a lost D bit loses no anonymous data)"
+            elif r.get("workload") == "munmap":
+                parts[-1] += (
+                    " (a shared page whose D bit is lost is never written back; lost dirty"
+                    " counts every D bit its zap overwrote, read first or not)"
+                )
     not_run = [r["mode"] for r in results if not _ran(r)]
     if not_run:
         parts.append(f"did not run (guest failed to start or crashed): {', '.join(not_run)}")
@@ -182,6 +198,12 @@ def race_tabular(args: argparse.Namespace, results: list[dict[str, Any]]) -> Tab
         title = (
             f"fork race: {args.pages} private pages, {args.writers} writers, "
             f"{args.iterations} MADV_FREE + forks, seed {args.seed}"
+        )
+    elif args.workload == "munmap":
+        headers["iterations"] = "unmaps"
+        title = (
+            f"munmap race: {args.pages} shared pages, {args.writers} writers, "
+            f"{args.iterations} unmaps (every other after MADV_DONTNEED), seed {args.seed}"
         )
     else:
         title = (
