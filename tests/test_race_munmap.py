@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,6 @@ from hypothesis import strategies as st
 from pvemu.guest.kernel import Kernel, boot, kernel_for
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.guest.race_munmap import MunmapRaceResult, run_munmap_race, short_stores
-from pvemu.guest.vma import Vma
 from pvemu.hypervisor import Hypervisor
 from pvemu.scripts import cli, race_cmd
 from pvemu.shared.x86 import _PAGE_DIRTY
@@ -118,12 +118,13 @@ async def test_the_oracle_catches_a_zap_that_drops_the_dirty_bit(tmp_path: Path)
     cache never writes a page back: every completed store is lost, and the
     oracle counts each once."""
     async for kernel in make_kernel("xen"):
-        release = kernel._release_page
+        release = kernel._release_zapped
 
-        def forgetful(vma: Vma, va: int, old: int, release: Any = release) -> None:
-            release(vma, va, old & ~_PAGE_DIRTY)
+        def forgetful(*args: Any, release: Any = release) -> None:
+            vma, start, offsets, old, gather = args
+            release(vma, start, offsets, old & ~np.uint64(_PAGE_DIRTY), gather)
 
-        kernel._release_page = forgetful  # type: ignore[method-assign]
+        kernel._release_zapped = forgetful  # type: ignore[method-assign]
         result = await run_munmap_race(
             kernel, pages=12, writers=2, iterations=3, directory=str(tmp_path)
         )
