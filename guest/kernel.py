@@ -1022,6 +1022,8 @@ class Kernel:
     ) -> None:
         """Linux's loop: start -> pte_modify -> (pte_mkwrite) -> commit for
         each present PTE of entries ``first .. first + count`` of ``l1``.
+        A private page another process still maps (after fork) is not
+        exclusive, so it is never made writable here: its write fault copies it.
 
         Which entries are present is read once for the page, not PTE by PTE:
         under the PTE lock only the hardware writes them, and it sets A and
@@ -1038,7 +1040,12 @@ class Kernel:
             ptep = base | (index * PTE_SIZE)
             old = await backend.modify_prot_start(ptep)
             new = pte_modify(old, newprot)
-            if try_writable and not new & _PAGE_RW and can_change_writable(private, old):
+            if (
+                try_writable
+                and not new & _PAGE_RW
+                and can_change_writable(private, old)
+                and not (private and self._mapcount.get((old & PTE_MFN_MASK) >> PAGE_SHIFT, 1) > 1)
+            ):
                 new |= _PAGE_RW
             await backend.modify_prot_commit(ptep, old, new)
             if pte_needs_flush(old, new):
@@ -1059,7 +1066,11 @@ class Kernel:
         old = await backend.modify_prot_start_ptes(l1, indexes, seen)
         new = ptes_modify(old, vm_page_prot(vma))
         if vma.writable:
-            np.bitwise_or(new, _RW, out=new, where=ptes_can_change_writable(vma.is_private, old))
+            writable = ptes_can_change_writable(vma.is_private, old)
+            if vma.is_private and self._mapcount:  # a page another process maps stays COW
+                shared = np.fromiter(self._mapcount, dtype=np.uint64, count=len(self._mapcount))
+                writable &= ~np.isin((old & _MFN) >> np.uint64(PAGE_SHIFT), shared)
+            np.bitwise_or(new, _RW, out=new, where=writable)
         await backend.modify_prot_commit_ptes(l1, indexes, old, new)
         room = gather.room
         if room > 0:

@@ -319,3 +319,33 @@ async def test_lock_populate_and_map_fixed_sequence(mode: str) -> None:
     await run_ops(kernel, ops)
     assert kernel.counters.cow_copies >= 2
     assert kernel.counters.populated > 0
+
+
+@pytest.mark.parametrize("mode", ["native", "trap", "ptwr", "xen", "batched", "naive"])
+async def test_mprotect_keeps_a_shared_page_copy_on_write(mode: str) -> None:
+    """mprotect RO then RW after fork: a page the child still maps is not
+    exclusive, so change_protection leaves it read-only (per-PTE loop and
+    range form alike) and the parent's store copies it; the child keeps
+    its byte."""
+    if mode == "native":
+        async with boot(mode="native", memory_mib=32) as native:
+            await _mprotect_after_fork(native)
+        return
+    hv = Hypervisor(48)
+    await _mprotect_after_fork(kernel_for(await loopback_domain(hv, memory_mib=32, vcpus=2), mode))
+
+
+async def _mprotect_after_fork(kernel: Kernel) -> None:
+    await kernel.mmap(PAGES * PAGE_SIZE, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, addr=BASE)
+    await kernel.write(BASE, b"a", vcpu=1)
+    await kernel.write(BASE + 20 * PAGE_SIZE, b"c", vcpu=1)
+    child = await kernel.fork()
+    await kernel.mprotect(BASE, PAGES * PAGE_SIZE, mmap.PROT_READ)
+    await kernel.mprotect(BASE, PAGES * PAGE_SIZE, RW)
+    await kernel.write(BASE, b"b", vcpu=1)
+    await kernel.write(BASE + 20 * PAGE_SIZE, b"d", vcpu=1)
+    assert kernel.counters.cow_copies == 2
+    await kernel.switch_to(1, child)
+    assert await kernel.read(BASE, 1, vcpu=1) == b"a"
+    assert await kernel.read(BASE + 20 * PAGE_SIZE, 1, vcpu=1) == b"c"
+    assert await kernel.audit() == []
