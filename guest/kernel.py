@@ -278,14 +278,25 @@ class Kernel:
         return self._files.setdefault((path, writable), FileBacking(path, writable))
 
     async def mprotect(self, addr: int, length: int, prot: int, *, pid: int | None = None) -> None:
-        """Linux mprotect: VMA split/merge, then change_protection per piece."""
+        """Linux mprotect: VMA split/merge, then change_protection per piece;
+        a locked private piece made writable is then write-populated
+        (``mprotect_fixup``: COW broken, as mlock would have)."""
         proc = self.process(pid)
         try:
             changes = proc.mm.mprotect(addr, length, prot)
         except MprotectError as exc:
             await self._change_protection(exc.changes, proc)
+            await self._populate_locked(exc.changes, proc)
             raise
         await self._change_protection(changes, proc)
+        await self._populate_locked(changes, proc)
+
+    async def _populate_locked(self, changes: Sequence[ProtChange], proc: Process) -> None:
+        for change in changes:
+            vma = change.vma
+            gains_write = vma.writable and not change.old_prot & mman.PROT_WRITE
+            if vma.locked and vma.is_private and gains_write:
+                await self._populate(vma, True, self.backend, proc)
 
     async def munmap(
         self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None

@@ -446,3 +446,27 @@ async def test_kernel_errnos_keep_what_was_done(mode: str) -> None:
             await kernel.madvise(BASE, 4 * P, 99)
         assert info.value.errno == errno.EINVAL
         assert await kernel.audit() == []
+
+
+@pytest.mark.parametrize("mode", ["native", "xen", "batched"])
+async def test_mprotect_write_populates_a_locked_private_vma(mode: str) -> None:
+    """A locked private mapping made writable by mprotect is write-populated
+    at once (Linux's ``mprotect_fixup``): pages a forked child still shares
+    are copied there and then, so the parent's stores fault nothing. An
+    unlocked mapping leaves them to the write faults. (Exclusive pages need
+    no populate: mprotect makes them writable itself.)"""
+    async for kernel in make_kernel(mode):
+        n = 20
+        for addr in (BASE, GUARD):
+            await kernel.mmap(n * P, RW, ANON | MAP_POPULATE, addr=addr)
+            await kernel.mprotect(addr, n * P, RO)
+        await kernel.mlock(BASE, n * P)
+        await kernel.fork()
+        await kernel.mprotect(BASE, n * P, RW)
+        await kernel.mprotect(GUARD, n * P, RW)
+        assert (kernel.counters.populated, kernel.counters.cow_copies) == (3 * n, n)
+        await kernel.write(BASE, b"w" * (n * P), vcpu=1)
+        assert kernel.counters.page_faults == 0
+        await kernel.write(GUARD, b"w" * (n * P), vcpu=1)
+        assert (kernel.counters.page_faults, kernel.counters.cow_copies) == (n, 2 * n)
+        assert await kernel.audit() == []
