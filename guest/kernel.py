@@ -90,9 +90,19 @@ from .tlb import MmuGather, tlb_flush_all_op
 if TYPE_CHECKING:
     from .ptes import Indexes, Ptes
 from .vma import AddressSpace
-from .vma_tree import FileBacking, MprotectError, MremapError, ProtChange, Vma
+from .vma_tree import (
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    FileBacking,
+    MprotectError,
+    MremapError,
+    ProtChange,
+    Vma,
+)
 
 TABLE_FLAGS: Final = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER
+#: Linux's MADV_FREE (Python's mmap module lacks it on some builds).
+MADV_FREE: Final = 8
 #: User accesses sent per run_user request.
 ACCESS_BATCH: Final = 256
 _RW: Final = np.uint64(_PAGE_RW)
@@ -153,6 +163,9 @@ class PhaseCounter:
     #: (``wp_page_reuse``: after fork once the other mapper is gone, or a
     #: page first read, then written).
     cow_reuses: int = 0
+    #: Pages faulted in by MAP_POPULATE, MADV_POPULATE_* and mlock (GUP:
+    #: the fault handler without a user fault; not in ``page_faults``).
+    populated: int = 0
 
 
 @dataclass
@@ -216,7 +229,7 @@ class Kernel:
 
     # --- system calls -------------------------------------------------------------
 
-    def mmap(
+    async def mmap(
         self,
         length: int,
         prot: int,
@@ -227,36 +240,64 @@ class Kernel:
         offset: int = 0,
         writable: bool | None = None,
         pid: int | None = None,
+        vcpu: int = 0,
     ) -> int:
-        """Linux mmap; ``flags`` and ``prot`` from Python's ``mmap`` module.
+        """Linux mmap, run on ``vcpu``; ``flags`` and ``prot`` from Python's
+        ``mmap`` module.
 
         ``path`` maps a file; ``writable`` is how it was opened (O_RDWR or
         O_RDONLY; default: O_RDWR when this process may write it), which
         decides whether a shared mapping may ever be made writable (EACCES).
         ``pid`` is the calling process (default 1), as for every system call.
+        A ``MAP_FIXED`` mapping over existing ones unmaps them first exactly
+        as munmap does (zap, free the tables nothing needs, one flush);
+        ``MAP_POPULATE`` (without ``MAP_NONBLOCK``) and ``MAP_LOCKED`` then
+        populate it (:meth:`_populate`). docs/architecture.md, "populate,
+        mlock and MAP_FIXED".
         """
-        mm = self.process(pid).mm
-        backing = None
-        if path is not None:
-            if not os.path.isfile(path):
-                raise OSError(errno.ENOENT, f"{os.strerror(errno.ENOENT)}: {path}")
-            if writable is None:
-                writable = os.access(path, os.W_OK)
-            backing = self._files.setdefault((path, writable), FileBacking(path, writable))
-        result = mm.do_mmap(length, prot, flags, addr=addr, file=backing, offset=offset)
+        proc = self.process(pid)
+        mm = proc.mm
+        backing = None if path is None else self._open(path, writable)
+        result = mm.do_mmap(length, prot, flags, addr=addr, file=backing, offset=offset, defer=True)
+        assert result.vma is not None
+        backend = self.backends[vcpu]
         if result.unmapped:
-            raise OSError(errno.EINVAL, "MAP_FIXED over existing mappings is not supported")
+            await self.unmap_pieces(result.unmapped, backend, proc)
+        mm.insert(result.vma)
+        if mm.mmap_populates(flags):  # mm_populate: errors ignored
+            for piece in mm.accessible_pieces(result.vma.start, result.vma.end):
+                await self._populate(piece, piece.is_private and piece.writable, backend, proc)
         return result.addr
 
+    def _open(self, path: str, writable: bool | None) -> FileBacking:
+        """The open file ``path`` (O_RDWR if ``writable``, default: when this
+        process may write it), one object per path and mode."""
+        if not os.path.isfile(path):
+            raise OSError(errno.ENOENT, f"{os.strerror(errno.ENOENT)}: {path}")
+        if writable is None:
+            writable = os.access(path, os.W_OK)
+        return self._files.setdefault((path, writable), FileBacking(path, writable))
+
     async def mprotect(self, addr: int, length: int, prot: int, *, pid: int | None = None) -> None:
-        """Linux mprotect: VMA split/merge, then change_protection per piece."""
+        """Linux mprotect: VMA split/merge, then change_protection per piece;
+        a locked private piece made writable is then write-populated
+        (``mprotect_fixup``: COW broken, as mlock would have)."""
         proc = self.process(pid)
         try:
             changes = proc.mm.mprotect(addr, length, prot)
         except MprotectError as exc:
             await self._change_protection(exc.changes, proc)
+            await self._populate_locked(exc.changes, proc)
             raise
         await self._change_protection(changes, proc)
+        await self._populate_locked(changes, proc)
+
+    async def _populate_locked(self, changes: Sequence[ProtChange], proc: Process) -> None:
+        for change in changes:
+            vma = change.vma
+            gains_write = vma.writable and not change.old_prot & mman.PROT_WRITE
+            if vma.locked and vma.is_private and gains_write:
+                await self._populate(vma, True, self.backend, proc)
 
     async def munmap(
         self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None
@@ -344,6 +385,55 @@ class Kernel:
         if gather:
             await backend.flush_tlb(gather.vas, proc.cpumask)
         result.raise_if_error()
+
+    async def madvise_populate(
+        self, addr: int, length: int, *, write: bool, vcpu: int = 0, pid: int | None = None
+    ) -> None:
+        """Linux's ``madvise(MADV_POPULATE_WRITE)`` (``write``) or
+        ``MADV_POPULATE_READ``, run on ``vcpu``: every page of the range
+        faulted in through the fault handler, without a user fault
+        (:meth:`_populate`); errnos as :meth:`AddressSpace.madvise_populate`
+        (what came before the error stays populated)."""
+        proc = self.process(pid)
+        result = proc.mm.madvise_populate(addr, length, write=write)
+        for piece in result.ranges:
+            await self._populate(piece, write, self.backends[vcpu], proc)
+        result.raise_if_error()
+
+    async def mlock(self, addr: int, length: int, *, vcpu: int = 0, pid: int | None = None) -> None:
+        """Linux mlock, run on ``vcpu``: VM_LOCKED on the range's VMAs, then
+        populated as MAP_POPULATE does (a private writable VMA written, the
+        rest read); a page already present costs nothing (Linux only does
+        the folio's mlock accounting). No RLIMIT_MEMLOCK. Errnos: see
+        :meth:`AddressSpace.mlock`."""
+        proc = self.process(pid)
+        result = proc.mm.mlock(addr, length)
+        for piece in result.ranges:
+            await self._populate(
+                piece, piece.is_private and piece.writable, self.backends[vcpu], proc
+            )
+        result.raise_if_error()
+
+    async def munlock(self, addr: int, length: int, *, pid: int | None = None) -> None:
+        """Linux munlock: VM_LOCKED cleared (VMAs split and merged); no PTE
+        changes."""
+        self.process(pid).mm.mlock(addr, length, lock=False).raise_if_error()
+
+    async def madvise(
+        self, addr: int, length: int, advice: int, *, vcpu: int = 0, pid: int | None = None
+    ) -> None:
+        """Linux madvise for the advice pvemu models (MADV_DONTNEED,
+        MADV_FREE, MADV_POPULATE_READ, MADV_POPULATE_WRITE); EINVAL for any
+        other."""
+        if advice == mman.MADV_DONTNEED:
+            await self.madvise_dontneed(addr, length, vcpu=vcpu, pid=pid)
+        elif advice == MADV_FREE:
+            await self.madvise_free(addr, length, vcpu=vcpu, pid=pid)
+        elif advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+            write = advice == MADV_POPULATE_WRITE
+            await self.madvise_populate(addr, length, write=write, vcpu=vcpu, pid=pid)
+        else:
+            raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: madvise advice {advice}")
 
     async def _free_pte_range(
         self, l1: int, start: int, end: int, backend: PvOps, gather: TlbGather, proc: Process
@@ -790,6 +880,64 @@ class Kernel:
                 prot |= _PAGE_RW | _PAGE_DIRTY
         await backend.set_pte(ptep, make_pte(mfn, prot & ~PTE_MFN_MASK))
 
+    async def _populate(self, vma: Vma, write: bool, backend: PvOps, proc: Process) -> None:
+        """Fault in every page of the VMA piece ``vma`` as GUP does
+        (``__get_user_pages`` -> ``faultin_page`` -> ``handle_mm_fault``):
+        the fault handler's work without a user fault, so no #PF bounce, no
+        iret, no ``page_faults`` count (``populated`` counts the pages).
+        ``write`` write-faults (a private page is then exclusive, writable
+        and dirty: COW broken); else a read fault where nothing is present."""
+        va = vma.start
+        while va < vma.end:
+            stop = min(vma.end, (va | ((1 << 21) - 1)) + 1)
+            await self._populate_pte_range(vma, va, stop, write, backend, proc)
+            va = stop
+
+    async def _populate_pte_range(
+        self, vma: Vma, start: int, end: int, write: bool, backend: PvOps, proc: Process
+    ) -> None:
+        """One PTE page's part of a populate, under its lock: its tables
+        built as a fault builds them, then each missing page installed with
+        ``set_pte`` (Linux on Xen PV: order-0 anonymous folios, so one
+        immediate ``mmu_update`` per page) or, where the backend batches
+        populate (``batched``, ``naive``), all of them in one lazy-MMU
+        section: one hypercall for the PTE page. A write populate of a
+        present read-only page is a write fault (:meth:`_write_fault`)."""
+        async with proc.table_lock:
+            l1 = await self._ensure_tables(start, backend, proc)
+        first = (start >> PAGE_SHIFT) % ENTRIES_PER_TABLE
+        async with proc.lock(l1):
+            window = read_ptes(self.machine, l1, first, (end - start) >> PAGE_SHIFT)
+            present = (window & np.uint64(_PAGE_PRESENT)) != 0
+            if write:
+                readonly = present & ((window & _RW) == 0)
+                for offset in np.flatnonzero(readonly).tolist():
+                    va = start + (offset << PAGE_SHIFT)
+                    ptep = maddr_of_entry(l1, first + offset)
+                    await self._write_fault(vma, va, ptep, int(window[offset]), backend)
+                    self._mark_written(vma, va)
+                    self.counters.populated += 1
+            missing = np.flatnonzero(~present).tolist()
+            lazy = backend.batches_populate and bool(missing)
+            if lazy:
+                await backend.lazy_enter()
+            for offset in missing:
+                va = start + (offset << PAGE_SHIFT)
+                ptep = maddr_of_entry(l1, first + offset)
+                await self._install(vma, va, ptep, int(window[offset]), write, backend)
+                if write:
+                    self._mark_written(vma, va)
+            if lazy:
+                await backend.lazy_leave()
+            self.counters.populated += len(missing)
+            backend.note_unlock(l1)
+
+    def _mark_written(self, vma: Vma, va: int) -> None:
+        """GUP's FOLL_WRITE touch of a shared file page: the page is dirty
+        (``set_page_dirty``), as no user store will set D in its PTE."""
+        if vma.file is not None and vma.is_shared and vma.writable:
+            self._cache.pages[(vma.file.path, vma.pgoff_at(va))].dirty = True
+
     async def _write_fault(self, vma: Vma, va: int, ptep: int, pte: int, backend: PvOps) -> None:
         """Write to a present read-only page of a writable VMA.
 
@@ -886,6 +1034,8 @@ class Kernel:
     ) -> None:
         """Linux's loop: start -> pte_modify -> (pte_mkwrite) -> commit for
         each present PTE of entries ``first .. first + count`` of ``l1``.
+        A private page another process still maps (after fork) is not
+        exclusive, so it is never made writable here: its write fault copies it.
 
         Which entries are present is read once for the page, not PTE by PTE:
         under the PTE lock only the hardware writes them, and it sets A and
@@ -902,7 +1052,12 @@ class Kernel:
             ptep = base | (index * PTE_SIZE)
             old = await backend.modify_prot_start(ptep)
             new = pte_modify(old, newprot)
-            if try_writable and not new & _PAGE_RW and can_change_writable(private, old):
+            if (
+                try_writable
+                and not new & _PAGE_RW
+                and can_change_writable(private, old)
+                and not (private and self._mapcount.get((old & PTE_MFN_MASK) >> PAGE_SHIFT, 1) > 1)
+            ):
                 new |= _PAGE_RW
             await backend.modify_prot_commit(ptep, old, new)
             if pte_needs_flush(old, new):
@@ -923,7 +1078,11 @@ class Kernel:
         old = await backend.modify_prot_start_ptes(l1, indexes, seen)
         new = ptes_modify(old, vm_page_prot(vma))
         if vma.writable:
-            np.bitwise_or(new, _RW, out=new, where=ptes_can_change_writable(vma.is_private, old))
+            writable = ptes_can_change_writable(vma.is_private, old)
+            if vma.is_private and self._mapcount:  # a page another process maps stays COW
+                shared = np.fromiter(self._mapcount, dtype=np.uint64, count=len(self._mapcount))
+                writable &= ~np.isin((old & _MFN) >> np.uint64(PAGE_SHIFT), shared)
+            np.bitwise_or(new, _RW, out=new, where=writable)
         await backend.modify_prot_commit_ptes(l1, indexes, old, new)
         room = gather.room
         if room > 0:
@@ -1242,6 +1401,7 @@ class Kernel:
             "mode": self.mode,
             "page_faults": self.counters.page_faults,
             "segfaults": self.counters.segfaults,
+            "populated": self.counters.populated,
             **self.backend.stats(),
         }
         return stats

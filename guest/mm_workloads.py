@@ -79,12 +79,12 @@ async def _expect(kernel: Kernel, vcpu: int, addr: int, pages: int, tag: int) ->
             raise WorkloadError(f"page {i} at {addr:#x} read {got!r}, expected {want!r}")
 
 
-def _setup(kernel: Kernel, pages: int) -> tuple[WorkloadResult, int]:
+async def _setup(kernel: Kernel, pages: int) -> tuple[WorkloadResult, int]:
     """The region, its untouched neighbour below, the result, the user vCPU."""
     if not 0 < pages <= MAX_MM_PAGES:
         raise ValueError(f"pages must be 1 to {MAX_MM_PAGES:,}")
-    kernel.mmap(PAGE_SIZE, _RW, _PRIVATE_ANON, addr=NEIGHBOUR_ADDR)
-    addr = kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON, addr=REGION_ADDR)
+    await kernel.mmap(PAGE_SIZE, _RW, _PRIVATE_ANON, addr=NEIGHBOUR_ADDR)
+    addr = await kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON, addr=REGION_ADDR)
     if addr != REGION_ADDR:
         raise WorkloadError(f"region landed at {addr:#x}, not {REGION_ADDR:#x}")
     return WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe), min(
@@ -96,7 +96,7 @@ async def run_munmap_workload(
     kernel: Kernel, pages: int, *, on_step: Step = None
 ) -> WorkloadResult:
     """Populate the region, unmap it, check it is gone."""
-    result, vcpu = _setup(kernel, pages)
+    result, vcpu = await _setup(kernel, pages)
     length = pages * PAGE_SIZE
 
     async def populate() -> None:
@@ -124,7 +124,7 @@ async def run_dontneed_workload(
     kernel: Kernel, pages: int, *, on_step: Step = None
 ) -> WorkloadResult:
     """Populate, MADV_DONTNEED (the pages go, zero-fill next), write again."""
-    result, vcpu = _setup(kernel, pages)
+    result, vcpu = await _setup(kernel, pages)
 
     async def populate() -> None:
         await kernel.run_user(vcpu, _pattern(REGION_ADDR, pages, 1))
@@ -152,7 +152,7 @@ async def run_mremap_workload(
     kernel: Kernel, pages: int, *, on_step: Step = None
 ) -> WorkloadResult:
     """Populate, move to a 2 MiB-aligned destination, move back skewed."""
-    result, vcpu = _setup(kernel, pages)
+    result, vcpu = await _setup(kernel, pages)
     length = pages * PAGE_SIZE
     aligned = aligned_destination(pages)
     skewed = REGION_ADDR + SKEW_PAGES * PAGE_SIZE

@@ -98,8 +98,8 @@ class _Child:
         await self.kernel.exit_process(self.pid, vcpu=_USER_VCPU)
 
 
-def _map_region(kernel: Kernel, pages: int, pid: int) -> None:
-    addr = kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON, addr=REGION_ADDR, pid=pid)
+async def _map_region(kernel: Kernel, pages: int, pid: int) -> None:
+    addr = await kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON, addr=REGION_ADDR, pid=pid)
     if addr != REGION_ADDR:
         raise WorkloadError(f"region landed at {addr:#x}, not {REGION_ADDR:#x}")
 
@@ -108,7 +108,7 @@ async def run_fork_workload(kernel: Kernel, pages: int, *, on_step: Step = None)
     """fork, copy-on-write copies in the child, reuse in the parent."""
     _check_size(kernel, pages)
     result = WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe)
-    _map_region(kernel, pages, INIT_PID)
+    await _map_region(kernel, pages, INIT_PID)
     everything, child_half = range(pages), range(0, pages, 2)
     rest = range(1, pages, 2)
     child = _Child(kernel)
@@ -142,7 +142,7 @@ async def run_exec_workload(kernel: Kernel, pages: int, *, on_step: Step = None)
     _check_size(kernel, pages)
     result = WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe)
     pid = await kernel.spawn(vcpu=_SYSCALL_VCPU)
-    _map_region(kernel, pages, pid)
+    await _map_region(kernel, pages, pid)
 
     async def switch() -> None:
         await kernel.switch_to(_USER_VCPU, pid)
@@ -176,7 +176,7 @@ async def run_forkexec_workload(
     if loops <= 0:
         raise ValueError("loops must be positive")
     result = WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe)
-    _map_region(kernel, pages, INIT_PID)
+    await _map_region(kernel, pages, INIT_PID)
     everything = range(pages)
     child = _Child(kernel)
 

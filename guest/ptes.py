@@ -84,7 +84,8 @@ def pte_modify(pte: int, newprot: int) -> int:
 def can_change_writable(private: bool, pte: int) -> bool:
     """Modern ``can_change_pte_writable``: exclusive anonymous pages, or
     already-dirty pages of a shared mapping (2008's ``dirty_accountable``).
-    No fork in pvemu, so every present private page is exclusive."""
+    A private page is exclusive unless another process maps it (after
+    fork): the kernel checks that apart, with its map counts."""
     if not pte & _PAGE_PRESENT:
         return False
     return private or bool(pte & _PAGE_DIRTY)

@@ -107,6 +107,9 @@ class PvOps:
     #: Has ``modify_prot_start_ptes`` / ``modify_prot_commit_ptes``: the kernel
     #: changes a PTE page's run at once instead of calling the per-PTE hooks.
     range_form = False
+    #: Installs a PTE page's populated PTEs in one lazy-MMU section (pvemu's
+    #: whole-page batch); else one immediate ``set_pte`` each, as Linux.
+    batches_populate = False
 
     def __init__(self, vcpu: int = 0) -> None:
         self.vcpu = vcpu
@@ -465,6 +468,7 @@ class BatchedOps(BufferedOps):
     name = "batched"
     folds_tlb_flush = True
     range_form = True
+    batches_populate = True
 
     def fold_tlb_flush(self, vas: Sequence[int], mask: int) -> None:
         """Queue the flush ops in the open section: they ride in its multicall."""

@@ -195,7 +195,7 @@ async def run_race(
     try:
         os.ftruncate(fd, pages * PAGE_SIZE)
         os.close(fd)
-        addr = kernel.mmap(pages * PAGE_SIZE, RW, mman.MAP_SHARED, addr=RACE_ADDR, path=path)
+        addr = await kernel.mmap(pages * PAGE_SIZE, RW, mman.MAP_SHARED, addr=RACE_ADDR, path=path)
         assert addr == RACE_ADDR
         before = await kernel.stats()
         ledger = Ledger(pages)

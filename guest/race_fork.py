@@ -236,7 +236,7 @@ async def run_fork_race(
     result = ForkRaceResult(kernel.mode, pages, writers, iterations, seed, unsafe=kernel.unsafe)
     length = pages * PAGE_SIZE
     private = mman.MAP_PRIVATE | mman.MAP_ANONYMOUS
-    if kernel.mmap(length, RW, private, addr=RACE_ADDR) != RACE_ADDR:
+    if await kernel.mmap(length, RW, private, addr=RACE_ADDR) != RACE_ADDR:
         raise ValueError(f"the region did not land at {RACE_ADDR:#x}")
     await kernel.write(RACE_ADDR, bytes(length), vcpu=0)  # every page present (value 0)
     before = await kernel.stats()

@@ -193,7 +193,10 @@ async def run_munmap_race(
                 rng = random.Random(seed * 1000 + w)
                 nursery.start_soon(_writer, kernel, w + 1, mine, ledger, result, rng, rounds)
             for n, current in enumerate(rounds):
-                if kernel.mmap(length, RW, mman.MAP_SHARED, addr=RACE_ADDR, path=path) != RACE_ADDR:
+                if (
+                    await kernel.mmap(length, RW, mman.MAP_SHARED, addr=RACE_ADDR, path=path)
+                    != RACE_ADDR
+                ):
                     raise ValueError(f"the mapping did not land at {RACE_ADDR:#x}")
                 current.started.set()
                 if n % 2:

@@ -221,7 +221,7 @@ class _Replay:
 
     # --- guest system calls (errors recorded, never swallowed silently) ----------------------
 
-    def _mmap(
+    async def _mmap(
         self,
         event: Event,
         length: int,
@@ -233,7 +233,7 @@ class _Replay:
         offset: int = 0,
     ) -> int | None:
         try:
-            return self.kernel.mmap(
+            return await self.kernel.mmap(
                 length, prot, flags, addr=addr, path=path, offset=offset, pid=self.space.kpid
             )
         except OSError as exc:
@@ -312,7 +312,7 @@ class _Replay:
             candidates.append(right - length)
         vmas = self._vma_list()
         hint = next((c for c in candidates if self._guest_free(c, c + length, vmas)), None)
-        guest = self._mmap(
+        guest = await self._mmap(
             event, length, prot & _PROT_ACCESS, flags, addr=hint, path=path, offset=offset
         )
         if guest is None:
@@ -400,7 +400,7 @@ class _Replay:
                     self.space.map.remove(start, end)
                     prot = e.prot & _PROT_ACCESS
                     fixed = flags | MAP_FIXED
-                    guest = self._mmap(
+                    guest = await self._mmap(
                         e, end - start, prot, fixed, addr=target, path=path, offset=offset
                     )
                     if guest is None:

@@ -36,9 +36,13 @@ Behaviour reproduced from Linux (x86-64, 4-level paging, checked against a
 Not modelled (documented deviations): ``VM_ACCOUNT`` and ``anon_vma`` (Linux
 keeps an anonymous VMA that was made writable and then faulted apart from
 its never-writable neighbours; here they merge), ``max_map_count``, address
-randomisation, THP alignment of large anonymous mappings, ``VM_LOCKED`` and
-the other flags that do not change placement or protection (they are
-accepted and ignored, as Linux ignores unknown legacy flags).  ``MAP_32BIT``,
+randomisation, THP alignment of large anonymous mappings, ``RLIMIT_MEMLOCK``
+(mlock never fails for the limit, as for a process with CAP_IPC_LOCK),
+``VM_LOCKONFAULT`` and the other flags that do not change placement or
+protection (they are accepted and ignored, as Linux ignores unknown legacy
+flags).  ``MAP_LOCKED`` and ``mlock`` set ``VM_LOCKED`` (:attr:`Vma.locked`),
+which splits and merges VMAs like the protection; ``fork`` clears it in the
+child.  ``MAP_32BIT``,
 ``MAP_GROWSDOWN`` and ``MAP_HUGETLB`` on anonymous memory raise
 ``NotImplementedError``.
 
@@ -65,6 +69,9 @@ from .vma_tree import (
     MAP_FIXED_NOREPLACE,
     MAP_GROWSDOWN,
     MAP_HUGETLB,
+    MAP_LOCKED,
+    MAP_NONBLOCK,
+    MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
     MAP_SHARED_VALIDATE,
@@ -176,7 +183,8 @@ class AddressSpace(VmaTree):
         immutable, so shared) and layout; the page tables are the kernel's."""
         child = copy.copy(self)
         child._starts = list(self._starts)
-        child._vmas = list(self._vmas)
+        # dup_mmap: memory locks are not inherited (the VMAs are not re-merged)
+        child._vmas = [replace(v, locked=False) if v.locked else v for v in self._vmas]
         return child
 
     # ------------------------------------------------------------------ mmap
@@ -212,6 +220,7 @@ class AddressSpace(VmaTree):
         file: FileBacking | None = None,
         offset: int = 0,
         fixed: bool = False,
+        defer: bool = False,
     ) -> MmapResult:
         """Linux ``mmap``, also returning the pieces a MAP_FIXED mapping replaced.
 
@@ -226,6 +235,10 @@ class AddressSpace(VmaTree):
         MAP_SHARED_VALIDATE (EOPNOTSUPP), PROT_WRITE on a shared mapping of a
         file not opened for writing, or a file not opened for reading (EACCES).
         Unknown ``prot`` bits are ignored, as Linux's mmap ignores them.
+
+        With ``defer`` the new VMA is returned, not inserted: the kernel zaps
+        the replaced pieces first (Linux frees their page tables before the
+        new VMA is in place) and then calls :meth:`insert`.
         """
         hint = 0 if addr is None else addr & _U64
         length &= _U64
@@ -251,8 +264,32 @@ class AddressSpace(VmaTree):
 
         # mmap_region()
         unmapped = self._unmap_range(start, end) if flags & MAP_FIXED else []
-        self._insert_merged(Vma(start, end, prot & _PROT_ACCESS, vflags, file, pgoff, shmem_id))
+        locked = bool(flags & MAP_LOCKED)
+        vma = Vma(start, end, prot & _PROT_ACCESS, vflags, file, pgoff, shmem_id, locked)
+        if defer:
+            return MmapResult(start, unmapped, vma)
+        self._insert_merged(vma)
         return MmapResult(start, unmapped)
+
+    def insert(self, vma: Vma) -> None:
+        """Put a VMA ``do_mmap(defer=True)`` returned in place (its range is
+        free), merged with its neighbours."""
+        self._insert_merged(vma)
+
+    @staticmethod
+    def mmap_populates(flags: int) -> bool:
+        """Whether mmap with ``flags`` populates the new mapping (``do_mmap``:
+        VM_LOCKED, or MAP_POPULATE without MAP_NONBLOCK)."""
+        return bool(flags & MAP_LOCKED) or flags & (MAP_POPULATE | MAP_NONBLOCK) == MAP_POPULATE
+
+    def accessible_pieces(self, start: int, end: int) -> list[Vma]:
+        """``mm_populate``'s walk of ``[start, end)`` (errors ignored): the
+        pieces of the VMAs there, PROT_NONE ones and holes skipped."""
+        return [
+            v.piece(max(v.start, start), min(v.end, end))
+            for v in self.intersecting(start, end)
+            if v.prot
+        ]
 
     @staticmethod
     def _mmap_backing(flags: int, file: FileBacking | None, offset: int) -> FileBacking | None:
@@ -442,12 +479,19 @@ class AddressSpace(VmaTree):
     ) -> tuple[int, int]:
         """Give ``[start, end)`` of VMA ``i`` the protection ``prot``, splitting
         and merging; returns the index and end of the VMA now holding it."""
-        vmas = self._vmas
-        vma = vmas[i]
+        vma = self._vmas[i]
         if vma.prot == prot:
             return i, vma.end
         mid = vma.piece(start, end).with_prot(prot)
         changes.append(ProtChange(start, end, vma.prot, prot, mid))
+        return self._fixup(i, start, end, mid)
+
+    def _fixup(self, i: int, start: int, end: int, mid: Vma) -> tuple[int, int]:
+        """Replace ``[start, end)`` of VMA ``i`` by ``mid`` (the same range,
+        other protection or flags), splitting and merging (``vma_modify``);
+        returns the index and end of the VMA now holding it."""
+        vmas = self._vmas
+        vma = vmas[i]
         left = vma.piece(vma.start, start) if start > vma.start else None
         right = vma.piece(end, vma.end) if end < vma.end else None
         lo, hi = i, i + 1
@@ -464,6 +508,59 @@ class AddressSpace(VmaTree):
             new.append(right)
         self._splice(lo, hi, new)
         return (lo + 1 if left is not None else lo), mid.end
+
+    # ------------------------------------------------------------------ mlock
+
+    def mlock(self, addr: int, length: int, *, lock: bool = True) -> MadviseResult:
+        """Linux ``mlock`` (``lock``) or ``munlock``: VM_LOCKED set or
+        cleared, then, for mlock, the pieces to populate.
+
+        ``addr`` is rounded down to its page and the length grown to match
+        (no EINVAL for alignment); a wrapping range is EINVAL, length 0 does
+        nothing. ``apply_vma_lock_flags`` walks the VMAs in order, changing
+        each: a hole (at ``addr`` too) stops the walk with ENOMEM *after* the
+        earlier VMAs changed, and then nothing is populated. mlock then
+        populates VMA by VMA (``__mm_populate`` without ignoring errors): a
+        PROT_NONE VMA stops it with ENOMEM (GUP's EFAULT, which mlock
+        reports as ENOMEM; its flag stays set). Checked on Linux 6.18.
+        """
+        addr &= _U64
+        length &= _U64
+        what = "mlock" if lock else "munlock"
+        start = addr & ~_PAGE_OFFSET_MASK
+        end = start + page_align(length + (addr - start))
+        if end > _U64 or (length and end == start):
+            raise _err(errno.EINVAL, f"{what} range wraps around")
+        if end == start:
+            return MadviseResult([], advice=what)
+        vmas = self._vmas
+        i = self._index_after(start)
+        hole = MadviseResult([], errno.ENOMEM, what, message=f"{what} range has unmapped holes")
+        if i == len(vmas) or vmas[i].start > start:
+            return hole
+        tmp = nstart = start
+        while i < len(vmas) and vmas[i].start < end:
+            vma = vmas[i]
+            if vma.start > tmp:
+                return hole
+            if vma.locked != lock:
+                stop = min(vma.end, end)
+                i, tmp = self._fixup(i, nstart, stop, replace(vma.piece(nstart, stop), locked=lock))
+            else:
+                tmp = vma.end
+            nstart = tmp
+            i += 1
+        if tmp < end:
+            return hole
+        if not lock:
+            return MadviseResult([], advice=what)
+        pieces: list[Vma] = []
+        for vma in self.intersecting(start, end):
+            if not vma.prot:
+                message = f"mlock cannot populate PROT_NONE memory at {vma.start:#x}"
+                return MadviseResult(pieces, errno.ENOMEM, what, message=message)
+            pieces.append(vma.piece(max(vma.start, start), min(vma.end, end)))
+        return MadviseResult(pieces, advice=what)
 
     # ------------------------------------------------------------------ munmap
 
@@ -760,7 +857,9 @@ class AddressSpace(VmaTree):
         ``madvise_free_single_vma`` refuses) stops the walk with EINVAL after
         the earlier ones; a hole makes the result ENOMEM, reported at the end.
         """
-        return self._madvise_walk(addr, length, lambda vma: vma.is_private and vma.is_anonymous)
+        return self._madvise_walk(
+            addr, length, lambda vma: vma.is_private and vma.is_anonymous and not vma.locked
+        )
 
     def madvise_dontneed(self, addr: int, length: int) -> MadviseResult:
         """Linux ``madvise(addr, length, MADV_DONTNEED)``: which pieces the
@@ -773,8 +872,45 @@ class AddressSpace(VmaTree):
         again for a private file mapping), shared file pages leave the
         mapping but keep their data in the page cache.
         """
-        result = self._madvise_walk(addr, length, lambda vma: True)
-        return MadviseResult(result.ranges, result.errno, "MADV_DONTNEED")
+        result = self._madvise_walk(addr, length, lambda vma: not vma.locked)
+        return MadviseResult(result.ranges, result.errno, "MADV_DONTNEED", "unlocked")
+
+    def madvise_populate(self, addr: int, length: int, *, write: bool) -> MadviseResult:
+        """Linux ``madvise(MADV_POPULATE_READ / MADV_POPULATE_WRITE)`` (5.14+,
+        ``madvise_populate``): the pieces to populate, VMA by VMA, no VMA
+        changed.
+
+        The argument checks of every madvise (EINVAL for an unaligned
+        ``addr`` or a wrapping range; length 0 does nothing). Then the walk:
+        a hole stops it with ENOMEM (at ``addr`` too; the pieces before it
+        are still populated), a VMA the access is not allowed on (write: not
+        PROT_WRITE; read: not PROT_READ, PROT_NONE included) with EINVAL.
+        Checked on Linux 6.18; a file page beyond the end of the file
+        (EFAULT there) is not modelled: pvemu reads zeros there.
+        """
+        advice = "MADV_POPULATE_WRITE" if write else "MADV_POPULATE_READ"
+        addr &= _U64
+        length &= _U64
+        if addr & _PAGE_OFFSET_MASK:
+            raise _err(errno.EINVAL, f"madvise address {addr:#x} not page aligned")
+        aligned = page_align(length)
+        end = addr + aligned
+        if (length and not aligned) or end > _U64:
+            raise _err(errno.EINVAL, "madvise range wraps around")
+        pieces: list[Vma] = []
+        start = addr
+        i = self._index_after(start)
+        while start < end:
+            if i == len(self._vmas) or self._vmas[i].start > start:
+                return MadviseResult(pieces, errno.ENOMEM, advice)
+            vma = self._vmas[i]
+            if not (vma.writable if write else vma.readable):
+                refused = "writable" if write else "readable"
+                return MadviseResult(pieces, errno.EINVAL, advice, refused)
+            pieces.append(vma.piece(start, min(end, vma.end)))
+            start = vma.end
+            i += 1
+        return MadviseResult(pieces, advice=advice)
 
     def _madvise_walk(
         self, addr: int, length: int, allowed: Callable[[Vma], bool]

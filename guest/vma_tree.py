@@ -41,6 +41,11 @@ __all__ = [
     "MAP_GROWSDOWN",
     "MAP_HUGETLB",
     "MAP_FIXED_NOREPLACE",
+    "MAP_LOCKED",
+    "MAP_POPULATE",
+    "MAP_NONBLOCK",
+    "MADV_POPULATE_READ",
+    "MADV_POPULATE_WRITE",
     "MS_ASYNC",
     "MS_INVALIDATE",
     "MS_SYNC",
@@ -96,6 +101,12 @@ MAP_32BIT = 0x40
 MAP_GROWSDOWN = 0x100
 MAP_HUGETLB = 0x40000
 MAP_FIXED_NOREPLACE = 0x100000
+MAP_LOCKED = 0x2000
+MAP_POPULATE = 0x8000
+MAP_NONBLOCK = 0x10000
+
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
 
 MS_ASYNC = 1
 MS_INVALIDATE = 2
@@ -156,7 +167,8 @@ class Vma:
     memory, and ``start >> PAGE_SHIFT`` for private anonymous memory (as in
     Linux).  ``shmem_id`` identifies the shmem object behind a
     ``MAP_SHARED | MAP_ANONYMOUS`` mapping (Linux's "/dev/zero (deleted)"),
-    unique per mmap call; ``None`` otherwise.
+    unique per mmap call; ``None`` otherwise.  ``locked`` is VM_LOCKED
+    (mlock, MAP_LOCKED): like the protection it splits and merges VMAs.
     """
 
     start: int
@@ -166,6 +178,7 @@ class Vma:
     file: FileBacking | None = None
     pgoff: int = 0
     shmem_id: int | None = None
+    locked: bool = False
 
     @property
     def length(self) -> int:
@@ -267,6 +280,7 @@ def vmas_mergeable(a: Vma, b: Vma) -> bool:
         and a.flags == b.flags
         and a.file is b.file
         and a.shmem_id == b.shmem_id
+        and a.locked == b.locked
         and b.pgoff == a.pgoff + a.npages
     )
 
@@ -301,6 +315,9 @@ class MmapResult:
 
     addr: int
     unmapped: list[Vma] = field(default_factory=list)
+    #: With ``do_mmap(defer=True)``: the new VMA, not yet in the tree (the
+    #: kernel zaps ``unmapped`` first, then calls ``insert``).
+    vma: Vma | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,10 +348,16 @@ class MadviseResult:
     errno: int = 0
     #: The advice, for the error message.
     advice: str = "MADV_FREE"
+    #: What the mapping the walk stopped at (EINVAL) was not.
+    refused: str = "private anonymous and unlocked"
+    #: The whole error message, when the defaults do not fit (mlock).
+    message: str = ""
 
     def raise_if_error(self) -> None:
+        if self.errno and self.message:
+            raise _err(self.errno, self.message)
         if self.errno == errno.EINVAL:
-            raise _err(self.errno, f"{self.advice} of a mapping that is not private anonymous")
+            raise _err(self.errno, f"{self.advice} of a mapping that is not {self.refused}")
         if self.errno:
             raise _err(self.errno, "madvise range has unmapped holes")
 

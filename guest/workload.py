@@ -131,7 +131,7 @@ async def run_mprotect_workload(
     vcpu = min(vcpu, kernel.machine.nr_vcpus - 1)
     length = pages * PAGE_SIZE
     rw = mman.PROT_READ | mman.PROT_WRITE
-    addr = kernel.mmap(length, rw, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, addr=REGION_ADDR)
+    addr = await kernel.mmap(length, rw, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, addr=REGION_ADDR)
     if addr != REGION_ADDR:
         raise WorkloadError(f"region landed at {addr:#x}, not {REGION_ADDR:#x}")
     result = WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe)

@@ -100,7 +100,9 @@ async def mprotect_guest(args: argparse.Namespace, control: Control) -> None:
     async with boot(
         args.socket, mode=args.mode, memory_mib=memory_for(args.pages), vcpus=2
     ) as kernel:
-        addr = kernel.mmap(length, rw, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, addr=REGION_ADDR)
+        addr = await kernel.mmap(
+            length, rw, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, addr=REGION_ADDR
+        )
         await kernel.run_user(1, [(addr + i * 4096, "w", b"x") for i in range(args.pages)])
         emit("ready")
         before = (await kernel.stats())["hypervisor"]["total"]

@@ -48,8 +48,10 @@ for name in ("mprotect", "madvise"):
     fn = getattr(libc, name)
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-libc.munmap.restype = ctypes.c_int
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+for name in ("munmap", "mlock", "munlock"):
+    fn = getattr(libc, name)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def window_maps(base: int, size: int) -> list[str]:
@@ -85,8 +87,8 @@ def run(op: list[int | str], base: int, size: int) -> list[object]:
             return ["ok", "out"]
         return ["ok", ret - base]
     _, off, length, arg = op
-    if kind == "munmap":
-        rc = libc.munmap(base + int(off), int(length))
+    if kind in ("munmap", "mlock", "munlock"):
+        rc = getattr(libc, str(kind))(base + int(off), int(length))
     else:
         rc = getattr(libc, str(kind))(base + int(off), int(length), int(arg))
     if rc:

@@ -129,7 +129,7 @@ async def access_loop(socket_path: str, pages: int) -> None:
         n = 0
         while True:
             n += 1
-            addr = kernel.mmap(
+            addr = await kernel.mmap(
                 length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
             )
             payload = bytes([n & 0xFF])
@@ -148,7 +148,7 @@ async def fork_loop(socket_path: str, pages: int) -> None:
 
     async with boot(socket_path, mode="xen", memory_mib=16, vcpus=2) as kernel:
         rw = mmap.PROT_READ | mmap.PROT_WRITE
-        addr = kernel.mmap(pages * PAGE_SIZE, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = await kernel.mmap(pages * PAGE_SIZE, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         await kernel.run_user(1, [(addr + i * PAGE_SIZE, "w", b"p") for i in range(pages)])
         n = 0
         while True:

@@ -53,7 +53,7 @@ async def totals(domain: Domain) -> tuple[dict[str, Any], dict[str, Any]]:
 async def test_one_iret_per_handled_fault_on_both_sides(mode: str) -> None:
     kernel, domain = await local(mode)
     pages = 40
-    addr = kernel.mmap(pages * 4096, RW, PRIVATE, addr=REGION)
+    addr = await kernel.mmap(pages * 4096, RW, PRIVATE, addr=REGION)
     await kernel.run_user(1, [(addr + i * 4096, "w", b"x") for i in range(pages)])
     hyp, guest = await totals(domain)
     assert kernel.counters.page_faults == hyp["page_faults"] == pages
@@ -74,7 +74,7 @@ async def test_first_touch_and_reuse_faults_cost_three_traps_as_on_xen() -> None
     mmu_update + iret, and so is a write to a page first read (the fault
     reuses the exclusive page: its PTE made writable)."""
     kernel, domain = await local("trap")
-    addr = kernel.mmap(4 * 4096, RW, PRIVATE, addr=REGION)
+    addr = await kernel.mmap(4 * 4096, RW, PRIVATE, addr=REGION)
     await kernel.write(addr, b"t")  # builds the page tables: not the cost measured
     steps = [(addr + 4096, "r", 1), (addr + 4096, "w", b"w")]
     for access in steps:
@@ -89,7 +89,7 @@ async def test_first_touch_and_reuse_faults_cost_three_traps_as_on_xen() -> None
 
 async def test_no_iret_after_a_segfault() -> None:
     kernel, domain = await local("xen")
-    ro = kernel.mmap(4096, mmap.PROT_READ, PRIVATE, addr=REGION)
+    ro = await kernel.mmap(4096, mmap.PROT_READ, PRIVATE, addr=REGION)
     before, _ = await totals(domain)
     with pytest.raises(SegmentationFault):
         await kernel.write(ro, b"x")
@@ -109,7 +109,7 @@ async def test_no_iret_after_a_segfault() -> None:
 
 async def test_resume_without_a_pending_fault_is_refused_and_counts_nothing() -> None:
     kernel, domain = await local("trap")
-    addr = kernel.mmap(4096, RW, PRIVATE, addr=REGION)
+    addr = await kernel.mmap(4096, RW, PRIVATE, addr=REGION)
     await kernel.write(addr, b"x")
     before = await domain.stats()
 
@@ -132,7 +132,7 @@ async def test_resume_is_taken_once_per_fault_and_a_plain_run_ends_the_wait() ->
     """Driven through the raw client, as a tool would: the iret is legal
     exactly once after each fault."""
     kernel, domain = await local("trap")
-    addr = kernel.mmap(2 * 4096, RW, PRIVATE, addr=REGION)
+    addr = await kernel.mmap(2 * 4096, RW, PRIVATE, addr=REGION)
     outcome = await domain.run_user(1, [(addr, "w", b"x")])
     assert outcome["fault"] is not None
     await kernel.handle_fault(addr, outcome["fault"]["error_code"], vcpu=1)
@@ -152,7 +152,7 @@ async def test_resume_is_taken_once_per_fault_and_a_plain_run_ends_the_wait() ->
 
 async def test_native_accepts_resume_and_counts_nothing() -> None:
     async with boot(mode="native", memory_mib=16) as kernel:
-        addr = kernel.mmap(8 * 4096, RW, PRIVATE, addr=REGION)
+        addr = await kernel.mmap(8 * 4096, RW, PRIVATE, addr=REGION)
         await kernel.run_user(1, [(addr + i * 4096, "w", b"x") for i in range(8)])
         assert kernel.counters.page_faults == 8
         outcome = await kernel.machine.run_user(1, [(addr, "r", 1)], resume=True)

@@ -115,7 +115,7 @@ async def test_xen_buffer_parameters_change_the_count(
     hv = Hypervisor(64)
     domain = await loopback_domain(hv, memory_mib=16, vcpus=2)
     kernel = kernel_for(domain, "xen", **params)
-    addr = kernel.mmap(512 * 4096, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, addr=0x4000_0000)
+    addr = await kernel.mmap(512 * 4096, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, addr=0x4000_0000)
     await kernel.run_user(1, [(addr + i * 4096, "w", b"x") for i in range(512)])
     before = (await kernel.stats())["hypervisor"]["total"]["traps"]
     await kernel.mprotect(addr, 512 * 4096, mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)

@@ -52,7 +52,7 @@ async def xen() -> AsyncIterator[Kernel]:
 
 
 async def test_syscall_errnos(xen: Kernel) -> None:
-    addr = xen.mmap(4 * PAGE, RW, ANON)
+    addr = await xen.mmap(4 * PAGE, RW, ANON)
     cases = [
         (xen.mprotect(addr + 1, PAGE, mmap.PROT_READ), errno.EINVAL),
         (xen.mprotect(addr, PAGE, 0x100), errno.EINVAL),
@@ -65,7 +65,7 @@ async def test_syscall_errnos(xen: Kernel) -> None:
             await coro
         assert excinfo.value.errno == expected
     with pytest.raises(OSError) as excinfo:
-        xen.mmap(0, RW, ANON)
+        await xen.mmap(0, RW, ANON)
     assert excinfo.value.errno == errno.EINVAL
     assert await xen.audit() == []
 
@@ -74,9 +74,9 @@ async def test_shared_write_on_read_only_file_is_eacces(xen: Kernel, tmp_path: P
     path = tmp_path / "ro.bin"
     path.write_bytes(bytes(PAGE))
     with pytest.raises(OSError) as excinfo:
-        xen.mmap(PAGE, RW, mmap.MAP_SHARED, path=str(path), writable=False)
+        await xen.mmap(PAGE, RW, mmap.MAP_SHARED, path=str(path), writable=False)
     assert excinfo.value.errno == errno.EACCES
-    addr = xen.mmap(PAGE, mmap.PROT_READ, mmap.MAP_SHARED, path=str(path), writable=False)
+    addr = await xen.mmap(PAGE, mmap.PROT_READ, mmap.MAP_SHARED, path=str(path), writable=False)
     with pytest.raises(OSError) as excinfo:
         await xen.mprotect(addr, PAGE, RW)
     assert excinfo.value.errno == errno.EACCES
@@ -86,7 +86,7 @@ async def test_shared_write_on_read_only_file_is_eacces(xen: Kernel, tmp_path: P
 
 
 async def test_split_and_merge(kernel: Kernel) -> None:
-    addr = kernel.mmap(8 * PAGE, RW, ANON, addr=0x4000_0000)
+    addr = await kernel.mmap(8 * PAGE, RW, ANON, addr=0x4000_0000)
     await kernel.write(addr, b"a" * (8 * PAGE))
     await kernel.mprotect(addr + 2 * PAGE, 2 * PAGE, mmap.PROT_READ)
     assert [(s - addr, e - addr, p) for s, e, p, _ in kernel.vmas()] == [
@@ -104,7 +104,7 @@ async def test_split_and_merge(kernel: Kernel) -> None:
 
 
 async def test_protections_are_enforced(kernel: Kernel) -> None:
-    addr = kernel.mmap(4 * PAGE, RW, ANON, addr=0x4000_0000)
+    addr = await kernel.mmap(4 * PAGE, RW, ANON, addr=0x4000_0000)
     await kernel.write(addr, b"data" * 2048 * 2)
     await kernel.mprotect(addr, PAGE, mmap.PROT_READ)
     await kernel.mprotect(addr + PAGE, PAGE, PROT_NONE)
@@ -127,20 +127,20 @@ async def test_protections_are_enforced(kernel: Kernel) -> None:
 
 
 async def test_munmap_then_access_segfaults(kernel: Kernel) -> None:
-    addr = kernel.mmap(2 * PAGE, RW, ANON, addr=0x4000_0000)
+    addr = await kernel.mmap(2 * PAGE, RW, ANON, addr=0x4000_0000)
     await kernel.write(addr, b"x" * (2 * PAGE))
     await kernel.munmap(addr, PAGE)
     with pytest.raises(SegmentationFault):
         await kernel.read(addr, 1)
     assert await kernel.read(addr + PAGE, 1) == b"x"
     # the freed frame is reused, cleared, for a new mapping
-    again = kernel.mmap(PAGE, RW, ANON, addr=addr)
+    again = await kernel.mmap(PAGE, RW, ANON, addr=addr)
     assert await kernel.read(again, 4) == bytes(4)
     assert await kernel.audit() == []
 
 
 async def test_data_survives_protection_changes(kernel: Kernel) -> None:
-    addr = kernel.mmap(40 * PAGE, RW, ANON, addr=0x4000_0000)
+    addr = await kernel.mmap(40 * PAGE, RW, ANON, addr=0x4000_0000)
     payload = bytes(range(256)) * (40 * PAGE // 256)
     await kernel.write(addr, payload)
     for prot in (mmap.PROT_READ, PROT_NONE, RW, mmap.PROT_READ, RW):
@@ -159,7 +159,7 @@ async def test_shared_file_mapping_dirty_accounting_and_msync(
 ) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(b"\x11" * (4 * PAGE))
-    addr = kernel.mmap(4 * PAGE, RW, mmap.MAP_SHARED, path=str(path))
+    addr = await kernel.mmap(4 * PAGE, RW, mmap.MAP_SHARED, path=str(path))
     assert await kernel.read(addr + 2 * PAGE, 2) == b"\x11\x11"  # clean page, mapped RO
     await kernel.write(addr, b"hello")  # write-notify: dirty, writable
     await kernel.write(addr + PAGE, b"world")
@@ -181,7 +181,7 @@ async def test_mprotect_rw_makes_only_dirty_shared_pages_writable(
 ) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(bytes(2 * PAGE))
-    addr = xen.mmap(2 * PAGE, RW, mmap.MAP_SHARED, path=str(path))
+    addr = await xen.mmap(2 * PAGE, RW, mmap.MAP_SHARED, path=str(path))
     await xen.write(addr, b"d")  # page 0 dirty
     await xen.read(addr + PAGE, 1)  # page 1 clean
     await xen.mprotect(addr, 2 * PAGE, mmap.PROT_READ)
@@ -199,7 +199,7 @@ async def test_mprotect_rw_makes_only_dirty_shared_pages_writable(
 
 
 async def test_lazy_rules_are_enforced(xen: Kernel) -> None:
-    addr = xen.mmap(PAGE, RW, ANON, addr=0x4000_0000)
+    addr = await xen.mmap(PAGE, RW, ANON, addr=0x4000_0000)
     await xen.write(addr, b"x")
     l1 = xen._lookup_l1(addr)
     assert l1 is not None
@@ -226,7 +226,7 @@ async def test_fault_rechecks_the_vma_under_the_pte_lock(xen: Kernel) -> None:
     import trio
     import trio.testing
 
-    addr = xen.mmap(PAGE, RW, ANON, addr=0x4000_0000)
+    addr = await xen.mmap(PAGE, RW, ANON, addr=0x4000_0000)
     assert await xen.read(addr, 1) == b"\0"  # present, read-only (no write yet)
     l1 = xen._lookup_l1(addr)
     assert l1 is not None
@@ -266,7 +266,7 @@ async def test_first_touch_sends_small_run_user_batches() -> None:
 
         kernel.machine.run_user = counting  # type: ignore[method-assign]
         pages = 300
-        addr = kernel.mmap(pages * 4096, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = await kernel.mmap(pages * 4096, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         await kernel.run_user(1, [(addr + i * 4096, "w", bytes([i & 0xFF])) for i in range(pages)])
         assert kernel.counters.page_faults == pages
         assert max(sent[1:]) <= 4  # one executed, one faulted, and slack

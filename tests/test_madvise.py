@@ -90,7 +90,7 @@ async def lost_dirty(kernel: Kernel) -> int:
 async def test_pages_stay_writable_and_their_data_but_lose_young_and_dirty(
     kernel: Kernel, k: int
 ) -> None:
-    kernel.mmap(k * PAGE, RW, ANON, addr=VA)
+    await kernel.mmap(k * PAGE, RW, ANON, addr=VA)
     payload = [bytes([i + 1]) * 8 for i in range(k)]
     for i in range(k):
         await kernel.write(VA + i * PAGE, payload[i])
@@ -116,7 +116,7 @@ async def test_pages_stay_writable_and_their_data_but_lose_young_and_dirty(
 
 
 async def test_pages_another_process_maps_are_left_alone(kernel: Kernel) -> None:
-    kernel.mmap(4 * PAGE, RW, ANON, addr=VA)
+    await kernel.mmap(4 * PAGE, RW, ANON, addr=VA)
     await kernel.write(VA, bytes(4 * PAGE))
     child = await kernel.fork()
     before = await traps(kernel)
@@ -134,7 +134,7 @@ async def test_pages_another_process_maps_are_left_alone(kernel: Kernel) -> None
 
 async def test_errors_come_after_the_mapped_part_is_cleaned(tmp_path: Path) -> None:
     async for kernel in make_kernel("xen"):
-        kernel.mmap(PAGE, RW, ANON, addr=VA)
+        await kernel.mmap(PAGE, RW, ANON, addr=VA)
         await kernel.write(VA, b"x")
         with pytest.raises(OSError) as hole:
             await kernel.madvise_free(VA, 2 * PAGE)
@@ -142,7 +142,7 @@ async def test_errors_come_after_the_mapped_part_is_cleaned(tmp_path: Path) -> N
         assert not pte_of(kernel, VA) & _PAGE_DIRTY
         path = tmp_path / "f.bin"
         path.write_bytes(bytes(PAGE))
-        shared = kernel.mmap(PAGE, RW, mmap.MAP_SHARED, path=str(path))
+        shared = await kernel.mmap(PAGE, RW, mmap.MAP_SHARED, path=str(path))
         with pytest.raises(OSError) as refused:
             await kernel.madvise_free(shared, PAGE)
         assert refused.value.errno == errno.EINVAL

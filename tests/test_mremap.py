@@ -152,7 +152,7 @@ async def test_move_counts(mode: str, case: tuple[Any, ...]) -> None:
     _, src, npages, written, dst, extents, tables, whole, freed = case
     written_pages = list(written)
     kernel = await make_kernel(mode)
-    kernel.mmap(npages * P, RW, ANON, addr=src)
+    await kernel.mmap(npages * P, RW, ANON, addr=src)
     await fill(kernel, src, written_pages)
     free = kernel.free_frame_count()
     before, ptwr_before = await counts(kernel)
@@ -177,7 +177,7 @@ async def test_prot_none_entries_move_and_are_flushed(mode: str) -> None:
     ``pte_present`` is true for them: each is moved like a present one and
     the extent is flushed (Linux's ``force_flush``)."""
     kernel = await make_kernel(mode)
-    kernel.mmap(40 * P, RW, ANON, addr=B + 8 * P)
+    await kernel.mmap(40 * P, RW, ANON, addr=B + 8 * P)
     await fill(kernel, B + 8 * P, list(range(40)))
     await kernel.mprotect(B + 8 * P, 40 * P, 0)
     before, _ = await counts(kernel)
@@ -195,10 +195,10 @@ async def test_munmap_frees_the_destination_pte_page_so_the_pmd_moves_whole(mode
     its 2 MiB), so the destination PMD entry is empty again and the 2 MiB
     move takes the whole-PMD path: 4, not 512 PTEs one by one."""
     kernel = await make_kernel(mode)
-    kernel.mmap(P, RW, ANON, addr=D)
+    await kernel.mmap(P, RW, ANON, addr=D)
     await fill(kernel, D, [0])
     await kernel.munmap(D, P)
-    kernel.mmap(512 * P, RW, ANON, addr=B)
+    await kernel.mmap(512 * P, RW, ANON, addr=B)
     await fill(kernel, B, list(range(512)))
     before, _ = await counts(kernel)
     await kernel.mremap(B, 512 * P, 512 * P, MOVE, D)
@@ -214,7 +214,7 @@ async def test_grow_in_place_and_shrink(mode: str) -> None:
     unmaps the tail as munmap does: k trapped clears (one exchange in
     batched and naive) + one MULTI flush."""
     kernel = await make_kernel(mode)
-    kernel.mmap(16 * P, RW, ANON, addr=B)
+    await kernel.mmap(16 * P, RW, ANON, addr=B)
     await fill(kernel, B, list(range(16)))
     before, _ = await counts(kernel)
     assert await kernel.mremap(B, 16 * P, 32 * P) == B
@@ -234,8 +234,8 @@ async def test_grow_in_place_and_shrink(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["native", "xen", "batched"])
 async def test_maymove_grow_moves_and_keeps_data(mode: str) -> None:
     kernel = await make_kernel(mode)
-    kernel.mmap(8 * P, RW, ANON, addr=B)
-    kernel.mmap(P, mmap.PROT_READ, ANON, addr=B + 8 * P)
+    await kernel.mmap(8 * P, RW, ANON, addr=B)
+    await kernel.mmap(P, mmap.PROT_READ, ANON, addr=B + 8 * P)
     await fill(kernel, B, list(range(8)))
     with pytest.raises(OSError) as info:
         await kernel.mremap(B, 8 * P, 16 * P)
@@ -250,7 +250,7 @@ async def test_maymove_grow_moves_and_keeps_data(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["native", "xen", "batched"])
 async def test_dontunmap_leaves_an_empty_source(mode: str) -> None:
     kernel = await make_kernel(mode)
-    kernel.mmap(8 * P, RW, ANON, addr=B)
+    await kernel.mmap(8 * P, RW, ANON, addr=B)
     await fill(kernel, B, list(range(8)))
     await kernel.mremap(B, 8 * P, 8 * P, MOVE | MREMAP_DONTUNMAP, D)
     await check_data(kernel, D, 8, list(range(8)))
@@ -261,8 +261,8 @@ async def test_dontunmap_leaves_an_empty_source(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["native", "xen", "batched"])
 async def test_fixed_destination_pages_are_freed(mode: str) -> None:
     kernel = await make_kernel(mode)
-    kernel.mmap(8 * P, RW, ANON, addr=B)
-    kernel.mmap(8 * P, RW, ANON, addr=B + 64 * P)
+    await kernel.mmap(8 * P, RW, ANON, addr=B)
+    await kernel.mmap(8 * P, RW, ANON, addr=B + 64 * P)
     await fill(kernel, B, list(range(8)))
     await fill(kernel, B + 64 * P, list(range(8)))
     free = kernel.free_frame_count()
@@ -277,8 +277,8 @@ async def test_fixed_destination_pages_are_freed(mode: str) -> None:
 async def test_multi_vma_move(mode: str) -> None:
     """MREMAP_FIXED without resizing moves every VMA of the range, gaps kept."""
     kernel = await make_kernel(mode)
-    kernel.mmap(2 * P, RW, ANON, addr=B)
-    kernel.mmap(2 * P, mmap.PROT_READ, ANON, addr=B + 3 * P)
+    await kernel.mmap(2 * P, RW, ANON, addr=B)
+    await kernel.mmap(2 * P, mmap.PROT_READ, ANON, addr=B + 3 * P)
     await fill(kernel, B, [0, 1])
     await kernel.read(B + 3 * P, 1)
     await kernel.mremap(B, 5 * P, 5 * P, MOVE, D)
@@ -292,8 +292,8 @@ async def test_failed_fixed_move_still_zaps_the_destination(mode: str) -> None:
     """EPERM below mmap_min_addr comes after the destination was unmapped
     (Linux's order): its pages are gone and freed."""
     kernel = await make_kernel(mode)
-    kernel.mmap(16 * P, RW, ANON, addr=0x10000)
-    kernel.mmap(16 * P, RW, ANON, addr=B)
+    await kernel.mmap(16 * P, RW, ANON, addr=0x10000)
+    await kernel.mmap(16 * P, RW, ANON, addr=B)
     await fill(kernel, 0x10000, list(range(16)))
     free = kernel.free_frame_count()
     with pytest.raises(MremapError) as info:
@@ -310,7 +310,7 @@ async def test_move_after_fork_keeps_cow(mode: str) -> None:
     """The parent moves pages it shares with its child: the mapcounts stay,
     so a write at the new address still copies and the child keeps its data."""
     kernel = await make_kernel(mode)
-    kernel.mmap(8 * P, RW, ANON, addr=B)
+    await kernel.mmap(8 * P, RW, ANON, addr=B)
     await fill(kernel, B, list(range(8)))
     child = await kernel.fork()
     await kernel.mremap(B, 8 * P, 8 * P, MOVE, D)
@@ -424,7 +424,7 @@ async def _call(kernel: Kernel, shadow: Shadow, op: tuple[Any, ...]) -> None:
         except OSError as exc:
             want = exc.errno
         try:
-            got = kernel.mmap(length, prot, flags, addr=addr)
+            got = await kernel.mmap(length, prot, flags, addr=addr)
         except OSError as exc:
             got = exc.errno
     elif kind == "munmap":
@@ -483,7 +483,7 @@ async def test_shared_file_pages_follow_their_file_offset(mode: str, tmp_path: P
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(range(1, 9)) * (4 * P // 8))
     kernel = await make_kernel(mode)
-    addr = kernel.mmap(4 * P, RW, mmap.MAP_SHARED, path=str(path), addr=B)
+    addr = await kernel.mmap(4 * P, RW, mmap.MAP_SHARED, path=str(path), addr=B)
     await kernel.write(addr + 2 * P, b"moved")
     free = kernel.free_frame_count()
     await kernel.mremap(addr, 4 * P, 4 * P, MOVE, D)
@@ -506,7 +506,7 @@ async def test_whole_pmd_move_in_a_forked_child_to_a_new_l4_slot(mode: str) -> N
     (4); the unmap of the source frees the emptied PMD and PUD pages (2 + 2)
     and flushes once (1)."""
     kernel = await make_kernel(mode)
-    kernel.mmap(512 * P, RW, ANON, addr=B)
+    await kernel.mmap(512 * P, RW, ANON, addr=B)
     await fill(kernel, B, list(range(0, 512, 5)))
     child = await kernel.fork()
     far = 1 << 39
@@ -528,8 +528,8 @@ async def test_each_unmap_flushes_on_its_own(mode: str) -> None:
     then the tail), each with its own flush (two MULTI ops, not one); then
     30 PTEs move within the PTE page."""
     kernel = await make_kernel(mode)
-    kernel.mmap(60 * P, RW, ANON, addr=B)
-    kernel.mmap(30 * P, RW, ANON, addr=B + 100 * P)
+    await kernel.mmap(60 * P, RW, ANON, addr=B)
+    await kernel.mmap(30 * P, RW, ANON, addr=B + 100 * P)
     await fill(kernel, B, list(range(60)))
     await fill(kernel, B + 100 * P, list(range(30)))
     free = kernel.free_frame_count()

@@ -133,7 +133,7 @@ async def populate(kernel: Kernel, pid: int, vcpu: int) -> None:
     pinned), each page written with its own byte."""
     await kernel.switch_to(vcpu, pid)
     for base in (VA, VA + (1 << 39) + (1 << 30)):
-        addr = kernel.mmap(3 * PAGE, RW, ANON, addr=base, pid=pid)
+        addr = await kernel.mmap(3 * PAGE, RW, ANON, addr=base, pid=pid)
         for page in range(3):
             await kernel.write(addr + page * PAGE, bytes([pid, page]), vcpu=vcpu)
 
@@ -191,7 +191,7 @@ async def test_a_big_unpin(mode: str, hypercalls: int) -> None:
         pid = await kernel.spawn()
         await kernel.switch_to(1, pid)
         for i in range(25):
-            kernel.mmap(PAGE, RW, ANON, addr=VA + i * (1 << 21), pid=pid)
+            await kernel.mmap(PAGE, RW, ANON, addr=VA + i * (1 << 21), pid=pid)
             await kernel.write(VA + i * (1 << 21), b"x", vcpu=1)
         assert len(kernel.process(pid).pinned) == 25
         await kernel.switch_to(1, INIT_PID)
@@ -215,7 +215,7 @@ async def test_exit_returns_every_frame(kernel: Kernel) -> None:
     # The frames are reusable: a new process gets zeroed pages.
     pid = await kernel.spawn()
     await kernel.switch_to(0, pid)
-    addr = kernel.mmap(4 * PAGE, RW, ANON, addr=VA, pid=pid)
+    addr = await kernel.mmap(4 * PAGE, RW, ANON, addr=VA, pid=pid)
     assert await kernel.read(addr, 4 * PAGE, vcpu=0) == bytes(4 * PAGE)
     assert await kernel.audit() == []
 
@@ -227,7 +227,7 @@ async def test_exit_writes_back_a_shared_file_page(kernel: Kernel, tmp_path: Pat
     path.write_bytes(bytes(2 * PAGE))
     a, b = await kernel.spawn(), await kernel.spawn()
     for pid, vcpu in ((a, 0), (b, 1)):
-        kernel.mmap(2 * PAGE, RW, mmap.MAP_SHARED, addr=VA, path=str(path), pid=pid)
+        await kernel.mmap(2 * PAGE, RW, mmap.MAP_SHARED, addr=VA, path=str(path), pid=pid)
         await kernel.switch_to(vcpu, pid)
     await kernel.write(VA, b"from a", vcpu=0)
     assert await kernel.read(VA, 6, vcpu=1) == b"from a"  # one page, two processes
@@ -242,7 +242,7 @@ async def test_exit_writes_back_a_shared_file_page(kernel: Kernel, tmp_path: Pat
 
 async def test_init_can_exit_too(kernel: Kernel) -> None:
     start = kernel.free_frame_count()
-    addr = kernel.mmap(2 * PAGE, RW, ANON, addr=VA)
+    addr = await kernel.mmap(2 * PAGE, RW, ANON, addr=VA)
     await kernel.write(addr, b"init", vcpu=1)
     await kernel.exit_process(INIT_PID)
     assert {kernel.loaded(v) for v in range(2)} == {IDLE_PID}
@@ -259,7 +259,7 @@ async def test_init_can_exit_too(kernel: Kernel) -> None:
 async def test_processes_see_only_their_own_pages(kernel: Kernel) -> None:
     a, b = await kernel.spawn(), await kernel.spawn()
     for pid, vcpu in ((a, 0), (b, 1)):
-        assert kernel.mmap(2 * PAGE, RW, ANON, addr=VA, pid=pid) == VA
+        assert await kernel.mmap(2 * PAGE, RW, ANON, addr=VA, pid=pid) == VA
         await kernel.switch_to(vcpu, pid)
     await kernel.write(VA, b"A" * 10, vcpu=0)
     await kernel.write(VA, b"B" * 10, vcpu=1)
@@ -383,7 +383,7 @@ async def apply(kernel: Kernel, model: Model, step: tuple[Any, ...]) -> None:
         pid = model.pick(step[1])
         slot = step[2]
         if slot not in model.slots[pid]:
-            kernel.mmap(SLOT_PAGES * PAGE, RW, ANON, addr=SLOTS[slot], pid=pid)
+            await kernel.mmap(SLOT_PAGES * PAGE, RW, ANON, addr=SLOTS[slot], pid=pid)
             model.slots[pid][slot] = ([RW] * SLOT_PAGES, [0] * SLOT_PAGES)
     elif kind in ("write", "read"):
         vcpu, slot, page = step[1:4]
@@ -444,7 +444,7 @@ async def test_processes_over_the_socket(hvp: HypervisorProcess) -> None:
         start = kernel.free_frame_count()
         a, b = await kernel.spawn(), await kernel.spawn()
         for pid, vcpu in ((a, 0), (b, 1)):
-            kernel.mmap(2 * PAGE, RW, ANON, addr=VA, pid=pid)
+            await kernel.mmap(2 * PAGE, RW, ANON, addr=VA, pid=pid)
             assert await cost(kernel, kernel.switch_to(vcpu, pid)) == 1
             await kernel.write(VA, bytes([pid]) * 8, vcpu=vcpu)
         await kernel.switch_to(0, b)

@@ -396,9 +396,12 @@ async def play(
     rw = mman.PROT_READ | mman.PROT_WRITE
     if path is None:
         flags = mman.MAP_PRIVATE | mman.MAP_ANONYMOUS
-        assert kernel.mmap(sc.pages * PAGE_SIZE, rw, flags, addr=addr) == addr
+        assert await kernel.mmap(sc.pages * PAGE_SIZE, rw, flags, addr=addr) == addr
     else:
-        assert kernel.mmap(sc.pages * PAGE_SIZE, rw, mman.MAP_SHARED, addr=addr, path=path) == addr
+        assert (
+            await kernel.mmap(sc.pages * PAGE_SIZE, rw, mman.MAP_SHARED, addr=addr, path=path)
+            == addr
+        )
     # Half the regions fully populated: a run with every entry present is
     # the common case (and the range form's shortcut).
     p_touch, p_write = rng.choice((1.0, rng.random())), rng.random()

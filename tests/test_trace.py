@@ -386,7 +386,7 @@ async def test_preserve_keeps_original_addresses() -> None:
 
 async def test_occupied_address_is_relocated_and_later_calls_translated() -> None:
     kernel = await native_kernel()
-    kernel.mmap(PAGE, PROT_READ, ANON, addr=BASE)  # squat the program's address
+    await kernel.mmap(PAGE, PROT_READ, ANON, addr=BASE)  # squat the program's address
     trace = trace_of(
         Mmap(1, BASE, 4 * PAGE, RW, ANON),
         Mprotect(1, BASE, 2 * PAGE, PROT_READ),
@@ -406,7 +406,7 @@ async def test_occupied_address_is_relocated_and_later_calls_translated() -> Non
 
 async def test_range_crossing_separately_placed_regions_is_split() -> None:
     kernel = await native_kernel()
-    kernel.mmap(PAGE, PROT_READ, ANON, addr=BASE + 2 * PAGE)  # B's address is taken
+    await kernel.mmap(PAGE, PROT_READ, ANON, addr=BASE + 2 * PAGE)  # B's address is taken
     trace = trace_of(
         Mmap(1, BASE, 2 * PAGE, RW, ANON),  # A: stays
         Mmap(1, BASE + 2 * PAGE, 2 * PAGE, RW, ANON),  # B: relocated
@@ -442,7 +442,7 @@ async def test_compact_places_neighbours_next_to_each_other() -> None:
 
 async def test_map_fixed_inside_a_relocated_reservation_follows_it() -> None:
     kernel = await native_kernel()
-    kernel.mmap(PAGE, PROT_READ, ANON, addr=BASE)
+    await kernel.mmap(PAGE, PROT_READ, ANON, addr=BASE)
     trace = trace_of(
         Mmap(1, BASE, 16 * PAGE, 0, ANON | 0x4000),  # reservation, PROT_NONE
         Mmap(1, BASE + 4 * PAGE, 2 * PAGE, RW, ANON | MAP_FIXED, BASE + 4 * PAGE),

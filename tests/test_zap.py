@@ -99,8 +99,8 @@ async def populated(kernel: Kernel, n: int, off: int, *, multi: bool) -> tuple[i
         pid, vcpu = await kernel.spawn(), 0
         await kernel.switch_to(0, pid)
     addr = BASE + off * PAGE_SIZE
-    assert kernel.mmap(n * PAGE_SIZE, RW, ANON, addr=addr, pid=pid) == addr
-    assert kernel.mmap(PAGE_SIZE, RW, ANON, addr=GUARD, pid=pid) == GUARD
+    assert await kernel.mmap(n * PAGE_SIZE, RW, ANON, addr=addr, pid=pid) == addr
+    assert await kernel.mmap(PAGE_SIZE, RW, ANON, addr=GUARD, pid=pid) == GUARD
     await kernel.run_user(
         vcpu, [(addr + i * PAGE_SIZE, "w", bytes([i % 251 + 1])) for i in range(n)]
     )
@@ -174,7 +174,7 @@ async def test_freeing_the_last_vma_of_a_gigabyte_frees_the_pmd_page_too(mode: s
         pid = await kernel.spawn()
         await kernel.switch_to(0, pid)
         addr = BASE + (4 << 20) + 7 * PAGE_SIZE
-        kernel.mmap(5 * PAGE_SIZE, RW, ANON, addr=addr, pid=pid)
+        await kernel.mmap(5 * PAGE_SIZE, RW, ANON, addr=addr, pid=pid)
         await kernel.run_user(0, [(addr + i * PAGE_SIZE, "w", b"x") for i in range(5)])
         free = kernel.free_frame_count()
         before = await traps(kernel)
@@ -184,7 +184,7 @@ async def test_freeing_the_last_vma_of_a_gigabyte_frees_the_pmd_page_too(mode: s
         assert await traps(kernel) - before == zap + 1 + 2 * 3
         assert kernel.free_frame_count() - free == 5 + 3
         assert await kernel.audit() == []
-        kernel.mmap(PAGE_SIZE, RW, ANON, addr=BASE, pid=pid)
+        await kernel.mmap(PAGE_SIZE, RW, ANON, addr=BASE, pid=pid)
         await kernel.run_user(0, [(BASE, "w", b"again")])  # the tables are built anew
         assert await kernel.run_user(0, [(BASE, "r", 5)]) == [b"again"]
         assert await kernel.audit() == []
@@ -286,7 +286,7 @@ async def test_munmap_writes_a_shared_file_page_dirty_in_hardware(
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(3 * PAGE_SIZE))
     async for kernel in make_kernel(mode):
-        addr = kernel.mmap(3 * PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
+        addr = await kernel.mmap(3 * PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
         await kernel.write(addr + PAGE_SIZE + 8, b"kept by munmap")
         await kernel.munmap(addr, 3 * PAGE_SIZE)
         assert path.read_bytes()[PAGE_SIZE + 8 : PAGE_SIZE + 22] == b"kept by munmap"
@@ -320,7 +320,7 @@ async def test_a_store_through_a_stale_tlb_before_the_flush_reaches_the_file(
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(PAGE_SIZE))
     async for kernel in make_kernel(mode):
-        addr = kernel.mmap(PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
+        addr = await kernel.mmap(PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
         await kernel.run_user(1, [(addr, "w", b"1")])
         await kernel.run_user(1, [(addr, "w", b"2")])  # vCPU 1 caches the writable entry
         await dontneed_with_a_stale_store(kernel, addr, b"3")
@@ -335,9 +335,9 @@ async def test_dontneed_keeps_shared_file_data_and_drops_private_data(
     path = tmp_path / "data.bin"
     path.write_bytes(b"F" * (2 * PAGE_SIZE))
     async for kernel in make_kernel(mode):
-        shared = kernel.mmap(2 * PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
-        private = kernel.mmap(2 * PAGE_SIZE, RW, mmap.MAP_PRIVATE, path=str(path))
-        anon = kernel.mmap(2 * PAGE_SIZE, RW, ANON)
+        shared = await kernel.mmap(2 * PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
+        private = await kernel.mmap(2 * PAGE_SIZE, RW, mmap.MAP_PRIVATE, path=str(path))
+        anon = await kernel.mmap(2 * PAGE_SIZE, RW, ANON)
         # the shared mapping writes the file's second page, the others their first
         for addr in (shared + PAGE_SIZE, private, anon):
             await kernel.write(addr, b"written")
@@ -353,8 +353,8 @@ async def test_dontneed_keeps_shared_file_data_and_drops_private_data(
 
 async def test_dontneed_errors() -> None:
     async for kernel in make_kernel("xen"):
-        kernel.mmap(PAGE_SIZE, RW, ANON, addr=BASE)
-        kernel.mmap(PAGE_SIZE, RW, ANON, addr=BASE + 2 * PAGE_SIZE)
+        await kernel.mmap(PAGE_SIZE, RW, ANON, addr=BASE)
+        await kernel.mmap(PAGE_SIZE, RW, ANON, addr=BASE + 2 * PAGE_SIZE)
         await kernel.write(BASE, b"a")
         await kernel.write(BASE + 2 * PAGE_SIZE, b"b")
         with pytest.raises(OSError) as unaligned:
@@ -399,7 +399,7 @@ async def test_a_store_between_the_read_and_the_clear(mode: str, tmp_path: Path)
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(PAGE_SIZE))
     async for kernel in make_kernel(mode):
-        addr = kernel.mmap(PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
+        addr = await kernel.mmap(PAGE_SIZE, RW, mmap.MAP_SHARED, path=str(path))
         await kernel.write(addr, b"first")
         await kernel.msync(addr, PAGE_SIZE)  # clean and read-only again
         await kernel.handle_fault(addr, 0x2 | 0x4, vcpu=1)  # write-notified: RW, clean
@@ -439,8 +439,8 @@ async def _zapped_state(
         first, count = p
         return SPAN_BASE + first * PAGE_SIZE, min(count, SPAN - first) * PAGE_SIZE
 
-    kernel.mmap(SPAN * PAGE_SIZE, RW, ANON, addr=SPAN_BASE)
-    kernel.mmap(PAGE_SIZE, RW, ANON, addr=GUARD)
+    await kernel.mmap(SPAN * PAGE_SIZE, RW, ANON, addr=SPAN_BASE)
+    await kernel.mmap(PAGE_SIZE, RW, ANON, addr=GUARD)
     await kernel.run_user(1, [(SPAN_BASE + p * PAGE_SIZE, "w", bytes([p + 1])) for p in written])
     await kernel.mprotect(*rng(protnone), 0)
     await kernel.madvise_dontneed(*rng(dontneed))
