@@ -11,6 +11,11 @@ checked and ``audit()`` runs at the end.
 * ``dontneed``: ``populate``, ``madvise(MADV_DONTNEED)`` over the region
   (``dontneed``: the same zap, the tables kept), then write every page again
   (``refault``: first-touch faults into the kept tables) and read it back.
+* ``populate``: map the region with ``MAP_POPULATE`` (``map_populate``: every
+  page written in by the fault handler, no user fault), drop it with
+  ``MADV_DONTNEED`` (``dontneed``), fill it again with
+  ``madvise(MADV_POPULATE_WRITE)`` (``populate_write``: the tables are
+  kept), then write every page from user space (``touch``: no fault left).
 * ``mremap``: ``populate``; move the region to a 2 MiB-aligned destination
   (``mremap_pmd``: each full 2 MiB moves as a whole PTE page, the rest PTE by
   PTE); move it back to a destination 7 pages past the region's start
@@ -32,16 +37,17 @@ from typing import Final
 from pvemu.shared.x86 import PAGE_SIZE
 
 from .kernel import Kernel, SegmentationFault
-from .vma_tree import MREMAP_FIXED, MREMAP_MAYMOVE
+from .vma_tree import MAP_POPULATE, MREMAP_FIXED, MREMAP_MAYMOVE
 from .workload import REGION_ADDR, WorkloadError, WorkloadResult, measure
 
 #: The workloads this module runs, by name (``pvemu run --workload``).
-MM_WORKLOADS: Final = ("munmap", "dontneed", "mremap")
+MM_WORKLOADS: Final = ("munmap", "dontneed", "mremap", "populate")
 #: Phases each one reports, in order.
 MM_PHASES: Final = {
     "munmap": ("populate", "munmap"),
     "dontneed": ("populate", "dontneed", "refault"),
     "mremap": ("populate", "mremap_pmd", "mremap_ptes"),
+    "populate": ("map_populate", "dontneed", "populate_write", "touch"),
 }
 #: Pages past the region's start where ``mremap_ptes`` puts it back.
 SKEW_PAGES: Final = 7
@@ -79,17 +85,25 @@ async def _expect(kernel: Kernel, vcpu: int, addr: int, pages: int, tag: int) ->
             raise WorkloadError(f"page {i} at {addr:#x} read {got!r}, expected {want!r}")
 
 
-async def _setup(kernel: Kernel, pages: int) -> tuple[WorkloadResult, int]:
-    """The region, its untouched neighbour below, the result, the user vCPU."""
+async def _setup(
+    kernel: Kernel, pages: int, *, map_region: bool = True
+) -> tuple[WorkloadResult, int]:
+    """The region (unless the workload maps it as a phase), its untouched
+    neighbour, the result, the user vCPU."""
     if not 0 < pages <= MAX_MM_PAGES:
         raise ValueError(f"pages must be 1 to {MAX_MM_PAGES:,}")
     await kernel.mmap(PAGE_SIZE, _RW, _PRIVATE_ANON, addr=NEIGHBOUR_ADDR)
-    addr = await kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON, addr=REGION_ADDR)
-    if addr != REGION_ADDR:
-        raise WorkloadError(f"region landed at {addr:#x}, not {REGION_ADDR:#x}")
+    if map_region:
+        await _map_region(kernel, pages, 0)
     return WorkloadResult(kernel.mode, pages, unsafe=kernel.unsafe), min(
         1, kernel.machine.nr_vcpus - 1
     )
+
+
+async def _map_region(kernel: Kernel, pages: int, flags: int) -> None:
+    addr = await kernel.mmap(pages * PAGE_SIZE, _RW, _PRIVATE_ANON | flags, addr=REGION_ADDR)
+    if addr != REGION_ADDR:
+        raise WorkloadError(f"region landed at {addr:#x}, not {REGION_ADDR:#x}")
 
 
 async def run_munmap_workload(
@@ -182,6 +196,39 @@ async def run_mremap_workload(
     return result
 
 
+async def run_populate_workload(
+    kernel: Kernel, pages: int, *, on_step: Step = None
+) -> WorkloadResult:
+    """MAP_POPULATE, MADV_DONTNEED, MADV_POPULATE_WRITE, then user writes."""
+    result, vcpu = await _setup(kernel, pages, map_region=False)
+    length = pages * PAGE_SIZE
+
+    async def map_populate() -> None:
+        await _map_region(kernel, pages, MAP_POPULATE)
+
+    async def dontneed() -> None:
+        await kernel.madvise_dontneed(REGION_ADDR, length)
+
+    async def populate_write() -> None:
+        await kernel.madvise_populate(REGION_ADDR, length, write=True)
+
+    async def touch() -> None:
+        await kernel.run_user(vcpu, _pattern(REGION_ADDR, pages, 1))
+
+    faults = kernel.counters.page_faults
+    await measure(kernel, result, "map_populate", map_populate, on_step)
+    await measure(kernel, result, "dontneed", dontneed, on_step)
+    await measure(kernel, result, "populate_write", populate_write, on_step)
+    await measure(kernel, result, "touch", touch, on_step)
+    if on_step is not None:
+        on_step("check")
+    if kernel.counters.page_faults != faults:
+        raise WorkloadError("a populated page still faulted")
+    await _expect(kernel, vcpu, REGION_ADDR, pages, 1)
+    result.audit = await kernel.audit()
+    return result
+
+
 __all__ = [
     "MAX_MM_PAGES",
     "MM_PHASES",
@@ -189,6 +236,7 @@ __all__ = [
     "SKEW_PAGES",
     "aligned_destination",
     "run_dontneed_workload",
+    "run_populate_workload",
     "run_mremap_workload",
     "run_munmap_workload",
 ]

@@ -140,6 +140,7 @@ def ptes_changed(workload: str, phase: str, pages: int, loops: int = DEFAULT_LOO
         "munmap": {"populate": pages, "munmap": pages},
         "dontneed": {"populate": pages, "dontneed": pages, "refault": pages},
         "mremap": {"populate": pages, "mremap_pmd": 2 * (pages % 512), "mremap_ptes": 2 * pages},
+        "populate": {"map_populate": pages, "dontneed": pages, "populate_write": pages},
     }
     return per_phase.get(workload, {}).get(phase, 0)
 

@@ -54,6 +54,9 @@ HEADLINES: Final = {
     "munmap": Headline(("munmap",), "munmap", "costs"),
     "dontneed": Headline(("dontneed",), "MADV_DONTNEED", "costs"),
     "mremap": Headline(("mremap_pmd", "mremap_ptes"), "two mremap moves", "cost"),
+    "populate": Headline(
+        ("map_populate", "populate_write"), "MAP_POPULATE + MADV_POPULATE_WRITE", "cost"
+    ),
 }
 
 #: The epilog paragraph of ``pvemu run`` and ``pvemu guest``.
@@ -79,11 +82,14 @@ anonymous private pages (--pages):
   mremap    populate; mremap_pmd (moved to a 2 MiB-aligned address: each
             full 2 MiB as a whole PTE page, the rest PTE by PTE);
             mremap_ptes (moved back 7 pages off: every PTE one by one)
+  populate  map_populate (mmap with MAP_POPULATE: no user fault);
+            dontneed; populate_write (madvise(MADV_POPULATE_WRITE)); touch
+            (every page written from user space: no fault left)
 The process workloads need 2 vCPUs (syscalls on 0, user code on 1). Their
-headline, and that of munmap, dontneed and mremap (at most
+headline, and that of munmap, dontneed, mremap and populate (at most
 {MAX_MM_PAGES:,} pages), compares the mode-dependent phases (fork; exec;
-fork + exec + exit; munmap; dontneed; both moves) of the safe mode with the
-fewest traps against xen, Linux on Xen PV."""
+fork + exec + exit; munmap; dontneed; both moves; both populates) of the
+safe mode with the fewest traps against xen, Linux on Xen PV."""
 
 
 def progress_steps(workload: str, loops: int | None = None) -> int:

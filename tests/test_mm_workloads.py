@@ -19,6 +19,14 @@ only (2 hypercalls each: pmd_clear, then unpin + remap writable):
 
   move(e)      trap, ptwr: 2e + 1   xen: e + ⌈e/31⌉ + 1   batched: 3   naive: 2
 
+populate (no fault anywhere: the fault handler is called directly; the
+region's PMD page is new too, 2 more):
+
+  map_populate    trap, ptwr, xen: N + 2·P1 + 2   batched, naive: P1 + 2·P1 + 2
+  dontneed        as above
+  populate_write  trap, ptwr, xen: N (tables kept)   batched, naive: P1
+  touch           0
+
 (docs/architecture.md, "munmap and MADV_DONTNEED" and "mremap").
 """
 
@@ -39,6 +47,7 @@ from pvemu.guest.mm_workloads import (
     run_dontneed_workload,
     run_mremap_workload,
     run_munmap_workload,
+    run_populate_workload,
 )
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.guest.workload import WorkloadResult
@@ -50,6 +59,7 @@ RUNNERS = {
     "munmap": run_munmap_workload,
     "dontneed": run_dontneed_workload,
     "mremap": run_mremap_workload,
+    "populate": run_populate_workload,
 }
 
 
@@ -86,6 +96,13 @@ def expected_traps(workload: str, mode: str, n: int, per_flush: int = 31) -> dic
         return {"populate": populate, "munmap": clears + 1 + 2 * p1}
     if workload == "dontneed":
         return {"populate": populate, "dontneed": clears + 1, "refault": FAULT * n}
+    if workload == "populate":
+        return {
+            "map_populate": clears + 2 * p1 + 2,
+            "dontneed": clears + 1,
+            "populate_write": clears,
+            "touch": 0,
+        }
     full, rest = divmod(n, 512)
     pmd = 4 * full + (move(mode, rest, per_flush) + 2 + 3 if rest else 0)
     dst_pages = math.ceil((n + SKEW_PAGES) / 512)

@@ -279,7 +279,7 @@ def test_an_unknown_workload_is_refused_by_the_parser() -> None:
     assert done.returncode == EXIT_USAGE
     assert (
         "argument --workload: expected one of mprotect, fork, exec, forkexec, munmap, dontneed, "
-        "mremap, got 'spawn'" in done.stderr
+        "mremap, populate, got 'spawn'" in done.stderr
     )
 
 
