@@ -1,5 +1,6 @@
-"""The VMA layer against the real kernel: random mmap/munmap/mprotect/
-mremap/madvise sequences run in a child process on this machine's Linux
+"""The VMA layer against the real kernel: random mmap (MAP_FIXED over
+existing mappings too)/munmap/mprotect/mremap/madvise (MADV_FREE,
+MADV_DONTNEED) sequences run in a child process on this machine's Linux
 (``tests/linux_mm_child.py``, ctypes calls to libc) and on
 :class:`~pvemu.guest.vma.AddressSpace`; every call's result or errno and
 the VMA list of the window (start, end, permissions, offset, name: what
@@ -53,6 +54,7 @@ WINDOW_PAGES = 128
 SLOTS = 64
 MAP_NORESERVE = 0x4000
 MADV_FREE = 8
+MADV_DONTNEED = 4
 CHILD = os.path.join(os.path.dirname(__file__), "linux_mm_child.py")
 
 Op = list[Any]
@@ -138,6 +140,8 @@ def _model_call(space: AddressSpace, op: Op, file: FileBacking) -> list[Any]:
             space.munmap(BASE + off, length)
         elif kind == "mprotect":
             space.mprotect(BASE + off, length, arg)
+        elif arg == MADV_DONTNEED:
+            space.madvise_dontneed(BASE + off, length).raise_if_error()
         else:
             space.madvise_free(BASE + off, length).raise_if_error()
         return ["ok", 0]
@@ -219,6 +223,7 @@ _ops = st.one_of(
     _mremap_op(),
     _mremap_op(),
     st.builds(lambda o, n: ["madvise", o, n, MADV_FREE], _slot, _length),
+    st.builds(lambda o, n: ["madvise", o, n, MADV_DONTNEED], _slot, _length),
 )
 
 
