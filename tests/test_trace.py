@@ -625,7 +625,7 @@ async def test_mprotect_phase_matches_the_design_formula(mode: str, expected: in
 # --- the shipped traces ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["native", "xen"])
+@pytest.mark.parametrize("mode", ["native", "xen", "batched"])
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 async def test_shipped_trace_replays_cleanly(path: Path, mode: str) -> None:
     kernel = await native_kernel() if mode == "native" else await local_kernel(mode)
