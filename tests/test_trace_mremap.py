@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel
-from pvemu.guest.replay import replay_trace
+from pvemu.guest.replay import replay_trace, run_trace_workload
 from pvemu.guest.replay_result import TraceResult
 from pvemu.guest.vma import AddressSpace, MprotectError, MremapError
 from pvemu.shared.trace import (
@@ -43,7 +43,17 @@ from pvemu.shared.trace import (
     Munmap,
     Trace,
 )
-from tests.test_trace import ANON, BASE, PAGE, RW, local_kernel, native_kernel, trace_of, vma_at
+from tests.test_trace import (
+    ANON,
+    BASE,
+    PAGE,
+    RW,
+    TRACES,
+    local_kernel,
+    native_kernel,
+    trace_of,
+    vma_at,
+)
 
 MAYMOVE = MREMAP_MAYMOVE
 FIXED = MREMAP_MAYMOVE | MREMAP_FIXED
@@ -337,6 +347,20 @@ async def test_a_forked_child_moves_its_copy() -> None:
     parent, child = sorted(pid for pid in kernel.processes if pid != 1)
     assert [v[:3] for v in kernel.vmas(pid=parent)] == [(BASE, BASE + 16 * PAGE, PROT_READ)]
     assert [v[:3] for v in kernel.vmas(pid=child)] == [(new, new + 16 * PAGE, RW)]
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("trap", 1231), ("xen", 653), ("batched", 49)])
+async def test_python_json_mremap_phase_is_the_documented_one(mode: str, expected: int) -> None:
+    """docs/traces.md's table: 19 mremaps, 605 present PTEs moved; trap and
+    xen both take each with a trapped xchg, trap writes each with an
+    mmu_update, xen queues the writes (48 hypercalls in all)."""
+    result = await run_trace_workload(await local_kernel(mode), TRACES / "python-json.json")
+    assert isinstance(result, TraceResult)
+    assert result.replay_clean
+    counts = result.phases["mremap"].counts
+    assert counts.traps == expected
+    if mode != "batched":
+        assert counts.ptwr == 605  # the trapped xchgs
 
 
 # --- random traces from a reference address space ------------------------------------------
