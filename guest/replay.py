@@ -42,6 +42,7 @@ from pvemu.shared.trace import (
     MAP_SHARED,
     MAP_STACK,
     MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
@@ -301,6 +302,21 @@ class _Replay:
         for run in overlap:  # only if the map went stale: keep it consistent
             await self._munmap(event, run.start, run.end)
         self.space.map.remove(start, end)
+        hint = self._hint(start, end)
+        guest = await self._mmap(
+            event, length, prot & _PROT_ACCESS, flags, addr=hint, path=path, offset=offset
+        )
+        if guest is None:
+            return None
+        if guest != start:
+            self.result.relocated += 1
+        self.space.map.insert(start, end, guest, stack=stack)
+        return guest
+
+    def _hint(self, start: int, end: int) -> int | None:
+        """Where the original ``[start, end)`` should go in the guest: the
+        first free candidate of :meth:`_place` (None: the guest chooses)."""
+        length = end - start
         candidates: list[int] = []
         if self.relocation == "preserve":
             candidates.append(start)
@@ -311,16 +327,18 @@ class _Replay:
         if right is not None:
             candidates.append(right - length)
         vmas = self._vma_list()
-        hint = next((c for c in candidates if self._guest_free(c, c + length, vmas)), None)
-        guest = await self._mmap(
-            event, length, prot & _PROT_ACCESS, flags, addr=hint, path=path, offset=offset
-        )
-        if guest is None:
-            return None
-        if guest != start:
-            self.result.relocated += 1
-        self.space.map.insert(start, end, guest, stack=stack)
-        return guest
+        return next((c for c in candidates if self._guest_free(c, c + length, vmas)), None)
+
+    def _free_gap(self, length: int) -> int | None:
+        """The highest free guest range of ``length`` bytes below
+        ``TASK_SIZE`` (None if there is none): where a MREMAP_FIXED move goes
+        when no candidate of :meth:`_hint` is free."""
+        top = TASK_SIZE
+        for start, end, _, _ in reversed(self._vma_list()):
+            if top - end >= length:
+                return top - length
+            top = min(top, start)
+        return top - length if top - length >= MMAP_MIN_ADDR else None
 
     # --- population ------------------------------------------------------------------------
 
@@ -461,90 +479,155 @@ class _Replay:
                     await self._munmap(e, run.start, run.end)
             self.space.map.remove(new, old)
 
-    async def _discard(self, e: Event, start: int, end: int) -> None:
-        """Drop the pages of private anonymous memory: the kernel's
-        ``madvise(MADV_DONTNEED)`` (the zap and its flush; the VMA and the
-        page-table pages stay)."""
-        for s, t, _prot, flags in self._vma_pieces(start, end):
-            if flags & MAP_SHARED or not flags & MAP_ANONYMOUS:
-                self._untracked("madvise_shared")
-                continue
-            try:
-                await self.kernel.madvise_dontneed(s, t - s, pid=self.space.kpid)
-            except OSError as exc:
-                self._error(e, "madvise", exc)
-                continue
-            self._forget(s, t)
-
     async def on_madvise(self, e: Madvise) -> None:
+        """The kernel's own madvise on each guest run: MADV_FREE cleans the
+        pages (they stay, with their data: pvemu has no reclaim); every other
+        advice a trace keeps drops them with ``madvise_dontneed``
+        (MADV_DONTNEED_LOCKED is DONTNEED without mlock; MADV_REMOVE's zap,
+        approximated: docs/traces.md)."""
         runs, uncovered = self.space.map.runs(e.addr, e.addr + page_align(e.length))
         if uncovered:
             self._untracked("madvise")
-        if runs:
-            await self.meter.enter("madvise")
-            for run in runs:
-                await self._discard(e, run.start, run.end)
+        if not runs:
+            return
+        await self.meter.enter("madvise")
+        free = e.advice == "MADV_FREE"
+        advise = self.kernel.madvise_free if free else self.kernel.madvise_dontneed
+        for run in runs:
+            try:
+                await advise(run.start, run.length, pid=self.space.kpid)
+            except OSError as exc:  # the pieces before the failure are done
+                self._error(e, "madvise", exc)
+            if not free:
+                self._forget(run.start, run.end)
 
     async def on_mremap(self, e: Mremap) -> None:
+        """``Kernel.mremap`` on the guest image of the old range, which must
+        be one guest run (docs/traces.md, "mremap"). A range the original
+        moved goes where :meth:`_hint` says (asked for with MREMAP_FIXED,
+        which takes the same page-table steps as the guest's own choice of
+        that free range), a MREMAP_FIXED target over the program's own
+        mappings to their guest image (the kernel unmaps it); the map then
+        follows whatever address the guest returned."""
         old_start = e.addr
-        old_end = old_start + page_align(e.old_length)
-        new_len = page_align(e.length)
-        runs, _ = self.space.map.runs(old_start, max(old_end, old_start + PAGE_SIZE))
-        if not runs:
-            self._untracked("mremap")
+        old_len, new_len = page_align(e.old_length), page_align(e.length)
+        kept = min(old_len, new_len)
+        # What Linux needs mapped (check_prep_vma): the kept range to grow or
+        # move it, else only the first page (a shrunk tail is unmapped
+        # whatever is there, the same size is a no-op).
+        need = kept if new_len > old_len or e.flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) else 0
+        runs, uncovered = self.space.map.runs(old_start, old_start + max(need, PAGE_SIZE))
+        if not runs or uncovered:
+            self._untracked("mremap")  # (part of) memory the trace never mapped
             return
         await self.meter.enter("mremap")
-        pieces = self._vma_pieces(runs[0].start, runs[0].start + PAGE_SIZE)
-        if not pieces:
-            self._untracked("mremap")
+        if len(runs) > 1:
+            split = OSError(errno.EFAULT, "the old range is not one guest range: not replayed")
+            self._error(e, "mremap", split)
             return
-        _, _, prot, vflags = pieces[0]
-        flags = (MAP_SHARED if vflags & MAP_SHARED else MAP_PRIVATE) | MAP_ANONYMOUS
-        stack = runs[0].stack
-        if e.old_length and e.new_addr == old_start:  # resized in place
-            if new_len < old_end - old_start:
-                tail, _ = self.space.map.runs(old_start + new_len, old_end)
-                for run in tail:
-                    await self._munmap(e, run.start, run.end)
-                self.space.map.remove(old_start + new_len, old_end)
-            elif old_start + new_len > old_end:
-                grown = await self._place(e, old_end, old_start + new_len, prot, flags, stack=stack)
-                if grown is not None:
-                    await self._grant(grown, grown + (old_start + new_len - old_end), prot, stack)
+        source = runs[0].start
+        call_len = old_len
+        whole, holes = self.space.map.runs(old_start, old_start + old_len)
+        if new_len < old_len and (len(whole) > 1 or holes):
+            # The tail Linux unmaps (whatever is there) is not the guest
+            # image's tail: unmap its pieces, then mremap what is kept.
+            tail, _ = self.space.map.runs(old_start + kept, old_start + old_len)
+            for run in tail:
+                await self._munmap(e, run.start, run.end)
+            self.space.map.remove(old_start + kept, old_start + old_len)
+            call_len = kept
+        pieces = self._vma_pieces(source, source + PAGE_SIZE)
+        prot = pieces[0][2] if pieces else 0
+        moved = e.new_addr != old_start
+        dest_start, dest_end = e.new_addr, e.new_addr + new_len
+        flags, target = e.flags, None
+        if moved and e.flags & MREMAP_FIXED:
+            target = await self._fixed_target(e, dest_start, dest_end)
+            if target is None:
+                self._error(e, "mremap", OSError(errno.ENOMEM, "no free guest range"))
+                return
+        elif moved:
+            target = self._hint(dest_start, dest_end)
+            if target is not None and not e.flags & MREMAP_DONTUNMAP:
+                flags |= MREMAP_FIXED  # DONTUNMAP takes the address as a hint
+        try:
+            guest = await self.kernel.mremap(
+                source, call_len, new_len, flags, target, pid=self.space.kpid
+            )
+        except OSError as exc:
+            self._error(e, "mremap", exc)
+            self._resync()
             return
-        # Moved (or, with old_length 0, duplicated): a new mapping, the data
-        # copied page by page (user accesses), then the old range unmapped.
-        new_start = e.new_addr
-        guest = await self._place(e, new_start, new_start + new_len, prot, flags, stack=stack)
-        if guest is None:
+        self._follow(source, call_len, new_len, guest)
+        space = self.space
+        if moved:
+            if old_len and not e.flags & MREMAP_DONTUNMAP:
+                space.map.remove(old_start, old_start + old_len)
+        else:
+            space.map.remove(old_start, old_start + max(old_len, new_len))
+        space.map.remove(dest_start, dest_end)
+        space.map.insert(dest_start, dest_end, guest, stack=runs[0].stack)
+        if guest != dest_start and (moved or guest != source):
+            self.result.relocated += 1
+        if new_len > old_len:
+            await self._grant(guest + old_len, guest + new_len, prot, runs[0].stack)
+
+    async def _fixed_target(self, e: Mremap, start: int, end: int) -> int | None:
+        """The guest address for a MREMAP_FIXED move to the original
+        ``[start, end)``: the guest image of the program's mapping there if
+        it is one guest run (the kernel's mremap unmaps it, as Linux does);
+        else the covered pieces are unmapped first and the range is placed
+        afresh (a free candidate, else the highest free guest range)."""
+        runs, uncovered = self.space.map.runs(start, end)
+        if len(runs) == 1 and not uncovered:
+            return runs[0].start
+        for run in runs:
+            await self._munmap(e, run.start, run.end)
+        self.space.map.remove(start, end)
+        hint = self._hint(start, end)
+        return hint if hint is not None else self._free_gap(end - start)
+
+    def _follow(self, source: int, old_len: int, new_len: int, guest: int) -> None:
+        """The populated pages after the guest's mremap of ``[source, source
+        + old_len)`` to ``guest``: the kept ones now live at the new address
+        (the PTEs moved, with their frames), a shrunk tail and whatever a
+        MREMAP_FIXED destination held are gone. Insertion order (which pages
+        were populated last) is kept."""
+        if guest == source:
+            self._forget(source + new_len, source + old_len)
             return
-        copy = min(old_end - old_start, new_len)
-        accesses: list[tuple[int, str, bytes | int]] = []
-        written: dict[int, int] = {}
-        for off in range(0, copy if prot & _PROT_ACCESS else 0, PAGE_SIZE):
-            src = self.space.map.translate(old_start + off)
-            if src is None or src not in self.space.touched:
-                continue
-            if prot & PROT_WRITE:  # the copy a realloc would make
-                byte = self.space.touched[src]
-                accesses += [(src, "r", 1), (guest + off, "w", bytes([byte]))]
-                written[guest + off] = byte
-            else:  # read-only memory cannot be copied into: just populate it
-                accesses.append((guest + off, "r", 1))
-        if accesses:
-            await self.meter.enter("touch")
-            await self._user(accesses, written)
-            await self.meter.enter("mremap")
-        if e.old_length:
-            if e.flags & MREMAP_DONTUNMAP:
-                for run in runs:
-                    await self._discard(e, run.start, run.end)
-            else:
-                for run in runs:
-                    await self._munmap(e, run.start, run.end)
-                self.space.map.remove(old_start, old_end)
-        if new_len > copy:
-            await self._grant(guest + copy, guest + new_len, prot, stack)
+        kept, shift = min(old_len, new_len), guest - source
+        self.space.touched = {
+            (va + shift if source <= va < source + kept else va): data
+            for va, data in self.space.touched.items()
+            if not (guest <= va < guest + new_len or source + kept <= va < source + old_len)
+        }
+
+    def _resync(self) -> None:
+        """After a failed mremap (which may have done part of its work, as
+        Linux's does): drop the map's segments and the populated pages the
+        guest no longer maps, so later events stay consistent."""
+        vmas = self._vma_list()
+        starts = [v[0] for v in vmas]
+
+        def mapped(va: int) -> bool:
+            i = bisect_right(starts, va) - 1
+            return i >= 0 and vmas[i][1] > va
+
+        for seg in self.space.map.segments():
+            at, end = seg.guest, seg.guest + (seg.end - seg.start)
+            holes: list[tuple[int, int]] = []
+            for vs, ve, _, _ in vmas:
+                if ve <= at or vs >= end:
+                    continue
+                if vs > at:
+                    holes.append((at, vs))
+                at = max(at, ve)
+            if at < end:
+                holes.append((at, end))
+            for lo, hi in holes:
+                self.space.map.remove(seg.start + (lo - seg.guest), seg.start + (hi - seg.guest))
+        self.space.touched = {va: b for va, b in self.space.touched.items() if mapped(va)}
 
     async def on_exec(self, e: Exec) -> None:
         """A new program (schema 1): its address space starts empty."""
