@@ -921,16 +921,20 @@ class Kernel:
             lazy = backend.batches_populate and bool(missing)
             if lazy:
                 await backend.lazy_enter()
-            for offset in missing:
-                va = start + (offset << PAGE_SHIFT)
-                ptep = maddr_of_entry(l1, first + offset)
-                await self._install(vma, va, ptep, int(window[offset]), write, backend)
-                if write:
-                    self._mark_written(vma, va)
-            if lazy:
-                await backend.lazy_leave()
-            self.counters.populated += len(missing)
-            backend.note_unlock(l1)
+            try:
+                for offset in missing:
+                    va = start + (offset << PAGE_SHIFT)
+                    ptep = maddr_of_entry(l1, first + offset)
+                    await self._install(vma, va, ptep, int(window[offset]), write, backend)
+                    if write:
+                        self._mark_written(vma, va)
+                    self.counters.populated += 1
+            finally:
+                # out of frames mid-way: what was queued is still sent, and
+                # the section closed, so the next call starts clean
+                if lazy:
+                    await backend.lazy_leave()
+                backend.note_unlock(l1)
 
     def _mark_written(self, vma: Vma, va: int) -> None:
         """GUP's FOLL_WRITE touch of a shared file page: the page is dirty

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import errno
 import mmap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from pvemu.guest.kernel import Kernel, SegmentationFault, boot, kernel_for
+from pvemu.guest.kernel import Kernel, SegmentationFault, kernel_for
 from pvemu.guest.modes import MODE_NAMES
 from pvemu.guest.process import INIT_PID
 from pvemu.guest.tlb import flush_cost
@@ -44,6 +43,7 @@ from pvemu.guest.vma_tree import (
 from pvemu.hypervisor import Hypervisor
 from pvemu.shared.x86 import PAGE_SIZE
 from tests.loopback import loopback_domain
+from tests.test_zap import make_kernel, traps
 
 P = PAGE_SIZE
 RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -53,23 +53,7 @@ BASE = 0x4000_0000
 #: One page in the same 1 GiB as BASE, far from it: keeps the PMD page alive.
 GUARD = BASE + (256 << 20)
 PER_PTE = ("trap", "ptwr", "xen")
-SIZES = [1, 31, 512, 513]
-
-
-async def make_kernel(mode: str, memory_mib: int = 24) -> AsyncIterator[Kernel]:
-    if mode == "native":
-        async with boot(mode="native", memory_mib=memory_mib) as kernel:
-            yield kernel
-        return
-    hv = Hypervisor(memory_mib + 16)
-    yield kernel_for(await loopback_domain(hv, memory_mib=memory_mib, vcpus=2), mode)
-
-
-async def traps(kernel: Kernel) -> int:
-    stats = await kernel.stats()
-    counted = int(stats["hypervisor"]["total"]["traps"])
-    assert counted == stats["guest"]["total"]["traps"]
-    return counted
+SIZES = [1, 512, 513]
 
 
 def pte_pages(off: int, n: int) -> int:
@@ -99,9 +83,13 @@ def counters(kernel: Kernel) -> tuple[int, int]:
     return kernel.counters.page_faults, kernel.counters.populated
 
 
+#: (offset in pages, spawned process): aligned in the booted process,
+#: unaligned in a spawned one (its L3 and L2 are new too).
+PLACES = [(0, False), (100, True)]
+
+
 @pytest.mark.parametrize("how", ["map_populate", "populate_write", "populate_read", "mlock"])
-@pytest.mark.parametrize("spawned", [False, True], ids=["booted", "spawned"])
-@pytest.mark.parametrize("off", [0, 100], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize(("off", "spawned"), PLACES, ids=["aligned-booted", "unaligned-spawned"])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("mode", MODE_NAMES)
 async def test_populate_counts(mode: str, n: int, off: int, spawned: bool, how: str) -> None:
@@ -470,3 +458,16 @@ async def test_mprotect_write_populates_a_locked_private_vma(mode: str) -> None:
         await kernel.write(GUARD, b"w" * (n * P), vcpu=1)
         assert (kernel.counters.page_faults, kernel.counters.cow_copies) == (n, 2 * n)
         assert await kernel.audit() == []
+
+
+async def test_running_out_of_frames_mid_populate_leaves_the_kernel_usable() -> None:
+    """A batched populate that runs out of frames half way still sends what
+    it queued and closes its lazy section: the next call works (it used to
+    fail with a nesting KernelBug) and audit() is clean."""
+    hv = Hypervisor(24)
+    kernel = kernel_for(await loopback_domain(hv, memory_mib=4, vcpus=2), "batched")
+    flags = ANON | MAP_POPULATE
+    with pytest.raises(MemoryError):
+        await kernel.mmap(2048 * P, RW, flags, addr=BASE)
+    await kernel.munmap(BASE, 2048 * P)
+    assert await kernel.audit() == []

@@ -1027,7 +1027,7 @@ class VmaMachine(RuleBasedStateMachine):
 
 
 VmaMachine.TestCase.settings = settings(
-    max_examples=250,
+    max_examples=120,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

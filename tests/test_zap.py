@@ -52,7 +52,7 @@ BASE = 0x4000_0000
 #: One page in the same 1 GiB as BASE, far from it: keeps the PMD page alive.
 GUARD = BASE + (256 << 20)
 PER_PTE = ("trap", "ptwr", "xen")
-SIZES = [1, 33, 34, 512, 513, 1100]
+SIZES = [1, 33, 34, 513]
 
 
 async def make_kernel(mode: str, memory_mib: int = 24) -> AsyncIterator[Kernel]:
