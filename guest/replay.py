@@ -38,6 +38,9 @@ from pvemu.shared.trace import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_GROWSDOWN,
+    MAP_LOCKED,
+    MAP_NONBLOCK,
+    MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
     MAP_STACK,
@@ -99,6 +102,8 @@ _SYSCALL_VCPU: Final = 0
 #: parent's progress bar moves inside a long trace, not only between modes.
 PROGRESS_STEPS: Final = 20
 _PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
+#: The mmap flags a replay keeps: the kernel populates (and locks) with them.
+_POPULATE_FLAGS: Final = MAP_POPULATE | MAP_NONBLOCK | MAP_LOCKED
 
 
 @dataclass(eq=False)
@@ -264,7 +269,10 @@ class _Replay:
         """Guest mmap flags, file and offset for an original mapping: a
         private file mapping becomes anonymous (its cost is the same: the
         page is filled from a file of zeros); a shared one maps a scratch
-        file of zeros, so write-notify and writeback stay as Linux has them."""
+        file of zeros, so write-notify and writeback stay as Linux has them.
+        MAP_POPULATE (with MAP_NONBLOCK) and MAP_LOCKED are kept: the kernel
+        populates with them."""
+        keep = event.flags & _POPULATE_FLAGS
         if event.shared and not event.anonymous:
             key = event.path or f"fd{event.fd}"
             scratch = self.files.get(key)
@@ -276,9 +284,9 @@ class _Replay:
             size = event.offset + page_align(event.length)
             if os.path.getsize(scratch) < size:
                 os.truncate(scratch, size)
-            return MAP_SHARED, scratch, event.offset
+            return MAP_SHARED | keep, scratch, event.offset
         mtype = MAP_SHARED if event.shared else MAP_PRIVATE
-        return mtype | MAP_ANONYMOUS, None, 0
+        return mtype | MAP_ANONYMOUS | keep, None, 0
 
     async def _place(
         self,
@@ -341,6 +349,19 @@ class _Replay:
         return top - length if top - length >= MMAP_MIN_ADDR else None
 
     # --- population ------------------------------------------------------------------------
+
+    def _populated(self, start: int, end: int) -> None:
+        """The kernel populated the accessible pages of ``[start, end)``
+        (MAP_POPULATE, MAP_LOCKED, MADV_POPULATE_*, mlock): they are resident
+        now, holding zeros unless the replay wrote them before, so
+        touch-on-grant leaves them alone and ``verify`` reads them back. A
+        page the kernel could not populate (a failed call) reads zeros too."""
+        touched = self.space.touched
+        for vs, ve, prot, _ in self._vma_pieces(start, end):
+            if prot & _PROT_ACCESS:
+                for va in range(vs, ve, PAGE_SIZE):
+                    touched.setdefault(va, 0)
+        self.result.peak_resident = max(self.result.peak_resident, self._resident())
 
     async def _grant(self, start: int, end: int, prot: int, stack: bool) -> None:
         """Touch-on-grant: up to ``touch_limit`` untouched pages of a range
@@ -428,8 +449,11 @@ class _Replay:
             guest = await self._place(
                 e, start, end, e.prot, flags, path=path, offset=offset, stack=stack
             )
-        if guest is not None:
-            await self._grant(guest, guest + (end - start), e.prot, stack)
+        if guest is None:
+            return
+        if flags & MAP_LOCKED or flags & (MAP_POPULATE | MAP_NONBLOCK) == MAP_POPULATE:
+            self._populated(guest, guest + (end - start))
+        await self._grant(guest, guest + (end - start), e.prot, stack)
 
     async def on_mprotect(self, e: Mprotect) -> None:
         start, end = e.addr, e.addr + page_align(e.length)
