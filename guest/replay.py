@@ -46,6 +46,7 @@ from pvemu.shared.trace import (
     MAP_STACK,
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
+    POPULATE_ADVICES,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
@@ -56,9 +57,11 @@ from pvemu.shared.trace import (
     Exit,
     Fork,
     Madvise,
+    Mlock,
     Mmap,
     Mprotect,
     Mremap,
+    Munlock,
     Munmap,
     Trace,
     Vfork,
@@ -504,17 +507,29 @@ class _Replay:
             self.space.map.remove(new, old)
 
     async def on_madvise(self, e: Madvise) -> None:
-        """The kernel's own madvise on each guest run: MADV_FREE cleans the
-        pages (they stay, with their data: pvemu has no reclaim); every other
-        advice a trace keeps drops them with ``madvise_dontneed``
-        (MADV_DONTNEED_LOCKED is DONTNEED without mlock; MADV_REMOVE's zap,
-        approximated: docs/traces.md)."""
+        """The kernel's own madvise on each guest run: MADV_POPULATE_READ and
+        MADV_POPULATE_WRITE populate the pages (``madvise_populate``: they
+        are resident then); MADV_FREE cleans them (they stay, with their
+        data: pvemu has no reclaim); every other advice a trace keeps drops
+        them with ``madvise_dontneed`` (MADV_DONTNEED_LOCKED is DONTNEED
+        without mlock; MADV_REMOVE's zap, approximated: docs/traces.md)."""
         runs, uncovered = self.space.map.runs(e.addr, e.addr + page_align(e.length))
         if uncovered:
             self._untracked("madvise")
         if not runs:
             return
         await self.meter.enter("madvise")
+        if e.advice in POPULATE_ADVICES:
+            write = e.advice == "MADV_POPULATE_WRITE"
+            for run in runs:
+                try:
+                    await self.kernel.madvise_populate(
+                        run.start, run.length, write=write, pid=self.space.kpid
+                    )
+                except OSError as exc:  # the pages before the failure are populated
+                    self._error(e, "madvise", exc)
+                self._populated(run.start, run.end)
+            return
         free = e.advice == "MADV_FREE"
         advise = self.kernel.madvise_free if free else self.kernel.madvise_dontneed
         for run in runs:
@@ -524,6 +539,28 @@ class _Replay:
                 self._error(e, "madvise", exc)
             if not free:
                 self._forget(run.start, run.end)
+
+    async def on_mlock(self, e: Mlock | Munlock) -> None:
+        """``Kernel.mlock`` (which populates: the pages are resident then) or
+        ``Kernel.munlock`` on each guest run of the range (the address
+        rounded down, as Linux does)."""
+        start = e.addr - e.addr % PAGE_SIZE
+        runs, uncovered = self.space.map.runs(start, page_align(e.addr + e.length))
+        if uncovered:
+            self._untracked(e.OP)
+        if not runs:
+            return
+        await self.meter.enter("mlock")
+        for run in runs:
+            try:
+                if isinstance(e, Mlock):
+                    await self.kernel.mlock(run.start, run.length, pid=self.space.kpid)
+                else:
+                    await self.kernel.munlock(run.start, run.length, pid=self.space.kpid)
+            except OSError as exc:
+                self._error(e, e.OP, exc)
+            if isinstance(e, Mlock):
+                self._populated(run.start, run.end)
 
     async def on_mremap(self, e: Mremap) -> None:
         """``Kernel.mremap`` on the guest image of the old range, which must
@@ -796,6 +833,8 @@ class _Replay:
                 await self.on_brk(event)
             case Madvise():
                 await self.on_madvise(event)
+            case Mlock() | Munlock():
+                await self.on_mlock(event)
             case Exec() if self.trace.has_processes:
                 await self.on_process_exec(event)
             case Exec():

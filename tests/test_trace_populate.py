@@ -14,22 +14,34 @@ L2 and L1 tables under it): T = 3.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pvemu.guest.kernel import Kernel
 from pvemu.guest.replay import replay_trace
-from pvemu.guest.replay_result import TraceResult
+from pvemu.guest.replay_result import REPLAY_PHASES, TraceResult
+from pvemu.scripts.strace import parse_strace
 from pvemu.shared.trace import (
     MAP_LOCKED,
     MAP_NONBLOCK,
     MAP_POPULATE,
     PROT_READ,
     Event,
+    Exec,
+    Madvise,
+    Mlock,
     Mmap,
+    Mprotect,
+    Munlock,
+    Trace,
+    TraceError,
+    load_trace,
+    save_trace,
+    trace_from_json,
 )
-from tests.test_trace import ANON, BASE, PAGE, RW, local_kernel, trace_of
+from tests.test_trace import ANON, BASE, PAGE, PROT_NONE, RW, local_kernel, trace_of
 
 MODES = ("trap", "xen", "batched")
 #: Page-table pages a first populate at BASE builds.
@@ -86,3 +98,201 @@ async def test_a_populated_read_only_mapping_reads_back_zeros(mode: str) -> None
     assert traps(result, "mmap") == populate_traps(mode, 2, TABLES)
     assert result.pages == 0
     assert await kernel.read(BASE, 1) == b"\0"
+
+
+# --- MADV_POPULATE_READ / MADV_POPULATE_WRITE --------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("advice", ["MADV_POPULATE_READ", "MADV_POPULATE_WRITE"])
+async def test_madvise_populate_populates_in_the_madvise_phase(mode: str, advice: str) -> None:
+    """A PROT_NONE reservation (nothing granted), made RW by mprotect with
+    touch-on-grant off, then populated: the madvise phase builds the tables
+    and installs the 6 pages; a replay touch afterwards would fault on none."""
+    kernel, result = await replay(
+        mode,
+        Mmap(1, BASE, 8 * PAGE, PROT_NONE, ANON),
+        Mprotect(1, BASE, 8 * PAGE, RW),
+        Madvise(1, BASE + PAGE, 6 * PAGE, advice),
+        touch_limit=0,
+    )
+    assert traps(result, "madvise") == populate_traps(mode, 6, TABLES)
+    assert result.phases["madvise"].counts.page_faults == 0
+    assert result.pages == 0
+    assert result.peak_resident == 6
+    assert kernel.counters.populated == 6
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_populated_pages_take_no_fault_when_touch_on_grant_reaches_them(mode: str) -> None:
+    """8 pages touched, 4 dropped, 2 of those populated again; a PROT_NONE
+    round trip then grants the range: touch-on-grant touches only the 2
+    pages nothing populated (2 faults), the populated ones are resident."""
+    _, result = await replay(
+        mode,
+        Mmap(1, BASE, 8 * PAGE, RW, ANON),
+        Madvise(1, BASE, 4 * PAGE, "MADV_DONTNEED"),
+        Madvise(1, BASE, 2 * PAGE, "MADV_POPULATE_WRITE"),
+        Mprotect(1, BASE, 8 * PAGE, PROT_NONE),
+        Mprotect(1, BASE, 8 * PAGE, RW),
+        touch_limit=8,
+    )
+    assert result.pages == 8 + 2
+    assert result.phases["madvise"].counts.page_faults == 0
+    assert result.phases["touch"].counts.page_faults == 8 + 2
+    assert result.peak_resident == 8
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_madvise_populate_write_after_touches_costs_only_the_missing_pages(
+    mode: str,
+) -> None:
+    """touch-on-grant populated 2 of 8 pages (written): MADV_POPULATE_WRITE
+    installs the other 6 in the same PTE page (no table built), and the 2
+    written bytes read back (verify)."""
+    _, result = await replay(
+        mode,
+        Mmap(1, BASE, 8 * PAGE, RW, ANON),
+        Madvise(1, BASE, 8 * PAGE, "MADV_POPULATE_WRITE"),
+        touch_limit=2,
+    )
+    assert result.pages == 2
+    assert traps(result, "madvise") == populate_traps(mode, 6)
+    assert result.peak_resident == 8
+
+
+# --- mlock and munlock ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_mlock_populates_in_the_mlock_phase_and_munlock_costs_nothing(mode: str) -> None:
+    kernel, result = await replay(
+        mode,
+        Mmap(1, BASE, 8 * PAGE, RW, ANON),
+        Mlock(1, BASE + 2 * PAGE + 5, 3 * PAGE),  # rounded down: pages 2..5
+        Munlock(1, BASE, 8 * PAGE),
+        touch_limit=0,
+    )
+    assert traps(result, "mlock") == populate_traps(mode, 4, TABLES)
+    assert result.phases["mlock"].counts.page_faults == 0
+    assert result.replayed["mlock"] == result.replayed["munlock"] == 1
+    assert result.peak_resident == 4
+    assert [v[:3] for v in kernel.vmas()] == [(BASE, BASE + 8 * PAGE, RW)]  # merged again
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_mlock_of_a_populated_range_costs_nothing(mode: str) -> None:
+    _, result = await replay(
+        mode,
+        Mmap(1, BASE, 4 * PAGE, RW, ANON | MAP_POPULATE),
+        Mlock(1, BASE, 4 * PAGE),
+    )
+    assert traps(result, "mmap") == populate_traps(mode, 4, TABLES)
+    assert traps(result, "mlock") == 0
+    assert traps(result, "touch") == 0
+
+
+async def test_mlock_of_memory_the_trace_never_mapped_is_untracked() -> None:
+    _, result = await replay("xen", Mlock(1, BASE, PAGE), Munlock(1, BASE, PAGE))
+    assert result.untracked == {"mlock": 1, "munlock": 1}
+    assert traps(result, "mlock") == 0
+
+
+async def test_the_mlock_phase_is_reported_before_touch() -> None:
+    _, result = await replay("xen", Mmap(1, BASE, PAGE, RW, ANON))
+    assert list(result.phases) == list(REPLAY_PHASES)
+    assert REPLAY_PHASES.index("mlock") == REPLAY_PHASES.index("touch") - 1
+
+
+# --- recording and the format -----------------------------------------------------------
+
+STRACE = """\
+execve("/usr/bin/prog", ["prog"], 0x7ffd3b1c2e80 /* 30 vars */) = 0
+mmap(NULL, 65536, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_POPULATE, -1, 0) \
+= 0x7f1234560000
+madvise(0x7f1234560000, 8192, MADV_POPULATE_WRITE) = 0
+madvise(0x7f1234562000, 8192, MADV_POPULATE_READ) = 0
+madvise(0x7f1234562000, 8192, MADV_WILLNEED) = 0
+mlock(0x7f1234564010, 4096)             = 0
+mlock2(0x7f1234566000, 4096, 0)         = 0
+mlock2(0x7f1234567000, 4096, MLOCK_ONFAULT) = 0
+munlock(0x7f1234564000, 8192)           = 0
+mlock(0x7f1234568000, 4096)             = -1 ENOMEM (Cannot allocate memory)
+"""
+
+
+def test_the_parser_keeps_populating_madvise_mlock_and_munlock() -> None:
+    trace = parse_strace(STRACE)
+    base = 0x7F1234560000
+    assert trace.events == [
+        Exec(1, "/usr/bin/prog"),
+        Mmap(1, base, 65536, RW, ANON | MAP_POPULATE),
+        Madvise(1, base, 8192, "MADV_POPULATE_WRITE"),
+        Madvise(1, base + 0x2000, 8192, "MADV_POPULATE_READ"),
+        Mlock(1, base + 0x4010, 4096),
+        Mlock(1, base + 0x6000, 4096),
+        Munlock(1, base + 0x4000, 8192),
+    ]
+    assert trace.stats["ignored_madvise"] == 1
+    assert trace.stats["ignored_mlock2_onfault"] == 1
+    assert trace.stats["failed"] == 1
+    assert trace.counts()["mlock"] == 2
+    assert trace.counts()["munlock"] == 1
+
+
+def test_the_new_events_round_trip_through_a_file(tmp_path: Path) -> None:
+    trace = parse_strace(STRACE, command=["prog"])
+    path = tmp_path / "t.json"
+    save_trace(trace, path)
+    assert load_trace(path).events == trace.events
+    text = path.read_text()
+    assert '{"op":"mlock","pid":1,"addr":"0x7f1234564010","length":4096}' in text
+    assert '"advice":"MADV_POPULATE_WRITE"' in text
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_older_traces_without_the_new_ops_still_load(schema: int) -> None:
+    doc = {
+        "schema": schema,
+        "command": [],
+        "recorded_with": "",
+        "events": [
+            {"op": "madvise", "pid": 1, "addr": "0x1000", "length": 4096, "advice": "MADV_DONTNEED"}
+        ],
+    }
+    assert trace_from_json(doc).counts()["madvise"] == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        (
+            {"op": "madvise", "pid": 1, "addr": "0x1000", "length": 1, "advice": "MADV_WILLNEED"},
+            "neither a discard nor a populate",
+        ),
+        ({"op": "mlock", "pid": 1, "addr": "0x1000"}, "missing"),
+        ({"op": "munlock", "pid": 1, "addr": "0x1000", "length": -1}, "negative"),
+        ({"op": "mlock", "pid": 1, "addr": "0x1000", "length": 1, "flags": 1}, "unknown fields"),
+    ],
+)
+def test_malformed_new_events_raise(event: dict[str, Any], message: str) -> None:
+    doc = {"schema": 2, "command": [], "recorded_with": "", "events": [event]}
+    with pytest.raises(TraceError, match=message):
+        trace_from_json(doc)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_parsed_trace_replays_its_populates_through_the_kernel(mode: str) -> None:
+    """The strace text above, replayed: the MAP_POPULATE mmap populates all
+    16 pages (one PTE page, 3 tables), so the populate advice and the mlocks
+    find every page present (no cost) and nothing is touched."""
+    trace = parse_strace(STRACE, command=["prog"])
+    kernel = await local_kernel(mode)
+    result = await replay_trace(kernel, trace)
+    assert result.replay_clean, result.error_samples
+    assert result.audit_clean
+    assert traps(result, "mmap") == populate_traps(mode, 16, TABLES)
+    assert traps(result, "madvise") == traps(result, "mlock") == traps(result, "touch") == 0
+    assert result.pages == 0
+    assert result.replayed["mlock"] == 2
+    assert isinstance(trace, Trace)
