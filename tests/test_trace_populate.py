@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pvemu.guest.kernel import Kernel
 from pvemu.guest.replay import replay_trace
 from pvemu.guest.replay_result import REPLAY_PHASES, TraceResult
+from pvemu.guest.vma import AddressSpace
 from pvemu.scripts.strace import parse_strace
 from pvemu.shared.trace import (
     MAP_LOCKED,
@@ -35,6 +38,7 @@ from pvemu.shared.trace import (
     Mmap,
     Mprotect,
     Munlock,
+    Munmap,
     Trace,
     TraceError,
     load_trace,
@@ -296,3 +300,95 @@ async def test_a_parsed_trace_replays_its_populates_through_the_kernel(mode: str
     assert result.pages == 0
     assert result.replayed["mlock"] == 2
     assert isinstance(trace, Trace)
+
+
+# --- random traces from a reference address space ------------------------------------------
+
+_SLOTS = 48  # pages of the window the random calls act in (crosses a PTE page)
+_WINDOW = BASE + (1 << 21) - 16 * PAGE
+_n = st.integers(0, _SLOTS - 1)
+_len = st.integers(1, 8)
+_flags = st.sampled_from([0, MAP_POPULATE, MAP_LOCKED, MAP_POPULATE | MAP_NONBLOCK])
+_op = st.one_of(
+    st.tuples(st.just("mmap"), _n, _len, st.sampled_from([PROT_NONE, PROT_READ, RW]), _flags),
+    st.tuples(st.just("munmap"), _n, _len),
+    st.tuples(st.just("mprotect"), _n, _len, st.sampled_from([PROT_NONE, PROT_READ, RW])),
+    st.tuples(
+        st.just("madvise"),
+        _n,
+        _len,
+        st.sampled_from(["MADV_DONTNEED", "MADV_POPULATE_READ", "MADV_POPULATE_WRITE"]),
+    ),
+    st.tuples(st.just("mlock"), _n, _len),
+    st.tuples(st.just("munlock"), _n, _len),
+)
+
+
+def _covered(mm: AddressSpace, addr: int, size: int, *, accessible: bool) -> bool:
+    """Whether VMAs cover ``[addr, addr + size)`` without a hole (and, if
+    ``accessible``, none of them PROT_NONE)."""
+    at = addr
+    for v in mm.vmas():
+        if v.end <= at or v.start >= addr + size:
+            continue
+        if v.start > at or (accessible and not v.prot):
+            return False
+        at = v.end
+    return at >= addr + size
+
+
+def record(ops: list[tuple[Any, ...]]) -> tuple[list[Event], AddressSpace]:
+    """The trace a program making ``ops`` in the window would leave: only
+    calls that succeed in a Linux address space without a partial effect
+    (the reference ``AddressSpace``), as strace shows successful calls."""
+    mm = AddressSpace()
+    events: list[Event] = []
+    for op, slot, length, *rest in ops:
+        addr, size = _WINDOW + slot * PAGE, length * PAGE
+        if op == "mmap":
+            prot, flags = rest
+            got = mm.do_mmap(size, prot, ANON | flags, addr=addr).addr
+            events.append(Mmap(1, got, size, prot, ANON | flags, addr))
+        elif op == "munmap":
+            mm.munmap(addr, size)
+            events.append(Munmap(1, addr, size))
+        elif not _covered(mm, addr, size, accessible=op in ("mlock", "madvise")):
+            continue  # it would fail (ENOMEM) after a partial effect, or skip a hole
+        elif op == "mprotect":
+            mm.mprotect(addr, size, rest[0])
+            events.append(Mprotect(1, addr, size, rest[0]))
+        elif op == "madvise":
+            advice = rest[0]
+            if advice == "MADV_DONTNEED":
+                if any(v.locked for v in mm.vmas() if v.end > addr and v.start < addr + size):
+                    continue  # EINVAL on locked memory
+                mm.madvise_dontneed(addr, size).raise_if_error()
+            else:
+                write = advice == "MADV_POPULATE_WRITE"
+                mm.madvise_populate(addr, size, write=write).raise_if_error()
+            events.append(Madvise(1, addr, size, advice))
+        else:
+            mm.mlock(addr, size, lock=op == "mlock").raise_if_error()
+            events.append((Mlock if op == "mlock" else Munlock)(1, addr, size))
+    return events, mm
+
+
+@pytest.mark.parametrize("mode", ["xen", "batched"])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(ops=st.lists(_op, min_size=1, max_size=12))
+async def test_random_populating_traces_replay_cleanly(
+    mode: str, ops: list[tuple[Any, ...]]
+) -> None:
+    """Every call succeeds in the guest as it did for the program, the
+    guest's VMAs end up the program's, every page the replay counts as
+    resident reads back what it holds (verify()), and audit() is clean
+    (``replay`` checks the last two)."""
+    events, mm = record(ops)
+    kernel, result = await replay(mode, *events)
+    assert result.errors == 0
+    assert [v[:3] for v in kernel.vmas()] == [(v.start, v.end, v.prot) for v in mm.vmas()]
+    assert result.phases["touch"].counts.page_faults == result.pages
