@@ -192,6 +192,25 @@ class _Replay:
                 }
             )
 
+    def _room(self, event: Event, what: str, pages: int) -> bool:
+        """Whether the guest has the frames for a populate of up to
+        ``pages`` pages (with its page tables). If not, the call is an error
+        (ENOMEM) and the replay stops populating: the guest kernel does not
+        recover from running out of frames inside a populate."""
+        need = pages + pages // 512 + 8
+        if not self.out_of_memory and need <= self.kernel.free_frame_count():
+            return True
+        self.out_of_memory = True
+        self._error(event, what, OSError(errno.ENOMEM, f"no frames to populate {pages} pages"))
+        return False
+
+    def _accessible_pages(self, start: int, end: int) -> int:
+        return sum(
+            (ve - vs) // PAGE_SIZE
+            for vs, ve, prot, _ in self._vma_pieces(start, end)
+            if prot & _PROT_ACCESS
+        )
+
     def _untracked(self, op: str) -> None:
         self.result.untracked[op] = self.result.untracked.get(op, 0) + 1
 
@@ -358,7 +377,10 @@ class _Replay:
         (MAP_POPULATE, MAP_LOCKED, MADV_POPULATE_*, mlock): they are resident
         now, holding zeros unless the replay wrote them before, so
         touch-on-grant leaves them alone and ``verify`` reads them back. A
-        page the kernel could not populate (a failed call) reads zeros too."""
+        page the kernel could not populate (a failed call) reads zeros too;
+        once the guest is out of frames nothing is recorded."""
+        if self.out_of_memory:
+            return
         touched = self.space.touched
         for vs, ve, prot, _ in self._vma_pieces(start, end):
             if prot & _PROT_ACCESS:
@@ -431,6 +453,13 @@ class _Replay:
         flags, path, offset = self._guest_flags(e)
         stack = bool(e.flags & (MAP_STACK | MAP_GROWSDOWN))
         await self.meter.enter("mmap")
+        populates = (
+            bool(flags & MAP_LOCKED) or flags & (MAP_NONBLOCK | MAP_POPULATE) == MAP_POPULATE
+        )
+        pages = (end - start) // PAGE_SIZE
+        if populates and e.prot & _PROT_ACCESS and not self._room(e, "mmap", pages):
+            flags &= ~_POPULATE_FLAGS  # mapped, not populated
+            populates = False
         guest: int | None = None
         if e.flags & MAP_FIXED:
             runs, uncovered = self.space.map.runs(start, end)
@@ -454,7 +483,7 @@ class _Replay:
             )
         if guest is None:
             return
-        if flags & MAP_LOCKED or flags & (MAP_POPULATE | MAP_NONBLOCK) == MAP_POPULATE:
+        if populates:
             self._populated(guest, guest + (end - start))
         await self._grant(guest, guest + (end - start), e.prot, stack)
 
@@ -522,6 +551,8 @@ class _Replay:
         if e.advice in POPULATE_ADVICES:
             write = e.advice == "MADV_POPULATE_WRITE"
             for run in runs:
+                if not self._room(e, "madvise", self._accessible_pages(run.start, run.end)):
+                    return
                 try:
                     await self.kernel.madvise_populate(
                         run.start, run.length, write=write, pid=self.space.kpid
@@ -552,6 +583,10 @@ class _Replay:
             return
         await self.meter.enter("mlock")
         for run in runs:
+            if isinstance(e, Mlock) and not self._room(
+                e, "mlock", self._accessible_pages(run.start, run.end)
+            ):
+                return
             try:
                 if isinstance(e, Mlock):
                     await self.kernel.mlock(run.start, run.length, pid=self.space.kpid)

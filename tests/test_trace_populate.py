@@ -392,3 +392,32 @@ async def test_random_populating_traces_replay_cleanly(
     assert result.errors == 0
     assert [v[:3] for v in kernel.vmas()] == [(v.start, v.end, v.prot) for v in mm.vmas()]
     assert result.phases["touch"].counts.page_faults == result.pages
+
+
+# --- more than the guest's frames -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "populate",
+    [
+        [Mmap(1, BASE, 8192 * PAGE, RW, ANON | MAP_POPULATE)],
+        [Mmap(1, BASE, 8192 * PAGE, RW, ANON), Mlock(1, BASE, 8192 * PAGE)],
+        [Mmap(1, BASE, 8192 * PAGE, RW, ANON), Madvise(1, BASE, 8192 * PAGE, "MADV_POPULATE_READ")],
+    ],
+    ids=["map_populate", "mlock", "madvise"],
+)
+async def test_a_populate_larger_than_the_guest_is_an_error_not_a_crash(
+    mode: str, populate: list[Event]
+) -> None:
+    """32 MiB populated in an 18 MiB guest: refused up front (ENOMEM, one
+    error; the guest kernel cannot recover from running out of frames in a
+    populate), the mapping made, population stopped, audit clean."""
+    kernel = await local_kernel(mode)
+    result = await replay_trace(kernel, trace_of(*populate))
+    assert result.errors == 1
+    assert result.error_samples[0]["errno"] == "ENOMEM"
+    assert result.audit_clean, result.audit
+    assert result.counts_agree
+    assert [v[:3] for v in kernel.vmas()] == [(BASE, BASE + 8192 * PAGE, RW)]
+    assert result.peak_resident <= 64  # at most the first grant (mlock, madvise)
