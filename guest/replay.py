@@ -38,11 +38,15 @@ from pvemu.shared.trace import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_GROWSDOWN,
+    MAP_LOCKED,
+    MAP_NONBLOCK,
+    MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
     MAP_STACK,
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
+    POPULATE_ADVICES,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
@@ -53,9 +57,11 @@ from pvemu.shared.trace import (
     Exit,
     Fork,
     Madvise,
+    Mlock,
     Mmap,
     Mprotect,
     Mremap,
+    Munlock,
     Munmap,
     Trace,
     Vfork,
@@ -99,6 +105,8 @@ _SYSCALL_VCPU: Final = 0
 #: parent's progress bar moves inside a long trace, not only between modes.
 PROGRESS_STEPS: Final = 20
 _PROT_ACCESS: Final = PROT_READ | PROT_WRITE | PROT_EXEC
+#: The mmap flags a replay keeps: the kernel populates (and locks) with them.
+_POPULATE_FLAGS: Final = MAP_POPULATE | MAP_NONBLOCK | MAP_LOCKED
 
 
 @dataclass(eq=False)
@@ -184,6 +192,25 @@ class _Replay:
                 }
             )
 
+    def _room(self, event: Event, what: str, pages: int) -> bool:
+        """Whether the guest has the frames for a populate of up to
+        ``pages`` pages (with its page tables). If not, the call is an error
+        (ENOMEM) and the replay stops populating: the guest kernel does not
+        recover from running out of frames inside a populate."""
+        need = pages + pages // 512 + 8
+        if not self.out_of_memory and need <= self.kernel.free_frame_count():
+            return True
+        self.out_of_memory = True
+        self._error(event, what, OSError(errno.ENOMEM, f"no frames to populate {pages} pages"))
+        return False
+
+    def _accessible_pages(self, start: int, end: int) -> int:
+        return sum(
+            (ve - vs) // PAGE_SIZE
+            for vs, ve, prot, _ in self._vma_pieces(start, end)
+            if prot & _PROT_ACCESS
+        )
+
     def _untracked(self, op: str) -> None:
         self.result.untracked[op] = self.result.untracked.get(op, 0) + 1
 
@@ -264,7 +291,10 @@ class _Replay:
         """Guest mmap flags, file and offset for an original mapping: a
         private file mapping becomes anonymous (its cost is the same: the
         page is filled from a file of zeros); a shared one maps a scratch
-        file of zeros, so write-notify and writeback stay as Linux has them."""
+        file of zeros, so write-notify and writeback stay as Linux has them.
+        MAP_POPULATE (with MAP_NONBLOCK) and MAP_LOCKED are kept: the kernel
+        populates with them."""
+        keep = event.flags & _POPULATE_FLAGS
         if event.shared and not event.anonymous:
             key = event.path or f"fd{event.fd}"
             scratch = self.files.get(key)
@@ -276,9 +306,9 @@ class _Replay:
             size = event.offset + page_align(event.length)
             if os.path.getsize(scratch) < size:
                 os.truncate(scratch, size)
-            return MAP_SHARED, scratch, event.offset
+            return MAP_SHARED | keep, scratch, event.offset
         mtype = MAP_SHARED if event.shared else MAP_PRIVATE
-        return mtype | MAP_ANONYMOUS, None, 0
+        return mtype | MAP_ANONYMOUS | keep, None, 0
 
     async def _place(
         self,
@@ -341,6 +371,22 @@ class _Replay:
         return top - length if top - length >= MMAP_MIN_ADDR else None
 
     # --- population ------------------------------------------------------------------------
+
+    def _populated(self, start: int, end: int) -> None:
+        """The kernel populated the accessible pages of ``[start, end)``
+        (MAP_POPULATE, MAP_LOCKED, MADV_POPULATE_*, mlock): they are resident
+        now, holding zeros unless the replay wrote them before, so
+        touch-on-grant leaves them alone and ``verify`` reads them back. A
+        page the kernel could not populate (a failed call) reads zeros too;
+        once the guest is out of frames nothing is recorded."""
+        if self.out_of_memory:
+            return
+        touched = self.space.touched
+        for vs, ve, prot, _ in self._vma_pieces(start, end):
+            if prot & _PROT_ACCESS:
+                for va in range(vs, ve, PAGE_SIZE):
+                    touched.setdefault(va, 0)
+        self.result.peak_resident = max(self.result.peak_resident, self._resident())
 
     async def _grant(self, start: int, end: int, prot: int, stack: bool) -> None:
         """Touch-on-grant: up to ``touch_limit`` untouched pages of a range
@@ -407,6 +453,13 @@ class _Replay:
         flags, path, offset = self._guest_flags(e)
         stack = bool(e.flags & (MAP_STACK | MAP_GROWSDOWN))
         await self.meter.enter("mmap")
+        populates = (
+            bool(flags & MAP_LOCKED) or flags & (MAP_NONBLOCK | MAP_POPULATE) == MAP_POPULATE
+        )
+        pages = (end - start) // PAGE_SIZE
+        if populates and e.prot & _PROT_ACCESS and not self._room(e, "mmap", pages):
+            flags &= ~_POPULATE_FLAGS  # mapped, not populated
+            populates = False
         guest: int | None = None
         if e.flags & MAP_FIXED:
             runs, uncovered = self.space.map.runs(start, end)
@@ -428,8 +481,11 @@ class _Replay:
             guest = await self._place(
                 e, start, end, e.prot, flags, path=path, offset=offset, stack=stack
             )
-        if guest is not None:
-            await self._grant(guest, guest + (end - start), e.prot, stack)
+        if guest is None:
+            return
+        if populates:
+            self._populated(guest, guest + (end - start))
+        await self._grant(guest, guest + (end - start), e.prot, stack)
 
     async def on_mprotect(self, e: Mprotect) -> None:
         start, end = e.addr, e.addr + page_align(e.length)
@@ -480,17 +536,31 @@ class _Replay:
             self.space.map.remove(new, old)
 
     async def on_madvise(self, e: Madvise) -> None:
-        """The kernel's own madvise on each guest run: MADV_FREE cleans the
-        pages (they stay, with their data: pvemu has no reclaim); every other
-        advice a trace keeps drops them with ``madvise_dontneed``
-        (MADV_DONTNEED_LOCKED is DONTNEED without mlock; MADV_REMOVE's zap,
-        approximated: docs/traces.md)."""
+        """The kernel's own madvise on each guest run: MADV_POPULATE_READ and
+        MADV_POPULATE_WRITE populate the pages (``madvise_populate``: they
+        are resident then); MADV_FREE cleans them (they stay, with their
+        data: pvemu has no reclaim); every other advice a trace keeps drops
+        them with ``madvise_dontneed`` (MADV_DONTNEED_LOCKED is DONTNEED
+        without mlock; MADV_REMOVE's zap, approximated: docs/traces.md)."""
         runs, uncovered = self.space.map.runs(e.addr, e.addr + page_align(e.length))
         if uncovered:
             self._untracked("madvise")
         if not runs:
             return
         await self.meter.enter("madvise")
+        if e.advice in POPULATE_ADVICES:
+            write = e.advice == "MADV_POPULATE_WRITE"
+            for run in runs:
+                if not self._room(e, "madvise", self._accessible_pages(run.start, run.end)):
+                    return
+                try:
+                    await self.kernel.madvise_populate(
+                        run.start, run.length, write=write, pid=self.space.kpid
+                    )
+                except OSError as exc:  # the pages before the failure are populated
+                    self._error(e, "madvise", exc)
+                self._populated(run.start, run.end)
+            return
         free = e.advice == "MADV_FREE"
         advise = self.kernel.madvise_free if free else self.kernel.madvise_dontneed
         for run in runs:
@@ -500,6 +570,32 @@ class _Replay:
                 self._error(e, "madvise", exc)
             if not free:
                 self._forget(run.start, run.end)
+
+    async def on_mlock(self, e: Mlock | Munlock) -> None:
+        """``Kernel.mlock`` (which populates: the pages are resident then) or
+        ``Kernel.munlock`` on each guest run of the range (the address
+        rounded down, as Linux does)."""
+        start = e.addr - e.addr % PAGE_SIZE
+        runs, uncovered = self.space.map.runs(start, page_align(e.addr + e.length))
+        if uncovered:
+            self._untracked(e.OP)
+        if not runs:
+            return
+        await self.meter.enter("mlock")
+        for run in runs:
+            if isinstance(e, Mlock) and not self._room(
+                e, "mlock", self._accessible_pages(run.start, run.end)
+            ):
+                return
+            try:
+                if isinstance(e, Mlock):
+                    await self.kernel.mlock(run.start, run.length, pid=self.space.kpid)
+                else:
+                    await self.kernel.munlock(run.start, run.length, pid=self.space.kpid)
+            except OSError as exc:
+                self._error(e, e.OP, exc)
+            if isinstance(e, Mlock):
+                self._populated(run.start, run.end)
 
     async def on_mremap(self, e: Mremap) -> None:
         """``Kernel.mremap`` on the guest image of the old range, which must
@@ -772,6 +868,8 @@ class _Replay:
                 await self.on_brk(event)
             case Madvise():
                 await self.on_madvise(event)
+            case Mlock() | Munlock():
+                await self.on_mlock(event)
             case Exec() if self.trace.has_processes:
                 await self.on_process_exec(event)
             case Exec():

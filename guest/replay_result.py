@@ -20,9 +20,18 @@ from .workload import PhaseResult, WorkloadResult, _snapshot
 __all__ = ["REPLAY_PHASES", "PROCESS_PHASES", "PROCESS_COUNTS", "TraceResult", "PhaseMeter"]
 
 #: Phases of a replay, in report order. Each accumulates every event of its
-#: kind; ``touch`` is the user accesses of the population policy (and the
-#: data copy of a moved mremap).
-REPLAY_PHASES: Final = ("mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "touch")
+#: kind (``mlock``: mlock and munlock); ``touch`` is the user accesses of the
+#: population policy (and the data copy of a moved mremap).
+REPLAY_PHASES: Final = (
+    "mmap",
+    "mprotect",
+    "munmap",
+    "mremap",
+    "brk",
+    "madvise",
+    "mlock",
+    "touch",
+)
 #: The phases a trace of processes adds: ``fork`` (Kernel.fork), ``cow``
 #: (the writes after a fork: copy-on-write faults), ``context_switch`` (the
 #: user vCPU loading another process's tree), ``exec`` and ``exit``.

@@ -19,7 +19,7 @@ from typing import Final
 
 from pvemu.shared.trace import (
     ALL_MAP_NAMES,
-    DISCARD_ADVICES,
+    KEPT_ADVICES,
     MAP_ANONYMOUS,
     MREMAP_FIXED,
     MREMAP_NAMES,
@@ -31,9 +31,11 @@ from pvemu.shared.trace import (
     Exit,
     Fork,
     Madvise,
+    Mlock,
     Mmap,
     Mprotect,
     Mremap,
+    Munlock,
     Munmap,
     Trace,
     TraceError,
@@ -59,7 +61,19 @@ _CLONE_VM: Final = re.compile(r"\bCLONE_VM\b")
 _CLONE_THREAD: Final = re.compile(r"\bCLONE_THREAD\b")
 _FD: Final = re.compile(r"^(?P<fd>-?\d+)(?:<(?P<path>.*)>)?$")
 _MEMORY_CALLS: Final = frozenset(
-    {"mmap", "mmap2", "mprotect", "pkey_mprotect", "munmap", "mremap", "brk", "madvise"}
+    {
+        "mmap",
+        "mmap2",
+        "mprotect",
+        "pkey_mprotect",
+        "munmap",
+        "mremap",
+        "brk",
+        "madvise",
+        "mlock",
+        "mlock2",
+        "munlock",
+    }
 )
 _CLONE_CALLS: Final = frozenset({"clone", "clone2", "clone3", "fork", "vfork"})
 _PROCESS_CALLS: Final = _CLONE_CALLS | {"execve", "exit_group"}
@@ -221,10 +235,18 @@ def _parse_memory(c: _Call, pid: int, stats: Counter[str]) -> Event | None:
         return Brk(pid, ret, _number(c.args[0]) or None)
     if name == "madvise":
         advice = c.args[2].strip()
-        if advice not in DISCARD_ADVICES:
+        if advice not in KEPT_ADVICES:
             stats["ignored_madvise"] += 1
             return None
         return Madvise(pid, _number(c.args[0]), _number(c.args[1]), advice)
+    if name == "mlock2" and c.args[2].strip() != "0":
+        # MLOCK_ONFAULT: locks without populating, which the guest kernel has not.
+        stats["ignored_mlock2_onfault"] += 1
+        return None
+    if name in ("mlock", "mlock2"):
+        return Mlock(pid, _number(c.args[0]), _number(c.args[1]))
+    if name == "munlock":
+        return Munlock(pid, _number(c.args[0]), _number(c.args[1]))
     raise AssertionError(name)
 
 
@@ -300,7 +322,8 @@ class _Tree:
 
 def _memory_event(c: _Call, pid: int, stats: Counter[str]) -> Event | None:
     """The event of process ``pid``'s successful memory call; None if it is
-    not one a trace keeps (a non-discard madvise) or malformed (counted in
+    not one a trace keeps (a madvise that neither discards nor populates,
+    an mlock2 with MLOCK_ONFAULT) or malformed (counted in
     ``stats``)."""
     try:
         event = _parse_memory(c, pid, stats)
@@ -328,8 +351,9 @@ def parse_strace(text: str, *, command: Sequence[str] = (), recorded_with: str =
     exit_group ends it. Processes are numbered in order of appearance, the
     first task's being 1; a task no clone line made (a recording without
     process calls) is a thread of process 1. Failed calls are skipped;
-    unknown lines, unknown syscalls and non-discard madvises are counted in
-    ``Trace.stats`` and skipped.
+    unknown lines, unknown syscalls, madvises that neither discard nor
+    populate and mlock2(MLOCK_ONFAULT) are counted in ``Trace.stats`` and
+    skipped.
     """
     stats: Counter[str] = Counter()
     calls = list(_calls(text, stats))

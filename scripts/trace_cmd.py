@@ -103,7 +103,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="replay a trace in one guest process per mode and compare",
         description="Replay FILE in one guest process per mode (a hypervisor process "
         "is started unless --socket names one) and print the traps of every phase.",
-        epilog="phases: mmap, mprotect, munmap, mremap, brk, madvise (the syscalls) and "
+        epilog="phases: mmap, mprotect, munmap, mremap, brk, madvise, mlock (the syscalls) and "
         "touch (the user accesses that populate pages); a trace of processes adds fork, "
         "cow (the writes after a fork), context_switch, exec and exit.",
     )

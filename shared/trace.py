@@ -2,8 +2,9 @@
 
 A trace is what ``strace -f -e trace=memory,...`` saw a program and the
 processes it started do to their address spaces (mmap, mprotect, munmap,
-mremap, brk, madvise that discards pages), and the calls that make and end
-address spaces (fork, vfork, execve, exit_group), normalised into versioned
+mremap, brk, madvise that discards or populates pages, mlock, munlock), and
+the calls that make and end address spaces (fork, vfork, execve,
+exit_group), normalised into versioned
 JSON (``docs/traces.md`` is the reference)::
 
     {"schema": 2, "command": ["sh", "-c", "..."], "recorded_with": "strace ...",
@@ -52,6 +53,8 @@ __all__ = [
     "Mremap",
     "Brk",
     "Madvise",
+    "Mlock",
+    "Munlock",
     "Exec",
     "Fork",
     "Vfork",
@@ -78,6 +81,8 @@ __all__ = [
     "ALL_MAP_NAMES",
     "MREMAP_NAMES",
     "DISCARD_ADVICES",
+    "POPULATE_ADVICES",
+    "KEPT_ADVICES",
 ]
 
 #: The schema :func:`dump_trace` writes for a new trace (the recorder's).
@@ -100,6 +105,9 @@ MAP_TYPE: Final = 0x0F
 MAP_FIXED: Final = 0x10
 MAP_ANONYMOUS: Final = 0x20
 MAP_GROWSDOWN: Final = 0x100
+MAP_LOCKED: Final = 0x2000
+MAP_POPULATE: Final = 0x8000
+MAP_NONBLOCK: Final = 0x10000
 MAP_STACK: Final = 0x20000
 _MAP_HUGE_SHIFT: Final = 26
 _MAP_HUGE_MASK: Final = 0x3F
@@ -131,10 +139,10 @@ MAP_NAMES: Final[Mapping[str, int]] = {
     "MAP_GROWSDOWN": MAP_GROWSDOWN,
     "MAP_DENYWRITE": 0x800,
     "MAP_EXECUTABLE": 0x1000,
-    "MAP_LOCKED": 0x2000,
+    "MAP_LOCKED": MAP_LOCKED,
     "MAP_NORESERVE": 0x4000,
-    "MAP_POPULATE": 0x8000,
-    "MAP_NONBLOCK": 0x10000,
+    "MAP_POPULATE": MAP_POPULATE,
+    "MAP_NONBLOCK": MAP_NONBLOCK,
     "MAP_STACK": MAP_STACK,
     "MAP_HUGETLB": 0x40000,
     "MAP_SYNC": 0x80000,
@@ -147,10 +155,14 @@ MREMAP_NAMES: Final[Mapping[str, int]] = {
     "MREMAP_FIXED": MREMAP_FIXED,
     "MREMAP_DONTUNMAP": MREMAP_DONTUNMAP,
 }
-#: madvise advices that throw pages away (the only ones a replay acts on).
+#: madvise advices that throw pages away.
 DISCARD_ADVICES: Final = frozenset(
     {"MADV_DONTNEED", "MADV_FREE", "MADV_REMOVE", "MADV_DONTNEED_LOCKED"}
 )
+#: madvise advices that fault pages in (22 and 23).
+POPULATE_ADVICES: Final = frozenset({"MADV_POPULATE_READ", "MADV_POPULATE_WRITE"})
+#: The advices a trace keeps (the only ones that change page tables).
+KEPT_ADVICES: Final = DISCARD_ADVICES | POPULATE_ADVICES
 _HUGE_UNITS: Final = (("GB", 30), ("MB", 20), ("KB", 10))
 
 
@@ -329,13 +341,35 @@ class Brk:
 
 @dataclass(frozen=True, slots=True)
 class Madvise:
-    """A discarding madvise (MADV_DONTNEED and kin): the pages are dropped."""
+    """A madvise that changes page tables: a discard (MADV_DONTNEED and
+    kin: the pages are dropped) or a populate (MADV_POPULATE_READ/WRITE)."""
 
     OP: ClassVar[str] = "madvise"
     pid: int = field(metadata=_meta("int"))
     addr: int = field(metadata=_meta("addr"))
     length: int = field(metadata=_meta("int"))
     advice: str = field(metadata=_meta("str"))
+
+
+@dataclass(frozen=True, slots=True)
+class Mlock:
+    """mlock, or mlock2 without MLOCK_ONFAULT: the range is locked and
+    populated."""
+
+    OP: ClassVar[str] = "mlock"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    length: int = field(metadata=_meta("int"))
+
+
+@dataclass(frozen=True, slots=True)
+class Munlock:
+    """munlock: the range is unlocked (no page-table change)."""
+
+    OP: ClassVar[str] = "munlock"
+    pid: int = field(metadata=_meta("int"))
+    addr: int = field(metadata=_meta("addr"))
+    length: int = field(metadata=_meta("int"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,9 +411,25 @@ class Exit:
     pid: int = field(metadata=_meta("int"))
 
 
-Event = Mmap | Mprotect | Munmap | Mremap | Brk | Madvise | Exec | Fork | Vfork | Exit
+Event = (
+    Mmap | Mprotect | Munmap | Mremap | Brk | Madvise | Mlock | Munlock | Exec | Fork | Vfork | Exit
+)
 EVENT_TYPES: Final[Mapping[str, type[Event]]] = {
-    cls.OP: cls for cls in (Mmap, Mprotect, Munmap, Mremap, Brk, Madvise, Exec, Fork, Vfork, Exit)
+    cls.OP: cls
+    for cls in (
+        Mmap,
+        Mprotect,
+        Munmap,
+        Mremap,
+        Brk,
+        Madvise,
+        Mlock,
+        Munlock,
+        Exec,
+        Fork,
+        Vfork,
+        Exit,
+    )
 }
 #: The ops of each schema, in report order.
 SCHEMA_OPS: Final[Mapping[int, tuple[str, ...]]] = {
@@ -479,8 +529,10 @@ def check_event(event: Event, where: str) -> None:
         event.addr % PAGE_SIZE or event.new_addr % PAGE_SIZE or event.length <= 0
     ):
         raise TraceError(f"{where} (mremap): unaligned address or zero length")
-    if isinstance(event, Madvise) and event.advice not in DISCARD_ADVICES:
-        raise TraceError(f"{where} (madvise): advice {event.advice!r} is not a discard")
+    if isinstance(event, Madvise) and event.advice not in KEPT_ADVICES:
+        raise TraceError(
+            f"{where} (madvise): advice {event.advice!r} is neither a discard nor a populate"
+        )
     for name in ("addr", "new_addr", "result"):
         value = getattr(event, name, 0)
         if not 0 <= value < 1 << 64:
@@ -573,7 +625,7 @@ class Trace:
                 prots[format_prot(e.prot)] += 1
             elif isinstance(e, Munmap):
                 unmapped += _page_align(e.length) // PAGE_SIZE
-            elif isinstance(e, Madvise):
+            elif isinstance(e, Madvise) and e.advice in DISCARD_ADVICES:
                 discarded += _page_align(e.length) // PAGE_SIZE
             elif isinstance(e, Mremap) and e.length > e.old_length:
                 mapped += (_page_align(e.length) - _page_align(e.old_length)) // PAGE_SIZE

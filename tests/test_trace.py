@@ -173,7 +173,7 @@ this is not strace output
 --- SIGSEGV {si_signo=SIGSEGV, si_code=SEGV_MAPERR, si_addr=NULL} ---
 +++ exited with 0 +++
 munmap(0x7f0000000000, 4096) = ? <unavailable>
-mlock(0x7f0000000000, 4096) = 0
+mlockall(MCL_CURRENT) = 0
 mmap(NULL, 4096, PROT_READ|0x8 /* PROT_??? */, MAP_PRIVATE|MAP_ANONYMOUS|MAP_WEIRD, -1, 0) \
 = 0x7f0000000000
 """
@@ -182,7 +182,7 @@ mmap(NULL, 4096, PROT_READ|0x8 /* PROT_??? */, MAP_PRIVATE|MAP_ANONYMOUS|MAP_WEI
     assert trace.stats["unknown_lines"] == 1
     assert trace.stats["no_result"] == 1  # '= ? <unavailable>'
     assert trace.stats["signal_or_exit_lines"] == 2
-    assert trace.stats["ignored_mlock"] == 1
+    assert trace.stats["ignored_mlockall"] == 1
     assert trace.stats["unknown_flag_names"] == 1
     assert trace.events == [Mmap(1, 0x7F0000000000, 4096, PROT_READ | 0x8, ANON)]
 
@@ -643,7 +643,7 @@ async def test_shipped_trace_replays_cleanly(path: Path, mode: str) -> None:
     doc = result.as_dict()
     assert doc["workload"] == "trace"
     assert doc["trace"]["replay_clean"]
-    phases = ["mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "touch"]
+    phases = ["mmap", "mprotect", "munmap", "mremap", "brk", "madvise", "mlock", "touch"]
     if trace.has_processes:
         phases += ["fork", "cow", "context_switch", "exec", "exit"]
     assert list(doc["phases"]) == phases
