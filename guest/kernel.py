@@ -1340,17 +1340,26 @@ class Kernel:
     def _lookup_l1(self, va: int, proc: Process | None = None) -> int | None:
         """The L1 frame covering ``va`` (a VMA's, so canonical) in ``proc``'s
         tree (default process 1), or None (tables are read, no trap)."""
+        return self._lookup_table(va, proc)
+
+    def _lookup_table(self, va: int, proc: Process | None = None, down_to: int = 1) -> int | None:
+        """The level-``down_to`` table covering ``va`` (1: the PTE page, 2: the
+        PMD page) in ``proc``'s tree, or None (reads only)."""
         read = self.machine.read_u64
         table = (proc if proc is not None else self.process(INIT_PID)).l4
-        for shift in _UPPER_SHIFTS:
+        for shift in _UPPER_SHIFTS[: 4 - down_to]:
             entry = read((table << PAGE_SHIFT) | (((va >> shift) & _INDEX_MASK) * PTE_SIZE))
             if not entry & _PAGE_PRESENT:
                 return None
             table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
         return table
 
-    async def _ensure_tables(self, va: int, backend: PvOps, proc: Process) -> int:
-        """Build missing L3/L2/L1 tables for ``va`` in ``proc``'s pinned tree.
+    async def _ensure_tables(
+        self, va: int, backend: PvOps, proc: Process, *, down_to: int = 1
+    ) -> int:
+        """Build the missing tables for ``va`` in ``proc``'s pinned tree down
+        to level ``down_to`` (1: L3/L2/L1, returning the PTE page; 2: L3/L2,
+        returning the PMD page, as mremap's ``alloc_new_pmd``).
 
         As ``xen_alloc_ptpage`` on a pinned mm: the new table's linear
         mapping is made read-only and a PTE page is also pinned (one batch),
@@ -1358,7 +1367,7 @@ class Kernel:
         validates it (an L4 entry goes to both L4s in the same call)."""
         idx = va_indexes(va)
         table = proc.l4
-        for level, index in ((4, idx.l4), (3, idx.l3), (2, idx.l2)):
+        for level, index in ((4, idx.l4), (3, idx.l3), (2, idx.l2))[: 4 - down_to]:
             entry_maddr = maddr_of_entry(table, index)
             entry = self.machine.read_u64(entry_maddr)
             if not entry & _PAGE_PRESENT:

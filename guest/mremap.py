@@ -53,8 +53,6 @@ from pvemu.shared.x86 import (
     _PAGE_USER,
     ENTRIES_PER_TABLE,
     L2_PAGETABLE_SHIFT,
-    L3_PAGETABLE_SHIFT,
-    L4_PAGETABLE_SHIFT,
     PAGE_SHIFT,
     PAGE_SIZE,
     PTE_MFN_MASK,
@@ -117,7 +115,7 @@ class PageTableMover:
         end = move.src + move.length
         while src < end:
             extent = extent_of(src, dst, end)
-            src_l2 = self._lookup_l2(src)
+            src_l2 = self.kernel._lookup_table(src, self.proc, down_to=2)
             if src_l2 is not None:
                 src_pmd = maddr_of_entry(src_l2, (src >> L2_PAGETABLE_SHIFT) & _INDEX_MASK)
                 l1 = self._table_at(src_pmd)
@@ -133,7 +131,7 @@ class PageTableMover:
         to ``dst``'s PMD entry if that one is empty; False to fall back."""
         proc, backend = self.proc, self.backend
         async with proc.table_lock:
-            dst_l2 = await self._ensure_l2(dst)
+            dst_l2 = await self.kernel._ensure_tables(dst, backend, proc, down_to=2)
             dst_pmd = maddr_of_entry(dst_l2, (dst >> L2_PAGETABLE_SHIFT) & _INDEX_MASK)
             if self.machine.read_u64(dst_pmd) & _PAGE_PRESENT:
                 return False
@@ -192,41 +190,11 @@ class PageTableMover:
 
     # --- tables ----------------------------------------------------------------------
 
-    def _lookup_l2(self, va: int) -> int | None:
-        """The PMD page (L2 frame) covering ``va``, or None (reads only)."""
-        table = self.proc.l4
-        for shift in (L4_PAGETABLE_SHIFT, L3_PAGETABLE_SHIFT):
-            child = self._table_at(maddr_of_entry(table, (va >> shift) & _INDEX_MASK))
-            if child is None:
-                return None
-            table = child
-        return table
-
     def _table_at(self, entry_maddr: int) -> int | None:
         entry = self.machine.read_u64(entry_maddr)
         if not entry & _PAGE_PRESENT:
             return None
         return (entry & PTE_MFN_MASK) >> PAGE_SHIFT
-
-    async def _ensure_l2(self, va: int) -> int:
-        """``alloc_new_pmd``: the PUD and PMD pages for ``va``, built as the
-        fault path builds tables (two hypercalls each); returns the PMD page."""
-        proc, backend = self.proc, self.backend
-        table = proc.l4
-        for level, shift in ((4, L4_PAGETABLE_SHIFT), (3, L3_PAGETABLE_SHIFT)):
-            index = (va >> shift) & _INDEX_MASK
-            entry_maddr = maddr_of_entry(table, index)
-            child = self._table_at(entry_maddr)
-            if child is None:
-                child = await self.kernel._new_frame(backend.vcpu)
-                await backend.send_batch(alloc_table_entries(child, level - 1, self.machine.pfn_of))
-                link = make_pte(child, _TABLE_FLAGS)
-                links = [(entry_maddr, link)]
-                if level == 4 and proc.user_l4 is not None:
-                    links.append((maddr_of_entry(proc.user_l4, index), link))
-                await backend.set_upper(links)
-            table = child
-        return table
 
 
 class _Nothing:
