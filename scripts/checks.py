@@ -143,7 +143,13 @@ def _guest_words(workload: str) -> str:
 
 
 def check_domain_pages(pages: int, option: str = "--pages", workload: str = "mprotect") -> None:
-    """A guest region must fit in one domain."""
+    """A guest region must fit in one domain (and, for the mm workloads, in
+    the 1 GiB that holds the region, mremap's copy and the neighbour VMA)."""
+    if workload in MM_WORKLOADS and pages > MAX_MM_PAGES:
+        raise UserError(
+            f"{option} {pages:,}: the {workload} workload keeps its region and mremap's "
+            f"copy of it in one 1 GiB: give {option} {MAX_MM_PAGES:,} or fewer"
+        )
     limit = max_workload_pages(workload, MAX_DOMAIN_MIB)
     if pages > limit:
         raise UserError(
