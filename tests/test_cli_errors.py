@@ -95,11 +95,15 @@ def _started_in(tmp_path: Path) -> list[int]:
 
 def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks after boot): a pid and its start
-    time name one process, even if the pid is reused later."""
+    time name one process, even if the pid is reused later. None when it is
+    gone or a zombie (dead, waiting only for whoever reaps orphans)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] == "Z":
+        return None
+    return fields[19]
 
 
 def _cmdline(pid: int) -> str:
@@ -116,7 +120,12 @@ def _assert_nothing_left(
     seconds), and tmp_path holds nothing but ``keep``."""
     deadline = time.monotonic() + 15
     while True:
-        alive = [pid for pid, start in (seen or {}).items() if _start_time(pid) == start]
+        # A pid seen without a start time had already gone when it was seen.
+        alive = [
+            pid
+            for pid, start in (seen or {}).items()
+            if start is not None and _start_time(pid) == start
+        ]
         alive += _started_in(tmp_path)
         if not alive or time.monotonic() > deadline:
             break
@@ -456,7 +465,7 @@ def test_a_signal_stops_trace_record_and_the_traced_program(tmp_path: Path, how:
         while not any(_cmdline(pid).startswith("sleep 300") for pid in seen):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the traced program never started"
-            seen.update((pid, _start_time(pid)) for pid in descendants(proc.pid))
+            seen.update((pid, _start_time(pid)) for pid in descendants(proc.pid) if pid not in seen)
             time.sleep(0.05)
         stderr = _interrupt(proc, how)
     finally:
