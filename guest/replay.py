@@ -464,19 +464,18 @@ class _Replay:
         if e.flags & MAP_FIXED:
             runs, uncovered = self.space.map.runs(start, end)
             if runs and not uncovered and all(a.end == b.start for a, b in pairwise(runs)):
-                # MAP_FIXED over the program's own mappings: Linux unmaps them
-                # first (zap + flush) and maps in their place; so do we.
+                # MAP_FIXED over the program's own mappings: the kernel's one
+                # call unmaps them (zap, tables, flush) and maps in their place.
                 target = runs[0].start
-                if await self._munmap(e, target, target + (end - start)):
-                    self.space.map.remove(start, end)
-                    prot = e.prot & _PROT_ACCESS
-                    fixed = flags | MAP_FIXED
-                    guest = await self._mmap(
-                        e, end - start, prot, fixed, addr=target, path=path, offset=offset
-                    )
-                    if guest is None:
-                        return
-                    self.space.map.insert(start, end, guest, stack=stack)
+                prot = e.prot & _PROT_ACCESS
+                guest = await self._mmap(
+                    e, end - start, prot, flags | MAP_FIXED, addr=target, path=path, offset=offset
+                )
+                if guest is None:
+                    return
+                self._forget(target, target + (end - start))
+                self.space.map.remove(start, end)
+                self.space.map.insert(start, end, guest, stack=stack)
         if guest is None:
             guest = await self._place(
                 e, start, end, e.prot, flags, path=path, offset=offset, stack=stack

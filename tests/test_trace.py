@@ -460,6 +460,47 @@ async def test_map_fixed_inside_a_relocated_reservation_follows_it() -> None:
     assert result.replay_clean
 
 
+@pytest.mark.parametrize("mode", ["xen", "batched"])
+async def test_map_fixed_over_own_pages_is_the_kernels_one_call(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ld.so's MAP_FIXED over its own reservation is one ``Kernel.mmap``, as
+    in Linux (no separate munmap): the zap of the 4 touched PTEs (xen: a
+    ptwr trap each; batched: one exchange) and one local flush are charged
+    to the mmap phase, the old bytes are gone and the new pages are touched
+    afresh."""
+    kernel = await local_kernel(mode)
+    munmaps = 0
+    real_munmap = kernel.munmap
+
+    async def counting_munmap(*args: Any, **kwargs: Any) -> Any:
+        nonlocal munmaps
+        munmaps += 1
+        return await real_munmap(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "munmap", counting_munmap)
+    first = trace_of(Mmap(1, BASE, 8 * PAGE, RW, ANON))
+    before = (await replay_trace(kernel, first)).phases["mmap"].counts
+    trace = trace_of(
+        Mmap(1, BASE, 8 * PAGE, RW, ANON),
+        Mmap(1, BASE + 2 * PAGE, 4 * PAGE, RW, ANON | MAP_FIXED, BASE + 2 * PAGE),
+    )
+    kernel = await local_kernel(mode)
+    real_munmap = kernel.munmap
+    monkeypatch.setattr(kernel, "munmap", counting_munmap)
+    result = await replay_trace(kernel, trace)
+    assert munmaps == 0
+    mmap = result.phases["mmap"].counts
+    zap = {"xen": 4, "batched": 1}[mode]
+    assert (mmap.traps - before.traps, mmap.ptwr - before.ptwr) == (
+        zap + 1,
+        4 if mode == "xen" else 0,
+    )
+    assert result.pages == 8 + 4
+    assert result.replay_clean, result.error_samples
+    assert result.audit_clean, result.audit
+
+
 async def test_grant_from_prot_none_populates_and_stack_from_the_top() -> None:
     kernel = await native_kernel()
     trace = trace_of(
