@@ -45,6 +45,7 @@ from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
 from pvemu.shared.timeline import GUEST, Timeline, now_ns
 from pvemu.shared.x86 import PAGE_SHIFT, PAGE_SIZE
 
+from .machine import check_kernel_write
 from .ptes import mmu_update_records
 
 if TYPE_CHECKING:
@@ -632,9 +633,10 @@ class Domain:
         0, or -EFAULT when the frame's linear mapping is read-only, it is a
         page table in use, or not this domain's (nothing is written).
 
-        ``data`` is 1..4096 bytes within the frame of ``maddr``
-        (``LocalProtocolError`` otherwise).
+        ``data`` is 1..4096 bytes within the frame of ``maddr`` (ValueError
+        otherwise, as on every machine; nothing is sent).
         """
+        check_kernel_write(maddr, data)
         channel = self._channels[vcpu]
         request = wire.KernelWrite(channel.next_id(), maddr, data)
         if self.timeline is None:

@@ -26,6 +26,18 @@ if TYPE_CHECKING:
     from .ptes import Indexes, Ptes
 
 
+def check_kernel_write(maddr: int, data: bytes) -> None:
+    """A kernel store is 1..4096 bytes within one frame on every machine (Xen
+    refuses the rest); anything else is the caller's bug, not a fault.
+
+    Raises:
+        ValueError: ``data`` is empty, too long, or crosses the frame of ``maddr``.
+    """
+    offset = maddr % PAGE_SIZE
+    if not 1 <= len(data) <= PAGE_SIZE or offset + len(data) > PAGE_SIZE:
+        raise ValueError(f"a kernel write is 1..4096 bytes in one frame: {len(data)} at {maddr:#x}")
+
+
 class Machine(Protocol):
     """What the guest kernel needs of the machine under it, whatever the
     mode: frames, reading memory and the kernel's plain stores (no trap),
@@ -71,7 +83,9 @@ class Machine(Protocol):
     async def kernel_write(self, maddr: int, data: bytes, *, vcpu: int = 0) -> int:
         """A plain store of the kernel through its linear map, no trap: 0, or
         -EFAULT where the machine refuses it (under Xen: a read-only linear
-        mapping, a page table in use, a frame not the domain's)."""
+        mapping, a page table in use, a frame not the domain's). ValueError
+        (:func:`check_kernel_write`) for a store that is not 1..4096 bytes
+        within one frame."""
         ...
 
     async def run_user(
@@ -207,11 +221,7 @@ class NativeMachine:
         """Bare metal: the kernel's linear map is its own, so a store is a
         plain write of memory, always 0 (at most one frame, 1..4096 bytes,
         as under Xen)."""
-        offset = maddr % PAGE_SIZE
-        if not 1 <= len(data) <= PAGE_SIZE or offset + len(data) > PAGE_SIZE:
-            raise ValueError(
-                f"a kernel write is 1..4096 bytes in one frame: {len(data)} at {maddr:#x}"
-            )
+        check_kernel_write(maddr, data)
         self.memory.write_bytes(maddr, data)
         return 0
 

@@ -492,12 +492,20 @@ async def test_kernel_write_refused_outside_the_domain(b: Booted) -> None:
 
 
 async def test_kernel_write_may_not_cross_a_frame(b: Booted) -> None:
-    """The message cannot be built (the decoder refuses such a map); the
-    core, called directly, faults it without writing."""
+    """Both machines refuse it as the caller's bug (ValueError) before
+    anything is sent; the message cannot be built either (the decoder
+    refuses such a map); the core, called directly, faults it without
+    writing."""
     frame = b.dom.alloc_frame()
-    for maddr, data in (((frame << 12) + 0xFFF, b"ab"), (frame << 12, b""), (0, bytes(4097))):
+    native = NativeMachine(1, 1)
+    native_frame = native.alloc_frame()
+    for offset, data in ((0xFFF, b"ab"), (0, b""), (0, bytes(4097))):
+        with pytest.raises(ValueError, match="1..4096 bytes in one frame"):
+            await b.dom.kernel_write((frame << 12) + offset, data)
+        with pytest.raises(ValueError, match="1..4096 bytes in one frame"):
+            await native.kernel_write((native_frame << 12) + offset, data)
         with pytest.raises(LocalProtocolError):
-            await b.dom.kernel_write(maddr, data)
+            wire.KernelWrite(1, (frame << 12) + offset, data)
     assert b.hv.kernel_write(b.dom.domid, 0, (frame << 12) + 0xFFF, b"ab") == -abi.EFAULT
     assert b.hv.kernel_write(b.dom.domid, 0, frame << 12, b"") == -abi.EFAULT
     assert b.dom.read_bytes((frame << 12) + 0xFFF, 1) == b"\0"
