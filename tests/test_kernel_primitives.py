@@ -500,9 +500,9 @@ async def test_kernel_write_may_not_cross_a_frame(b: Booted) -> None:
     native = NativeMachine(1, 1)
     native_frame = native.alloc_frame()
     for offset, data in ((0xFFF, b"ab"), (0, b""), (0, bytes(4097))):
-        with pytest.raises(ValueError, match="1..4096 bytes in one frame"):
+        with pytest.raises(ValueError, match=r"1\.\.4096 bytes in one frame"):
             await b.dom.kernel_write((frame << 12) + offset, data)
-        with pytest.raises(ValueError, match="1..4096 bytes in one frame"):
+        with pytest.raises(ValueError, match=r"1\.\.4096 bytes in one frame"):
             await native.kernel_write((native_frame << 12) + offset, data)
         with pytest.raises(LocalProtocolError):
             wire.KernelWrite(1, (frame << 12) + offset, data)
