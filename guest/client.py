@@ -39,6 +39,7 @@ import numpy as np
 import trio
 
 from pvemu.shared import abi, wire
+from pvemu.shared.arrays import has_repeats
 from pvemu.shared.counts import trap_count
 from pvemu.shared.errors import RemoteProtocolError
 from pvemu.shared.lone_wait import lone_wait_ms, poll_lone
@@ -537,7 +538,7 @@ class Domain:
         the records are built and the olds read back without a Python step
         per PTE. Returns (rc, the old entries of the records applied)."""
         self._need_xchg()
-        if len(np.unique(indexes)) != len(indexes):
+        if has_repeats(indexes):
             raise ValueError("mmu_xchg_ptes: an entry index appears twice")
         vals = np.zeros(len(indexes), dtype=np.uint64) if values is None else values
         records = mmu_update_records(table, indexes, abi.MMU_PT_XCHG_PVEMU, vals)

@@ -16,6 +16,7 @@ import numpy as np
 import trio
 
 from pvemu.shared import abi
+from pvemu.shared.arrays import has_repeats
 from pvemu.shared.mmu import BytearrayMemory, HardwareModel
 from pvemu.shared.oracle import RaceOracle
 from pvemu.shared.x86 import ENTRIES_PER_TABLE, PAGE_SIZE
@@ -191,7 +192,7 @@ class NativeMachine:
         self, table: int, indexes: Indexes, values: Ptes | None = None, *, vcpu: int = 0
     ) -> tuple[int, Ptes]:
         """:meth:`xchg_ptes`, the machine-independent name: (0, olds)."""
-        if len(np.unique(indexes)) != len(indexes):
+        if has_repeats(indexes):
             raise ValueError("mmu_xchg_ptes: an entry index appears twice")
         return 0, self.xchg_ptes(table, indexes, values)
 

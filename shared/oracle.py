@@ -20,6 +20,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
+from .arrays import distinct_sorted
 from .x86 import _PAGE_DIRTY, ENTRIES_PER_TABLE, PAGE_MASK, PAGE_SHIFT
 
 _INDEX_MASK: Final = ENTRIES_PER_TABLE - 1
@@ -73,7 +74,7 @@ class RaceOracle:
         index = (maddrs >> 3) & _INDEX_MASK
         ticks = np.arange(self._tick + 1, self._tick + 1 + len(maddrs), dtype=np.int64)
         self._tick += len(maddrs)
-        for frame in np.unique(frames).tolist():
+        for frame in distinct_sorted(frames).tolist():
             mine = frames == frame
             np.maximum.at(self._ticks_of(frame), index[mine], ticks[mine])
         self._lose_dirty(maddrs, values)
