@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+from pvemu.scripts.load_cmd import split_probe_samples
 from pvemu.scripts.load_worker import ENTRIES, big_batch
 from pvemu.shared.x86 import PTE_MFN_MASK, maddr_of_entry
 
@@ -75,3 +76,15 @@ def test_big_batch_rewrites_500_entries_alternately_read_only_and_writable() -> 
     assert (first & PTE_MFN_MASK) >> 12 == 100 == (second & PTE_MFN_MASK) >> 12
     assert not first & 0x2  # read-only pass
     assert second & 0x2  # then read-write
+
+
+def test_a_probe_trap_overlapping_the_batch_counts_as_during_it() -> None:
+    """(start ns, latency ns) samples against a batch from 100 to 200: one
+    ended before it, one in flight when it began, one sent inside it, one
+    still in flight when it ended, one sent after it."""
+    samples = [(10, 50), (90, 30), (150, 5), (195, 40), (250, 1)]
+    without, during = split_probe_samples(samples, 100, 200)
+    assert without == [50]
+    assert during == [30, 5, 40]
+    assert split_probe_samples([(99, 1)], 100, 200) == ([], [1])  # ends as it begins
+    assert split_probe_samples([(201, 1)], 100, 200) == ([], [])
